@@ -1,0 +1,1 @@
+"""Builtin llmproxy filters, registered through the llmproxy.filters entry-point group."""

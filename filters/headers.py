@@ -1,0 +1,100 @@
+"""The ``headers`` builtin filter: set, add or remove request and response headers.
+
+Config::
+
+    - name: headers
+      config:
+        request:
+          set: {x-team: research}     # replace any existing value
+          add: {x-tag: llmproxy}      # append one more value
+          remove: [x-debug]           # drop (case-insensitive)
+        response:
+          set: {x-served-by: llmproxy}
+          remove: [server]
+
+Request changes apply before the upstream sees the request; hop-by-hop and
+credential headers are still removed by the core afterwards, so this
+filter cannot leak a client key. Fails closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, Headers
+
+__all__ = ["HeadersFilter", "HeadersFilterFactory"]
+
+
+class _Edits:
+    __slots__ = ("add", "remove", "set")
+
+    def __init__(self, section: Any, where: str) -> None:
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise ValueError(f"{where}: must be a mapping with set/add/remove")
+        unknown = set(section) - {"set", "add", "remove"}
+        if unknown:
+            raise ValueError(f"{where}.{sorted(unknown)[0]}: unknown key (allowed: add, remove, set)")
+        self.set = self._pairs(section.get("set"), f"{where}.set")
+        self.add = self._pairs(section.get("add"), f"{where}.add")
+        remove = section.get("remove") or []
+        if not isinstance(remove, list) or not all(isinstance(n, str) for n in remove):
+            raise ValueError(f"{where}.remove: must be a list of header names")
+        self.remove = tuple(n.lower() for n in remove)
+
+    @staticmethod
+    def _pairs(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: must be a mapping of header name to value")
+        out = []
+        for name, val in value.items():
+            text = str(val)
+            if not isinstance(name, str) or any(c in text for c in "\r\n\0"):
+                raise ValueError(f"{where}.{name}: invalid header")
+            out.append((name.lower(), text))
+        return tuple(out)
+
+    def apply(self, headers: Headers) -> None:
+        for name in self.remove:
+            headers.remove(name)
+        for name, value in self.set:
+            headers.set(name, value)
+        for name, value in self.add:
+            headers.add(name, value)
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+
+class HeadersFilter(Filter):
+    """Applies the factory's header edits to one exchange."""
+
+    factory: HeadersFilterFactory
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        self.factory.request_edits.apply(exchange.request.headers)
+        return Action.CONTINUE
+
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        if exchange.response is not None:
+            self.factory.response_edits.apply(exchange.response.headers)
+        return Action.CONTINUE
+
+
+class HeadersFilterFactory(FilterFactory):
+    """Builds the header edits once from config."""
+
+    filter_class = HeadersFilter
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        unknown = set(config) - {"request", "response"}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown key (allowed: request, response)")
+        self.request_edits = _Edits(config.get("request"), "request")
+        self.response_edits = _Edits(config.get("response"), "response")

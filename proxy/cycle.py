@@ -1,0 +1,368 @@
+"""Running one exchange: request hooks, upstream attempts, response relay.
+
+:func:`run_exchange` is the task behind every request (``/healthz`` aside).
+Its guarantees:
+
+* ``on_exchange_complete`` runs exactly once, whatever happens (success,
+  local reply, error, timeout, client disconnect: the task is cancelled by
+  the connection, and the ``finally`` still runs);
+* an upstream response is always either read to its end and released to the
+  pool, or closed (never reused) - a client disconnect closes it at once;
+* before the response has started, an error becomes its envelope with its
+  status; after a ``text/event-stream`` response started, it becomes a final
+  SSE ``data: {"error": ...}`` event and the stream ends; after any other
+  response started, the connection is closed (HTTP cannot say more);
+* nothing but a :class:`~proxy.errors.ProxyError`'s message reaches the
+  client: unexpected exceptions become a 500 with the request id.
+
+Retries: a response hook (or a response-body hook, while nothing has gone
+downstream) may call :meth:`~proxy.exchange.Exchange.retry`; the current
+upstream response is closed and the request is sent again to
+``exchange.upstream``, up to ``limits.max_attempts``. An upstream failure
+before any response byte is presented to the response hooks as a
+synthesized response with the error's status and envelope
+(``exchange.upstream_error`` set), so a failover filter decides with one
+mechanism whether to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .accesslog import AccessLog
+from .chain import Chain, ResponseBodyStage
+from .errors import (
+    ClientDisconnected,
+    FilterFailed,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    UpstreamError,
+    render_error,
+    render_sse_error,
+)
+from .exchange import Exchange, LocalReply, Response
+from .headers import HOP_BY_HOP, Headers
+from .limits import Limits
+from .sse import SseFramer
+from .upstream import UpstreamPool, UpstreamResponse, UpstreamTarget
+
+if TYPE_CHECKING:
+    from .server import HttpConnection
+
+__all__ = ["DEFAULT_ROUTES", "Runtime", "run_exchange"]
+
+log = logging.getLogger("llmproxy.cycle")
+
+#: Paths the proxy serves by default and the methods each accepts.
+DEFAULT_ROUTES: dict[str, frozenset[str]] = {
+    "/v1/chat/completions": frozenset({"POST"}),
+    "/v1/completions": frozenset({"POST"}),
+    "/v1/embeddings": frozenset({"POST"}),
+    "/v1/responses": frozenset({"POST"}),
+    "/v1/messages": frozenset({"POST"}),
+    "/v1/messages/count_tokens": frozenset({"POST"}),
+    "/v1/models": frozenset({"GET"}),
+}
+
+# Request headers never forwarded: hop-by-hop ones, the ones the proxy
+# rebuilds itself, and the client's own credentials (they are for the proxy,
+# not the provider; provider credentials come from the UpstreamTarget).
+_DROP_REQUEST = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-request-id",
+    b"authorization",
+    b"x-api-key",
+    b"api-key",
+}
+_DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+_EVENT_STREAM = b"text/event-stream"
+_JSON = (b"content-type", b"application/json")
+
+
+@dataclass(eq=False)
+class Runtime:
+    """What every exchange of one worker shares (built once by :mod:`proxy.app`)."""
+
+    chain: Chain
+    pool: UpstreamPool
+    limits: Limits = field(default_factory=Limits)
+    default_upstream: UpstreamTarget | None = None
+    routes: dict[str, frozenset[str]] = field(default_factory=lambda: dict(DEFAULT_ROUTES))
+    validate_json: bool = True
+    access_log: AccessLog = field(default_factory=AccessLog)
+    connections: set[HttpConnection] = field(default_factory=set)
+    draining: bool = False
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    value = headers.get_raw(b"connection")
+    if value is None:
+        return set()
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def _upstream_headers(ex: Exchange, target: UpstreamTarget, body: bytes) -> list[tuple[bytes, bytes]]:
+    req_headers = ex.request.headers
+    extra_drop = _connection_tokens(req_headers)
+    out = [(b"host", target.host_header)]
+    forwarded_for: bytes | None = None
+    for name, value in req_headers.raw():
+        if name in _DROP_REQUEST or name in extra_drop or name.startswith(b"proxy-"):
+            if name == b"x-forwarded-for":
+                forwarded_for = value
+            continue
+        out.append((name, value))
+    if body or ex.request.method not in ("GET", "HEAD"):
+        out.append((b"content-length", b"%d" % len(body)))
+    client = ex.client_addr.encode("latin-1")
+    out.append((b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client))
+    out.append((b"x-request-id", ex.id.encode("ascii")))
+    out.extend(target.headers)
+    return out
+
+
+def _response_headers(ex: Exchange, raw: list[tuple[bytes, bytes]]) -> Headers:
+    extra_drop = _connection_tokens(Headers(raw))
+    kept = [(k, v) for k, v in raw if k not in _DROP_RESPONSE and k not in extra_drop]
+    return Headers(kept)
+
+
+def _head_for_client(ex: Exchange, headers: Headers, content_length: int | None) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers.raw() if k != b"content-length"]
+    if content_length is not None:
+        out.append((b"content-length", b"%d" % content_length))
+    out.append((b"x-request-id", ex.id.encode("ascii")))
+    return out
+
+
+class _Relay:
+    """State of one response being relayed downstream (one per attempt)."""
+
+    __slots__ = ("conn", "ex", "head_sent")
+
+    def __init__(self, conn: HttpConnection, ex: Exchange) -> None:
+        self.conn = conn
+        self.ex = ex
+        self.head_sent = False
+
+    def send_head(self, content_length: int | None) -> None:
+        """Write the head; ``content_length`` None means chunked (or close-delimited)."""
+        ex = self.ex
+        assert ex.response is not None
+        self.head_sent = True
+        ex.response_started = True
+        self.conn.start_response(ex.response.status, _head_for_client(ex, ex.response.headers, content_length))
+
+    def write(self, data: bytes) -> None:
+        self.ex.bytes_sent += len(data)
+        self.conn.write(data)
+
+
+async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
+    """Drive ``ex`` from parsed head to finished response (see the module docstring)."""
+    chain = rt.chain
+    try:
+        try:
+            chain.start(ex)
+            _check_route(rt, ex)
+            if chain.request_headers_plan:
+                await chain.request_headers(ex)
+            if ex._local_reply is None:
+                ex.request.body = await conn.read_body()
+                ex.bytes_received = len(ex.request.body)
+                if rt.validate_json and ex.request.body and ex.request.method == "POST":
+                    ex.request_json()
+                if chain.request_body_plan:
+                    await chain.request_body(ex)
+            if ex._local_reply is not None:
+                _send_local(conn, ex, ex._local_reply)
+            else:
+                await _forward(rt, conn, ex)
+        except ProxyError as err:
+            ex.error = err
+            _send_error(conn, ex, err)
+        except asyncio.CancelledError:
+            ex.error = ClientDisconnected("client disconnected")
+            raise
+        except Exception as exc:
+            log.error("exchange %s failed", ex.id, exc_info=exc)
+            internal = FilterFailed(f"internal error (request id {ex.id})", code="internal_error")
+            ex.error = internal
+            _send_error(conn, ex, internal)
+    finally:
+        if chain.complete_plan:
+            await chain.complete(ex)
+        rt.access_log.record(ex)
+        conn.exchange_finished()
+
+
+def _check_route(rt: Runtime, ex: Exchange) -> None:
+    path = ex.request.path
+    query = path.find("?")
+    if query >= 0:
+        path = path[:query]
+    methods = rt.routes.get(path)
+    if methods is None:
+        raise NotFound(f"unknown path: {path}", code="unknown_url")
+    if ex.request.method not in methods:
+        raise MethodNotAllowed(f"{ex.request.method} is not allowed on {path}", headers=[("allow", ", ".join(sorted(methods)))])
+
+
+def _send_local(conn: HttpConnection, ex: Exchange, reply: LocalReply) -> None:
+    ex.response = Response(reply.status, Headers(reply.headers))
+    ex.response_started = True
+    conn.start_response(reply.status, _head_for_client(ex, ex.response.headers, len(reply.body)))
+    ex.bytes_sent += len(reply.body)
+    conn.write(reply.body)
+    conn.end_response()
+
+
+def _send_error(conn: HttpConnection, ex: Exchange, err: ProxyError) -> None:
+    if not ex.response_started:
+        body = render_error(err)
+        headers = [_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in err.headers)]
+        ex.response = Response(err.status, Headers(headers))
+        ex.response_started = True
+        conn.start_response(err.status, _head_for_client(ex, ex.response.headers, len(body)))
+        ex.bytes_sent += len(body)
+        conn.write(body)
+        conn.end_response()
+    elif ex.is_sse:
+        conn.write(render_sse_error(err))
+        conn.end_response()
+    else:
+        conn.abort()
+
+
+async def _forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
+    chain = rt.chain
+    request = ex.request
+    while True:
+        ex.attempts += 1
+        ex._retry = False
+        target = ex.upstream or rt.default_upstream
+        if target is None:
+            raise NotFound("no upstream is configured for this request", code="no_upstream")
+        body = ex.final_request_body()
+        path = (target.base_path + request.path).encode("latin-1") if target.base_path else request.path.encode("latin-1")
+        resp: UpstreamResponse | None = None
+        ex.upstream_error = None
+        try:
+            resp = await rt.pool.send(target, request.method.encode("ascii"), path, _upstream_headers(ex, target, body), body)
+            ex.response = Response(resp.status, _response_headers(ex, resp.headers))
+        except UpstreamError as err:
+            ex.upstream_error = err
+            ex.response = Response(err.status, Headers([_JSON, *((k.encode(), v.encode()) for k, v in err.headers)]))
+        try:
+            hold = await chain.response_headers(ex) if chain.response_headers_plan else False
+            if ex._local_reply is not None:
+                _send_local(conn, ex, ex._local_reply)
+                return
+            if ex._retry and ex.attempts < rt.limits.max_attempts:
+                continue
+            ex._retry = False
+            if await _relay(rt, conn, ex, resp, hold):
+                continue
+            return
+        finally:
+            if resp is not None:
+                resp.close()  # no-op when _relay already released it
+
+
+async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: UpstreamResponse | None, hold: bool) -> bool:
+    """Relay the response body; True when a filter asked for a retry in time."""
+    chain = rt.chain
+    response = ex.response
+    assert response is not None
+    ctype = response.headers.get_raw(b"content-type")
+    is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
+    ex.is_sse = is_sse
+    stage = ResponseBodyStage(chain.response_body_plan, rt.limits.max_response_buffer_bytes) if chain.response_body_plan else None
+    observers = bool(chain.response_observer_plan)
+    framer = SseFramer() if is_sse and (stage is not None or observers) else None
+    pending_error = ex.upstream_error
+    synthesized = render_error(pending_error) if pending_error is not None else None
+    # The length the client may be told up front: only when no filter can change the body.
+    known_length: int | None = None
+    if stage is None:
+        if synthesized is not None:
+            known_length = len(synthesized)
+        elif resp is not None:
+            raw_length = next((v for k, v in resp.headers if k == b"content-length"), None)
+            known_length = int(raw_length) if raw_length is not None else None
+    relay = _Relay(conn, ex)
+    if not hold:
+        relay.send_head(known_length)
+    while True:
+        if synthesized is not None:
+            chunk, synthesized = synthesized, None
+        elif resp is None:
+            chunk = b""
+        else:
+            try:
+                chunk = await resp.read()
+            except UpstreamError as err:
+                if not relay.head_sent:
+                    # Nothing reached the client: present it as a failed attempt.
+                    resp.close()
+                    ex.upstream_error = err
+                    ex.response = Response(err.status, Headers([_JSON]))
+                    if chain.response_headers_plan:
+                        await chain.response_headers(ex)
+                    if ex._retry and ex.attempts < rt.limits.max_attempts:
+                        return True
+                    ex._retry = False
+                    raise
+                raise
+        end = not chunk
+        pieces = framer.feed(chunk) if framer is not None else ([chunk] if chunk else [])
+        if end and framer is not None:
+            rest = framer.flush()
+            if rest:
+                pieces.append(rest)
+        for piece in pieces:
+            out: bytes | None = piece
+            if stage is not None:
+                out = await stage.push(ex, piece, False)
+                if ex._retry:
+                    if relay.head_sent:
+                        raise FilterFailed(f"retry requested after the response started (request id {ex.id})")
+                    if ex.attempts < rt.limits.max_attempts:
+                        return True
+                    ex._retry = False
+            if out:
+                if not relay.head_sent:
+                    relay.send_head(known_length)
+                relay.write(out)
+            if observers:
+                await chain.observe_response(ex, piece, False)
+        if end:
+            break
+        if conn.write_paused:
+            await conn.drain()
+    if stage is not None:
+        tail = await stage.push(ex, b"", True)
+        if ex._retry and not relay.head_sent and ex.attempts < rt.limits.max_attempts:
+            return True
+        ex._retry = False
+        if not relay.head_sent:
+            relay.send_head(len(tail) if tail is not None else 0)
+        if tail:
+            relay.write(tail)
+    elif not relay.head_sent:
+        relay.send_head(known_length if known_length is not None else 0)
+    if observers:
+        await chain.observe_response(ex, b"", True)
+    if resp is not None:
+        resp.release()
+    if ex.upstream_error is not None:
+        ex.error = ex.upstream_error
+    conn.end_response()
+    return False

@@ -1,0 +1,232 @@
+"""Typed errors that know the HTTP status and OpenAI error envelope they become.
+
+Every error a client can see is raised (or created) as a :class:`ProxyError`
+subclass and rendered by exactly one function, :func:`render_error`, into the
+OpenAI-style envelope ``{"error": {"message", "type", "param", "code"}}``.
+Socket, TLS and h11 exceptions from the upstream side are mapped into
+:class:`UpstreamError` subclasses once, in :mod:`proxy.upstream`, so filters
+match on types and never on message strings.
+
+Messages must never contain secrets: constructors take already-redacted text.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "ClientDisconnected",
+    "FilterFailed",
+    "HeaderTimeout",
+    "HeadersTooLarge",
+    "InvalidJSON",
+    "MethodNotAllowed",
+    "NotFound",
+    "ProxyError",
+    "RateLimited",
+    "ServiceUnavailable",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamResponseTooLarge",
+    "UpstreamTimeout",
+    "render_error",
+    "render_sse_error",
+]
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy turns into a client-visible response.
+
+    ``status`` is the HTTP status, ``error_type`` and ``code`` fill the
+    envelope's ``type`` and ``code`` fields, ``param`` names the offending
+    request field when there is one. ``headers`` are extra response headers
+    (``retry-after`` for example).
+    """
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or []
+        if status is not None:
+            self.status = status  # type: ignore[misc]  # per-instance override
+
+    def envelope(self) -> dict[str, object]:
+        """The OpenAI error envelope for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, message={self.message!r})"
+
+
+class BadRequest(ProxyError):
+    """400: the request is malformed (framing, headers or body)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    default_code = "bad_request"
+
+
+class InvalidJSON(BadRequest):
+    """400: the request body is not valid JSON."""
+
+    default_code = "invalid_json"
+
+
+class NotFound(ProxyError):
+    """404: no route serves this method and path."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class HeaderTimeout(ProxyError):
+    """408: the client did not send a complete request head in time."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class BodyTooLarge(ProxyError):
+    """413: the request body is larger than ``limits.max_body_bytes``."""
+
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    """431: the request head is larger than ``limits.max_header_bytes`` or has too many fields."""
+
+    status = 431
+    error_type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+
+
+class RateLimited(ProxyError):
+    """429: a limit was hit; ``retry-after`` should be set in ``headers``."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class FilterFailed(ProxyError):
+    """500: a fail-closed filter raised an unexpected exception."""
+
+    status = 500
+    error_type = "server_error"
+    default_code = "filter_error"
+
+
+class ServiceUnavailable(ProxyError):
+    """503: nothing can serve the request right now (draining, nothing healthy)."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+class UpstreamError(ProxyError):
+    """Base of failures talking to the upstream; raised only by :mod:`proxy.upstream`.
+
+    ``retryable`` tells a failover policy whether the request may be sent
+    again (nothing of the response reached the client when it is raised
+    before the head).
+    """
+
+    status = 502
+    error_type = "upstream_error"
+    default_code = "upstream_error"
+    retryable: ClassVar[bool] = True
+
+
+class UpstreamConnectError(UpstreamError):
+    """502: the upstream could not be reached (DNS, refused, reset, TLS handshake)."""
+
+    default_code = "upstream_connect_error"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """502: the upstream broke HTTP (bad framing, closed mid-response)."""
+
+    default_code = "upstream_protocol_error"
+
+
+class UpstreamResponseTooLarge(UpstreamError):
+    """502: a response a filter asked to buffer is larger than the buffer cap."""
+
+    default_code = "upstream_response_too_large"
+    retryable = False
+
+
+class UpstreamTimeout(UpstreamError):
+    """504: the upstream did not answer in time.
+
+    ``phase`` is one of ``connect``, ``headers``, ``idle`` or ``total``.
+    """
+
+    status = 504
+    error_type = "timeout_error"
+    default_code = "upstream_timeout"
+
+    def __init__(self, message: str, *, phase: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.phase = phase
+
+
+def render_error(error: ProxyError) -> bytes:
+    """Serialise ``error`` as its JSON envelope (the response body)."""
+    return orjson.dumps(error.envelope())
+
+
+def render_sse_error(error: ProxyError) -> bytes:
+    """Serialise ``error`` as a final SSE event, for streams that already started."""
+    return b"data: " + orjson.dumps(error.envelope()) + b"\n\n"
+
+
+class ClientDisconnected(ProxyError):
+    """499 (nginx's convention): the client went away before the exchange ended.
+
+    Never sent (there is nobody to send it to); recorded as ``exchange.error``
+    so end hooks and the access log can tell a disconnect from a success.
+    """
+
+    status = 499
+    error_type = "client_error"
+    default_code = "client_closed_request"
+
+
+class MethodNotAllowed(ProxyError):
+    """405: the path exists but not for this method."""
+
+    status = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"

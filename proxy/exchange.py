@@ -1,0 +1,213 @@
+"""One request/response cycle: what filters see and change.
+
+An :class:`Exchange` lives exactly one cycle; the connection it arrived on
+is a separate object (:mod:`proxy.server`) that filters never touch. Fields
+that are not per-request never live here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .errors import InvalidJSON, ProxyError, UpstreamError
+from .headers import Headers
+
+if TYPE_CHECKING:
+    from .filter import Filter
+    from .upstream import UpstreamTarget
+
+__all__ = ["Exchange", "LocalReply", "Request", "Response"]
+
+
+class Request:
+    """The request as it will be sent upstream; filters may change any field."""
+
+    __slots__ = ("body", "headers", "http_version", "method", "path")
+
+    def __init__(
+        self, method: str, path: str, headers: Headers, body: bytes = b"", http_version: str = "1.1"
+    ) -> None:
+        self.method = method
+        #: The request target: path plus query string, as sent upstream.
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.http_version = http_version
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path} body={len(self.body)}B>"
+
+
+class Response:
+    """The response head as it will be sent downstream."""
+
+    __slots__ = ("headers", "status")
+
+    def __init__(self, status: int, headers: Headers) -> None:
+        self.status = status
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}>"
+
+
+class LocalReply:
+    """A response produced by a filter or the core instead of the upstream."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+_UNPARSED: Any = object()
+
+
+class Exchange:
+    """Per-request state shared by the core and every filter in the chain.
+
+    ``vars`` is a free-form dict for filters to pass facts to each other
+    (for example routing leaves the provider name for metering); names
+    should be prefixed with the filter's name.
+    """
+
+    __slots__ = (
+        "_json",
+        "_json_dirty",
+        "_local_reply",
+        "_response_data",
+        "_retry",
+        "attempts",
+        "bytes_received",
+        "bytes_sent",
+        "client_addr",
+        "error",
+        "filters",
+        "id",
+        "is_sse",
+        "request",
+        "response",
+        "response_started",
+        "started_at",
+        "upstream",
+        "upstream_error",
+        "vars",
+    )
+
+    def __init__(self, request_id: str, request: Request, client_addr: str) -> None:
+        self.id = request_id
+        self.request = request
+        self.client_addr = client_addr
+        self.started_at = time.perf_counter()
+        self.response: Response | None = None
+        #: Where the request goes; the core's default upstream unless a filter sets it.
+        self.upstream: UpstreamTarget | None = None
+        #: The failure of the current attempt, when the response was synthesized.
+        self.upstream_error: UpstreamError | None = None
+        #: The error that ended the exchange (None on success).
+        self.error: ProxyError | None = None
+        #: Attempts made to the upstream (1 unless a filter asked for retries).
+        self.attempts = 0
+        self.is_sse = False
+        #: True once any response byte (the head included) was written downstream.
+        self.response_started = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.vars: dict[str, Any] = {}
+        self.filters: list[Filter] = []
+        self._json: Any = _UNPARSED
+        self._json_dirty = False
+        self._local_reply: LocalReply | None = None
+        self._retry = False
+        self._response_data: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.id} {self.request.method} {self.request.path}>"
+
+    # -- request body -----------------------------------------------------
+    def request_json(self) -> Any:
+        """The request body parsed as JSON, parsed once and shared by every filter.
+
+        Raises :class:`InvalidJSON` (400) when the body is not JSON. Changes to
+        the returned object are sent upstream only after
+        :meth:`set_request_json` (or :meth:`mark_request_json_changed`).
+        """
+        if self._json is _UNPARSED:
+            try:
+                self._json = orjson.loads(self.request.body)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidJSON(f"request body is not valid JSON: {exc.msg}") from None
+        return self._json
+
+    def set_request_json(self, value: Any) -> None:
+        """Replace the request JSON; the core serialises it once before sending."""
+        self._json = value
+        self._json_dirty = True
+
+    def mark_request_json_changed(self) -> None:
+        """Say that the object from :meth:`request_json` was changed in place."""
+        self._json_dirty = True
+
+    def set_request_body(self, body: bytes) -> None:
+        """Replace the raw request body (forgets any parsed JSON)."""
+        self.request.body = body
+        self._json = _UNPARSED
+        self._json_dirty = False
+
+    def final_request_body(self) -> bytes:
+        """The body to send upstream (serialising changed JSON once). For the core."""
+        if self._json_dirty:
+            self.request.body = orjson.dumps(self._json)
+            self._json_dirty = False
+        return self.request.body
+
+    # -- replies and control --------------------------------------------
+    def send_local_reply(
+        self,
+        status: int,
+        body: bytes | dict[str, Any] | list[Any] = b"",
+        headers: list[tuple[str, str]] | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Answer the client without (or instead of) the upstream.
+
+        Allowed until the response has started. A ``dict`` or ``list`` body is
+        sent as JSON. The chain stops after the current hook returns.
+        """
+        if self.response_started:
+            raise RuntimeError("send_local_reply after the response started")
+        if isinstance(body, (dict, list)):
+            payload = orjson.dumps(body)
+            content_type = content_type or "application/json"
+        else:
+            payload = body
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers or []]
+        if content_type:
+            raw.append((b"content-type", content_type.encode("latin-1")))
+        self._local_reply = LocalReply(status, raw, payload)
+
+    def retry(self) -> None:
+        """Ask the core to send the (possibly changed) request again.
+
+        Valid from response hooks while nothing has gone downstream; the
+        current upstream response is discarded and its connection closed.
+        Change ``upstream``, headers or body before calling it to try
+        elsewhere. The core caps attempts at ``limits.max_attempts``.
+        """
+        if self.response_started:
+            raise RuntimeError("retry after the response started")
+        self._retry = True
+
+    def set_response_data(self, data: bytes) -> None:
+        """In ``on_response_body``: replace the data passed on to the next filter."""
+        self._response_data = data
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the request head was parsed."""
+        return time.perf_counter() - self.started_at

@@ -1,0 +1,225 @@
+"""The filter API, modelled on proxy-wasm.
+
+Two lifetimes, as in proxy-wasm's root context and HTTP context::
+
+    FilterFactory (one per configured filter, built once from config at startup)
+        |  owns route tables, buckets, tokenizers, store handles, background ticks
+        |
+        +-- create(exchange) -> Filter   (one per exchange per filter, cheap)
+                holds per-exchange state; never shared between exchanges,
+                so it never races
+
+Hooks and their order (the rule the chain runner in :mod:`proxy.chain`
+follows): request hooks run in chain order, response hooks in reverse
+chain order, like Envoy's decoder and encoder filters::
+
+    on_request_headers   f1 -> f2 -> f3
+    on_request_body      f1 -> f2 -> f3        (request bodies arrive whole)
+                 ... upstream ...
+    on_response_headers  f3 -> f2 -> f1
+    on_response_body     f3 -> f2 -> f1        (per chunk, or per SSE event)
+    on_exchange_complete f1 -> f2 -> f3        (exactly once, every path)
+
+Every hook has a no-op default and returns :class:`Action`. Hooks may be
+plain methods or coroutines; the runner checks which once, when the chain is
+built, and only calls filters that override a hook, so an empty hook costs
+nothing.
+
+A hook can:
+
+* read and change ``exchange.request`` (method, path, headers, body) or
+  ``exchange.response`` (status, headers);
+* raise a :class:`proxy.errors.ProxyError` subclass, which becomes that
+  error's status and envelope;
+* call :meth:`proxy.exchange.Exchange.send_local_reply` (before the response
+  has started) to answer without the upstream;
+* call :meth:`proxy.exchange.Exchange.retry` (in a response hook, before any
+  response byte went downstream) to send the request again, typically after
+  changing ``exchange.upstream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .store import SharedStore
+
+__all__ = ["Action", "FactoryContext", "Filter", "FilterFactory"]
+
+log = logging.getLogger("llmproxy.filter")
+
+
+class Action(enum.Enum):
+    """What the chain does after a hook returns."""
+
+    #: Go on to the next filter (and, after the last, on to the upstream or client).
+    CONTINUE = "continue"
+    #: Body hooks: hold the data; the core buffers it (bounded) and calls this
+    #: hook again with everything held so far when more arrives. Header hooks
+    #: on the response: hold the response head until the body is released, so
+    #: the core can still retry or set an exact Content-Length.
+    PAUSE = "pause"
+
+
+class Filter:
+    """Per-exchange filter. Subclass it and override only the hooks you need.
+
+    ``factory`` is the :class:`FilterFactory` that created this filter; its
+    config and shared resources are reached through it.
+    """
+
+    #: Whether ``on_response_body`` may change, drop, hold or inject data.
+    #: A filter that only observes sets this to False: the core then writes
+    #: each chunk downstream *before* calling it, so it can never delay a
+    #: chunk (its return value is ignored).
+    mutates_response_body: ClassVar[bool] = True
+
+    __slots__ = ("factory",)
+
+    def __init__(self, factory: FilterFactory) -> None:
+        self.factory = factory
+
+    def on_request_headers(self, exchange: Exchange) -> Action | Awaitable[Action]:
+        """Called once the request head is parsed, before the body is read.
+
+        May change method, path and headers, reply locally, or raise.
+        ``PAUSE`` has the same effect as ``CONTINUE`` here: request bodies are
+        always read whole before the upstream is contacted.
+        """
+        return Action.CONTINUE
+
+    def on_request_body(
+        self, exchange: Exchange, body: bytes, end_of_stream: bool
+    ) -> Action | Awaitable[Action]:
+        """Called with the whole request body (``end_of_stream`` is True).
+
+        Request bodies are buffered whole by the core (bounded by
+        ``limits.max_body_bytes``, 413 past it) because every request must be
+        replayable for retries and its JSON is parsed at most once for all
+        filters: use :meth:`Exchange.request_json`. To change the body, call
+        :meth:`Exchange.set_request_body` or :meth:`Exchange.set_request_json`;
+        the core rewrites Content-Length.
+        """
+        return Action.CONTINUE
+
+    def on_response_headers(self, exchange: Exchange) -> Action | Awaitable[Action]:
+        """Called when the response head is known (from the upstream, or a
+        synthesized 502/504 when the upstream failed: ``exchange.upstream_error``
+        is then set).
+
+        May change status and headers, call :meth:`Exchange.retry`, or raise.
+        ``PAUSE`` holds the head back until the body stage releases its first
+        bytes (needed to retry after looking at the body, or when the body
+        will be replaced and Content-Length must be exact).
+        """
+        return Action.CONTINUE
+
+    def on_response_body(
+        self, exchange: Exchange, data: bytes, end_of_stream: bool
+    ) -> Action | Awaitable[Action]:
+        """Called for each response chunk; for ``text/event-stream`` responses
+        once per whole SSE event (raw bytes, terminator included).
+
+        ``CONTINUE`` passes ``data`` on (or its replacement, set with
+        :meth:`Exchange.set_response_data`: empty bytes drop it, several events
+        inject). ``PAUSE`` before end of stream holds it: the core buffers
+        (bounded by ``limits.max_response_buffer_bytes``) and calls again with
+        all held data when more arrives. At end of stream ``data`` may be
+        empty; ``PAUSE`` then counts as ``CONTINUE``.
+        """
+        return Action.CONTINUE
+
+    def on_exchange_complete(self, exchange: Exchange) -> Awaitable[None] | None:
+        """Called exactly once when the exchange ends, on every path: success,
+        local reply, error, timeout and client disconnect (then
+        ``exchange.error`` says what happened). Finish accounting here.
+        Exceptions are logged and swallowed.
+        """
+        return None
+
+
+class FactoryContext:
+    """What the runtime hands a factory: the shared store and task helpers."""
+
+    def __init__(
+        self,
+        store: SharedStore,
+        worker_id: int = 0,
+        mock_ports: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        #: Where each configured mock upstream listens, to resolve ``mock://NAME`` URLs.
+        self.mock_ports: Mapping[str, tuple[str, int]] = mock_ports or {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def every(self, interval: float, tick: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``tick`` every ``interval`` seconds until shutdown (proxy-wasm's on_tick).
+
+        Exceptions are logged; the next tick still runs.
+        """
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("tick %s failed", name)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
+
+    async def cancel_tasks(self) -> None:
+        """Stop every background task started through :meth:`every`."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks.clear()
+
+
+class FilterFactory:
+    """Long-lived side of a filter, built once from its config section.
+
+    Subclasses set ``filter_class`` (the per-exchange :class:`Filter` type the
+    default :meth:`create` instantiates; the chain inspects it to learn which
+    hooks are implemented), may validate ``config`` in ``__init__`` (raise
+    ``ValueError`` with the field name: it becomes a startup error naming the
+    config file and field), and may override :meth:`start` and :meth:`close`.
+    """
+
+    #: The per-exchange filter type.
+    filter_class: ClassVar[type[Filter]] = Filter
+    #: When True, an unexpected exception in this filter is logged and the
+    #: exchange goes on without it (tracing, metrics). When False the exchange
+    #: fails with 500 (routing, ratelimit, budgets).
+    fail_open: ClassVar[bool] = False
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+
+    def create(self, exchange: Exchange) -> Filter:
+        """Return the per-exchange filter (must be an instance of ``filter_class``)."""
+        return self.filter_class(self)
+
+    async def start(self) -> None:
+        """Called once on the event loop before the first exchange; start ticks here."""
+
+    async def close(self) -> None:
+        """Called once at shutdown after in-flight exchanges finished."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

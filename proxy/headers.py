@@ -1,0 +1,102 @@
+"""A small mutable header list with case-insensitive lookup.
+
+Headers are kept as h11 hands them over: a list of ``(name, value)`` byte
+pairs with lowercase names, in wire order, duplicates allowed. The public
+methods take and return ``str`` (latin-1, as HTTP/1.1 defines field bytes),
+because that is what filter authors write; the raw list is what the core
+passes to h11 without copying.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+__all__ = ["HOP_BY_HOP", "Headers"]
+
+#: Connection-specific headers (RFC 9110 section 7.6.1) that a proxy never forwards.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+
+class Headers:
+    """Ordered, case-insensitive, multi-valued HTTP headers."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self._items: list[tuple[bytes, bytes]] = list(items)
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> Headers:
+        """Build from ``str`` pairs (names are lowercased)."""
+        return cls((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name``, or ``default``."""
+        key = name.lower().encode("latin-1")
+        for k, v in self._items:
+            if k == key:
+                return v.decode("latin-1")
+        return default
+
+    def get_raw(self, name: bytes) -> bytes | None:
+        """The first value of lowercase ``name`` as bytes (no decoding; for the core)."""
+        for k, v in self._items:
+            if k == name:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``, in order."""
+        key = name.lower().encode("latin-1")
+        return [v.decode("latin-1") for k, v in self._items if k == key]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of ``name`` with one ``value``."""
+        key = name.lower().encode("latin-1")
+        self._items = [(k, v) for k, v in self._items if k != key]
+        self._items.append((key, value.encode("latin-1")))
+
+    def set_raw(self, name: bytes, value: bytes) -> None:
+        """Like :meth:`set` for lowercase byte names (for the core)."""
+        self._items = [(k, v) for k, v in self._items if k != name]
+        self._items.append((name, value))
+
+    def add(self, name: str, value: str) -> None:
+        """Append one more value of ``name``."""
+        self._items.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+
+    def remove(self, name: str) -> None:
+        """Remove every value of ``name`` (no error when absent)."""
+        key = name.lower().encode("latin-1")
+        self._items = [(k, v) for k, v in self._items if k != key]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        return self.get_raw(name.lower().encode("latin-1")) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for k, v in self._items:
+            yield k.decode("latin-1"), v.decode("latin-1")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        """The underlying list of ``(lowercase name, value)`` byte pairs (not a copy)."""
+        return self._items
+
+    def __repr__(self) -> str:
+        return f"Headers({[(k.decode('latin-1'), '...') for k, _ in self._items]})"

@@ -1,0 +1,36 @@
+"""Server limits with their defaults and the precedent each one follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one client may make the proxy hold or wait for."""
+
+    #: Request line + header fields (431 past it). nginx: 8 KiB buffers (4 of
+    #: them); node.js: 16 KiB; h11: 16 KiB.
+    max_header_bytes: int = 16 * 1024
+    #: Header fields per request (431 past it). nginx and Apache: 100.
+    max_header_count: int = 100
+    #: Request body (413 past it). LLM requests carry base64 images; OpenAI
+    #: accepts up to 20 MB images, so 32 MiB leaves room for one plus text.
+    max_body_bytes: int = 32 * 1024 * 1024
+    #: Seconds to receive a whole request head (408 then close; slowloris).
+    #: nginx client_header_timeout: 60 s; we are stricter.
+    header_timeout: float = 10.0
+    #: Seconds an idle keep-alive connection is kept open. nginx: 75 s.
+    keepalive_timeout: float = 75.0
+    #: Concurrent client connections per worker (503 then close past it).
+    max_connections: int = 10_000
+    #: Response bytes a filter may hold back (PAUSE) before the exchange fails with 502.
+    max_response_buffer_bytes: int = 32 * 1024 * 1024
+    #: Upstream attempts per exchange, retries included.
+    max_attempts: int = 5
+    #: Bytes queued for a slow client before the proxy stops reading the upstream.
+    write_high_water: int = 256 * 1024
+    #: Seconds in-flight exchanges get to finish after SIGTERM/SIGINT.
+    shutdown_grace: float = 30.0

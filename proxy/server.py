@@ -1,0 +1,421 @@
+"""The downstream side: one :class:`HttpConnection` (an asyncio Protocol) per socket.
+
+Theory of operation. A connection loops over request/response cycles::
+
+    HEAD ──head complete──> BODY ──EndOfMessage──> RESPONDING ──response done──> HEAD
+      │  (strict checks,        (h11 decodes            (bytes of a pipelined
+      │   then h11 parses)       the body)               next request wait here)
+      └── error / timeout / Connection: close ──> CLOSED
+
+Each cycle gets a fresh h11 server connection, so the proxy's own strict
+head checks (:mod:`proxy.framing`) see every request head before h11 does,
+pipelined ones included: the bytes h11 read past a request's end are taken
+back (``trailing_data``) and checked as the next head.
+
+The exchange itself runs in a task (:func:`proxy.cycle.run_exchange`); the
+connection only parses, buffers the request body (bounded) and writes what
+the task gives it. Per-request state lives on the :class:`~proxy.exchange.Exchange`,
+never here.
+
+Flow control: the transport's ``pause_writing``/``resume_writing`` drive
+:meth:`HttpConnection.drain`, which the exchange task awaits after writing,
+so a slow client stops the task reading from the upstream (whose connection
+then stops reading its socket). While a response is being written, reading
+from the client is paused once a pipelined request's bytes exceed the head
+limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import h11
+
+from .errors import BadRequest, BodyTooLarge, HeaderTimeout, ProxyError, ServiceUnavailable, render_error
+from .exchange import Exchange, Request
+from .framing import check_head, find_head_end
+from .headers import Headers
+
+if TYPE_CHECKING:
+    from .cycle import Runtime
+
+__all__ = ["HttpConnection"]
+
+log = logging.getLogger("llmproxy.server")
+
+_REQUEST_ID_MAX = 128
+_HEALTHZ_BODY = b'{"status":"ok"}'
+
+
+class _State(enum.Enum):
+    HEAD = "head"
+    BODY = "body"
+    RESPONDING = "responding"
+    CLOSED = "closed"
+
+
+def _valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= _REQUEST_ID_MAX and all(0x21 <= b <= 0x7E for b in value)
+
+
+class _RequestIds:
+    """Cheap unique request ids: a random per-process prefix plus a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._n = 0
+
+    def next(self) -> str:
+        self._n += 1
+        return f"{self._prefix}{self._n:08x}"
+
+
+REQUEST_IDS = _RequestIds()
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client socket: parsing, body buffering, response writing, timers."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._limits = runtime.limits
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._state = _State.HEAD
+        self._buf = bytearray()
+        self._h11: h11.Connection | None = None
+        self._client = "-"
+        self._timer: asyncio.TimerHandle | None = None
+        #: True while the timer is the keep-alive idle timer (no byte of a next request yet).
+        self._keepalive_wait = False
+        self._task: asyncio.Task[None] | None = None
+        self._exchange: Exchange | None = None
+        # request body of the current cycle
+        self._body = bytearray()
+        self._body_done = False
+        self._body_error: ProxyError | None = None
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._continue_pending = False
+        # response of the current cycle
+        self._head_request = False
+        self._write_paused = False
+        self._read_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._served = 0
+
+    def __repr__(self) -> str:
+        return f"<HttpConnection {self._client} {self._state.value} served={self._served}>"
+
+    # -- asyncio.Protocol ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._client = str(peer[0])
+        self._transport.set_write_buffer_limits(high=self._limits.write_high_water)  # type: ignore[union-attr]
+        connections = self._rt.connections
+        connections.add(self)
+        if len(connections) > self._limits.max_connections or self._rt.draining:
+            self._reject(ServiceUnavailable("too many connections" if not self._rt.draining else "server is shutting down"))
+            return
+        self._timer = self._loop.call_later(self._limits.header_timeout, self._on_head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _State.CLOSED
+        self._rt.connections.discard(self)
+        self._cancel_timer()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        for waiter in (self._drain_waiter, self._body_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state is _State.BODY:
+            assert self._h11 is not None
+            self._h11.receive_data(data)
+            self._pump_body()
+        elif state is _State.HEAD:
+            self._buf += data
+            self._parse_head()
+        elif state is _State.RESPONDING:
+            self._buf += data
+            if len(self._buf) > self._limits.max_header_bytes and not self._read_paused:
+                self._read_paused = True
+                assert self._transport is not None
+                self._transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client still gets its response (keep the write side open).
+        if self._state is _State.HEAD and not self._buf and self._task is None:
+            return False
+        if self._state is _State.BODY and self._h11 is not None:
+            self._h11.receive_data(b"")
+            self._pump_body()
+        return True
+
+    # -- timers --------------------------------------------------------------
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._timer = None
+        if self._state is not _State.HEAD:
+            return
+        if self._buf:
+            self._reject(HeaderTimeout("request head not received in time"))
+        else:
+            self._close()
+
+    def _on_keepalive_timeout(self) -> None:
+        self._timer = None
+        if self._state is _State.HEAD and not self._buf:
+            self._close()
+
+    # -- request head ----------------------------------------------------------
+    def _parse_head(self) -> None:
+        limits = self._limits
+        buf = self._buf
+        if self._keepalive_wait:
+            # first bytes of a new request on a kept-alive connection
+            self._keepalive_wait = False
+            self._cancel_timer()
+            self._timer = self._loop.call_later(limits.header_timeout, self._on_head_timeout)
+        try:
+            end = find_head_end(buf, limits.max_header_bytes)
+            if end < 0:
+                return
+            info = check_head(buf[:end], limits.max_header_count)
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+            conn.receive_data(bytes(buf))
+            event = conn.next_event()
+        except ProxyError as exc:
+            self._reject(exc)
+            return
+        except h11.RemoteProtocolError as exc:
+            self._reject(BadRequest(f"malformed request: {exc}", code="invalid_framing"))
+            return
+        if type(event) is not h11.Request:  # pragma: no cover - a complete head always parses to one
+            self._reject(BadRequest("malformed request", code="invalid_framing"))
+            return
+        buf.clear()
+        self._cancel_timer()
+        self._h11 = conn
+        method = event.method
+        self._head_request = method == b"HEAD"
+        if info.content_length is not None and info.content_length > limits.max_body_bytes:
+            self._reject(BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes"))
+            return
+        target = event.target
+        if target == b"/healthz" and method == b"GET":
+            self._body_done = False
+            self._state = _State.BODY
+            self._pump_body()
+            self._healthz()
+            return
+        headers = Headers(event.headers)
+        request_id = headers.get_raw(b"x-request-id")
+        rid = request_id.decode("ascii") if request_id is not None and _valid_request_id(request_id) else REQUEST_IDS.next()
+        ex = Exchange(
+            rid,
+            Request(method.decode("ascii"), target.decode("latin-1"), headers, b"", event.http_version.decode("ascii")),
+            self._client,
+        )
+        self._exchange = ex
+        self._body = bytearray()
+        self._body_done = False
+        self._body_error = None
+        self._continue_pending = info.expect_continue
+        self._state = _State.BODY
+        self._pump_body()
+        from .cycle import run_exchange  # local: cycle imports this module's types
+
+        self._task = self._loop.create_task(run_exchange(self._rt, self, ex))
+
+    def _pump_body(self) -> None:
+        conn = self._h11
+        assert conn is not None
+        while not self._body_done:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail_body(BadRequest(f"malformed request body: {exc}", code="invalid_framing"))
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                self._body += event.data  # type: ignore[union-attr]
+                if len(self._body) > self._limits.max_body_bytes:
+                    self._fail_body(BodyTooLarge(f"request body larger than {self._limits.max_body_bytes} bytes"))
+                    return
+            elif kind is h11.EndOfMessage:
+                self._body_done = True
+                trailing, _ = conn.trailing_data
+                if trailing:
+                    self._buf += trailing
+                self._state = _State.RESPONDING
+                self._wake_body()
+            elif event is h11.NEED_DATA:
+                return
+            elif kind is h11.ConnectionClosed:
+                self._fail_body(BadRequest("client closed the connection mid-request"))
+                return
+            else:  # pragma: no cover - h11 yields nothing else on a server mid-request
+                return
+
+    def _fail_body(self, error: ProxyError) -> None:
+        self._body_error = error
+        self._body_done = True
+        self._state = _State.RESPONDING
+        self._wake_body()
+
+    def _wake_body(self) -> None:
+        waiter = self._body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_body(self) -> bytes:
+        """Wait for the whole request body (bounded); raise its framing or size error."""
+        if not self._body_done:
+            if self._continue_pending:
+                self._continue_pending = False
+                assert self._h11 is not None and self._transport is not None
+                if self._h11.they_are_waiting_for_100_continue:
+                    self._transport.write(self._h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self._body_waiter = self._loop.create_future()
+            try:
+                await self._body_waiter
+            finally:
+                self._body_waiter = None
+        if self._body_error is not None:
+            raise self._body_error
+        return bytes(self._body)
+
+    # -- response writing (used by the exchange task) ------------------------------
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Write the response head. ``headers`` must be free of hop-by-hop fields."""
+        assert self._h11 is not None and self._transport is not None
+        self._transport.writelines(
+            self._h11.send_with_data_passthrough(h11.Response(status_code=status, headers=headers))  # type: ignore[arg-type]
+        )
+
+    def write(self, data: bytes) -> None:
+        """Write body bytes (framed by h11: chunked or as Content-Length says)."""
+        if self._head_request or not data or self._transport is None or self._transport.is_closing():
+            return
+        assert self._h11 is not None
+        self._transport.writelines(self._h11.send_with_data_passthrough(h11.Data(data=data)))  # type: ignore[arg-type]
+
+    def end_response(self) -> None:
+        """Finish the response body."""
+        assert self._h11 is not None and self._transport is not None
+        if self._transport.is_closing():
+            return
+        self._transport.writelines(self._h11.send_with_data_passthrough(h11.EndOfMessage()))  # type: ignore[arg-type]
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    async def drain(self) -> None:
+        """Wait until the client has read enough of what was written."""
+        if self._write_paused:
+            self._drain_waiter = self._loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def abort(self) -> None:
+        """Close the connection at once (a response that cannot be finished)."""
+        self._state = _State.CLOSED
+        if self._transport is not None:
+            self._transport.abort()
+
+    def exchange_finished(self) -> None:
+        """Called by the exchange task when its cycle ends: next cycle or close."""
+        self._task = None
+        self._exchange = None
+        self._served += 1
+        conn = self._h11
+        if self._state is _State.CLOSED or conn is None or self._transport is None or self._transport.is_closing():
+            return
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or self._rt.draining:
+            self._close()
+            return
+        self._h11 = None
+        self._body = bytearray()
+        self._state = _State.HEAD
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+        if self._buf:
+            self._timer = self._loop.call_later(self._limits.header_timeout, self._on_head_timeout)
+            self._parse_head()
+        else:
+            self._keepalive_wait = True
+            self._timer = self._loop.call_later(self._limits.keepalive_timeout, self._on_keepalive_timeout)
+
+    # -- replies the connection makes itself ---------------------------------------
+    def _healthz(self) -> None:
+        self.start_response(200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_HEALTHZ_BODY))])
+        self.write(_HEALTHZ_BODY)
+        self.end_response()
+        self.exchange_finished()
+
+    def _reject(self, error: ProxyError) -> None:
+        """Answer a request the connection cannot parse or accept, then close."""
+        self._cancel_timer()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        body = render_error(error)
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % len(body),
+        ]
+        for name, value in error.headers:
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        head.append(b"\r\n")
+        transport.writelines([*head, body])
+        log.info("rejected %s from %s: %s", error.status, self._client, error.message)
+        self._close()
+
+    def _close(self) -> None:
+        self._state = _State.CLOSED
+        self._cancel_timer()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def close_if_idle(self) -> bool:
+        """For shutdown: close now if no exchange is running; True if closed."""
+        if self._task is None:
+            self._close()
+            return True
+        return False
+
+
+_REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}

@@ -1,0 +1,138 @@
+"""Shared state for filters, in the style of proxy-wasm's shared data.
+
+A :class:`SharedStore` is what filters use to share state across exchanges,
+workers and (with a networked backend) instances: key health, counters,
+budgets, leases. Its contract is the same for every backend, so a filter is
+written once and tested against each:
+
+* ``get`` returns ``(value, version)``; version 0 means absent. ``set`` with
+  ``cas=version`` succeeds only if nobody wrote the key since that read
+  (compare-and-swap, as proxy-wasm's ``set_shared_data(key, value, cas)``);
+  ``cas=None`` writes unconditionally. ``cas=0`` means "only if absent".
+* ``incr`` is an atomic add that creates the key at 0 first; ``ttl`` applies
+  when the key is created, so a fixed window expires on its own.
+* ``acquire_lease(name, holder, ttl)`` takes a lease that nobody else holds,
+  or renews one ``holder`` already holds. A holder that stops renewing loses
+  the lease after ``ttl`` and another may take it over.
+
+Keys are plain strings chosen by filters; backends namespace them. A key
+must never contain a secret (hash credentials first).
+
+:class:`MemoryStore` is the default: one process, no I/O. Its coroutines
+never suspend, so they cost one coroutine call each.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+__all__ = ["MemoryStore", "SharedStore", "StoreUnavailable"]
+
+
+class StoreUnavailable(Exception):
+    """The backend cannot be reached; callers should keep their last known view."""
+
+
+class SharedStore(ABC):
+    """The shared-state interface every backend implements (see module docstring)."""
+
+    @abstractmethod
+    async def get(self, key: str) -> tuple[bytes | None, int]:
+        """Return ``(value, version)``; ``(None, 0)`` when the key is absent or expired."""
+
+    @abstractmethod
+    async def set(
+        self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None
+    ) -> bool:
+        """Write ``value``; return False (and write nothing) on a CAS mismatch."""
+
+    @abstractmethod
+    async def delete(self, key: str, *, cas: int | None = None) -> bool:
+        """Remove ``key``; return False on a CAS mismatch or when it was absent."""
+
+    @abstractmethod
+    async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        """Atomically add ``amount`` and return the new value; ``ttl`` applies on creation."""
+
+    @abstractmethod
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder``; True while ``holder`` holds it."""
+
+    @abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give up the lease if ``holder`` holds it."""
+
+    async def close(self) -> None:  # noqa: B027 - optional for backends without resources
+        """Release connections; the store is unusable afterwards."""
+
+
+class MemoryStore(SharedStore):
+    """In-process store: a dict of ``key -> (value, version, expires_at)``.
+
+    Versions come from one counter per store, so a version is never reused
+    for a key even after it was deleted and written again.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._data: dict[str, tuple[bytes, int, float | None]] = {}
+        self._counters: dict[str, tuple[int, float | None]] = {}
+        self._version = 0
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore keys={len(self._data)} counters={len(self._counters)}>"
+
+    def _live(self, key: str) -> tuple[bytes, int, float | None] | None:
+        entry = self._data.get(key)
+        if entry is not None and entry[2] is not None and entry[2] <= self._clock():
+            del self._data[key]
+            return None
+        return entry
+
+    async def get(self, key: str) -> tuple[bytes | None, int]:
+        entry = self._live(key)
+        if entry is None:
+            return None, 0
+        return entry[0], entry[1]
+
+    async def set(
+        self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None
+    ) -> bool:
+        entry = self._live(key)
+        if cas is not None and (entry[1] if entry else 0) != cas:
+            return False
+        self._version += 1
+        expires = self._clock() + ttl if ttl is not None else None
+        self._data[key] = (value, self._version, expires)
+        return True
+
+    async def delete(self, key: str, *, cas: int | None = None) -> bool:
+        entry = self._live(key)
+        if entry is None or (cas is not None and entry[1] != cas):
+            return False
+        del self._data[key]
+        return True
+
+    async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
+        now = self._clock()
+        current = self._counters.get(key)
+        if current is None or (current[1] is not None and current[1] <= now):
+            current = (0, now + ttl if ttl is not None else None)
+        value = current[0] + amount
+        self._counters[key] = (value, current[1])
+        return value
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        key = "lease:" + name
+        entry = self._live(key)
+        if entry is not None and entry[0] != holder.encode():
+            return False
+        return await self.set(key, holder.encode(), ttl=ttl)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        key = "lease:" + name
+        entry = self._live(key)
+        if entry is not None and entry[0] == holder.encode():
+            del self._data[key]

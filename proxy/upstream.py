@@ -1,0 +1,566 @@
+"""The upstream client: h11 connections in a pool per origin.
+
+This module is the one boundary where socket, TLS and h11 exceptions are
+mapped into the project's own :class:`~proxy.errors.UpstreamError` types;
+nothing above it ever sees an ``OSError``, ``ssl.SSLError`` or h11 error.
+
+Timeouts (each a typed :class:`~proxy.errors.UpstreamTimeout` with its
+``phase``):
+
+* ``connect``: TCP connect plus TLS handshake, and waiting for a free pool slot;
+* ``headers``: from the request sent to the response head (a non-streaming
+  completion only answers once generated, so this is generous by default);
+* ``idle``: between two body chunks (a stalled stream is cut, not hung);
+* ``total``: the whole attempt, body included.
+
+Pool policy (:class:`_OriginPool`): idle connections are reused newest
+first; a connection idle longer than ``keepalive_expiry``, closed by the
+peer, or whose last exchange saw an error or did not finish its body is
+never reused; at most ``max_per_origin`` connections per origin exist, and
+callers beyond that wait for one to be released.
+
+Flow control: each connection pauses reading from its socket while more
+than ``READ_HIGH_WATER`` bytes of body wait to be consumed, so a slow client
+throttles the upstream instead of making the proxy buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import h11
+
+from .errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+__all__ = ["READ_HIGH_WATER", "Timeouts", "UpstreamPool", "UpstreamResponse", "UpstreamTarget"]
+
+#: Body bytes buffered per upstream connection before reading is paused.
+READ_HIGH_WATER = 256 * 1024
+#: Upper bound of a response head from an upstream (h11's default is 16 KiB).
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream timeouts in seconds (see the module docstring for each phase)."""
+
+    connect: float = 5.0
+    headers: float = 300.0
+    idle: float = 60.0
+    total: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where an attempt goes: origin, path prefix, extra headers, timeouts and TLS.
+
+    ``headers`` are added to the upstream request after the client's
+    credentials were removed: provider credentials go here.
+    """
+
+    name: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str = ""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    verify: bool = True
+    ca_file: str | None = None
+    host_header: bytes = b""
+
+    @classmethod
+    def from_url(cls, name: str, url: str, **kwargs: Any) -> UpstreamTarget:
+        """Build a target from ``http(s)://host[:port][/base/path]``; raises ValueError."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream URL must be http:// or https:// with a host: {url!r}")
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        host_header = parts.hostname if port == default_port else f"{parts.hostname}:{port}"
+        if ":" in parts.hostname and port == default_port:
+            host_header = f"[{parts.hostname}]"
+        return cls(
+            name=name,
+            scheme=parts.scheme,
+            host=parts.hostname,
+            port=port,
+            base_path=parts.path.rstrip("/"),
+            host_header=host_header.encode("ascii"),
+            **kwargs,
+        )
+
+    @property
+    def pool_key(self) -> tuple[str, str, int, bool, str | None]:
+        """Connections are shared between targets with equal keys."""
+        return (self.scheme, self.host, self.port, self.verify, self.ca_file)
+
+    def __repr__(self) -> str:
+        # headers may hold credentials: never show them
+        return f"<UpstreamTarget {self.name} {self.scheme}://{self.host}:{self.port}{self.base_path}>"
+
+
+class _ConnState(enum.Enum):
+    ACTIVE = "active"
+    IDLE = "idle"
+    CLOSED = "closed"
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    """One h11 client connection; owned by its pool, used by one exchange at a time."""
+
+    def __init__(self, pool: _OriginPool) -> None:
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.transport: asyncio.Transport | None = None
+        self.state = _ConnState.ACTIVE
+        self.idle_since = 0.0
+        self.reused = False
+        self._head: h11.Response | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eom = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.state.value} reused={self.reused}>"
+
+    # -- asyncio.Protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._h11.receive_data(data)
+        except h11.RemoteProtocolError as exc:  # receive after close
+            self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
+            return
+        self._pump()
+
+    def eof_received(self) -> bool | None:
+        try:
+            self._h11.receive_data(b"")
+        except h11.RemoteProtocolError:
+            pass
+        self._pump()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = _ConnState.CLOSED
+        if not self._eom and self._error is None:
+            if self._head is None:
+                self._error = UpstreamConnectError("upstream closed the connection before responding")
+            else:
+                self._error = UpstreamProtocolError("upstream closed the connection mid-response")
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        self._pool.forget(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- parsing ---------------------------------------------------------
+    def _pump(self) -> None:
+        conn = self._h11
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            kind = type(event)
+            if kind is h11.Data:
+                chunk = event.data  # type: ignore[union-attr]
+                self._chunks.append(bytes(chunk) if type(chunk) is not bytes else chunk)
+                self._buffered += len(chunk)
+                if self._buffered > READ_HIGH_WATER and not self._reading_paused:
+                    self._reading_paused = True
+                    assert self.transport is not None
+                    self.transport.pause_reading()
+            elif kind is h11.Response:
+                self._head = event  # type: ignore[assignment]
+            elif kind is h11.EndOfMessage:
+                self._eom = True
+                break
+            elif kind is h11.ConnectionClosed:
+                if not self._eom and self._error is None:
+                    self._error = UpstreamProtocolError("upstream closed the connection mid-response")
+                break
+            # InformationalResponse (100 Continue) is ignored.
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        self.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, deadline: float, phase: str) -> None:
+        """Wait for any progress; raise UpstreamTimeout(phase) at ``deadline`` (loop time)."""
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        handle = self._loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+        if waiter.result() is _TIMED_OUT:
+            raise UpstreamTimeout(f"upstream timed out ({phase})", phase=phase)
+
+    # -- used by UpstreamResponse / the pool ---------------------------------
+    async def send_request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        assert self.transport is not None
+        try:
+            pieces = self._h11.send_with_data_passthrough(
+                h11.Request(method=method, target=target, headers=headers)
+            )
+            if body:
+                pieces += self._h11.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[operator]
+            pieces += self._h11.send_with_data_passthrough(h11.EndOfMessage())  # type: ignore[operator]
+        except h11.LocalProtocolError as exc:
+            raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
+        if self.state is _ConnState.CLOSED or self.transport.is_closing():
+            raise UpstreamConnectError("upstream connection closed before the request was sent")
+        self.transport.writelines(pieces)  # type: ignore[arg-type]
+
+    async def read_head(self, deadline: float) -> h11.Response:
+        while self._head is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait(deadline, "headers")
+        return self._head
+
+    async def read_chunk(self, idle: float, deadline: float) -> bytes:
+        """Return the next body chunk, or b"" at the end of the body."""
+        chunks = self._chunks
+        while not chunks:
+            if self._eom:
+                return b""
+            if self._error is not None:
+                raise self._error
+            idle_deadline = self._loop.time() + idle
+            if deadline <= idle_deadline:
+                await self._wait(deadline, "total")
+            else:
+                await self._wait(idle_deadline, "idle")
+        chunk = chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._reading_paused and self._buffered <= READ_HIGH_WATER // 4:
+            self._reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return chunk
+
+    def reusable(self) -> bool:
+        return (
+            self.state is not _ConnState.CLOSED
+            and self._h11.our_state is h11.DONE
+            and self._h11.their_state is h11.DONE
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def reset_for_reuse(self) -> None:
+        self._h11.start_next_cycle()
+        self._head = None
+        self._eom = False
+        self._chunks.clear()
+        self._buffered = 0
+        self.reused = True
+
+    def abort(self) -> None:
+        self.state = _ConnState.CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+
+_TIMED_OUT: Any = object()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
+
+
+class UpstreamResponse:
+    """A response being received. Read the body with :meth:`read`; always
+    finish with :meth:`release` (connection back to the pool when the body was
+    read to the end) or :meth:`close` (connection discarded)."""
+
+    __slots__ = ("_conn", "_deadline", "_done", "_idle", "_pool", "headers", "http_version", "status")
+
+    def __init__(
+        self, pool: _OriginPool, conn: _UpstreamConnection, head: h11.Response, idle: float, deadline: float
+    ) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._idle = idle
+        self._deadline = deadline
+        self._done = False
+        self.status: int = head.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self.http_version = head.http_version
+
+    async def read(self) -> bytes:
+        """The next body chunk; b"" at the end. Raises UpstreamError subclasses."""
+        return await self._conn.read_chunk(self._idle, self._deadline)
+
+    def release(self) -> None:
+        """Return the connection to the pool if reusable, else close it. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        self._pool.release(self._conn)
+
+    def close(self) -> None:
+        """Discard the connection (unfinished body, error, client gone). Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        self._conn.abort()
+        self._pool.release(self._conn)
+
+
+class _OriginPool:
+    """Connections to one origin; the policy is synchronous and does no I/O."""
+
+    def __init__(
+        self,
+        key: tuple[str, str, int, bool, str | None],
+        max_connections: int,
+        keepalive_expiry: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.key = key
+        self.max_connections = max_connections
+        self.keepalive_expiry = keepalive_expiry
+        self.ssl_context = ssl_context
+        self.idle: list[_UpstreamConnection] = []
+        self.active: set[_UpstreamConnection] = set()
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def __repr__(self) -> str:
+        return (
+            f"<OriginPool {self.key[0]}://{self.key[1]}:{self.key[2]} active={len(self.active)}"
+            f" idle={len(self.idle)} waiting={len(self.waiters)}>"
+        )
+
+    def take_idle(self, now: float) -> _UpstreamConnection | None:
+        """Pop the newest usable idle connection, dropping expired or closed ones."""
+        while self.idle:
+            conn = self.idle.pop()
+            if now - conn.idle_since > self.keepalive_expiry or not conn.reusable():
+                conn.abort()
+                continue
+            conn.state = _ConnState.ACTIVE
+            self.active.add(conn)
+            return conn
+        return None
+
+    def has_room(self) -> bool:
+        return len(self.active) + len(self.idle) < self.max_connections
+
+    def release(self, conn: _UpstreamConnection) -> None:
+        self.active.discard(conn)
+        if conn.state is not _ConnState.CLOSED and conn.reusable():
+            conn.reset_for_reuse()
+            conn.state = _ConnState.IDLE
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+        else:
+            conn.abort()
+        self._wake_one()
+
+    def forget(self, conn: _UpstreamConnection) -> None:
+        """Called when the peer closed ``conn``."""
+        if conn in self.active:
+            return  # its user will release it and see the error
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def expire_idle(self, now: float) -> None:
+        keep = []
+        for conn in self.idle:
+            if now - conn.idle_since > self.keepalive_expiry or not conn.reusable():
+                conn.abort()
+            else:
+                keep.append(conn)
+        self.idle = keep
+
+
+class UpstreamPool:
+    """Pools of upstream connections keyed by origin (and TLS settings)."""
+
+    def __init__(self, max_per_origin: int = 256, keepalive_expiry: float = 30.0) -> None:
+        self.max_per_origin = max_per_origin
+        self.keepalive_expiry = keepalive_expiry
+        self._pools: dict[tuple[str, str, int, bool, str | None], _OriginPool] = {}
+        self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+
+    def __repr__(self) -> str:
+        return f"<UpstreamPool {list(self._pools.values())}>"
+
+    def _ssl_context(self, verify: bool, ca_file: str | None) -> ssl.SSLContext:
+        key = (verify, ca_file)
+        ctx = self._ssl_contexts.get(key)
+        if ctx is None:
+            ctx = ssl.create_default_context(cafile=ca_file)
+            if not verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._ssl_contexts[key] = ctx
+        return ctx
+
+    def _origin(self, target: UpstreamTarget) -> _OriginPool:
+        key = target.pool_key
+        pool = self._pools.get(key)
+        if pool is None:
+            ctx = self._ssl_context(target.verify, target.ca_file) if target.scheme == "https" else None
+            pool = _OriginPool(key, self.max_per_origin, self.keepalive_expiry, ctx)
+            self._pools[key] = pool
+        return pool
+
+    async def _connect(self, pool: _OriginPool, target: UpstreamTarget, deadline: float) -> _UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        conn = _UpstreamConnection(pool)
+        pool.active.add(conn)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await loop.create_connection(
+                    lambda: conn,
+                    target.host,
+                    target.port,
+                    ssl=pool.ssl_context,
+                    server_hostname=target.host if pool.ssl_context is not None else None,
+                )
+        except TimeoutError:
+            pool.active.discard(conn)
+            conn.abort()
+            raise UpstreamTimeout(
+                f"connecting to upstream '{target.name}' timed out", phase="connect"
+            ) from None
+        except ssl.SSLError as exc:
+            pool.active.discard(conn)
+            raise UpstreamConnectError(
+                f"TLS handshake with upstream '{target.name}' failed: {exc.reason or exc}"
+            ) from None
+        except OSError as exc:
+            pool.active.discard(conn)
+            reason = exc.strerror or type(exc).__name__
+            raise UpstreamConnectError(f"cannot connect to upstream '{target.name}': {reason}") from None
+        return conn
+
+    async def _acquire(self, target: UpstreamTarget, deadline: float) -> tuple[_OriginPool, _UpstreamConnection]:
+        pool = self._origin(target)
+        loop = asyncio.get_running_loop()
+        while True:
+            conn = pool.take_idle(time.monotonic())
+            if conn is not None:
+                return pool, conn
+            if pool.has_room():
+                return pool, await self._connect(pool, target, deadline)
+            waiter = loop.create_future()
+            pool.waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"no free connection to upstream '{target.name}' in time", phase="connect"
+                ) from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+
+    async def send(
+        self,
+        target: UpstreamTarget,
+        method: bytes,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> UpstreamResponse:
+        """Send one request and wait for the response head.
+
+        A request that fails on a reused keep-alive connection before any
+        response byte (the peer closed it while idle) is sent once more on a
+        fresh connection, as it never reached the upstream's application.
+        """
+        loop = asyncio.get_running_loop()
+        timeouts = target.timeouts
+        now = loop.time()
+        total_deadline = now + timeouts.total
+        for _ in range(2):
+            pool, conn = await self._acquire(target, min(now + timeouts.connect, total_deadline))
+            try:
+                await conn.send_request(method, path, headers, body)
+                head = await conn.read_head(min(loop.time() + timeouts.headers, total_deadline))
+            except UpstreamError as exc:
+                conn.abort()
+                pool.release(conn)
+                if conn.reused and isinstance(exc, UpstreamConnectError):
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                pool.release(conn)
+                raise
+            return UpstreamResponse(pool, conn, head, timeouts.idle, total_deadline)
+        raise UpstreamConnectError(f"upstream '{target.name}' closed the connection")  # pragma: no cover
+
+    def expire_idle(self) -> None:
+        """Close idle connections past their keep-alive expiry (called periodically)."""
+        now = time.monotonic()
+        for pool in self._pools.values():
+            pool.expire_idle(now)
+
+    async def close(self) -> None:
+        """Close every connection."""
+        for pool in self._pools.values():
+            for conn in pool.idle + list(pool.active):
+                conn.abort()
+            pool.idle.clear()
+        self._pools.clear()
