@@ -33,8 +33,10 @@ class AccessLog:
             return
         request = ex.request
         path = request.path.split("?", 1)[0]
-        status = ex.error.status if ex.error is not None and not ex.response_started else (
-            ex.response.status if ex.response is not None else 0
+        status = (
+            ex.error.status
+            if ex.error is not None and not ex.response_started
+            else (ex.response.status if ex.response is not None else 0)
         )
         upstream = ex.upstream.name if ex.upstream is not None else ex.vars.get("upstream", "-")
         error = ex.error.code if ex.error is not None else None

@@ -49,7 +49,9 @@ async def make_store(url: str, file: str = "<config>") -> SharedStore:
     try:
         from .store_redis import RedisStore
     except ImportError as exc:  # pragma: no cover - redis is an optional extra
-        raise ConfigError(file, "store", f"redis support is not installed ({exc}); pip install 'llmproxy[redis]'") from None
+        raise ConfigError(
+            file, "store", f"redis support is not installed ({exc}); pip install 'llmproxy[redis]'"
+        ) from None
     from .store import StoreUnavailable
 
     store = RedisStore(url)
@@ -61,11 +63,13 @@ async def make_store(url: str, file: str = "<config>") -> SharedStore:
     return store
 
 
-def target_from_settings(name: str, settings: UpstreamSettings, mock_ports: dict[str, tuple[str, int]]) -> UpstreamTarget:
+def target_from_settings(
+    name: str, settings: UpstreamSettings, mock_ports: dict[str, tuple[str, int]]
+) -> UpstreamTarget:
     """Build an :class:`UpstreamTarget`, resolving ``mock://NAME`` to a started mock."""
     url = settings.url
     if url.startswith("mock://"):
-        rest = url[len("mock://"):]
+        rest = url[len("mock://") :]
         mock_name, _, path = rest.partition("/")
         host, port = mock_ports[mock_name]
         url = f"http://{host}:{port}/{path}"
@@ -82,7 +86,9 @@ def target_from_settings(name: str, settings: UpstreamSettings, mock_ports: dict
 class Proxy:
     """One worker: the listening server and everything its exchanges share."""
 
-    def __init__(self, config: Config, *, worker_id: int = 0, mock_ports: dict[str, tuple[str, int]] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, worker_id: int = 0, mock_ports: dict[str, tuple[str, int]] | None = None
+    ) -> None:
         self.config = config
         self.worker_id = worker_id
         self.runtime: Runtime | None = None
@@ -182,7 +188,14 @@ class Proxy:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
 
-async def _serve(config: Config, host: str, port: int, worker_id: int, reuse_port: bool, mock_ports: dict[str, tuple[str, int]] | None) -> None:
+async def _serve(
+    config: Config,
+    host: str,
+    port: int,
+    worker_id: int,
+    reuse_port: bool,
+    mock_ports: dict[str, tuple[str, int]] | None,
+) -> None:
     proxy = Proxy(config, worker_id=worker_id, mock_ports=mock_ports)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,7 +207,13 @@ async def _serve(config: Config, host: str, port: int, worker_id: int, reuse_por
         await proxy.shutdown(0)
         raise
     if worker_id == 0:
-        log.info("llmproxy listening on http://%s:%d (%d worker%s)", host, proxy.port, config.server.workers, "s" if config.server.workers > 1 else "")
+        log.info(
+            "llmproxy listening on http://%s:%d (%d worker%s)",
+            host,
+            proxy.port,
+            config.server.workers,
+            "s" if config.server.workers > 1 else "",
+        )
     await stop.wait()
     log.info("shutting down worker %d (grace %.0fs)", worker_id, config.limits.shutdown_grace)
     await proxy.shutdown()
@@ -232,7 +251,11 @@ def _run_mock_process(specs: tuple[MockSpec, ...], ports: dict[str, tuple[str, i
     from .mock_upstream import mock_config_from_dict, start_mock
 
     async def main() -> None:
-        mocks = [await start_mock(host, port, mock_config_from_dict(dict(spec.options))) for spec in specs for host, port in [ports[spec.name]]]
+        mocks = [
+            await start_mock(host, port, mock_config_from_dict(dict(spec.options)))
+            for spec in specs
+            for host, port in [ports[spec.name]]
+        ]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

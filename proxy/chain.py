@@ -50,9 +50,7 @@ def _plan(factories: Sequence[FilterFactory], hook: str, reverse: bool, **where:
             continue
         if any(getattr(cls, attr) != value for attr, value in where.items()):
             continue
-        steps.append(
-            _Step(index, fn, inspect.iscoroutinefunction(fn), factory.fail_open, factory.name)
-        )
+        steps.append(_Step(index, fn, inspect.iscoroutinefunction(fn), factory.fail_open, factory.name))
     if reverse:
         steps.reverse()
     return tuple(steps)
@@ -71,12 +69,8 @@ class Chain:
         self.request_headers_plan = _plan(self.factories, "on_request_headers", False)
         self.request_body_plan = _plan(self.factories, "on_request_body", False)
         self.response_headers_plan = _plan(self.factories, "on_response_headers", True)
-        self.response_body_plan = _plan(
-            self.factories, "on_response_body", True, mutates_response_body=True
-        )
-        self.response_observer_plan = _plan(
-            self.factories, "on_response_body", True, mutates_response_body=False
-        )
+        self.response_body_plan = _plan(self.factories, "on_response_body", True, mutates_response_body=True)
+        self.response_observer_plan = _plan(self.factories, "on_response_body", True, mutates_response_body=False)
         self.complete_plan = _plan(self.factories, "on_exchange_complete", False)
 
     def __repr__(self) -> str:
@@ -188,9 +182,7 @@ class ResponseBodyStage:
             if position == self._paused_at:
                 self._buffer += data
                 if len(self._buffer) > self._cap:
-                    raise UpstreamResponseTooLarge(
-                        f"response held by a filter exceeds {self._cap} bytes"
-                    )
+                    raise UpstreamResponseTooLarge(f"response held by a filter exceeds {self._cap} bytes")
                 data = bytes(self._buffer)
             ex._response_data = None
             try:

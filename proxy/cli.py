@@ -33,8 +33,15 @@ def main() -> None:
 @main.command()
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
 @click.option("--host", default=None, help="Address to listen on (overrides server.host).")
-@click.option("--port", default=None, type=click.IntRange(0, 65535), help="Port to listen on (overrides server.port; 0 picks one).")
-@click.option("--workers", default=None, type=click.IntRange(1, 256), help="Worker processes (overrides server.workers).")
+@click.option(
+    "--port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (overrides server.port; 0 picks one).",
+)
+@click.option(
+    "--workers", default=None, type=click.IntRange(1, 256), help="Worker processes (overrides server.workers)."
+)
 @click.option("--log-level", default=None, type=click.Choice(_LEVELS), help="Log level (overrides server.log_level).")
 def serve(config_path: str, host: str | None, port: int | None, workers: int | None, log_level: str | None) -> None:
     """Run the proxy with the config in FILE until SIGTERM or SIGINT."""

@@ -118,7 +118,9 @@ def _interpolate(value: Any, path: str, file: str, env: Mapping[str, str]) -> An
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(file, path, f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+            raise ConfigError(
+                file, path, f"environment variable {name} is not set (use ${{{name}:-default}} for a default)"
+            )
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
@@ -133,6 +135,16 @@ def _join(path: str, key: str) -> str:
 
 
 # -- typed field readers -------------------------------------------------------
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "a mapping",
+    list: "a list",
+}
+
+
 class _Section:
     """Reads one mapping, remembering which keys were used to refuse the rest."""
 
@@ -149,7 +161,9 @@ class _Section:
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.file, _join(self.path, key), reason)
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any, check: Callable[[Any], str | None] | None = None) -> Any:
+    def get(
+        self, key: str, kind: type | tuple[type, ...], default: Any, check: Callable[[Any], str | None] | None = None
+    ) -> Any:
         self.used.add(key)
         if key not in self.data or self.data[key] is None:
             return default
@@ -157,7 +171,7 @@ class _Section:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) and kind is not bool and (kind is int or kind is float):
-            raise self.error(key, f"must be a {kind.__name__}, not a boolean")
+            raise self.error(key, f"must be {_KIND_NAMES[kind]}, not a boolean")
         if not isinstance(value, kind):
             # Values from ${VAR} arrive as strings: accept them for numbers and booleans.
             value = self._coerce(key, value, kind)
@@ -168,7 +182,8 @@ class _Section:
         return value
 
     def _coerce(self, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
         if isinstance(value, str):
             text = value.strip()
             try:
@@ -180,7 +195,7 @@ class _Section:
                     return text.lower() in ("true", "yes", "1")
             except ValueError:
                 pass
-        raise self.error(key, f"must be a {names}, not {type(value).__name__} {value!r}")
+        raise self.error(key, f"must be {names}, not {type(value).__name__} {value!r}")
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.used)
@@ -282,8 +297,14 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
     pool_sec.finish()
 
     store = top.get(
-        "store", str, "memory",
-        lambda v: None if v == "memory" or v.startswith(("redis://", "rediss://", "unix://")) else "must be 'memory' or a redis:// URL",
+        "store",
+        str,
+        "memory",
+        lambda v: (
+            None
+            if v == "memory" or v.startswith(("redis://", "rediss://", "unix://"))
+            else "must be 'memory' or a redis:// URL"
+        ),
     )
 
     mocks: list[MockSpec] = []
@@ -323,7 +344,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
 
     top.finish()
     if upstream is not None and upstream.url.startswith("mock://"):
-        mock_name = upstream.url[len("mock://"):].split("/", 1)[0]
+        mock_name = upstream.url[len("mock://") :].split("/", 1)[0]
         if not any(m.name == mock_name for m in mocks):
             raise ConfigError(file, "upstream.url", f"no mock_upstreams entry named {mock_name!r}")
     return Config(

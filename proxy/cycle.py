@@ -65,7 +65,7 @@ DEFAULT_ROUTES: dict[str, frozenset[str]] = {
     "/v1/responses": frozenset({"POST"}),
     "/v1/messages": frozenset({"POST"}),
     "/v1/messages/count_tokens": frozenset({"POST"}),
-    "/v1/models": frozenset({"GET"}),
+    "/v1/models": frozenset({"GET", "HEAD"}),
 }
 
 # Request headers never forwarded: hop-by-hop ones, the ones the proxy
@@ -212,7 +212,9 @@ def _check_route(rt: Runtime, ex: Exchange) -> None:
     if methods is None:
         raise NotFound(f"unknown path: {path}", code="unknown_url")
     if ex.request.method not in methods:
-        raise MethodNotAllowed(f"{ex.request.method} is not allowed on {path}", headers=[("allow", ", ".join(sorted(methods)))])
+        raise MethodNotAllowed(
+            f"{ex.request.method} is not allowed on {path}", headers=[("allow", ", ".join(sorted(methods)))]
+        )
 
 
 def _send_local(conn: HttpConnection, ex: Exchange, reply: LocalReply) -> None:
@@ -251,11 +253,15 @@ async def _forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
         if target is None:
             raise NotFound("no upstream is configured for this request", code="no_upstream")
         body = ex.final_request_body()
-        path = (target.base_path + request.path).encode("latin-1") if target.base_path else request.path.encode("latin-1")
+        path = (
+            (target.base_path + request.path).encode("latin-1") if target.base_path else request.path.encode("latin-1")
+        )
         resp: UpstreamResponse | None = None
         ex.upstream_error = None
         try:
-            resp = await rt.pool.send(target, request.method.encode("ascii"), path, _upstream_headers(ex, target, body), body)
+            resp = await rt.pool.send(
+                target, request.method.encode("ascii"), path, _upstream_headers(ex, target, body), body
+            )
             ex.response = Response(resp.status, _response_headers(ex, resp.headers))
         except UpstreamError as err:
             ex.upstream_error = err
@@ -284,7 +290,11 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
     ctype = response.headers.get_raw(b"content-type")
     is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
     ex.is_sse = is_sse
-    stage = ResponseBodyStage(chain.response_body_plan, rt.limits.max_response_buffer_bytes) if chain.response_body_plan else None
+    stage = (
+        ResponseBodyStage(chain.response_body_plan, rt.limits.max_response_buffer_bytes)
+        if chain.response_body_plan
+        else None
+    )
     observers = bool(chain.response_observer_plan)
     framer = SseFramer() if is_sse and (stage is not None or observers) else None
     pending_error = ex.upstream_error

@@ -23,6 +23,7 @@ __all__ = [
     "FilterFailed",
     "HeaderTimeout",
     "HeadersTooLarge",
+    "HttpVersionNotSupported",
     "InvalidJSON",
     "MethodNotAllowed",
     "NotFound",
@@ -230,3 +231,11 @@ class MethodNotAllowed(ProxyError):
     status = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class HttpVersionNotSupported(ProxyError):
+    """505: the request is not HTTP/1.x (an HTTP/2 preface, for example)."""
+
+    status = 505
+    error_type = "invalid_request_error"
+    default_code = "http_version_not_supported"

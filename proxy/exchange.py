@@ -27,9 +27,7 @@ class Request:
 
     __slots__ = ("body", "headers", "http_version", "method", "path")
 
-    def __init__(
-        self, method: str, path: str, headers: Headers, body: bytes = b"", http_version: str = "1.1"
-    ) -> None:
+    def __init__(self, method: str, path: str, headers: Headers, body: bytes = b"", http_version: str = "1.1") -> None:
         self.method = method
         #: The request target: path plus query string, as sent upstream.
         self.path = path

@@ -41,6 +41,7 @@ A hook can:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -94,9 +95,7 @@ class Filter:
         """
         return Action.CONTINUE
 
-    def on_request_body(
-        self, exchange: Exchange, body: bytes, end_of_stream: bool
-    ) -> Action | Awaitable[Action]:
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         """Called with the whole request body (``end_of_stream`` is True).
 
         Request bodies are buffered whole by the core (bounded by
@@ -120,9 +119,7 @@ class Filter:
         """
         return Action.CONTINUE
 
-    def on_response_body(
-        self, exchange: Exchange, data: bytes, end_of_stream: bool
-    ) -> Action | Awaitable[Action]:
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         """Called for each response chunk; for ``text/event-stream`` responses
         once per whole SSE event (raw bytes, terminator included).
 
@@ -182,10 +179,8 @@ class FactoryContext:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._tasks.clear()
 
 

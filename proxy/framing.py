@@ -75,8 +75,8 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
     fields = lines[1:-2]
     if len(fields) > max_count:
         raise HeadersTooLarge(f"more than {max_count} header fields")
-    content_length: bytes | None = None
-    transfer_encoding: list[bytes] = []
+    content_length: bytes | bytearray | None = None
+    transfer_encoding: list[bytes | bytearray] = []
     expect_continue = False
     for line in fields:
         if not line or line[0] in (0x20, 0x09):
@@ -101,15 +101,11 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
     chunked = False
     if transfer_encoding:
         if content_length is not None:
-            raise BadRequest(
-                "both Content-Length and Transfer-Encoding in request", code="invalid_framing"
-            )
+            raise BadRequest("both Content-Length and Transfer-Encoding in request", code="invalid_framing")
         if transfer_encoding != [b"chunked"]:
             raise BadRequest(
                 "unsupported Transfer-Encoding (only a single 'chunked' is accepted)",
                 code="invalid_framing",
             )
         chunked = True
-    return HeadInfo(
-        int(content_length) if content_length is not None else None, chunked, expect_continue
-    )
+    return HeadInfo(int(content_length) if content_length is not None else None, chunked, expect_continue)

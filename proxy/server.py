@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from .errors import BadRequest, BodyTooLarge, HeaderTimeout, ProxyError, ServiceUnavailable, render_error
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeaderTimeout,
+    HttpVersionNotSupported,
+    ProxyError,
+    ServiceUnavailable,
+    render_error,
+)
 from .exchange import Exchange, Request
 from .framing import check_head, find_head_end
 from .headers import Headers
@@ -120,7 +128,9 @@ class HttpConnection(asyncio.Protocol):
         connections = self._rt.connections
         connections.add(self)
         if len(connections) > self._limits.max_connections or self._rt.draining:
-            self._reject(ServiceUnavailable("too many connections" if not self._rt.draining else "server is shutting down"))
+            self._reject(
+                ServiceUnavailable("too many connections" if not self._rt.draining else "server is shutting down")
+            )
             return
         self._timer = self._loop.call_later(self._limits.header_timeout, self._on_head_timeout)
 
@@ -216,6 +226,9 @@ class HttpConnection(asyncio.Protocol):
             return
         buf.clear()
         self._cancel_timer()
+        if event.http_version not in (b"1.1", b"1.0"):
+            self._reject(HttpVersionNotSupported(f"HTTP/{event.http_version.decode()} is not supported; use HTTP/1.1"))
+            return
         self._h11 = conn
         method = event.method
         self._head_request = method == b"HEAD"
@@ -231,7 +244,11 @@ class HttpConnection(asyncio.Protocol):
             return
         headers = Headers(event.headers)
         request_id = headers.get_raw(b"x-request-id")
-        rid = request_id.decode("ascii") if request_id is not None and _valid_request_id(request_id) else REQUEST_IDS.next()
+        rid = (
+            request_id.decode("ascii")
+            if request_id is not None and _valid_request_id(request_id)
+            else REQUEST_IDS.next()
+        )
         ex = Exchange(
             rid,
             Request(method.decode("ascii"), target.decode("latin-1"), headers, b"", event.http_version.decode("ascii")),
@@ -373,7 +390,9 @@ class HttpConnection(asyncio.Protocol):
 
     # -- replies the connection makes itself ---------------------------------------
     def _healthz(self) -> None:
-        self.start_response(200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_HEALTHZ_BODY))])
+        self.start_response(
+            200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_HEALTHZ_BODY))]
+        )
         self.write(_HEALTHZ_BODY)
         self.end_response()
         self.exchange_finished()
@@ -418,4 +437,5 @@ _REASONS = {
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
 }

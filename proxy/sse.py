@@ -40,10 +40,9 @@ class SseFramer:
         if not self._crlf and b"\r" in data:
             self._crlf = True
         buf = self._buf
-        if not buf and not self._crlf:
-            # Fast path: most chunks hold whole events ending in \n\n.
-            if data.endswith(b"\n\n") and data.count(b"\n\n") == 1:
-                return [data]
+        # Fast path: most chunks hold exactly one whole event ending in \n\n.
+        if not buf and not self._crlf and data.endswith(b"\n\n") and data.count(b"\n\n") == 1:
+            return [data]
         buf += data
         events: list[bytes] = []
         start = 0

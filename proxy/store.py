@@ -43,9 +43,7 @@ class SharedStore(ABC):
         """Return ``(value, version)``; ``(None, 0)`` when the key is absent or expired."""
 
     @abstractmethod
-    async def set(
-        self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None
-    ) -> bool:
+    async def set(self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None) -> bool:
         """Write ``value``; return False (and write nothing) on a CAS mismatch."""
 
     @abstractmethod
@@ -97,9 +95,7 @@ class MemoryStore(SharedStore):
             return None, 0
         return entry[0], entry[1]
 
-    async def set(
-        self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None
-    ) -> bool:
+    async def set(self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None) -> bool:
         entry = self._live(key)
         if cas is not None and (entry[1] if entry else 0) != cas:
             return False

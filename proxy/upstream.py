@@ -156,10 +156,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool | None:
-        try:
+        with contextlib.suppress(h11.RemoteProtocolError):
             self._h11.receive_data(b"")
-        except h11.RemoteProtocolError:
-            pass
         self._pump()
         return None
 
@@ -240,14 +238,10 @@ class _UpstreamConnection(asyncio.Protocol):
             raise UpstreamTimeout(f"upstream timed out ({phase})", phase=phase)
 
     # -- used by UpstreamResponse / the pool ---------------------------------
-    async def send_request(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
+    async def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         assert self.transport is not None
         try:
-            pieces = self._h11.send_with_data_passthrough(
-                h11.Request(method=method, target=target, headers=headers)
-            )
+            pieces = self._h11.send_with_data_passthrough(h11.Request(method=method, target=target, headers=headers))
             if body:
                 pieces += self._h11.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[operator]
             pieces += self._h11.send_with_data_passthrough(h11.EndOfMessage())  # type: ignore[operator]
@@ -255,7 +249,7 @@ class _UpstreamConnection(asyncio.Protocol):
             raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
         if self.state is _ConnState.CLOSED or self.transport.is_closing():
             raise UpstreamConnectError("upstream connection closed before the request was sent")
-        self.transport.writelines(pieces)  # type: ignore[arg-type]
+        self.transport.writelines(pieces)
 
     async def read_head(self, deadline: float) -> h11.Response:
         while self._head is None:
@@ -479,9 +473,7 @@ class UpstreamPool:
         except TimeoutError:
             pool.active.discard(conn)
             conn.abort()
-            raise UpstreamTimeout(
-                f"connecting to upstream '{target.name}' timed out", phase="connect"
-            ) from None
+            raise UpstreamTimeout(f"connecting to upstream '{target.name}' timed out", phase="connect") from None
         except ssl.SSLError as exc:
             pool.active.discard(conn)
             raise UpstreamConnectError(

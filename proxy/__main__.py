@@ -1,0 +1,5 @@
+"""python -m proxy: the llmproxy command line."""
+
+from .cli import main
+
+main()
