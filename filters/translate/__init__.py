@@ -1,0 +1,54 @@
+"""Pure protocol translation between OpenAI Chat Completions and Anthropic Messages.
+
+Nothing here does I/O or knows about the proxy: plain functions over JSON
+objects and two small stateful stream translators over SSE event payloads.
+
+================================  ==========================================
+client speaks OpenAI,             :func:`chat_request_to_messages`,
+provider is Anthropic             :func:`messages_response_to_chat`,
+                                  :class:`MessagesStreamToChatStream`,
+                                  :func:`anthropic_error_to_openai`
+client speaks Anthropic,          :func:`messages_request_to_chat`,
+provider is OpenAI-compatible     :func:`chat_response_to_messages`,
+                                  :class:`ChatStreamToMessagesStream`,
+                                  :func:`openai_error_to_anthropic`
+================================  ==========================================
+
+A stream translator lives exactly one response: ``feed(event, data)`` takes
+one upstream SSE event (name or None, and the joined ``data:`` bytes) and
+returns the framed client bytes for it; ``finish()`` returns what must still
+be sent when the upstream body ends. Malformed input raises
+:class:`TranslationError`, which carries the offending ``param``.
+"""
+
+from .chat_to_messages import (
+    MessagesStreamToChatStream,
+    chat_request_to_messages,
+    messages_response_to_chat,
+)
+from .errors import (
+    TranslationError,
+    anthropic_envelope_from_openai,
+    anthropic_error_to_openai,
+    openai_envelope_from_anthropic,
+    openai_error_to_anthropic,
+)
+from .messages_to_chat import (
+    ChatStreamToMessagesStream,
+    chat_response_to_messages,
+    messages_request_to_chat,
+)
+
+__all__ = [
+    "ChatStreamToMessagesStream",
+    "MessagesStreamToChatStream",
+    "TranslationError",
+    "anthropic_envelope_from_openai",
+    "anthropic_error_to_openai",
+    "chat_request_to_messages",
+    "chat_response_to_messages",
+    "messages_request_to_chat",
+    "messages_response_to_chat",
+    "openai_envelope_from_anthropic",
+    "openai_error_to_anthropic",
+]
