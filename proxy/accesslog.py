@@ -32,7 +32,7 @@ class AccessLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         request = ex.request
-        path = request.path.split("?", 1)[0]
+        path = ex.client_path.split("?", 1)[0]
         status = (
             ex.error.status
             if ex.error is not None and not ex.response_started

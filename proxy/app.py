@@ -29,15 +29,15 @@ from typing import Any
 import uvloop
 
 from .accesslog import AccessLog
-from .config import Config, ConfigError, MockSpec, UpstreamSettings
+from .config import Config, ConfigError, MockSpec
 from .cycle import Runtime
 from .filter import FactoryContext
 from .plugins import build_chain
 from .server import HttpConnection
 from .store import MemoryStore, SharedStore
-from .upstream import UpstreamPool, UpstreamTarget
+from .upstream import UpstreamPool
 
-__all__ = ["Proxy", "check_config", "make_store", "run", "target_from_settings"]
+__all__ = ["Proxy", "check_config", "make_store", "run"]
 
 log = logging.getLogger("llmproxy")
 
@@ -61,26 +61,6 @@ async def make_store(url: str, file: str = "<config>") -> SharedStore:
         await store.close()
         raise ConfigError(file, "store", str(exc)) from None
     return store
-
-
-def target_from_settings(
-    name: str, settings: UpstreamSettings, mock_ports: dict[str, tuple[str, int]]
-) -> UpstreamTarget:
-    """Build an :class:`UpstreamTarget`, resolving ``mock://NAME`` to a started mock."""
-    url = settings.url
-    if url.startswith("mock://"):
-        rest = url[len("mock://") :]
-        mock_name, _, path = rest.partition("/")
-        host, port = mock_ports[mock_name]
-        url = f"http://{host}:{port}/{path}"
-    return UpstreamTarget.from_url(
-        name,
-        url,
-        headers=tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in settings.headers),
-        timeouts=settings.timeouts,
-        verify=settings.verify,
-        ca_file=settings.ca_file,
-    )
 
 
 class Proxy:
@@ -108,7 +88,7 @@ class Proxy:
             await self._start_mocks(cfg.mock_upstreams)
         self.context = FactoryContext(self.store, self.worker_id, self.mock_ports)
         chain = build_chain(cfg.filters, self.context, cfg.file)
-        default_upstream = target_from_settings("default", cfg.upstream, self.mock_ports) if cfg.upstream else None
+        default_upstream = cfg.upstream.target("default", self.mock_ports) if cfg.upstream else None
         self.runtime = Runtime(
             chain=chain,
             pool=UpstreamPool(cfg.pool.max_per_origin, cfg.pool.keepalive_expiry),
@@ -231,7 +211,7 @@ async def check_config(config: Config) -> list[str]:
         chain = build_chain(config.filters, context, config.file)
         if config.upstream is not None:
             try:
-                target_from_settings("default", config.upstream, fake_ports)
+                config.upstream.target("default", fake_ports)
             except ValueError as exc:
                 raise ConfigError(config.file, "upstream.url", str(exc)) from None
         for factory in chain.factories:

@@ -24,17 +24,19 @@ from typing import Any
 import yaml
 
 from .limits import Limits
-from .upstream import Timeouts
+from .upstream import Timeouts, UpstreamTarget
 
 __all__ = [
     "Config",
     "ConfigError",
     "FilterSpec",
     "MockSpec",
+    "Section",
     "ServerSettings",
     "UpstreamSettings",
     "load_config",
     "parse_config",
+    "read_upstream",
 ]
 
 
@@ -66,6 +68,24 @@ class UpstreamSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     verify: bool = True
     ca_file: str | None = None
+
+    def target(self, name: str, mock_ports: Mapping[str, tuple[str, int]]) -> UpstreamTarget:
+        """Build an :class:`UpstreamTarget`, resolving ``mock://NAME`` to a started mock."""
+        url = self.url
+        if url.startswith("mock://"):
+            mock_name, _, path = url[len("mock://") :].partition("/")
+            if mock_name not in mock_ports:
+                raise ValueError(f"no mock_upstreams entry named {mock_name!r}")
+            host, port = mock_ports[mock_name]
+            url = f"http://{host}:{port}/{path}"
+        return UpstreamTarget.from_url(
+            name,
+            url,
+            headers=tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers),
+            timeouts=self.timeouts,
+            verify=self.verify,
+            ca_file=self.ca_file,
+        )
 
 
 @dataclass(frozen=True)
@@ -145,8 +165,12 @@ _KIND_NAMES = {
 }
 
 
-class _Section:
-    """Reads one mapping, remembering which keys were used to refuse the rest."""
+class Section:
+    """Reads one mapping, remembering which keys were used to refuse the rest.
+
+    Public so that filters can validate their own config sections with the
+    same rules and messages (``ConfigError`` carries ``path`` and ``reason``).
+    """
 
     def __init__(self, data: Any, path: str, file: str) -> None:
         if data is None:
@@ -219,7 +243,7 @@ def _one_of(*allowed: str) -> Callable[[Any], str | None]:
 
 
 def _read_timeouts(data: Any, path: str, file: str) -> Timeouts:
-    sec = _Section(data, path, file)
+    sec = Section(data, path, file)
     defaults = Timeouts()
     values = {f.name: sec.get(f.name, float, getattr(defaults, f.name), _positive) for f in fields(Timeouts)}
     sec.finish()
@@ -243,7 +267,7 @@ def _read_headers(data: Any, path: str, file: str) -> tuple[tuple[str, str], ...
 
 def read_upstream(data: Any, path: str, file: str) -> UpstreamSettings:
     """Parse an upstream mapping ``{url, headers, timeouts, tls: {verify, ca_file}}``."""
-    sec = _Section(data, path, file)
+    sec = Section(data, path, file)
     url = sec.get("url", str, None)
     if not url:
         raise sec.error("url", "is required")
@@ -251,7 +275,7 @@ def read_upstream(data: Any, path: str, file: str) -> UpstreamSettings:
         raise sec.error("url", f"must be http://, https:// or mock://NAME, not {url!r}")
     headers = _read_headers(sec.get("headers", dict, None), _join(path, "headers"), file)
     timeouts = _read_timeouts(sec.get("timeouts", dict, None), _join(path, "timeouts"), file)
-    tls = _Section(sec.get("tls", dict, None), _join(path, "tls"), file)
+    tls = Section(sec.get("tls", dict, None), _join(path, "tls"), file)
     verify = tls.get("verify", bool, True)
     ca_file = tls.get("ca_file", str, None)
     tls.finish()
@@ -264,9 +288,9 @@ def read_upstream(data: Any, path: str, file: str) -> UpstreamSettings:
 def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-loaded YAML document into a :class:`Config`."""
     data = _interpolate(raw if raw is not None else {}, "", file, os.environ if env is None else env)
-    top = _Section(data, "", file)
+    top = Section(data, "", file)
 
-    server_sec = _Section(top.get("server", dict, None), "server", file)
+    server_sec = Section(top.get("server", dict, None), "server", file)
     server = ServerSettings(
         host=server_sec.get("host", str, "127.0.0.1"),
         port=server_sec.get("port", int, 8080, _port),
@@ -277,7 +301,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
     )
     server_sec.finish()
 
-    limits_sec = _Section(top.get("limits", dict, None), "limits", file)
+    limits_sec = Section(top.get("limits", dict, None), "limits", file)
     defaults = Limits()
     limit_values: dict[str, Any] = {}
     for f in fields(Limits):
@@ -289,7 +313,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
     upstream_raw = top.get("upstream", dict, None)
     upstream = read_upstream(upstream_raw, "upstream", file) if upstream_raw is not None else None
 
-    pool_sec = _Section(top.get("pool", dict, None), "pool", file)
+    pool_sec = Section(top.get("pool", dict, None), "pool", file)
     pool = PoolSettings(
         max_per_origin=pool_sec.get("max_per_origin", int, 256, _positive),
         keepalive_expiry=pool_sec.get("keepalive_expiry", float, 30.0, _positive),
@@ -334,7 +358,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
     filters: list[FilterSpec] = []
     for i, item in enumerate(top.get("filters", list, [])):
         path = f"filters[{i}]"
-        sec = _Section(item, path, file)
+        sec = Section(item, path, file)
         name = sec.get("name", str, None)
         if not name:
             raise sec.error("name", "is required (the filter's entry-point name; see `llmproxy filters`)")

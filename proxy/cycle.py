@@ -266,6 +266,8 @@ async def _forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
         except UpstreamError as err:
             ex.upstream_error = err
             ex.response = Response(err.status, Headers([_JSON, *((k.encode(), v.encode()) for k, v in err.headers)]))
+        ctype = ex.response.headers.get_raw(b"content-type")
+        ex.is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
         try:
             hold = await chain.response_headers(ex) if chain.response_headers_plan else False
             if ex._local_reply is not None:

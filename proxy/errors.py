@@ -26,6 +26,7 @@ __all__ = [
     "HttpVersionNotSupported",
     "InvalidJSON",
     "MethodNotAllowed",
+    "ModelNotFound",
     "NotFound",
     "ProxyError",
     "RateLimited",
@@ -239,3 +240,9 @@ class HttpVersionNotSupported(ProxyError):
     status = 505
     error_type = "invalid_request_error"
     default_code = "http_version_not_supported"
+
+
+class ModelNotFound(NotFound):
+    """404: no provider serves the requested model."""
+
+    default_code = "model_not_found"

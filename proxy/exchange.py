@@ -84,6 +84,7 @@ class Exchange:
         "bytes_received",
         "bytes_sent",
         "client_addr",
+        "client_path",
         "error",
         "filters",
         "id",
@@ -100,6 +101,8 @@ class Exchange:
     def __init__(self, request_id: str, request: Request, client_addr: str) -> None:
         self.id = request_id
         self.request = request
+        #: The path the client asked for (``request.path`` may be rewritten by filters).
+        self.client_path = request.path
         self.client_addr = client_addr
         self.started_at = time.perf_counter()
         self.response: Response | None = None

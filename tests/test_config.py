@@ -11,8 +11,8 @@ from proxy.config import ConfigError, load_config, parse_config
 
 def test_quickstart_config_is_valid() -> None:
     cfg = load_config(Path(__file__).parent.parent / "conf" / "quickstart.yaml")
-    assert cfg.upstream is not None and cfg.upstream.url == "mock://quickstart"
     assert cfg.mock_upstreams[0].name == "quickstart"
+    assert [f.name for f in cfg.filters] == ["routing", "headers"]
 
 
 def test_interpolation() -> None:

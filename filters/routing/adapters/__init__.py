@@ -1,0 +1,6 @@
+"""Provider adapters, chosen from a registry by ``type:`` in the config."""
+
+from . import anthropic, azure, openai  # noqa: F401  (registration side effect)
+from .base import ADAPTERS, API, Adapter, Protocol, register
+
+__all__ = ["ADAPTERS", "API", "Adapter", "Protocol", "register"]

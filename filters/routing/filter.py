@@ -1,0 +1,331 @@
+"""The ``routing`` filter: pick provider, model and key; rewrite; translate.
+
+Per exchange, on the request side:
+
+1. ``on_request_headers``: classify the API by path; answer ``GET /v1/models``
+   locally; read (and strip) the ``x-llmproxy-provider`` hint.
+2. ``on_request_body``: validate ``model`` (and ``messages``), ask the table
+   for candidates in weighted order, and :meth:`RoutingFilter.apply` the
+   first: upstream target (with the key's credential), path, model name,
+   protocol translation. The candidates stay on ``exchange.vars["routing"]``
+   (this filter) so that a failover filter can apply another one and retry.
+
+On the response side the filter works in one of a few modes, chosen in
+``on_response_headers`` from the client's and the provider's protocols:
+
+* pass-through (same protocol): nothing to do, except for OpenAI streams
+  where ``stream_options.include_usage`` was injected: the usage-only chunk
+  is recorded and dropped when the client did not ask for it;
+* stream translation: each whole SSE event goes through a translator;
+* JSON translation: the body is held (PAUSE) and translated at its end;
+  errors likewise become the client's error envelope.
+
+Usage reported by the provider is left on ``exchange.vars["usage"]`` as
+``{"prompt_tokens", "completion_tokens"}`` when it is seen.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from filters.translate import (
+    ChatStreamToMessagesStream,
+    MessagesStreamToChatStream,
+    TranslationError,
+    anthropic_error_to_openai,
+    chat_request_to_messages,
+    chat_response_to_messages,
+    messages_request_to_chat,
+    messages_response_to_chat,
+    openai_error_to_anthropic,
+)
+from proxy import Action, BadRequest, Exchange, FactoryContext, Filter, FilterFactory, ServiceUnavailable
+from proxy.errors import ModelNotFound, UpstreamProtocolError
+from proxy.sse import parse_event
+
+from .table import NoProvider, RoutingTable, Target, build_table
+
+__all__ = ["HINT_HEADER", "RoutingFactory", "RoutingFilter"]
+
+HINT_HEADER = "x-llmproxy-provider"
+
+#: Path -> (api, protocol the client speaks).
+_APIS: dict[str, tuple[str, str]] = {
+    "/v1/chat/completions": ("chat", "openai"),
+    "/v1/completions": ("completions", "openai"),
+    "/v1/embeddings": ("embeddings", "openai"),
+    "/v1/responses": ("responses", "openai"),
+    "/v1/messages": ("messages", "anthropic"),
+    "/v1/messages/count_tokens": ("count_tokens", "anthropic"),
+}
+
+
+#: The provider-side API when the client's is reached by translation.
+_TRANSLATED_API = {"chat": "messages", "messages": "chat"}
+
+
+class _Mode(enum.Enum):
+    PASS = "pass"
+    STRIP_USAGE = "strip_usage"
+    STREAM = "stream"
+    JSON = "json"
+    ERROR = "error"
+
+
+_USAGE_ONLY = b'"choices":[]'
+
+
+class RoutingFilter(Filter):
+    """Per-exchange routing state (also the failover filter's handle on routing)."""
+
+    factory: RoutingFactory
+
+    __slots__ = (
+        "_body",
+        "_include_usage_asked",
+        "_mode",
+        "_stream",
+        "_translator",
+        "api",
+        "attempted",
+        "candidates",
+        "client_protocol",
+        "current",
+        "hint",
+        "key_index",
+    )
+
+    def __init__(self, factory: FilterFactory) -> None:
+        super().__init__(factory)
+        self.api = ""
+        self.client_protocol = "openai"
+        self.hint: str | None = None
+        #: Targets able to serve the request, in preference order.
+        self.candidates: list[Target] = []
+        #: The target and key index of the current attempt.
+        self.current: Target | None = None
+        self.key_index = 0
+        #: (provider name, key index) pairs tried so far.
+        self.attempted: list[tuple[str, int]] = []
+        self._body: dict[str, Any] = {}
+        self._stream = False
+        self._include_usage_asked = False
+        self._mode = _Mode.PASS
+        self._translator: MessagesStreamToChatStream | ChatStreamToMessagesStream | None = None
+
+    # -- request ------------------------------------------------------------------
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        request = exchange.request
+        path = request.path.split("?", 1)[0]
+        if path == "/v1/models":
+            self._models_reply(exchange)
+            return Action.CONTINUE
+        api = _APIS.get(path)
+        if api is None:
+            return Action.CONTINUE
+        self.api, self.client_protocol = api
+        hint = request.headers.get(HINT_HEADER)
+        if hint is not None:
+            request.headers.remove(HINT_HEADER)
+            hint = hint.strip()
+            if hint not in self.factory.table.providers:
+                raise BadRequest(
+                    f"unknown provider '{hint}' in {HINT_HEADER}", param=HINT_HEADER, code="unknown_provider"
+                )
+            self.hint = hint
+        return Action.CONTINUE
+
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+        if not self.api:
+            return Action.CONTINUE
+        payload = exchange.request_json()
+        if not isinstance(payload, dict):
+            raise BadRequest("request body must be a JSON object", code="invalid_request")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("you must provide a model parameter", param="model", code="missing_model")
+        if self.api in ("chat", "messages") and not isinstance(payload.get("messages"), list):
+            raise BadRequest("'messages' is required and must be a list", param="messages", code="missing_messages")
+        try:
+            self.candidates = self.factory.table.candidates(model, self.api, self.hint)
+        except NoProvider as exc:
+            if exc.reason == "no_key":
+                names = ", ".join(f"'{n}'" for n in exc.providers)
+                raise ServiceUnavailable(
+                    f"model '{model}' is served only by provider {names}, which has no API key configured",
+                    code="provider_key_missing",
+                ) from None
+            if self.hint is not None:
+                raise BadRequest(
+                    f"provider '{self.hint}' does not serve model '{model}' for this API",
+                    param=HINT_HEADER,
+                    code="provider_not_allowed",
+                ) from None
+            raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model") from None
+        self._body = payload
+        self._stream = payload.get("stream") is True
+        options = payload.get("stream_options")
+        self._include_usage_asked = isinstance(options, dict) and options.get("include_usage") is True
+        target = self.candidates[0]
+        self.apply(exchange, target, target.provider.next_key_index())
+        return Action.CONTINUE
+
+    def apply(self, exchange: Exchange, target: Target, key_index: int) -> None:
+        """Point the exchange at ``target`` with its ``key_index``-th key.
+
+        Rewrites the upstream, path, provider headers and body (translating
+        it when the protocols differ); safe to call again for a retry.
+        """
+        provider = target.provider
+        adapter = provider.adapter
+        self.current = target
+        self.key_index = key_index
+        self.attempted.append((provider.name, key_index))
+        request = exchange.request
+        headers = request.headers
+        exchange.upstream = provider.targets[key_index]
+        query = request.path.partition("?")[2]
+        provider_api = self.api if self.api in adapter.native_apis else _TRANSLATED_API[self.api]
+        request.path = adapter.path(provider_api, target.model, "?" + query if query else "")
+        if adapter.protocol == "anthropic":
+            for name, value in adapter.static_headers():
+                if headers.get_raw(name) is None:
+                    headers.set_raw(name, value)
+            _drop_prefixed(headers.raw(), b"openai-")
+        else:
+            _drop_prefixed(headers.raw(), b"anthropic-")
+        body = self._body
+        try:
+            if self.client_protocol == adapter.protocol:
+                out = dict(body)
+                out["model"] = target.model
+                if self._stream and self.api == "chat":
+                    out["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            elif self.client_protocol == "openai":
+                out = chat_request_to_messages(
+                    body, model=target.model, default_max_tokens=getattr(adapter, "default_max_tokens", 4096)
+                )
+            else:
+                out = messages_request_to_chat(body, model=target.model)
+        except TranslationError as exc:
+            raise BadRequest(str(exc), param=exc.param, code="invalid_request") from None
+        exchange.set_request_json(out)
+        exchange.vars["provider"] = provider.name
+        exchange.vars["provider_model"] = target.model
+        exchange.vars["key_id"] = provider.key_ids[key_index]
+
+    # -- response -------------------------------------------------------------------
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        self._mode = _Mode.PASS
+        self._translator = None
+        target = self.current
+        if target is None or exchange.response is None:
+            return Action.CONTINUE
+        provider_protocol = target.provider.protocol
+        translating = provider_protocol != self.client_protocol
+        if exchange.response.status >= 400 or exchange.upstream_error is not None:
+            # provider errors speak the provider's protocol, synthesized ones OpenAI's
+            source = "openai" if exchange.upstream_error is not None else provider_protocol
+            if source != self.client_protocol:
+                self._mode = _Mode.ERROR
+                exchange.response.headers.set("content-type", "application/json")
+                return Action.PAUSE
+            return Action.CONTINUE
+        if exchange.is_sse:
+            if translating:
+                self._mode = _Mode.STREAM
+                if self.client_protocol == "openai":
+                    self._translator = MessagesStreamToChatStream(
+                        model=target.model, include_usage=self._include_usage_asked
+                    )
+                else:
+                    self._translator = ChatStreamToMessagesStream(model=target.model)
+            elif self.api == "chat" and self._stream:
+                self._mode = _Mode.STRIP_USAGE
+            return Action.CONTINUE
+        if translating:
+            self._mode = _Mode.JSON
+            return Action.PAUSE
+        return Action.CONTINUE
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        mode = self._mode
+        if mode is _Mode.PASS:
+            return Action.CONTINUE
+        if mode is _Mode.STRIP_USAGE:
+            if _USAGE_ONLY in data and b'"usage"' in data:
+                self._note_usage(exchange, data)
+                if not self._include_usage_asked:
+                    exchange.set_response_data(b"")
+            return Action.CONTINUE
+        if mode is _Mode.STREAM:
+            translator = self._translator
+            assert translator is not None
+            if end_of_stream:
+                exchange.set_response_data(translator.finish())
+                return Action.CONTINUE
+            event = parse_event(data)
+            try:
+                exchange.set_response_data(translator.feed(event.event, event.data))
+            except TranslationError as exc:
+                raise UpstreamProtocolError(f"provider sent an event that cannot be translated: {exc}") from None
+            return Action.CONTINUE
+        if not end_of_stream:
+            return Action.PAUSE
+        status = exchange.response.status if exchange.response is not None else 502
+        target = self.current
+        assert target is not None
+        if mode is _Mode.ERROR:
+            if self.client_protocol == "openai":
+                exchange.set_response_data(anthropic_error_to_openai(data, status))
+            else:
+                exchange.set_response_data(openai_error_to_anthropic(data, status))
+            return Action.CONTINUE
+        try:
+            parsed = orjson.loads(data)
+            if self.client_protocol == "openai":
+                out = messages_response_to_chat(parsed, model=target.model)
+            else:
+                out = chat_response_to_messages(parsed, model=target.model)
+        except (orjson.JSONDecodeError, TranslationError) as exc:
+            raise UpstreamProtocolError(f"provider response cannot be translated: {exc}") from None
+        usage = out.get("usage")
+        if isinstance(usage, dict):
+            exchange.vars["usage"] = usage
+        exchange.set_response_data(orjson.dumps(out))
+        return Action.CONTINUE
+
+    def _note_usage(self, exchange: Exchange, data: bytes) -> None:
+        event = parse_event(data)
+        try:
+            usage = orjson.loads(event.data).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(usage, dict):
+            exchange.vars["usage"] = usage
+
+    def _models_reply(self, exchange: Exchange) -> None:
+        data = [
+            {"id": mid, "object": "model", "created": 0, "owned_by": owner}
+            for mid, owner in self.factory.table.model_ids()
+        ]
+        exchange.send_local_reply(200, {"object": "list", "data": data})
+
+
+def _drop_prefixed(items: list[tuple[bytes, bytes]], prefix: bytes) -> None:
+    items[:] = [(k, v) for k, v in items if not k.startswith(prefix)]
+
+
+class RoutingFactory(FilterFactory):
+    """Builds the routing table once from config (see :mod:`filters.routing.table`)."""
+
+    filter_class = RoutingFilter
+    fail_open = False
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.table: RoutingTable = build_table(config, context.mock_ports)
