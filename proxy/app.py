@@ -29,6 +29,7 @@ from typing import Any
 import uvloop
 
 from .accesslog import AccessLog
+from .admin import AdminPages
 from .config import Config, ConfigError, MockSpec
 from .cycle import Runtime
 from .filter import FactoryContext
@@ -86,7 +87,8 @@ class Proxy:
         self.store = await make_store(cfg.store, cfg.file)
         if not self.mock_ports:
             await self._start_mocks(cfg.mock_upstreams)
-        self.context = FactoryContext(self.store, self.worker_id, self.mock_ports)
+        admin = AdminPages(cfg.server.admin_allow)
+        self.context = FactoryContext(self.store, self.worker_id, self.mock_ports, admin)
         chain = build_chain(cfg.filters, self.context, cfg.file)
         default_upstream = cfg.upstream.target("default", self.mock_ports) if cfg.upstream else None
         self.runtime = Runtime(
@@ -96,6 +98,7 @@ class Proxy:
             default_upstream=default_upstream,
             validate_json=cfg.server.validate_json,
             access_log=AccessLog(json_lines=cfg.server.access_log == "json"),
+            admin=admin,
         )
         if cfg.server.access_log == "off":
             self.runtime.access_log.logger.disabled = True

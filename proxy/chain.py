@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from .errors import FilterFailed, ProxyError, UpstreamResponseTooLarge
 from .exchange import Exchange
 from .filter import Action, Filter, FilterFactory
+from .sse import SseFramer
 
 __all__ = ["Chain", "ResponseBodyStage"]
 
@@ -97,7 +98,7 @@ class Chain:
                     log.exception("fail-open filter %s failed; skipped", step.name)
                     continue
                 raise _failure(step, ex, exc) from exc
-            if ex._local_reply is not None:
+            if ex._local_reply is not None or ex._retry:
                 return paused
             if action is Action.PAUSE:
                 paused = True
@@ -159,13 +160,18 @@ class ResponseBodyStage:
     that returns PAUSE before end of stream holds it: the data is appended to
     a bounded buffer and the same step is called again with everything held
     when more arrives. What passes the last step is released downstream.
+
+    For SSE (``sse=True``) the promise that a hook sees one whole event at a
+    time holds after a release or an injection too: when a step passes on
+    several events at once, the steps after it get them one by one.
     """
 
-    __slots__ = ("_buffer", "_cap", "_paused_at", "_plan")
+    __slots__ = ("_buffer", "_cap", "_paused_at", "_plan", "_sse")
 
-    def __init__(self, plan: tuple[_Step, ...], cap: int) -> None:
+    def __init__(self, plan: tuple[_Step, ...], cap: int, sse: bool = False) -> None:
         self._plan = plan
         self._cap = cap
+        self._sse = sse
         self._paused_at = -1
         self._buffer = bytearray()
 
@@ -176,9 +182,14 @@ class ResponseBodyStage:
         would if nothing were paused; only one step can be paused at a time
         because nothing passes beyond it.
         """
+        return await self._run(ex, data, end_of_stream, 0)
+
+    async def _run(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
         filters = ex.filters
         plan = self._plan
-        for position, step in enumerate(plan):
+        last = len(plan) - 1
+        for position in range(start, len(plan)):
+            step = plan[position]
             if position == self._paused_at:
                 self._buffer += data
                 if len(self._buffer) > self._cap:
@@ -209,4 +220,25 @@ class ResponseBodyStage:
             if position == self._paused_at:
                 self._paused_at = -1
                 self._buffer = bytearray()
+            if self._sse and position < last and _several_events(data):
+                return await self._fan_out(ex, data, end_of_stream, position + 1)
         return data
+
+    async def _fan_out(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
+        framer = SseFramer(max_event=self._cap)
+        events = framer.feed(data)
+        rest = framer.flush()
+        if rest:
+            events.append(rest)
+        out = bytearray()
+        for i, event in enumerate(events):
+            released = await self._run(ex, event, end_of_stream and i == len(events) - 1, start)
+            if ex._retry:
+                return None
+            if released:
+                out += released
+        return bytes(out) if out or not events else None
+
+
+def _several_events(data: bytes) -> bool:
+    return data.count(b"\n\n") + data.count(b"\r\n\r\n") > 1

@@ -59,6 +59,7 @@ class ServerSettings:
     access_log: str = "text"  # text | json | off
     log_level: str = "info"
     validate_json: bool = True
+    admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
         access_log=server_sec.get("access_log", str, "text", _one_of("text", "json", "off")),
         log_level=server_sec.get("log_level", str, "info", _one_of("debug", "info", "warning", "error")),
         validate_json=server_sec.get("validate_json", bool, True),
+        admin_allow=tuple(str(a) for a in server_sec.get("admin_allow", list, ["127.0.0.1", "::1"])),
     )
     server_sec.finish()
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .accesslog import AccessLog
+from .admin import AdminPages
 from .chain import Chain, ResponseBodyStage
 from .errors import (
     ClientDisconnected,
@@ -97,6 +98,7 @@ class Runtime:
     routes: dict[str, frozenset[str]] = field(default_factory=lambda: dict(DEFAULT_ROUTES))
     validate_json: bool = True
     access_log: AccessLog = field(default_factory=AccessLog)
+    admin: AdminPages = field(default_factory=AdminPages)
     connections: set[HttpConnection] = field(default_factory=set)
     draining: bool = False
 
@@ -168,6 +170,8 @@ class _Relay:
 async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
     """Drive ``ex`` from parsed head to finished response (see the module docstring)."""
     chain = rt.chain
+    stats = rt.admin.stats
+    stats.in_flight += 1
     try:
         try:
             chain.start(ex)
@@ -197,6 +201,14 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             ex.error = internal
             _send_error(conn, ex, internal)
     finally:
+        stats.in_flight -= 1
+        stats.responses[ex.response.status if ex.response is not None and ex.response_started else 499] += 1
+        if ex.error is not None:
+            stats.errors[ex.error.code or "error"] += 1
+        stats.attempts += ex.attempts
+        stats.bytes_in += ex.bytes_received
+        stats.bytes_out += ex.bytes_sent
+        stats.seconds += ex.elapsed
         if chain.complete_plan:
             await chain.complete(ex)
         rt.access_log.record(ex)
@@ -293,7 +305,7 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
     is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
     ex.is_sse = is_sse
     stage = (
-        ResponseBodyStage(chain.response_body_plan, rt.limits.max_response_buffer_bytes)
+        ResponseBodyStage(chain.response_body_plan, rt.limits.max_response_buffer_bytes, is_sse)
         if chain.response_body_plan
         else None
     )

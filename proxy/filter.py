@@ -45,13 +45,17 @@ import contextlib
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from .admin import AdminPages
 
 if TYPE_CHECKING:
     from .exchange import Exchange
     from .store import SharedStore
 
 __all__ = ["Action", "FactoryContext", "Filter", "FilterFactory"]
+
+F = TypeVar("F", bound="FilterFactory")
 
 log = logging.getLogger("llmproxy.filter")
 
@@ -149,12 +153,29 @@ class FactoryContext:
         store: SharedStore,
         worker_id: int = 0,
         mock_ports: Mapping[str, tuple[str, int]] | None = None,
+        admin: AdminPages | None = None,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
+        self._admin = admin or AdminPages()
+        #: The worker's Prometheus registry: register collectors here.
+        self.metrics = self._admin.registry
+        #: The factories built so far, in chain order (a factory sees those before it).
+        self.factories: list[FilterFactory] = []
         #: Where each configured mock upstream listens, to resolve ``mock://NAME`` URLs.
         self.mock_ports: Mapping[str, tuple[str, int]] = mock_ports or {}
         self._tasks: list[asyncio.Task[None]] = []
+
+    def find_factory(self, kind: type[F]) -> F | None:
+        """The first factory of type ``kind`` earlier in the chain, if any."""
+        for factory in self.factories:
+            if isinstance(factory, kind):
+                return factory
+        return None
+
+    def add_admin_page(self, path: str, page: Callable[[], Any]) -> None:
+        """Serve ``page()`` as JSON at ``GET path`` (under ``/admin/``, admin clients only)."""
+        self._admin.add_page(path, page)
 
     def every(self, interval: float, tick: Callable[[], Awaitable[None]], name: str) -> None:
         """Run ``tick`` every ``interval`` seconds until shutdown (proxy-wasm's on_tick).

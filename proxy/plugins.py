@@ -70,7 +70,9 @@ def build_chain(specs: Sequence[FilterSpec], context: FactoryContext, file: str)
         except PluginError as exc:
             raise ConfigError(file, f"{spec.path}.name", str(exc)) from None
         try:
-            factories.append(cls(spec.name, spec.config, context))
+            factory = cls(spec.name, spec.config, context)
+            factories.append(factory)
+            context.factories.append(factory)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(file, f"{spec.path}.config", f"filter '{spec.name}': {exc}") from None
     return Chain(factories)

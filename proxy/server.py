@@ -230,14 +230,16 @@ class HttpConnection(asyncio.Protocol):
             self._reject(HttpVersionNotSupported(f"HTTP/{event.http_version.decode()} is not supported; use HTTP/1.1"))
             return
         self._h11 = conn
+        self._body_done = False
         method = event.method
         self._head_request = method == b"HEAD"
         if info.content_length is not None and info.content_length > limits.max_body_bytes:
             self._reject(BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes"))
             return
         target = event.target
+        if method == b"GET" and target in self._rt.admin.paths and self._admin(target):
+            return
         if target == b"/healthz" and method == b"GET":
-            self._body_done = False
             self._state = _State.BODY
             self._pump_body()
             self._healthz()
@@ -396,6 +398,20 @@ class HttpConnection(asyncio.Protocol):
         self.write(_HEALTHZ_BODY)
         self.end_response()
         self.exchange_finished()
+
+    def _admin(self, target: bytes) -> bool:
+        """Answer an admin path for an allowed client; False to handle it as any other path."""
+        answer = self._rt.admin.answer(target, self._client)
+        if answer is None:
+            return False
+        status, ctype, body = answer
+        self._state = _State.BODY
+        self._pump_body()
+        self.start_response(status, [(b"content-type", ctype), (b"content-length", b"%d" % len(body))])
+        self.write(body)
+        self.end_response()
+        self.exchange_finished()
+        return True
 
     def _reject(self, error: ProxyError) -> None:
         """Answer a request the connection cannot parse or accept, then close."""
