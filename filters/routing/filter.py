@@ -167,6 +167,7 @@ class RoutingFilter(Filter):
                 ) from None
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model") from None
         self._body = payload
+        exchange.vars["routing"] = self
         self._stream = payload.get("stream") is True
         options = payload.get("stream_options")
         self._include_usage_asked = isinstance(options, dict) and options.get("include_usage") is True

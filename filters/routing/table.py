@@ -12,6 +12,8 @@ Config (the ``routing`` filter's section)::
           "gpt-4*": ""               #   prefix pattern ("" keeps the client's name)
           "*": gpt-4o-mini           #   anything else
         weight: 1                    # share among providers serving the same model
+        priority: 0                  # lower first: a higher number is a fallback, used
+                                     # only when every lower-priority provider failed
         headers: {x-extra: v}        # sent to this provider
         timeouts: {connect: 5, headers: 300, idle: 60, total: 900}
         tls: {verify: true, ca_file: ...}
@@ -41,7 +43,7 @@ from .adapters import ADAPTERS, Adapter
 
 __all__ = ["ModelMap", "Provider", "RoutingTable", "Target", "key_id"]
 
-_COMMON_KEYS = {"name", "type", "base_url", "key", "keys", "models", "weight", "headers", "timeouts", "tls"}
+_COMMON_KEYS = {"name", "type", "base_url", "key", "keys", "models", "weight", "priority", "headers", "timeouts", "tls"}
 
 
 def key_id(key: str) -> str:
@@ -113,6 +115,7 @@ class Provider:
     weight: float
     targets: tuple[UpstreamTarget, ...]
     key_ids: tuple[str, ...]
+    priority: int = 0
     _next_key: int = field(default=0, repr=False)
 
     @property
@@ -200,6 +203,11 @@ class RoutingTable:
     def _weighted_order(self, targets: list[Target]) -> list[Target]:
         if len(targets) == 1:
             return targets
+        priorities = sorted({t.provider.priority for t in targets})
+        if len(priorities) > 1:
+            return [
+                t for p in priorities for t in self._weighted_order([t for t in targets if t.provider.priority == p])
+            ]
         rest = list(targets)
         ordered: list[Target] = []
         while rest:
@@ -265,6 +273,9 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise ValueError(f"{where}.weight: must be a number greater than 0")
     models = ModelMap.parse(raw.get("models"), f"{where}.models")
+    priority = raw.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"{where}.priority: must be an integer (lower is tried first)")
     targets = tuple(
         UpstreamTarget(
             name=name,
@@ -280,7 +291,7 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
         )
         for k in keys
     )
-    return Provider(name, adapter, models, float(weight), targets, tuple(key_id(k) for k in keys))
+    return Provider(name, adapter, models, float(weight), targets, tuple(key_id(k) for k in keys), priority=priority)
 
 
 def build_table(config: Mapping[str, Any], mock_ports: Mapping[str, tuple[str, int]]) -> RoutingTable:

@@ -1,0 +1,458 @@
+"""The ``failover`` filter: keep traffic on keys and providers that work.
+
+Place it right after ``routing`` in the chain. Per exchange:
+
+* ``on_request_body`` (after routing chose): refresh the health of the
+  candidates' keys from the shared store and re-point the request at the
+  first usable (provider, key) in routing's preference order, keys taken
+  round-robin; nothing usable -> 503 with ``retry-after`` set to the
+  soonest recovery;
+* ``on_response_headers``: classify the attempt (401/403 eject the key, 429
+  cools it for its ``retry-after``, 5xx / connect / reset / timeout count
+  towards ``failure_threshold``) and, while attempts and the deadline allow,
+  retry on the next usable key, then the next provider (a same-key retry
+  waits an exponential backoff with jitter). Successful streams are held
+  (head and events) until their first content delta, so a stream that
+  fails or ends before it is retried invisibly;
+* ``on_exchange_complete``: a stream that failed after content reached the
+  client (the core ended it with an SSE error event) counts against its key.
+
+The response carries ``x-llmproxy-attempts``. Active health checks probe
+ejected keys every ``health_check.interval`` with a one-token request; one
+prober per provider across all workers and instances holds a lease in the
+store. Key state is at ``GET /admin/failover`` and in ``/metrics``.
+
+Config::
+
+    failure_threshold: 3      # consecutive failures that eject a key
+    success_threshold: 1      # consecutive probe successes that restore it
+    cooldown: 30              # seconds a 429 cools a key without retry-after
+    eject_for: 30             # seconds before an ejected key is probed (or tried, without health checks)
+    max_attempts: 3           # per request, the first included
+    deadline: 60              # seconds after which no new attempt starts
+    backoff: {base: 0.05, max: 2.0}
+    health_check:             # omit or enabled: false to disable
+      interval: 5
+      timeout: 5
+      model: gpt-4o-mini      # a client model name; default: each provider's first model
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from filters.routing import RoutingFactory, RoutingFilter, Target
+from filters.routing.table import Provider
+from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, ServiceUnavailable
+from proxy.config import ConfigError, Section
+from proxy.errors import UpstreamError
+from proxy.store import StoreUnavailable
+from proxy.upstream import Timeouts, UpstreamPool
+
+from .health import EJECTED, HealthBook
+
+__all__ = ["FailoverFactory", "FailoverFilter"]
+
+log = logging.getLogger("llmproxy.failover")
+
+_CONTENT = re.compile(rb'"(?:content|text|partial_json|arguments)":"[^"]|"tool_calls"|"content_block_delta"')
+_TERMINATED = (b"[DONE]", b"message_stop")
+_STREAM_ERROR = re.compile(rb'^data: \{"error"|^event: error', re.MULTILINE)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _classify(status: int, error: UpstreamError | None) -> str:
+    """``ok``, ``auth``, ``rate``, ``server`` (counts against the key) or ``client`` (does not)."""
+    if error is not None:
+        return "server" if error.retryable else "client"
+    if status < 400:
+        return "ok"
+    if status in (401, 403):
+        return "auth"
+    if status == 429:
+        return "rate"
+    if status >= 500:
+        return "server"
+    return "client"
+
+
+class FailoverFilter(Filter):
+    factory: FailoverFactory
+
+    __slots__ = ("_holding", "_routing", "_same_key_retries", "_tried")
+
+    def __init__(self, factory: FilterFactory) -> None:
+        super().__init__(factory)
+        self._routing: RoutingFilter | None = None
+        self._tried: set[tuple[str, int]] = set()
+        self._holding = False
+        self._same_key_retries = 0
+
+    def _record(self) -> str:
+        routing = self._routing
+        assert routing is not None and routing.current is not None
+        provider = routing.current.provider
+        return HealthBook.record_key(provider.name, provider.key_ids[routing.key_index])
+
+    async def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+        routing = exchange.vars.get("routing")
+        if not isinstance(routing, RoutingFilter) or not routing.candidates:
+            return Action.CONTINUE
+        self._routing = routing
+        factory = self.factory
+        await factory.book.refresh(
+            [factory.record(t.provider, i) for t in routing.candidates for i in range(len(t.provider.targets))]
+        )
+        current = routing.current
+        if current is not None and factory.book.usable(factory.record(current.provider, routing.key_index)):
+            choice: tuple[Target, int] | None = (current, routing.key_index)
+        else:
+            choice = factory.choose(routing, self._tried)
+        if choice is None:
+            wait = factory.soonest_recovery(routing.candidates)
+            raise ServiceUnavailable(
+                "no healthy provider key is available for this model right now",
+                code="no_healthy_upstream",
+                headers=[("retry-after", str(max(1, math.ceil(wait))))],
+            )
+        target, key_index = choice
+        if target is not routing.current or key_index != routing.key_index:
+            routing.apply(exchange, target, key_index)
+        self._tried.add((target.provider.name, key_index))
+        return Action.CONTINUE
+
+    async def on_response_headers(self, exchange: Exchange) -> Action:
+        routing = self._routing
+        response = exchange.response
+        if routing is None or routing.current is None or response is None:
+            return Action.CONTINUE
+        response.headers.set("x-llmproxy-attempts", str(exchange.attempts))
+        self._holding = False
+        kind = _classify(response.status, exchange.upstream_error)
+        if kind == "ok":
+            if exchange.is_sse:
+                self._holding = True
+                return Action.PAUSE
+            await self.factory.book.success(self._record())
+            return Action.CONTINUE
+        if kind == "client":
+            return Action.CONTINUE
+        await self.factory.book.failure(self._record(), kind, _retry_after(response.headers.get("retry-after")))
+        await self._retry(exchange)
+        return Action.CONTINUE
+
+    async def _retry(self, exchange: Exchange) -> bool:
+        """Point the exchange at the next usable key and ask for a retry; False if none."""
+        routing = self._routing
+        factory = self.factory
+        assert routing is not None and routing.current is not None
+        if exchange.attempts >= factory.max_attempts or exchange.elapsed >= factory.deadline:
+            return False
+        choice = factory.choose(routing, self._tried)
+        if choice is None:
+            # every key was tried: the same key again, if it is still usable, after a backoff
+            record = self._record()
+            if not factory.book.usable(record):
+                return False
+            self._same_key_retries += 1
+            delay = min(factory.backoff_max, factory.backoff_base * 2 ** (self._same_key_retries - 1))
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            choice = (routing.current, routing.key_index)
+        target, key_index = choice
+        routing.apply(exchange, target, key_index)
+        self._tried.add((target.provider.name, key_index))
+        exchange.retry()
+        return True
+
+    async def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        if not self._holding:
+            return Action.CONTINUE
+        if _STREAM_ERROR.search(data) is None and _CONTENT.search(data) is not None:
+            self._holding = False
+            await self.factory.book.success(self._record())
+            return Action.CONTINUE
+        failed = _STREAM_ERROR.search(data) is not None or (end_of_stream and not any(t in data for t in _TERMINATED))
+        if failed:
+            self._holding = False
+            await self.factory.book.failure(self._record(), "server")
+            if await self._retry(exchange):
+                return Action.CONTINUE
+            return Action.CONTINUE  # nothing left to try: release what came
+        if end_of_stream:
+            self._holding = False
+            await self.factory.book.success(self._record())
+            return Action.CONTINUE
+        return Action.PAUSE
+
+    async def on_exchange_complete(self, exchange: Exchange) -> None:
+        error = exchange.error
+        failed_mid_stream = (
+            isinstance(error, UpstreamError) and exchange.response_started and exchange.upstream_error is None
+        )
+        if self._routing is not None and self._routing.current is not None and failed_mid_stream:
+            # content had reached the client, so there was no retry: count it against the key
+            await self.factory.book.failure(self._record(), "server")
+
+
+class FailoverFactory(FilterFactory):
+    """Health book, key choice, active health checks, metrics and admin page."""
+
+    filter_class = FailoverFilter
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        routing = context.find_factory(RoutingFactory)
+        if routing is None:
+            raise ValueError("the failover filter needs the routing filter before it in the chain")
+        self.table = routing.table
+        sec = Section(config, "", "")
+        try:
+            failure_threshold = sec.get("failure_threshold", int, 3, _at_least(1))
+            success_threshold = sec.get("success_threshold", int, 1, _at_least(1))
+            cooldown = sec.get("cooldown", float, 30.0, _positive)
+            eject_for = sec.get("eject_for", float, 30.0, _positive)
+            self.max_attempts = sec.get("max_attempts", int, 3, _at_least(1))
+            self.deadline = sec.get("deadline", float, 60.0, _positive)
+            backoff = Section(sec.get("backoff", dict, {}), "backoff", "")
+            self.backoff_base = backoff.get("base", float, 0.05, _positive)
+            self.backoff_max = backoff.get("max", float, 2.0, _positive)
+            backoff.finish()
+            hc = Section(sec.get("health_check", dict, None), "health_check", "")
+            self.health_checks = hc.get("enabled", bool, bool(hc.data))
+            self.interval = hc.get("interval", float, 5.0, _positive)
+            self.probe_timeout = hc.get("timeout", float, 5.0, _positive)
+            probe_model = hc.get("model", str, None)
+            hc.finish()
+            sec.finish()
+        except ConfigError as exc:
+            raise ValueError(f"{exc.path}: {exc.reason}") from None
+        self.probe_models: dict[str, str] = {}
+        for provider in self.table.providers.values():
+            model = provider.models.resolve(probe_model) if probe_model else None
+            if model is None and probe_model is None and provider.models.listed():
+                model = provider.models.resolve(provider.models.listed()[0])
+            if model is not None:
+                self.probe_models[provider.name] = model
+        if probe_model is not None and not self.probe_models:
+            raise ValueError(f"health_check.model: no provider serves model {probe_model!r}")
+        self.book = HealthBook(
+            context.store,
+            failure_threshold=failure_threshold,
+            success_threshold=success_threshold,
+            cooldown=cooldown,
+            eject_for=eject_for,
+            trial_after_ejection=not self.health_checks,
+        )
+        self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self.probes_sent = 0
+        self._pool: UpstreamPool | None = None
+        context.metrics.register(_HealthCollector(self))
+        context.add_admin_page("/admin/failover", self.admin_page)
+
+    @staticmethod
+    def record(provider: Provider, key_index: int) -> str:
+        return HealthBook.record_key(provider.name, provider.key_ids[key_index])
+
+    # -- choosing ---------------------------------------------------------------
+    def choose(self, routing: RoutingFilter, tried: set[tuple[str, int]]) -> tuple[Target, int] | None:
+        """The first usable, untried (target, key index) in routing's preference order."""
+        now = time.time()
+        for target in routing.candidates:
+            provider = target.provider
+            count = len(provider.targets)
+            start = provider.next_key_index()
+            for offset in range(count):
+                index = (start + offset) % count
+                if (provider.name, index) in tried:
+                    continue
+                if self.book.usable(self.record(provider, index), now):
+                    return target, index
+        return None
+
+    def soonest_recovery(self, candidates: list[Target]) -> float:
+        now = time.time()
+        waits = [
+            max(0.0, self.book.health(self.record(t.provider, i)).until - now)
+            for t in candidates
+            for i in range(len(t.provider.targets))
+        ]
+        return min(waits) if waits else self.interval
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        await self._forget_removed_keys()
+        if self.health_checks:
+            self._pool = UpstreamPool(max_per_origin=4, keepalive_expiry=self.interval * 2)
+            self.context.every(self.interval, self.probe_tick, name="failover-health-check")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+        for provider in self.table.providers.values():
+            with contextlib.suppress(StoreUnavailable):
+                await self.context.store.release_lease(f"failover-probe:{provider.name}", self.instance_id)
+
+    async def _forget_removed_keys(self) -> None:
+        """Drop shared records of keys no longer configured; keep the rest (restart, reload)."""
+        store = self.context.store
+        for provider in self.table.providers.values():
+            registry = f"failover:keys:{provider.name}"
+            try:
+                raw, _ = await store.get(registry)
+                previous = set(orjson.loads(raw)) if raw else set()
+                for gone in previous - set(provider.key_ids):
+                    await self.book.forget(HealthBook.record_key(provider.name, gone))
+                await store.set(registry, orjson.dumps(sorted(provider.key_ids)))
+            except StoreUnavailable as exc:
+                log.warning("cannot reconcile key health for provider %s: %s", provider.name, exc)
+
+    # -- active health checks ---------------------------------------------------
+    async def probe_tick(self) -> None:
+        """Probe due ejected keys of every provider whose probe lease this instance holds."""
+        ttl = max(self.interval * 3, self.probe_timeout + self.interval)
+        for provider in self.table.providers.values():
+            model = self.probe_models.get(provider.name)
+            if model is None or not provider.targets:
+                continue
+            try:
+                if not await self.context.store.acquire_lease(f"failover-probe:{provider.name}", self.instance_id, ttl):
+                    continue
+            except StoreUnavailable:
+                continue
+            records = [self.record(provider, i) for i in range(len(provider.targets))]
+            await self.book.refresh(records)
+            now = time.time()
+            due = [
+                i
+                for i, r in enumerate(records)
+                if self.book.health(r).state == EJECTED and self.book.health(r).until <= now
+            ]
+            await asyncio.gather(*(self._probe(provider, i, model) for i in due))
+
+    async def _probe(self, provider: Provider, key_index: int, model: str) -> None:
+        assert self._pool is not None
+        adapter = provider.adapter
+        target = replace(provider.targets[key_index], timeouts=Timeouts(*(self.probe_timeout,) * 4))
+        api = "chat" if "chat" in adapter.native_apis else "messages"
+        body = orjson.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
+        headers = [
+            (b"host", target.host_header),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-llmproxy-probe", b"1"),
+            *adapter.static_headers(),
+            *target.headers,
+        ]
+        ok = False
+        self.probes_sent += 1
+        try:
+            response = await self._pool.send(
+                target, b"POST", (target.base_path + adapter.path(api, model, "")).encode(), headers, body
+            )
+            try:
+                while await response.read():
+                    pass
+                response.release()
+            finally:
+                response.close()
+            ok = 200 <= response.status < 300
+        except UpstreamError as exc:
+            log.info("health check of %s key %s failed: %s", provider.name, provider.key_ids[key_index], exc.message)
+        await self.book.probe_result(self.record(provider, key_index), ok, self.interval)
+
+    # -- visibility ---------------------------------------------------------------
+    def key_states(self) -> Iterator[dict[str, Any]]:
+        now = time.time()
+        for provider in self.table.providers.values():
+            for index, key_id in enumerate(provider.key_ids):
+                health = self.book.health(self.record(provider, index))
+                state = health.state
+                if state != "healthy" and health.usable(now, self.book.trial_after_ejection):
+                    state = "healthy" if state == "cooling" else "trial"
+                yield {
+                    "provider": provider.name,
+                    "key_id": key_id,
+                    "state": state,
+                    "failures": health.failures,
+                    "reason": health.reason or None,
+                    "until": health.until or None,
+                    "next_probe": health.until if health.state == EJECTED and self.health_checks else None,
+                }
+
+    def admin_page(self) -> dict[str, Any]:
+        return {
+            "store_available": self.book.store_available,
+            "instance": self.instance_id,
+            "health_checks": self.health_checks,
+            "keys": list(self.key_states()),
+        }
+
+
+class _HealthCollector:
+    """Exports key state as ``llmproxy_upstream_key_*`` gauges at scrape time."""
+
+    def __init__(self, factory: FailoverFactory) -> None:
+        self.factory = factory
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "llmproxy_upstream_key_state",
+            "1 for the current state of each provider key",
+            labels=["provider", "key_id", "state"],
+        )
+        failures = GaugeMetricFamily(
+            "llmproxy_upstream_key_failures", "Consecutive failures of each provider key", labels=["provider", "key_id"]
+        )
+        for row in self.factory.key_states():
+            state.add_metric([row["provider"], row["key_id"], row["state"]], 1)
+            failures.add_metric([row["provider"], row["key_id"]], row["failures"])
+        yield state
+        yield failures
+        yield GaugeMetricFamily(
+            "llmproxy_failover_store_available",
+            "1 when the shared store answers",
+            value=int(self.factory.book.store_available),
+        )
+        yield GaugeMetricFamily(
+            "llmproxy_failover_store_errors", "Shared store errors seen", value=self.factory.book.store_errors
+        )
+        yield GaugeMetricFamily(
+            "llmproxy_failover_probes_sent", "Health-check probes sent by this worker", value=self.factory.probes_sent
+        )
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _at_least(low: int) -> Any:
+    def check(value: int) -> str | None:
+        return None if value >= low else f"must be at least {low}"
+
+    return check
