@@ -243,6 +243,15 @@ def _one_of(*allowed: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _access_log_mode(sec: Section) -> str:
+    # YAML reads a bare `off` / `on` as a boolean
+    raw = sec.data.get("access_log")
+    if isinstance(raw, bool):
+        sec.used.add("access_log")
+        return "text" if raw else "off"
+    return str(sec.get("access_log", str, "text", _one_of("text", "json", "off")))
+
+
 def _read_timeouts(data: Any, path: str, file: str) -> Timeouts:
     sec = Section(data, path, file)
     defaults = Timeouts()
@@ -296,7 +305,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
         host=server_sec.get("host", str, "127.0.0.1"),
         port=server_sec.get("port", int, 8080, _port),
         workers=server_sec.get("workers", int, 1, lambda v: None if 1 <= v <= 256 else "must be between 1 and 256"),
-        access_log=server_sec.get("access_log", str, "text", _one_of("text", "json", "off")),
+        access_log=_access_log_mode(server_sec),
         log_level=server_sec.get("log_level", str, "info", _one_of("debug", "info", "warning", "error")),
         validate_json=server_sec.get("validate_json", bool, True),
         admin_allow=tuple(str(a) for a in server_sec.get("admin_allow", list, ["127.0.0.1", "::1"])),

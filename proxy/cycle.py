@@ -366,11 +366,14 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
                     relay.send_head(known_length)
                 relay.write(out)
             if observers:
+                conn.flush()  # observers never delay a chunk: it is on the wire before they run
                 await chain.observe_response(ex, piece, False)
         if end:
             break
         if conn.write_paused:
             await conn.drain()
+        else:
+            conn.flush()
     if stage is not None:
         tail = await stage.push(ex, b"", True)
         if ex._retry and not relay.head_sent and ex.attempts < rt.limits.max_attempts:

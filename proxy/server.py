@@ -28,9 +28,11 @@ limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING
 
 import h11
@@ -64,6 +66,14 @@ class _State(enum.Enum):
     BODY = "body"
     RESPONDING = "responding"
     CLOSED = "closed"
+
+
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    """Disable Nagle: responses are written whole, so coalescing only adds latency."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _valid_request_id(value: bytes) -> bool:
@@ -113,6 +123,7 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
         self._served = 0
 
     def __repr__(self) -> str:
@@ -121,6 +132,7 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        _nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client = str(peer[0])
@@ -326,26 +338,35 @@ class HttpConnection(asyncio.Protocol):
         return bytes(self._body)
 
     # -- response writing (used by the exchange task) ------------------------------
+    # Output is collected in ``_out`` and written with one send per flush: a
+    # non-streamed response (head, body, end) costs one syscall, and each SSE
+    # event one, instead of one per h11 piece.
     def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Write the response head. ``headers`` must be free of hop-by-hop fields."""
-        assert self._h11 is not None and self._transport is not None
-        self._transport.writelines(
-            self._h11.send_with_data_passthrough(h11.Response(status_code=status, headers=headers))  # type: ignore[arg-type]
-        )
+        """Queue the response head. ``headers`` must be free of hop-by-hop fields."""
+        assert self._h11 is not None
+        self._out += self._h11.send_with_data_passthrough(h11.Response(status_code=status, headers=headers))  # type: ignore[arg-type]
 
     def write(self, data: bytes) -> None:
-        """Write body bytes (framed by h11: chunked or as Content-Length says)."""
-        if self._head_request or not data or self._transport is None or self._transport.is_closing():
+        """Queue body bytes (framed by h11: chunked or as Content-Length says)."""
+        if self._head_request or not data:
             return
         assert self._h11 is not None
-        self._transport.writelines(self._h11.send_with_data_passthrough(h11.Data(data=data)))  # type: ignore[arg-type]
+        self._out += self._h11.send_with_data_passthrough(h11.Data(data=data))  # type: ignore[arg-type]
+
+    def flush(self) -> None:
+        """Send what was queued (call before waiting for more upstream data)."""
+        out = self._out
+        if out:
+            self._out = []
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def end_response(self) -> None:
-        """Finish the response body."""
-        assert self._h11 is not None and self._transport is not None
-        if self._transport.is_closing():
-            return
-        self._transport.writelines(self._h11.send_with_data_passthrough(h11.EndOfMessage()))  # type: ignore[arg-type]
+        """Finish the response body and send everything queued."""
+        assert self._h11 is not None
+        self._out += self._h11.send_with_data_passthrough(h11.EndOfMessage())  # type: ignore[arg-type]
+        self.flush()
 
     @property
     def write_paused(self) -> bool:
@@ -353,6 +374,7 @@ class HttpConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait until the client has read enough of what was written."""
+        self.flush()
         if self._write_paused:
             self._drain_waiter = self._loop.create_future()
             try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import socket
 import ssl
 import time
 from collections import deque
@@ -146,6 +147,10 @@ class _UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -249,7 +254,7 @@ class _UpstreamConnection(asyncio.Protocol):
             raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
         if self.state is _ConnState.CLOSED or self.transport.is_closing():
             raise UpstreamConnectError("upstream connection closed before the request was sent")
-        self.transport.writelines(pieces)
+        self.transport.write(b"".join(pieces))
 
     async def read_head(self, deadline: float) -> h11.Response:
         while self._head is None:
@@ -284,6 +289,15 @@ class _UpstreamConnection(asyncio.Protocol):
             self.state is not _ConnState.CLOSED
             and self._h11.our_state is h11.DONE
             and self._h11.their_state is h11.DONE
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def idle_usable(self) -> bool:
+        """An idle (reset) connection that the peer has not closed."""
+        return (
+            self.state is not _ConnState.CLOSED
+            and self._h11.our_state is h11.IDLE
             and self.transport is not None
             and not self.transport.is_closing()
         )
@@ -377,7 +391,7 @@ class _OriginPool:
         """Pop the newest usable idle connection, dropping expired or closed ones."""
         while self.idle:
             conn = self.idle.pop()
-            if now - conn.idle_since > self.keepalive_expiry or not conn.reusable():
+            if now - conn.idle_since > self.keepalive_expiry or not conn.idle_usable():
                 conn.abort()
                 continue
             conn.state = _ConnState.ACTIVE
@@ -417,7 +431,7 @@ class _OriginPool:
     def expire_idle(self, now: float) -> None:
         keep = []
         for conn in self.idle:
-            if now - conn.idle_since > self.keepalive_expiry or not conn.reusable():
+            if now - conn.idle_since > self.keepalive_expiry or not conn.idle_usable():
                 conn.abort()
             else:
                 keep.append(conn)
