@@ -9,9 +9,27 @@ passes to h11 without copying.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
-__all__ = ["HOP_BY_HOP", "Headers"]
+__all__ = ["HOP_BY_HOP", "Headers", "check_field"]
+
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+
+
+def check_field(name: bytes, value: bytes) -> None:
+    """Refuse a field that would break or inject into the serialised head.
+
+    Everything added through :class:`Headers` passes here, so the core can
+    hand headers to h11 as already validated (parsed fields were validated
+    by h11 when they were read).
+    """
+    if _NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid header name {name!r}")
+    if _BAD_VALUE.search(value) is not None:
+        raise ValueError(f"invalid value for header {name.decode('latin-1')!r}")
+
 
 #: Connection-specific headers (RFC 9110 section 7.6.1) that a proxy never forwards.
 HOP_BY_HOP: frozenset[bytes] = frozenset(
@@ -65,17 +83,22 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one ``value``."""
         key = name.lower().encode("latin-1")
+        raw = value.encode("latin-1")
+        check_field(key, raw)
         self._items = [(k, v) for k, v in self._items if k != key]
-        self._items.append((key, value.encode("latin-1")))
+        self._items.append((key, raw))
 
     def set_raw(self, name: bytes, value: bytes) -> None:
         """Like :meth:`set` for lowercase byte names (for the core)."""
+        check_field(name, value)
         self._items = [(k, v) for k, v in self._items if k != name]
         self._items.append((name, value))
 
     def add(self, name: str, value: str) -> None:
         """Append one more value of ``name``."""
-        self._items.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        key, raw = name.lower().encode("latin-1"), value.encode("latin-1")
+        check_field(key, raw)
+        self._items.append((key, raw))
 
     def remove(self, name: str) -> None:
         """Remove every value of ``name`` (no error when absent)."""

@@ -344,7 +344,9 @@ class HttpConnection(asyncio.Protocol):
     def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Queue the response head. ``headers`` must be free of hop-by-hop fields."""
         assert self._h11 is not None
-        self._out += self._h11.send_with_data_passthrough(h11.Response(status_code=status, headers=headers))  # type: ignore[arg-type]
+        # Fields were validated when parsed (h11) or added (Headers, config): skip h11's regexes.
+        event = h11.Response(status_code=status, headers=headers, http_version=b"1.1", reason=b"", _parsed=True)
+        self._out += self._h11.send_with_data_passthrough(event)  # type: ignore[arg-type]
 
     def write(self, data: bytes) -> None:
         """Queue body bytes (framed by h11: chunked or as Content-Length says)."""

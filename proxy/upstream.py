@@ -246,7 +246,10 @@ class _UpstreamConnection(asyncio.Protocol):
     async def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         assert self.transport is not None
         try:
-            pieces = self._h11.send_with_data_passthrough(h11.Request(method=method, target=target, headers=headers))
+            # Fields were validated when parsed (h11) or added (Headers, config), so h11's
+            # per-field regexes are skipped; it still checks Host, method and target.
+            event = h11.Request(method=method, target=target, headers=headers, http_version=b"1.1", _parsed=True)
+            pieces = self._h11.send_with_data_passthrough(event)
             if body:
                 pieces += self._h11.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[operator]
             pieces += self._h11.send_with_data_passthrough(h11.EndOfMessage())  # type: ignore[operator]

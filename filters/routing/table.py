@@ -267,6 +267,8 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
     if not isinstance(keys_raw, list) or not all(isinstance(k, str) for k in keys_raw):
         raise ValueError(f"{where}.keys: must be a list of strings (use ${{ENV}} references)")
     keys = [k.strip() for k in keys_raw if k and k.strip()]
+    if any(not k.isprintable() or " " in k for k in keys):
+        raise ValueError(f"{where}.keys: a key contains whitespace or control characters")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{where}.keys: duplicate key")
     weight = raw.get("weight", 1)
