@@ -88,6 +88,8 @@ class RoutingFilter(Filter):
         "_body",
         "_include_usage_asked",
         "_mode",
+        "_query",
+        "_set_aside",
         "_stream",
         "_translator",
         "api",
@@ -112,6 +114,10 @@ class RoutingFilter(Filter):
         #: (provider name, key index) pairs tried so far.
         self.attempted: list[tuple[str, int]] = []
         self._body: dict[str, Any] = {}
+        #: The client's query string ("" or "?..."), kept because apply() rewrites the path.
+        self._query = ""
+        #: Client headers of the other protocol, removed by apply() (see there).
+        self._set_aside: list[tuple[bytes, bytes]] = []
         self._stream = False
         self._include_usage_asked = False
         self._mode = _Mode.PASS
@@ -120,7 +126,8 @@ class RoutingFilter(Filter):
     # -- request ------------------------------------------------------------------
     def on_request_headers(self, exchange: Exchange) -> Action:
         request = exchange.request
-        path = request.path.split("?", 1)[0]
+        path, _, query = request.path.partition("?")
+        self._query = "?" + query if query else ""
         if path == "/v1/models":
             self._models_reply(exchange)
             return Action.CONTINUE
@@ -189,16 +196,21 @@ class RoutingFilter(Filter):
         request = exchange.request
         headers = request.headers
         exchange.upstream = provider.targets[key_index]
-        query = request.path.partition("?")[2]
         provider_api = self.api if self.api in adapter.native_apis else _TRANSLATED_API[self.api]
-        request.path = adapter.path(provider_api, target.model, "?" + query if query else "")
-        if adapter.protocol == "anthropic":
-            for name, value in adapter.static_headers():
-                if headers.get_raw(name) is None:
-                    headers.set_raw(name, value)
-            _drop_prefixed(headers.raw(), b"openai-")
-        else:
-            _drop_prefixed(headers.raw(), b"anthropic-")
+        request.path = adapter.path(provider_api, target.model, self._query)
+        # Protocol-specific client headers (anthropic-*, openai-*) go only to a
+        # provider of that protocol; the others are set aside, not lost, so
+        # that a retry on a provider of the other protocol gets them back.
+        keep, drop = (b"anthropic-", b"openai-") if adapter.protocol == "anthropic" else (b"openai-", b"anthropic-")
+        items = headers.raw()
+        present = {k for k, _ in items}
+        items.extend(kv for kv in self._set_aside if kv[0].startswith(keep) and kv[0] not in present)
+        self._set_aside = [kv for kv in self._set_aside if not kv[0].startswith(keep)]
+        self._set_aside += [kv for kv in items if kv[0].startswith(drop)]
+        items[:] = [kv for kv in items if not kv[0].startswith(drop)]
+        for name, value in adapter.static_headers():
+            if headers.get_raw(name) is None:
+                headers.set_raw(name, value)
         body = self._body
         try:
             if self.client_protocol == adapter.protocol:
@@ -294,7 +306,8 @@ class RoutingFilter(Filter):
                 out = chat_response_to_messages(parsed, model=target.model)
         except (orjson.JSONDecodeError, TranslationError) as exc:
             raise UpstreamProtocolError(f"provider response cannot be translated: {exc}") from None
-        usage = out.get("usage")
+        # the OpenAI-shaped side of the pair: {"prompt_tokens", "completion_tokens", ...}
+        usage = (out if self.client_protocol == "openai" else parsed).get("usage")
         if isinstance(usage, dict):
             exchange.vars["usage"] = usage
         exchange.set_response_data(orjson.dumps(out))
@@ -315,10 +328,6 @@ class RoutingFilter(Filter):
             for mid, owner in self.factory.table.model_ids()
         ]
         exchange.send_local_reply(200, {"object": "list", "data": data})
-
-
-def _drop_prefixed(items: list[tuple[bytes, bytes]], prefix: bytes) -> None:
-    items[:] = [(k, v) for k, v in items if not k.startswith(prefix)]
 
 
 class RoutingFactory(FilterFactory):
