@@ -14,8 +14,10 @@ Place it right after ``routing`` in the chain. Per exchange:
   waits an exponential backoff with jitter). Successful streams are held
   (head and events) until their first content delta, so a stream that
   fails or ends before it is retried invisibly;
-* ``on_exchange_complete``: a stream that failed after content reached the
-  client (the core ended it with an SSE error event) counts against its key.
+* ``on_exchange_complete``: a response that failed after content reached
+  the client (the core ended a stream with an SSE error event) counts
+  against its key; only a response that completed counts as its key's
+  success (so a key that always dies mid-stream still reaches the threshold).
 
 The response carries ``x-llmproxy-attempts``. Active health checks probe
 ejected keys every ``health_check.interval`` with a one-token request; one
@@ -34,7 +36,8 @@ Config::
     health_check:             # omit or enabled: false to disable
       interval: 5
       timeout: 5
-      model: gpt-4o-mini      # a client model name; default: each provider's first model
+      model: gpt-4o-mini      # a client model name; default (and for providers
+                              # that do not serve it): each provider's first model
 """
 
 from __future__ import annotations
@@ -105,13 +108,15 @@ def _classify(status: int, error: UpstreamError | None) -> str:
 class FailoverFilter(Filter):
     factory: FailoverFactory
 
-    __slots__ = ("_holding", "_routing", "_same_key_retries", "_tried")
+    __slots__ = ("_holding", "_ok", "_routing", "_same_key_retries", "_tried")
 
     def __init__(self, factory: FilterFactory) -> None:
         super().__init__(factory)
         self._routing: RoutingFilter | None = None
         self._tried: set[tuple[str, int]] = set()
         self._holding = False
+        #: The current attempt's response was accepted (counted as a success if it completes).
+        self._ok = False
         self._same_key_retries = 0
 
     def _record(self) -> str:
@@ -154,12 +159,13 @@ class FailoverFilter(Filter):
             return Action.CONTINUE
         response.headers.set("x-llmproxy-attempts", str(exchange.attempts))
         self._holding = False
+        self._ok = False
         kind = _classify(response.status, exchange.upstream_error)
         if kind == "ok":
             if exchange.is_sse:
                 self._holding = True
                 return Action.PAUSE
-            await self.factory.book.success(self._record())
+            self._ok = True
             return Action.CONTINUE
         if kind == "client":
             return Action.CONTINUE
@@ -195,7 +201,7 @@ class FailoverFilter(Filter):
             return Action.CONTINUE
         if _STREAM_ERROR.search(data) is None and _CONTENT.search(data) is not None:
             self._holding = False
-            await self.factory.book.success(self._record())
+            self._ok = True
             return Action.CONTINUE
         failed = _STREAM_ERROR.search(data) is not None or (end_of_stream and not any(t in data for t in _TERMINATED))
         if failed:
@@ -206,7 +212,7 @@ class FailoverFilter(Filter):
             return Action.CONTINUE  # nothing left to try: release what came
         if end_of_stream:
             self._holding = False
-            await self.factory.book.success(self._record())
+            self._ok = True
             return Action.CONTINUE
         return Action.PAUSE
 
@@ -215,9 +221,13 @@ class FailoverFilter(Filter):
         failed_mid_stream = (
             isinstance(error, UpstreamError) and exchange.response_started and exchange.upstream_error is None
         )
-        if self._routing is not None and self._routing.current is not None and failed_mid_stream:
+        if self._routing is None or self._routing.current is None:
+            return
+        if failed_mid_stream:
             # content had reached the client, so there was no retry: count it against the key
             await self.factory.book.failure(self._record(), "server")
+        elif self._ok and error is None:
+            await self.factory.book.success(self._record())
 
 
 class FailoverFactory(FilterFactory):
@@ -252,15 +262,18 @@ class FailoverFactory(FilterFactory):
             sec.finish()
         except ConfigError as exc:
             raise ValueError(f"{exc.path}: {exc.reason}") from None
+        providers = self.table.providers.values()
+        if probe_model is not None and not any(p.models.resolve(probe_model) for p in providers):
+            raise ValueError(f"health_check.model: no provider serves model {probe_model!r}")
         self.probe_models: dict[str, str] = {}
-        for provider in self.table.providers.values():
+        for provider in providers:
             model = provider.models.resolve(probe_model) if probe_model else None
-            if model is None and probe_model is None and provider.models.listed():
+            if model is None and provider.models.listed():
+                # not served by this provider (or none configured): its first model, or
+                # its ejected keys could never be restored
                 model = provider.models.resolve(provider.models.listed()[0])
             if model is not None:
                 self.probe_models[provider.name] = model
-        if probe_model is not None and not self.probe_models:
-            raise ValueError(f"health_check.model: no provider serves model {probe_model!r}")
         self.book = HealthBook(
             context.store,
             failure_threshold=failure_threshold,
@@ -335,7 +348,11 @@ class FailoverFactory(FilterFactory):
     # -- active health checks ---------------------------------------------------
     async def probe_tick(self) -> None:
         """Probe due ejected keys of every provider whose probe lease this instance holds."""
-        ttl = max(self.interval * 3, self.probe_timeout + self.interval)
+        # A lease is renewed once per tick, and a tick lasts up to one probe
+        # timeout per provider (probes of a stalled key run to their timeout)
+        # before the next starts an interval later: the lease must outlive
+        # that with a margin, or the holder loses it while still probing.
+        ttl = self.probe_timeout * len(self.table.providers) + self.interval * 3
         for provider in self.table.providers.values():
             model = self.probe_models.get(provider.name)
             if model is None or not provider.targets:

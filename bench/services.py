@@ -1,0 +1,160 @@
+"""The processes under test: the mock provider and llmproxy, started pinned to CPUs.
+
+Both run as ``python -m proxy ...`` with the interpreter running the bench,
+so the bench measures the checkout it sits in. Output goes to a log file
+whose tail is shown if a process fails to start or dies. Ports are picked
+free by binding to port 0 first (the usual small race, fine on loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from procstat import ProcessTree
+
+__all__ = ["Service", "free_port", "http_status", "pin_prefix", "start_mock", "start_proxy"]
+
+REPO = Path(__file__).resolve().parent.parent
+UPSTREAM_ENV = "LLMPROXY_BENCH_UPSTREAM"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def pin_prefix(cpus: Sequence[int] | None) -> list[str]:
+    """``taskset -c CPUS`` when pinning is asked for and taskset exists, else nothing."""
+    if not cpus or shutil.which("taskset") is None:
+        return []
+    return ["taskset", "-c", ",".join(str(c) for c in cpus)]
+
+
+def http_status(host: str, port: int, path: str, timeout: float = 1.0) -> int:
+    """Status code of ``GET path`` (0 if the connection fails)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+            head = sock.recv(64)
+    except OSError:
+        return 0
+    try:
+        return int(head[9:12])
+    except ValueError:
+        return 0
+
+
+class Service:
+    """A started process, its port and its log."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], host: str, port: int, log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.log = log
+        self.tree = ProcessTree(proc.pid)
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name} pid={self.proc.pid} port={self.port}>"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, path: str, timeout: float = 20.0) -> None:
+        """Poll ``GET path`` until 200; raise with the log tail if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if http_status(self.host, self.port, path) == 200:
+                self.tree.discover()
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready on {self.url}{path} after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL (workers too) after ``timeout``; returns the exit code."""
+        proc = self.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for pid in self.tree.workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+
+def _spawn(name: str, cmd: list[str], host: str, port: int, logdir: Path, env: dict[str, str]) -> Service:
+    log = logdir / f"{name.replace('/', '_')}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return Service(name, proc, host, port, log)
+
+
+def start_mock(
+    *, host: str, port: int, tokens: int, cpus: Sequence[int] | None, logdir: Path, timeout: float = 20.0
+) -> Service:
+    """The mock provider in its fastest mode (no pacing, no faults), ready to serve."""
+    port = port or free_port(host)
+    cmd = [*pin_prefix(cpus), sys.executable, "-m", "proxy", "mock-upstream"]
+    cmd += ["--host", host, "--port", str(port), "--tokens", str(tokens)]
+    svc = _spawn("mock", cmd, host, port, logdir, dict(os.environ))
+    try:
+        svc.wait_ready("/_mock/health", timeout)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+def start_proxy(
+    name: str,
+    config: Path,
+    *,
+    upstream: str,
+    workers: int,
+    cpus: Sequence[int] | None,
+    logdir: Path,
+    host: str = "127.0.0.1",
+    timeout: float = 30.0,
+) -> Service:
+    """``llmproxy serve -c config`` with ``$LLMPROXY_BENCH_UPSTREAM`` set to ``upstream``, ready to serve."""
+    port = free_port(host)
+    cmd = [*pin_prefix(cpus), sys.executable, "-m", "proxy", "serve", "-c", str(config)]
+    cmd += ["--host", host, "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+    env = {**os.environ, UPSTREAM_ENV: upstream}
+    svc = _spawn(name, cmd, host, port, logdir, env)
+    try:
+        svc.wait_ready("/healthz", timeout)
+        if workers > 1:  # workers bind one after another; wait until all of them are up
+            deadline = time.monotonic() + timeout
+            while len(svc.tree.workers) < workers and time.monotonic() < deadline:
+                time.sleep(0.05)
+                svc.tree.discover()
+    except BaseException:
+        svc.stop()
+        raise
+    return svc

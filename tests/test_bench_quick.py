@@ -1,0 +1,86 @@
+"""bench/throughput.py runs end to end (``--smoke``) and writes the JSON it promises.
+
+Benchmarks are not tests: nothing here checks a speed, only that every phase
+ran, that both the proxy and the mock direct served requests, and that the
+bench works with either closed-loop generator (wrk when installed, and the
+Python one, which must work without wrk).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "throughput.py"
+
+GENERATORS = [
+    pytest.param("wrk", marks=pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed"), id="wrk"),
+    pytest.param("python", id="python"),
+]
+
+
+def _run_smoke(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--json", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "Closed loop" in proc.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_smoke_writes_every_section(tmp_path: Path, generator: str) -> None:
+    res = _run_smoke(tmp_path, "--generator", generator)
+    assert set(res) >= {"meta", "closed_loop", "paced_stream", "memory", "open_loop", "resources", "warnings"}
+    meta = res["meta"]
+    assert meta["mode"] == "smoke"
+    assert meta["generator"].startswith(generator)
+    assert meta["reply"]["sse_events"] == 50
+    proxy = "llmproxy[empty]"
+    assert [t["name"] for t in meta["targets"]] == ["direct", proxy]
+
+    cells = {(c["mode"], c["concurrency"]) for c in res["closed_loop"]}
+    assert cells == {("json", 1), ("json", 4), ("sse", 1), ("sse", 4)}
+    for cell in res["closed_loop"]:
+        direct, through = cell["results"]["direct"], cell["results"][proxy]
+        assert direct["rps"] > 0 and through["rps"] > 0, cell
+        assert direct["errors"] == 0 and through["errors"] == 0, cell
+        assert {"p50", "p90", "p99"} <= set(through)
+        assert set(through["added_ms"]) == {"p50", "p90", "p99"}
+        assert through["cpu_us_per_request"] > 0
+
+    paced = res["paced_stream"]["results"]
+    assert paced[proxy]["streams"] == paced["direct"]["streams"] > 0
+    assert "ttfb_p50" in paced[proxy]["added_ms"]
+
+    memory = res["memory"][proxy]
+    assert memory["requests"] >= 600 and len(memory["samples"]) >= 2
+    assert "growth_mib_per_10k" in memory
+
+    assert res["resources"][proxy]["peak_rss_mib"] > 0
+    assert res["resources"][proxy]["alive"] is True
+
+    open_loop = res["open_loop"][proxy]
+    assert open_loop["steps"] and open_loop["steps"][0]["target"]["requests"] > 0
+    assert {"max_rate_added_p99_under_5ms", "max_rate_added_p99_under_50ms"} <= set(open_loop)
+
+
+def test_smoke_full_chain_with_python_generator_and_no_extra_phases(tmp_path: Path) -> None:
+    res = _run_smoke(
+        tmp_path, "-c", "full", "--generator", "python", "--skip", "memory", "--skip", "open", "--skip", "paced"
+    )
+    assert set(res) >= {"meta", "closed_loop", "resources"}
+    assert "memory" not in res and "open_loop" not in res
+    assert all(c["results"]["llmproxy[full]"]["rps"] > 0 for c in res["closed_loop"])
