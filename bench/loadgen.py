@@ -38,7 +38,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +178,24 @@ class _Engine:
         conn.parser.reset()
         return True
 
+    def completed(self, timeout: float) -> Iterator[tuple[_Conn, float]]:
+        """Poll once; yield (connection ready for a new request, time) per finished response.
+
+        A connection that failed or was closed by the server is replaced by a fresh one.
+        """
+        for fd, _ in self.poll.poll(timeout):
+            conn = self.by_fd.get(fd)
+            if conn is None:
+                continue
+            now = time.monotonic()
+            state = self.receive(conn, now)
+            if state is False:
+                continue
+            if state is None:
+                self.close(conn)
+                conn = self.open()
+            yield conn, now
+
     def result(self, duration: float) -> LoadResult:
         return LoadResult(
             hist=Histogram(self.counts),
@@ -218,19 +236,9 @@ def _closed_loop_local(
         now = t0
         limit = max_requests if max_requests is not None else 1 << 62
         while now < end and eng.ok + eng.errors < limit and eng.by_fd:
-            for fd, _ in eng.poll.poll(min(end - now, 0.1)):
-                conn = eng.by_fd.get(fd)
-                if conn is None:
-                    continue
-                now = time.monotonic()
-                state = eng.receive(conn, now)
-                if state is False:
-                    continue
-                if state is None:
-                    eng.close(conn)
-                    conn = eng.open()
-                if now < end:
-                    eng.send(conn, now, now)
+            for conn, done_at in eng.completed(min(end - now, 0.1)):
+                if done_at < end:
+                    eng.send(conn, done_at, done_at)
             now = time.monotonic()
         eng.late = 0.0
         return eng.result(min(now, end) - t0)
@@ -278,19 +286,9 @@ def _open_loop_local(
             if now >= deadline:
                 break
             timeout = (due - now) if k < total else min(deadline - now, 0.05)
-            for fd, _ in eng.poll.poll(max(timeout, 0.0)):
-                conn = eng.by_fd.get(fd)
-                if conn is None:
-                    continue
-                now = time.monotonic()
-                state = eng.receive(conn, now)
-                if state is False:
-                    continue
-                if state is None:
-                    eng.close(conn)
-                    conn = eng.open()
+            for conn, done_at in eng.completed(max(timeout, 0.0)):
                 if backlog:
-                    eng.send(conn, backlog.popleft(), now)
+                    eng.send(conn, backlog.popleft(), done_at)
                 else:
                     idle.append(conn)
                     busy -= 1
