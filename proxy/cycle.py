@@ -136,10 +136,12 @@ def _response_headers(ex: Exchange, raw: list[tuple[bytes, bytes]]) -> Headers:
     return Headers(kept)
 
 
-def _head_for_client(ex: Exchange, headers: Headers, content_length: int | None) -> list[tuple[bytes, bytes]]:
-    out = [(k, v) for k, v in headers.raw() if k != b"content-length"]
-    if content_length is not None:
-        out.append((b"content-length", b"%d" % content_length))
+# Fields the connection writes itself when it serialises the head (framing and keep-alive).
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+
+
+def _head_for_client(ex: Exchange, headers: Headers) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers.raw() if k not in _FRAMING]
     out.append((b"x-request-id", ex.id.encode("ascii")))
     return out
 
@@ -160,7 +162,7 @@ class _Relay:
         assert ex.response is not None
         self.head_sent = True
         ex.response_started = True
-        self.conn.start_response(ex.response.status, _head_for_client(ex, ex.response.headers, content_length))
+        self.conn.start_response(ex.response.status, _head_for_client(ex, ex.response.headers), content_length)
 
     def write(self, data: bytes) -> None:
         self.ex.bytes_sent += len(data)
@@ -232,7 +234,7 @@ def _check_route(rt: Runtime, ex: Exchange) -> None:
 def _send_local(conn: HttpConnection, ex: Exchange, reply: LocalReply) -> None:
     ex.response = Response(reply.status, Headers(reply.headers))
     ex.response_started = True
-    conn.start_response(reply.status, _head_for_client(ex, ex.response.headers, len(reply.body)))
+    conn.start_response(reply.status, _head_for_client(ex, ex.response.headers), len(reply.body))
     ex.bytes_sent += len(reply.body)
     conn.write(reply.body)
     conn.end_response()
@@ -244,7 +246,7 @@ def _send_error(conn: HttpConnection, ex: Exchange, err: ProxyError) -> None:
         headers = [_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in err.headers)]
         ex.response = Response(err.status, Headers(headers))
         ex.response_started = True
-        conn.start_response(err.status, _head_for_client(ex, ex.response.headers, len(body)))
+        conn.start_response(err.status, _head_for_client(ex, ex.response.headers), len(body))
         ex.bytes_sent += len(body)
         conn.write(body)
         conn.end_response()
@@ -372,7 +374,9 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
             break
         if conn.write_paused:
             await conn.drain()
-        else:
+        elif resp is None or not resp.buffered:
+            # about to wait for the upstream: send what is queued now. Chunks that
+            # arrived together go out together (one write), never held back.
             conn.flush()
     if stage is not None:
         tail = await stage.push(ex, b"", True)

@@ -9,7 +9,8 @@ differently are request-smuggling vectors, so the proxy refuses them with
 * lines end in CRLF; a bare CR or bare LF anywhere in the head is refused
   (section 2.2 allows a recipient to refuse them);
 * no obs-fold: a header line may not start with SP or HTAB (5.2);
-* no whitespace between a field name and its colon (5.1);
+* no whitespace between a field name and its colon (5.1; h11's field grammar
+  refuses it, like any field name that is not a token);
 * Content-Length and Transfer-Encoding together are refused (6.1: "ought
   to be handled as an error");
 * several Content-Length values must be identical digits (6.3);
@@ -30,7 +31,10 @@ from .errors import BadRequest, HeadersTooLarge
 
 __all__ = ["HeadInfo", "check_head", "find_head_end"]
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A framing field line: its name (any case) and raw value. Lines are CRLF-terminated, so the
+#: value runs to the next CR. Whitespace before the colon is matched here so such a line is
+#: still seen as framing, and then refused by h11's field grammar.
+_FRAMING_FIELD = re.compile(rb"\r\n(content-length|transfer-encoding|expect|connection)[ \t]*:([^\r]*)", re.IGNORECASE)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 
@@ -57,36 +61,46 @@ def find_head_end(buf: bytes | bytearray, max_bytes: int) -> int:
 
 
 class HeadInfo:
-    """Framing facts of a checked head: ``content_length`` (None if absent) and ``chunked``."""
+    """Framing facts of a checked head.
 
-    __slots__ = ("chunked", "content_length", "expect_continue")
+    ``content_length`` (None if absent), ``chunked``, ``expect_continue``
+    (``Expect: 100-continue``) and ``connection_close`` (a ``close`` token in
+    ``Connection``).
+    """
 
-    def __init__(self, content_length: int | None, chunked: bool, expect_continue: bool) -> None:
+    __slots__ = ("chunked", "connection_close", "content_length", "expect_continue")
+
+    def __init__(
+        self, content_length: int | None, chunked: bool, expect_continue: bool, connection_close: bool = False
+    ) -> None:
         self.content_length = content_length
         self.chunked = chunked
         self.expect_continue = expect_continue
+        self.connection_close = connection_close
 
 
 def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
-    """Apply the module's rules to a complete head (request line + fields + CRLFCRLF)."""
-    lines = head.split(b"\r\n")
-    # lines[0] is the request line (h11 checks its grammar); the head ends in
-    # CRLFCRLF so the last two items are empty.
-    fields = lines[1:-2]
-    if len(fields) > max_count:
+    """Apply the module's rules to a complete head (request line + fields + CRLFCRLF).
+
+    The head was already found free of bare CR and LF (:func:`find_head_end`),
+    so every line ends in CRLF. One regex pass picks out the framing fields;
+    the grammar of every field line (a token name, no whitespace before the
+    colon, no control characters in values) is h11's to check when it parses
+    the head right after.
+    """
+    # the request line and the final empty line end in CRLF too
+    if head.count(b"\r\n") - 2 > max_count:
         raise HeadersTooLarge(f"more than {max_count} header fields")
-    content_length: bytes | bytearray | None = None
-    transfer_encoding: list[bytes | bytearray] = []
+    if b"\r\n " in head or b"\r\n\t" in head:
+        raise BadRequest("obsolete line folding in request head", code="invalid_framing")
+    content_length: bytes | None = None
+    transfer_encoding: list[bytes] = []
     expect_continue = False
-    for line in fields:
-        if not line or line[0] in (0x20, 0x09):
-            raise BadRequest("obsolete line folding in request head", code="invalid_framing")
-        colon = line.find(b":")
-        if colon <= 0 or _TOKEN.fullmatch(line, 0, colon) is None:
-            raise BadRequest("malformed header field name", code="invalid_framing")
-        name = line[:colon].lower()
+    connection_close = False
+    for match in _FRAMING_FIELD.finditer(head):
+        name = match.group(1).lower()
+        value = match.group(2).strip(b" \t").lower()
         if name == b"content-length":
-            value = line[colon + 1 :].strip(b" \t")
             for part in value.split(b","):
                 part = part.strip(b" \t")
                 if _DIGITS.fullmatch(part) is None:
@@ -95,9 +109,11 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
                     raise BadRequest("conflicting Content-Length values", code="invalid_framing")
                 content_length = part
         elif name == b"transfer-encoding":
-            transfer_encoding.append(line[colon + 1 :].strip(b" \t").lower())
+            transfer_encoding.append(value)
         elif name == b"expect":
-            expect_continue = line[colon + 1 :].strip(b" \t").lower() == b"100-continue"
+            expect_continue = value == b"100-continue"
+        else:  # connection
+            connection_close = connection_close or any(t.strip(b" \t") == b"close" for t in value.split(b","))
     chunked = False
     if transfer_encoding:
         if content_length is not None:
@@ -108,4 +124,5 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
                 code="invalid_framing",
             )
         chunked = True
-    return HeadInfo(int(content_length) if content_length is not None else None, chunked, expect_continue)
+    length = int(content_length) if content_length is not None else None
+    return HeadInfo(length, chunked, expect_continue, connection_close)

@@ -10,9 +10,9 @@ passes to h11 without copying.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
-__all__ = ["HOP_BY_HOP", "Headers", "check_field"]
+__all__ = ["HOP_BY_HOP", "Headers", "check_field", "fields_of"]
 
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
@@ -29,6 +29,20 @@ def check_field(name: bytes, value: bytes) -> None:
         raise ValueError(f"invalid header name {name!r}")
     if _BAD_VALUE.search(value) is not None:
         raise ValueError(f"invalid value for header {name.decode('latin-1')!r}")
+
+
+def fields_of(parsed: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The ``(lowercase name, value)`` pairs of an h11 event's headers, as a new list.
+
+    h11's ``Headers`` is a ``Sequence`` whose iteration goes through
+    ``__getitem__`` once per field; on the hot path its ``_full_items``
+    triples are read directly, with the public iteration as the fallback
+    should a future h11 store them differently.
+    """
+    full = getattr(parsed, "_full_items", None)
+    if type(full) is list:
+        return [(name, value) for _, name, value in full]
+    return list(parsed)
 
 
 #: Connection-specific headers (RFC 9110 section 7.6.1) that a proxy never forwards.

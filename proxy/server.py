@@ -12,6 +12,14 @@ head checks (:mod:`proxy.framing`) see every request head before h11 does,
 pipelined ones included: the bytes h11 read past a request's end are taken
 back (``trailing_data``) and checked as the next head.
 
+h11 parses the request; the response is serialised here
+(:mod:`proxy.response_head`): the proxy knows its framing (a length, or
+chunked) and every field it writes was validated when parsed or added, so
+h11's send-side state machine would only repeat that work on the hot path.
+Keep-alive follows RFC 9112 9.3, as h11 would decide it: HTTP/1.1 without
+``Connection: close``; a close-delimited body or an unread request body
+closes the connection after the response.
+
 The exchange itself runs in a task (:func:`proxy.cycle.run_exchange`); the
 connection only parses, buffers the request body (bounded) and writes what
 the task gives it. Per-request state lives on the :class:`~proxy.exchange.Exchange`,
@@ -37,6 +45,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
+from .cycle import run_exchange
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -48,7 +57,8 @@ from .errors import (
 )
 from .exchange import Exchange, Request
 from .framing import check_head, find_head_end
-from .headers import Headers
+from .headers import Headers, fields_of
+from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head
 
 if TYPE_CHECKING:
     from .cycle import Runtime
@@ -120,6 +130,11 @@ class HttpConnection(asyncio.Protocol):
         self._continue_pending = False
         # response of the current cycle
         self._head_request = False
+        self._keep_alive = True  # the request allows keep-alive (HTTP/1.1, no Connection: close)
+        self._http11 = True
+        self._chunked = False  # the response body is chunk-framed
+        self._bodiless = False  # HEAD, 1xx, 204, 304: body writes are dropped
+        self._response_done = False
         self._write_paused = False
         self._read_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -243,8 +258,11 @@ class HttpConnection(asyncio.Protocol):
             return
         self._h11 = conn
         self._body_done = False
+        self._response_done = False
         method = event.method
         self._head_request = method == b"HEAD"
+        self._http11 = event.http_version == b"1.1"
+        self._keep_alive = self._http11 and not info.connection_close
         if info.content_length is not None and info.content_length > limits.max_body_bytes:
             self._reject(BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes"))
             return
@@ -256,7 +274,7 @@ class HttpConnection(asyncio.Protocol):
             self._pump_body()
             self._healthz()
             return
-        headers = Headers(event.headers)
+        headers = Headers(fields_of(event.headers))
         request_id = headers.get_raw(b"x-request-id")
         rid = (
             request_id.decode("ascii")
@@ -275,8 +293,6 @@ class HttpConnection(asyncio.Protocol):
         self._continue_pending = info.expect_continue
         self._state = _State.BODY
         self._pump_body()
-        from .cycle import run_exchange  # local: cycle imports this module's types
-
         self._task = self._loop.create_task(run_exchange(self._rt, self, ex))
 
     def _pump_body(self) -> None:
@@ -327,7 +343,7 @@ class HttpConnection(asyncio.Protocol):
                 self._continue_pending = False
                 assert self._h11 is not None and self._transport is not None
                 if self._h11.they_are_waiting_for_100_continue:
-                    self._transport.write(self._h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+                    self._transport.write(CONTINUE_100)
             self._body_waiter = self._loop.create_future()
             try:
                 await self._body_waiter
@@ -341,19 +357,37 @@ class HttpConnection(asyncio.Protocol):
     # Output is collected in ``_out`` and written with one send per flush: a
     # non-streamed response (head, body, end) costs one syscall, and each SSE
     # event one, instead of one per h11 piece.
-    def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Queue the response head. ``headers`` must be free of hop-by-hop fields."""
-        assert self._h11 is not None
-        # Fields were validated when parsed (h11) or added (Headers, config): skip h11's regexes.
-        event = h11.Response(status_code=status, headers=headers, http_version=b"1.1", reason=b"", _parsed=True)
-        self._out += self._h11.send_with_data_passthrough(event)  # type: ignore[arg-type]
+    def start_response(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None) -> None:
+        """Queue the response head.
+
+        ``headers`` must hold no framing or hop-by-hop field (Content-Length,
+        Transfer-Encoding, Connection ...): the framing is chosen here from
+        ``content_length`` (None: chunked for an HTTP/1.1 client, else
+        delimited by closing the connection).
+        """
+        bodiless = self._head_request or status < 200 or status in (204, 304)
+        if bodiless or content_length is not None:
+            chunked = False
+        elif self._http11:
+            chunked = True
+        else:
+            chunked = False
+            self._keep_alive = False  # HTTP/1.0: the body ends when the connection closes
+        if self._rt.draining:
+            self._keep_alive = False
+        self._chunked = chunked
+        self._bodiless = bodiless
+        length = None if (status < 200 or status in (204, 304)) else content_length
+        self._out.append(response_head(status, headers, length, chunked, self._keep_alive))
 
     def write(self, data: bytes) -> None:
-        """Queue body bytes (framed by h11: chunked or as Content-Length says)."""
-        if self._head_request or not data:
+        """Queue body bytes (chunk-framed when the response is chunked)."""
+        if self._bodiless or not data:
             return
-        assert self._h11 is not None
-        self._out += self._h11.send_with_data_passthrough(h11.Data(data=data))  # type: ignore[arg-type]
+        if self._chunked:
+            self._out += (chunk_prefix(len(data)), data, b"\r\n")
+        else:
+            self._out.append(data)
 
     def flush(self) -> None:
         """Send what was queued (call before waiting for more upstream data)."""
@@ -366,8 +400,9 @@ class HttpConnection(asyncio.Protocol):
 
     def end_response(self) -> None:
         """Finish the response body and send everything queued."""
-        assert self._h11 is not None
-        self._out += self._h11.send_with_data_passthrough(h11.EndOfMessage())  # type: ignore[arg-type]
+        if self._chunked:
+            self._out.append(CHUNKED_END)
+        self._response_done = True
         self.flush()
 
     @property
@@ -395,10 +430,10 @@ class HttpConnection(asyncio.Protocol):
         self._task = None
         self._exchange = None
         self._served += 1
-        conn = self._h11
-        if self._state is _State.CLOSED or conn is None or self._transport is None or self._transport.is_closing():
+        if self._state is _State.CLOSED or self._h11 is None or self._transport is None or self._transport.is_closing():
             return
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or self._rt.draining:
+        request_read = self._body_done and self._body_error is None
+        if not (self._response_done and self._keep_alive and request_read) or self._rt.draining:
             self._close()
             return
         self._h11 = None
@@ -416,9 +451,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- replies the connection makes itself ---------------------------------------
     def _healthz(self) -> None:
-        self.start_response(
-            200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_HEALTHZ_BODY))]
-        )
+        self.start_response(200, [(b"content-type", b"application/json")], len(_HEALTHZ_BODY))
         self.write(_HEALTHZ_BODY)
         self.end_response()
         self.exchange_finished()
@@ -431,7 +464,7 @@ class HttpConnection(asyncio.Protocol):
         status, ctype, body = answer
         self._state = _State.BODY
         self._pump_body()
-        self.start_response(status, [(b"content-type", ctype), (b"content-length", b"%d" % len(body))])
+        self.start_response(status, [(b"content-type", ctype)], len(body))
         self.write(body)
         self.end_response()
         self.exchange_finished()

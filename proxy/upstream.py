@@ -45,6 +45,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .headers import fields_of
 
 __all__ = ["READ_HIGH_WATER", "Timeouts", "UpstreamPool", "UpstreamResponse", "UpstreamTarget"]
 
@@ -137,6 +138,9 @@ class _UpstreamConnection(asyncio.Protocol):
         self._eom = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
         self._reading_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -168,6 +172,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _ConnState.CLOSED
+        self._cancel_timer()
         if not self._eom and self._error is None:
             if self._head is None:
                 self._error = UpstreamConnectError("upstream closed the connection before responding")
@@ -230,17 +235,44 @@ class _UpstreamConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def _wait(self, deadline: float, phase: str) -> None:
-        """Wait for any progress; raise UpstreamTimeout(phase) at ``deadline`` (loop time)."""
+        """Wait for any progress; raise UpstreamTimeout(phase) at ``deadline`` (loop time).
+
+        The timer is lazy: one handle per connection, rescheduled only when
+        the new deadline is earlier than the one it is set for. When it fires
+        early (the data came and a later deadline was set since), it re-arms
+        itself for the current deadline, so a stream of many chunks costs no
+        timer operation per chunk.
+        """
         waiter = self._loop.create_future()
         self._waiter = waiter
-        handle = self._loop.call_at(deadline, _expire, waiter)
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
         try:
             await waiter
         finally:
-            handle.cancel()
             self._waiter = None
         if waiter.result() is _TIMED_OUT:
             raise UpstreamTimeout(f"upstream timed out ({phase})", phase=phase)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._loop.time() >= self._deadline:
+            waiter.set_result(_TIMED_OUT)
+        else:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- used by UpstreamResponse / the pool ---------------------------------
     async def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -306,6 +338,7 @@ class _UpstreamConnection(asyncio.Protocol):
         )
 
     def reset_for_reuse(self) -> None:
+        self._cancel_timer()
         self._h11.start_next_cycle()
         self._head = None
         self._eom = False
@@ -315,16 +348,12 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.state = _ConnState.CLOSED
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
 
 _TIMED_OUT: Any = object()
-
-
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_result(_TIMED_OUT)
 
 
 class UpstreamResponse:
@@ -343,12 +372,18 @@ class UpstreamResponse:
         self._deadline = deadline
         self._done = False
         self.status: int = head.status_code
-        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self.headers: list[tuple[bytes, bytes]] = fields_of(head.headers)
         self.http_version = head.http_version
 
     async def read(self) -> bytes:
         """The next body chunk; b"" at the end. Raises UpstreamError subclasses."""
         return await self._conn.read_chunk(self._idle, self._deadline)
+
+    @property
+    def buffered(self) -> bool:
+        """A next chunk (or the end) is already here: :meth:`read` returns without waiting."""
+        conn = self._conn
+        return bool(conn._chunks) or conn._eom
 
     def release(self) -> None:
         """Return the connection to the pool if reusable, else close it. Idempotent."""

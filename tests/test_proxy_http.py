@@ -372,3 +372,67 @@ def test_graceful_shutdown_lets_stream_finish(
     assert b"[DONE]" in data
     stopper.join(5)
     sock.close()
+
+
+def _read_to_close(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_status_line_has_the_reason_phrase_and_one_framing_header(proxy: RunningProxy, mock: MockServer) -> None:
+    response = raw_exchange(proxy.port, _request(extra=b"Connection: close\r\n"))
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 200 ok"
+    assert sum(line.startswith(b"content-length:") for line in lines) == 1
+    assert not any(line.startswith(b"transfer-encoding:") for line in lines)
+    assert b"connection: close" in lines
+    assert len(body) == int(next(v for v in lines if v.startswith(b"content-length:")).split(b":")[1])
+
+
+def test_connection_close_is_honoured_after_the_response(proxy: RunningProxy, mock: MockServer) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        # a second, pipelined request after "Connection: close" is never answered
+        sock.sendall(_request(extra=b"Connection: close\r\n") + _request())
+        data = _read_to_close(sock)
+    assert data.count(b"HTTP/1.1 200") == 1
+    assert len(mock.requests) == 1
+
+
+def test_http10_client_gets_a_close_delimited_stream_then_close(proxy: RunningProxy, mock: MockServer) -> None:
+    body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    request = b"POST /v1/chat/completions HTTP/1.0\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(request)
+        data = _read_to_close(sock)  # the proxy closes: that is how the body ends
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0].startswith(b"http/1.1 200")
+    assert b"connection: close" in lines
+    assert not any(line.startswith((b"transfer-encoding:", b"content-length:")) for line in lines)
+    assert payload.startswith(b"data: {") and payload.rstrip().endswith(b"data: [DONE]")
+
+
+def test_http10_client_json_reply_has_a_length_and_the_connection_closes(proxy: RunningProxy, mock: MockServer) -> None:
+    request = b"POST /v1/chat/completions HTTP/1.0\r\nHost: p\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(request)
+        data = _read_to_close(sock)
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower().split(b"\r\n")
+    assert json.loads(payload)["object"] == "chat.completion"
+
+
+def test_streamed_reply_to_http11_is_chunked_and_the_connection_stays_open(
+    proxy: RunningProxy, mock: MockServer
+) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        reader = Reader(sock)
+        for _ in range(2):
+            sock.sendall(_stream_request())
+            status, headers, body = reader.response()
+            assert status == 200 and headers["transfer-encoding"] == "chunked"
+            assert "connection" not in headers
+            assert body.rstrip().endswith(b"data: [DONE]")
