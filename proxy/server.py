@@ -2,15 +2,17 @@
 
 Theory of operation. A connection loops over request/response cycles::
 
-    HEAD ──head complete──> BODY ──EndOfMessage──> RESPONDING ──response done──> HEAD
-      │  (strict checks,        (h11 decodes            (bytes of a pipelined
-      │   then h11 parses)       the body)               next request wait here)
+    HEAD ──head complete──> BODY ──body complete──> RESPONDING ──response done──> HEAD
+      │  (strict checks,        (counted to its         (bytes of a pipelined
+      │   then h11 parses)       Content-Length, or      next request wait here)
+      │                          chunks h11 decodes)
       └── error / timeout / Connection: close ──> CLOSED
 
 Each cycle gets a fresh h11 server connection, so the proxy's own strict
 head checks (:mod:`proxy.framing`) see every request head before h11 does,
-pipelined ones included: the bytes h11 read past a request's end are taken
-back (``trailing_data``) and checked as the next head.
+pipelined ones included: h11 is given the head alone, and the bytes past a
+request's end (counted off a Content-Length body, or taken back from h11's
+``trailing_data`` after a chunked one) are checked as the next head.
 
 h11 parses the request; the response is serialised here
 (:mod:`proxy.response_head`): the proxy knows its framing (a length, or
@@ -56,7 +58,7 @@ from .errors import (
     render_error,
 )
 from .exchange import Exchange, Request
-from .framing import check_head, find_head_end
+from .framing import HeadInfo, check_head, find_head_end
 from .headers import Headers, fields_of
 from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head
 
@@ -125,6 +127,8 @@ class HttpConnection(asyncio.Protocol):
         # request body of the current cycle
         self._body = bytearray()
         self._body_done = False
+        #: Body bytes still to come (Content-Length), or -1 while h11 decodes a chunked body.
+        self._body_left = 0
         self._body_error: ProxyError | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self._continue_pending = False
@@ -183,9 +187,12 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state is _State.BODY:
-            assert self._h11 is not None
-            self._h11.receive_data(data)
-            self._pump_body()
+            if self._body_left >= 0:
+                self._take_body(data)
+            else:
+                assert self._h11 is not None
+                self._h11.receive_data(data)
+                self._pump_body()
         elif state is _State.HEAD:
             self._buf += data
             self._parse_head()
@@ -200,9 +207,12 @@ class HttpConnection(asyncio.Protocol):
         # A half-closed client still gets its response (keep the write side open).
         if self._state is _State.HEAD and not self._buf and self._task is None:
             return False
-        if self._state is _State.BODY and self._h11 is not None:
-            self._h11.receive_data(b"")
-            self._pump_body()
+        if self._state is _State.BODY:
+            if self._body_left >= 0:
+                self._fail_body(BadRequest("client closed the connection mid-request"))
+            elif self._h11 is not None:
+                self._h11.receive_data(b"")
+                self._pump_body()
         return True
 
     # -- timers --------------------------------------------------------------
@@ -238,9 +248,10 @@ class HttpConnection(asyncio.Protocol):
             end = find_head_end(buf, limits.max_header_bytes)
             if end < 0:
                 return
-            info = check_head(buf[:end], limits.max_header_count)
+            head = bytes(buf[:end])
+            info = check_head(head, limits.max_header_count)
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-            conn.receive_data(bytes(buf))
+            conn.receive_data(head)
             event = conn.next_event()
         except ProxyError as exc:
             self._reject(exc)
@@ -251,6 +262,7 @@ class HttpConnection(asyncio.Protocol):
         if type(event) is not h11.Request:  # pragma: no cover - a complete head always parses to one
             self._reject(BadRequest("malformed request", code="invalid_framing"))
             return
+        rest = bytes(buf[end:])
         buf.clear()
         self._cancel_timer()
         if event.http_version not in (b"1.1", b"1.0"):
@@ -267,11 +279,10 @@ class HttpConnection(asyncio.Protocol):
             self._reject(BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes"))
             return
         target = event.target
-        if method == b"GET" and target in self._rt.admin.paths and self._admin(target):
+        if method == b"GET" and target in self._rt.admin.paths and self._admin(target, info, rest):
             return
         if target == b"/healthz" and method == b"GET":
-            self._state = _State.BODY
-            self._pump_body()
+            self._begin_body(info, rest)
             self._healthz()
             return
         headers = Headers(fields_of(event.headers))
@@ -287,13 +298,46 @@ class HttpConnection(asyncio.Protocol):
             self._client,
         )
         self._exchange = ex
+        self._continue_pending = info.expect_continue
+        self._begin_body(info, rest)
+        self._task = self._loop.create_task(run_exchange(self._rt, self, ex))
+
+    # -- request body ------------------------------------------------------------
+    # A Content-Length body is counted off the socket here: its framing is a
+    # byte count already checked by check_head, and h11 would spend two of its
+    # state-machine events (Data, EndOfMessage) to say the same. A chunked body
+    # is decoded by h11.
+    def _begin_body(self, info: HeadInfo, rest: bytes) -> None:
+        """Start receiving the body; ``rest`` is what followed the head in the buffer."""
         self._body = bytearray()
         self._body_done = False
         self._body_error = None
-        self._continue_pending = info.expect_continue
         self._state = _State.BODY
-        self._pump_body()
-        self._task = self._loop.create_task(run_exchange(self._rt, self, ex))
+        if info.chunked:
+            self._body_left = -1
+            assert self._h11 is not None
+            if rest:
+                self._h11.receive_data(rest)
+            self._pump_body()
+        else:
+            self._body_left = info.content_length or 0
+            self._take_body(rest)
+
+    def _take_body(self, data: bytes) -> None:
+        """Counted (Content-Length) body bytes; what follows the body is the next request's."""
+        left = self._body_left
+        if len(data) <= left:
+            self._body += data
+            left -= len(data)
+        else:
+            self._body += data[:left]
+            self._buf += data[left:]
+            left = 0
+        self._body_left = left
+        if left == 0:
+            self._body_done = True
+            self._state = _State.RESPONDING
+            self._wake_body()
 
     def _pump_body(self) -> None:
         conn = self._h11
@@ -342,7 +386,9 @@ class HttpConnection(asyncio.Protocol):
             if self._continue_pending:
                 self._continue_pending = False
                 assert self._h11 is not None and self._transport is not None
-                if self._h11.they_are_waiting_for_100_continue:
+                # the client waits for it until it has sent a body byte
+                counted = self._body_left >= 0
+                if (counted and not self._body) or (not counted and self._h11.they_are_waiting_for_100_continue):
                     self._transport.write(CONTINUE_100)
             self._body_waiter = self._loop.create_future()
             try:
@@ -456,14 +502,13 @@ class HttpConnection(asyncio.Protocol):
         self.end_response()
         self.exchange_finished()
 
-    def _admin(self, target: bytes) -> bool:
+    def _admin(self, target: bytes, info: HeadInfo, rest: bytes) -> bool:
         """Answer an admin path for an allowed client; False to handle it as any other path."""
         answer = self._rt.admin.answer(target, self._client)
         if answer is None:
             return False
         status, ctype, body = answer
-        self._state = _State.BODY
-        self._pump_body()
+        self._begin_body(info, rest)
         self.start_response(status, [(b"content-type", ctype)], len(body))
         self.write(body)
         self.end_response()

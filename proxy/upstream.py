@@ -133,6 +133,13 @@ class _UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self._head: h11.Response | None = None
+        #: the response head's fields, lowercase names (copied once, for UpstreamResponse)
+        self.head_fields: list[tuple[bytes, bytes]] = []
+        self._method = b""
+        #: Body bytes still to come when the body is counted (Content-Length), else -1.
+        self._body_left = -1
+        #: The response allows the connection to be reused (HTTP/1.1, no Connection: close).
+        self._keep_alive = True
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._eom = False
@@ -157,6 +164,9 @@ class _UpstreamConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self._body_left >= 0:
+            self._take_body(data)
+            return
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # receive after close
@@ -165,6 +175,9 @@ class _UpstreamConnection(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool | None:
+        if self._body_left >= 0:  # a counted body cut short (connection_lost reports it)
+            self._keep_alive = False
+            return None
         with contextlib.suppress(h11.RemoteProtocolError):
             self._h11.receive_data(b"")
         self._pump()
@@ -213,6 +226,10 @@ class _UpstreamConnection(asyncio.Protocol):
                     self.transport.pause_reading()
             elif kind is h11.Response:
                 self._head = event  # type: ignore[assignment]
+                if self._begin_body(event):  # type: ignore[arg-type]
+                    rest, _ = conn.trailing_data
+                    self._take_body(rest)
+                    return
             elif kind is h11.EndOfMessage:
                 self._eom = True
                 break
@@ -221,6 +238,44 @@ class _UpstreamConnection(asyncio.Protocol):
                     self._error = UpstreamProtocolError("upstream closed the connection mid-response")
                 break
             # InformationalResponse (100 Continue) is ignored.
+        self._wake()
+
+    # A Content-Length body is counted off the socket: its framing is a byte
+    # count, and h11 would spend two state-machine events (Data, EndOfMessage)
+    # to say the same. Heads, chunked and close-delimited bodies stay with h11.
+    def _begin_body(self, head: h11.Response) -> bool:
+        """Record the head; True when its body is to be counted here rather than by h11."""
+        fields = self.head_fields = fields_of(head.headers)
+        length: bytes | None = None
+        for name, value in fields:
+            if name == b"content-length":
+                length = value
+            elif name == b"connection" and b"close" in value.lower():
+                self._keep_alive = False
+        if head.http_version != b"1.1":
+            self._keep_alive = False
+        if length is None or self._method == b"HEAD" or head.status_code in (204, 304):
+            return False
+        self._body_left = int(length)  # h11 validated it (digits; equal duplicates)
+        return True
+
+    def _take_body(self, data: bytes) -> None:
+        left = self._body_left
+        if len(data) > left:
+            # more than the Content-Length said: keep what it framed, never reuse the connection
+            data = data[:left]
+            self._keep_alive = False
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > READ_HIGH_WATER and not self._reading_paused:
+                self._reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+        left -= len(data)
+        self._body_left = left
+        if left == 0:
+            self._eom = True
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
@@ -280,6 +335,7 @@ class _UpstreamConnection(asyncio.Protocol):
         try:
             # Fields were validated when parsed (h11) or added (Headers, config), so h11's
             # per-field regexes are skipped; it still checks Host, method and target.
+            self._method = method
             event = h11.Request(method=method, target=target, headers=headers, http_version=b"1.1", _parsed=True)
             pieces = self._h11.send_with_data_passthrough(event)
             if body:
@@ -320,13 +376,14 @@ class _UpstreamConnection(asyncio.Protocol):
         return chunk
 
     def reusable(self) -> bool:
-        return (
-            self.state is not _ConnState.CLOSED
-            and self._h11.our_state is h11.DONE
-            and self._h11.their_state is h11.DONE
-            and self.transport is not None
-            and not self.transport.is_closing()
-        )
+        """The exchange finished cleanly on both sides and the connection may carry another."""
+        if self.state is _ConnState.CLOSED or self.transport is None or self.transport.is_closing():
+            return False
+        if self._h11.our_state is not h11.DONE:
+            return False
+        if self._body_left >= 0:
+            return self._eom and self._keep_alive
+        return self._h11.their_state is h11.DONE
 
     def idle_usable(self) -> bool:
         """An idle (reset) connection that the peer has not closed."""
@@ -339,7 +396,13 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def reset_for_reuse(self) -> None:
         self._cancel_timer()
-        self._h11.start_next_cycle()
+        if self._body_left >= 0:
+            # h11 saw the head only: a fresh state machine for the next request
+            self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+            self._body_left = -1
+        else:
+            self._h11.start_next_cycle()
+        self._keep_alive = True
         self._head = None
         self._eom = False
         self._chunks.clear()
@@ -372,7 +435,7 @@ class UpstreamResponse:
         self._deadline = deadline
         self._done = False
         self.status: int = head.status_code
-        self.headers: list[tuple[bytes, bytes]] = fields_of(head.headers)
+        self.headers: list[tuple[bytes, bytes]] = conn.head_fields
         self.http_version = head.http_version
 
     async def read(self) -> bytes:

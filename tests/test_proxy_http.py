@@ -4,6 +4,7 @@ chunked bodies, 100-continue, HEAD, header handling, flow control, disconnects."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -129,11 +130,15 @@ def test_expect_100_continue(proxy: RunningProxy) -> None:
 
 
 class _ScriptedUpstream(asyncio.Protocol):
-    """Answers by path: HEAD-able /v1/models, and 204 / 304 statuses chosen by a header."""
+    """Answers by path: HEAD-able /v1/models, 204 / 304 statuses chosen by a header, and
+    misbehaving Content-Length replies (``x-script``: ``extra``, ``close``, ``cut``)."""
+
+    connections: list[int] = []  # accepted connections, across instances
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         self.buf = b""
+        _ScriptedUpstream.connections.append(1)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -145,7 +150,17 @@ class _ScriptedUpstream(asyncio.Protocol):
                 if name.lower() == b"content-length":
                     length = int(value)
             self.buf = self.buf[length:]
-            if b"x-status: 204" in head.lower():
+            body = b'{"object":"list","data":[]}'
+            ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            if b"x-script: extra" in head.lower():  # more bytes than its Content-Length
+                self.transport.write(ok + b"content-length: %d\r\n\r\n%sGARBAGE" % (len(body), body))
+            elif b"x-script: close" in head.lower():
+                self.transport.write(ok + b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                self.transport.close()
+            elif b"x-script: cut" in head.lower():  # closes after 10 of 100 promised bytes
+                self.transport.write(ok + b"content-length: 100\r\n\r\n" + body[:10])
+                self.transport.close()
+            elif b"x-status: 204" in head.lower():
                 self.transport.write(b"HTTP/1.1 204 No Content\r\nx-kind: empty\r\n\r\n")
             elif b"x-status: 304" in head.lower():
                 self.transport.write(b'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\n\r\n')
@@ -436,3 +451,60 @@ def test_streamed_reply_to_http11_is_chunked_and_the_connection_stays_open(
             assert status == 200 and headers["transfer-encoding"] == "chunked"
             assert "connection" not in headers
             assert body.rstrip().endswith(b"data: [DONE]")
+
+
+def test_body_in_pieces_with_the_next_request_in_the_last_piece(proxy: RunningProxy, mock: MockServer) -> None:
+    first, second = _request(), _request(json.dumps({"model": "second", "messages": []}).encode())
+    head_end = first.index(b"\r\n\r\n") + 4
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(first[: head_end + 3])
+        time.sleep(0.05)
+        sock.sendall(first[head_end + 3 : -4])
+        time.sleep(0.05)
+        sock.sendall(first[-4:] + second[:20])
+        time.sleep(0.05)
+        sock.sendall(second[20:])
+        reader = Reader(sock)
+        assert reader.response()[0] == 200
+        assert json.loads(reader.response()[2])["model"] == "second"
+    assert [r.model for r in mock.requests] == ["m", "second"]
+
+
+def test_client_closing_mid_body_never_reaches_the_upstream(proxy: RunningProxy, mock: MockServer) -> None:
+    request = _request()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(request[:-10])
+        sock.shutdown(socket.SHUT_WR)
+        data = _read_to_close(sock)
+    assert data.startswith(b"HTTP/1.1 400") or data == b""
+    time.sleep(0.05)
+    assert mock.requests == []
+
+
+@pytest.mark.parametrize("script", ["extra", "close"])
+def test_upstream_connection_not_reused_after_a_bad_or_closing_reply(scripted_proxy: RunningProxy, script: str) -> None:
+    _ScriptedUpstream.connections.clear()
+    with socket.create_connection(("127.0.0.1", scripted_proxy.port), timeout=5) as sock:
+        reader = Reader(sock)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Script: %s\r\n\r\n" % script.encode())
+        status, _, body = reader.response()
+        assert status == 200 and body == b'{"object":"list","data":[]}'  # exactly its Content-Length
+        time.sleep(0.05)
+        for _ in range(2):
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n")
+            status, _, body = reader.response()
+            assert status == 200 and body == b'{"object":"list","data":[]}'
+    assert len(_ScriptedUpstream.connections) == 2  # a new one after the bad reply, then reused
+
+
+def test_upstream_closing_mid_body_aborts_the_client_connection(scripted_proxy: RunningProxy) -> None:
+    with socket.create_connection(("127.0.0.1", scripted_proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Script: cut\r\n\r\n")
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            data = _read_to_close(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"content-length: 100" in head.lower()
+    assert len(body) < 100  # the client can tell the response was cut
+    after = raw_exchange(scripted_proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    assert status_of(after) == 200
