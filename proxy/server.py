@@ -43,6 +43,7 @@ import enum
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import h11
@@ -60,7 +61,7 @@ from .errors import (
 from .exchange import Exchange, Request
 from .framing import HeadInfo, check_head, find_head_end
 from .headers import Headers, fields_of
-from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head
+from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head, status_line
 
 if TYPE_CHECKING:
     from .cycle import Runtime
@@ -120,6 +121,9 @@ class HttpConnection(asyncio.Protocol):
         self._h11: h11.Connection | None = None
         self._client = "-"
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the pending timer fires
+        self._deadline = 0.0  # when the armed timeout expires
+        self._on_expiry: Callable[[], None] | None = None
         #: True while the timer is the keep-alive idle timer (no byte of a next request yet).
         self._keepalive_wait = False
         self._task: asyncio.Task[None] | None = None
@@ -163,12 +167,12 @@ class HttpConnection(asyncio.Protocol):
                 ServiceUnavailable("too many connections" if not self._rt.draining else "server is shutting down")
             )
             return
-        self._timer = self._loop.call_later(self._limits.header_timeout, self._on_head_timeout)
+        self._arm(self._limits.header_timeout, self._on_head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _State.CLOSED
         self._rt.connections.discard(self)
-        self._cancel_timer()
+        self._drop_timer()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         for waiter in (self._drain_waiter, self._body_waiter):
@@ -216,13 +220,44 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     # -- timers --------------------------------------------------------------
+    # One lazy timer per connection. Arming sets a deadline and what to do at
+    # it, and schedules only when that deadline is earlier than the pending
+    # timer's; disarming only forgets what to do. A timer that fires before
+    # the current deadline re-arms itself for it. So the head and keep-alive
+    # timeouts of a busy connection cost no timer operation per request.
+    def _arm(self, delay: float, on_expiry: Callable[[], None]) -> None:
+        deadline = self._loop.time() + delay
+        self._deadline = deadline
+        self._on_expiry = on_expiry
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
     def _cancel_timer(self) -> None:
+        self._on_expiry = None
+
+    def _drop_timer(self) -> None:
+        self._on_expiry = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _on_head_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
+        on_expiry = self._on_expiry
+        if on_expiry is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        self._on_expiry = None
+        on_expiry()
+
+    def _on_head_timeout(self) -> None:
         if self._state is not _State.HEAD:
             return
         if self._buf:
@@ -231,7 +266,6 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def _on_keepalive_timeout(self) -> None:
-        self._timer = None
         if self._state is _State.HEAD and not self._buf:
             self._close()
 
@@ -242,8 +276,7 @@ class HttpConnection(asyncio.Protocol):
         if self._keepalive_wait:
             # first bytes of a new request on a kept-alive connection
             self._keepalive_wait = False
-            self._cancel_timer()
-            self._timer = self._loop.call_later(limits.header_timeout, self._on_head_timeout)
+            self._arm(limits.header_timeout, self._on_head_timeout)
         try:
             end = find_head_end(buf, limits.max_header_bytes)
             if end < 0:
@@ -489,11 +522,11 @@ class HttpConnection(asyncio.Protocol):
             self._read_paused = False
             self._transport.resume_reading()
         if self._buf:
-            self._timer = self._loop.call_later(self._limits.header_timeout, self._on_head_timeout)
+            self._arm(self._limits.header_timeout, self._on_head_timeout)
             self._parse_head()
         else:
             self._keepalive_wait = True
-            self._timer = self._loop.call_later(self._limits.keepalive_timeout, self._on_keepalive_timeout)
+            self._arm(self._limits.keepalive_timeout, self._on_keepalive_timeout)
 
     # -- replies the connection makes itself ---------------------------------------
     def _healthz(self) -> None:
@@ -523,7 +556,7 @@ class HttpConnection(asyncio.Protocol):
             return
         body = render_error(error)
         head = [
-            b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
+            status_line(error.status),
             b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % len(body),
         ]
         for name, value in error.headers:
@@ -535,7 +568,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._state = _State.CLOSED
-        self._cancel_timer()
+        self._drop_timer()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
@@ -545,15 +578,3 @@ class HttpConnection(asyncio.Protocol):
             self._close()
             return True
         return False
-
-
-_REASONS = {
-    400: b"Bad Request",
-    404: b"Not Found",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    503: b"Service Unavailable",
-    505: b"HTTP Version Not Supported",
-}
