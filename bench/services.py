@@ -1,9 +1,12 @@
-"""The processes under test: the mock provider and llmproxy, started pinned to CPUs.
+"""The processes under test: the mock provider, llmproxy and the baselines, started pinned to CPUs.
 
-Both run as ``python -m proxy ...`` with the interpreter running the bench,
-so the bench measures the checkout it sits in. Output goes to a log file
-whose tail is shown if a process fails to start or dies. Ports are picked
-free by binding to port 0 first (the usual small race, fine on loopback).
+The mock and llmproxy run as ``python -m proxy ...`` with the interpreter
+running the bench, so the bench measures the checkout it sits in. The
+baselines are reference relays in front of the same mock: ``h11relay.py``
+(a bare uvloop + h11 proxy) and nginx with a generated config. Output goes
+to a log file whose tail is shown if a process fails to start or dies.
+Ports are picked free by binding to port 0 first (the usual small race,
+fine on loopback).
 """
 
 from __future__ import annotations
@@ -15,16 +18,30 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from procstat import ProcessTree
 
-__all__ = ["Service", "free_port", "http_status", "pin_prefix", "start_mock", "start_proxy"]
+__all__ = [
+    "Service",
+    "find_nginx",
+    "free_port",
+    "http_status",
+    "nginx_version",
+    "pin_prefix",
+    "start_h11relay",
+    "start_mock",
+    "start_nginx",
+    "start_proxy",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_ENV = "LLMPROXY_BENCH_UPSTREAM"
+H11RELAY = Path(__file__).resolve().with_name("h11relay.py")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,6 +81,7 @@ class Service:
         self.host = host
         self.port = port
         self.log = log
+        self.extra_logs: list[Path] = []  # logs the process writes itself (nginx's error_log)
         self.tree = ProcessTree(proc.pid)
 
     def __repr__(self) -> str:
@@ -74,10 +92,14 @@ class Service:
         return f"http://{self.host}:{self.port}"
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        """The last ``lines`` lines of each log (stdout and stderr, then any extra log)."""
+        tails = []
+        for path in [self.log, *self.extra_logs]:
+            try:
+                tails += path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+        return "\n".join(tails)
 
     def wait_ready(self, path: str, timeout: float = 20.0) -> None:
         """Poll ``GET path`` until 200; raise with the log tail if the process exits or time runs out."""
@@ -158,3 +180,115 @@ def start_proxy(
         svc.stop()
         raise
     return svc
+
+
+def _ready(svc: Service, path: str, timeout: float) -> Service:
+    """Wait until ``svc`` answers ``path`` with 200; stop it and re-raise if it does not."""
+    try:
+        svc.wait_ready(path, timeout)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if not parts.hostname or not parts.port:
+        raise ValueError(f"{url}: expected http://host:port")
+    return parts.hostname, parts.port
+
+
+def start_h11relay(
+    name: str,
+    *,
+    upstream: str,
+    cpus: Sequence[int] | None,
+    logdir: Path,
+    host: str = "127.0.0.1",
+    timeout: float = 20.0,
+) -> Service:
+    """``bench/h11relay.py`` in front of ``upstream`` (the mock's URL), ready to serve."""
+    port = free_port(host)
+    up_host, up_port = _host_port(upstream)
+    cmd = [*pin_prefix(cpus), sys.executable, str(H11RELAY), "--host", host, "--port", str(port)]
+    cmd += ["--upstream", f"{up_host}:{up_port}"]
+    return _ready(_spawn(name, cmd, host, port, logdir, dict(os.environ)), "/_mock/health", timeout)
+
+
+def find_nginx() -> str | None:
+    """Path of the ``nginx`` binary (``$PATH``, then ``/usr/sbin/nginx``), or None."""
+    found = shutil.which("nginx")
+    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
+        found = "/usr/sbin/nginx"
+    return found
+
+
+def nginx_version(nginx: str) -> str:
+    """``nginx/1.22.1`` (nginx prints its version on stderr)."""
+    proc = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    return (proc.stderr or proc.stdout).strip().rpartition(": ")[2] or "nginx"
+
+
+# One worker (the counterpart of one llmproxy process on one CPU), no access log,
+# upstream keep-alive, streamed responses. Temp paths and the pid file go to the
+# bench's directory so nginx needs nothing from /var. keepalive_requests is raised
+# so that neither side closes a connection every 1000 requests (nginx's default).
+_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+{user}pid {dir}/nginx.pid;
+error_log {dir}/error.log error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream mock {{
+        server {up_host}:{up_port};
+        keepalive 128;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {host}:{port};
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(
+    name: str,
+    nginx: str,
+    *,
+    upstream: str,
+    cpus: Sequence[int] | None,
+    logdir: Path,
+    host: str = "127.0.0.1",
+    timeout: float = 20.0,
+) -> Service:
+    """nginx (one worker) as a reverse proxy in front of ``upstream``, ready to serve.
+
+    The config, pid file, temp paths and ``error.log`` go to a fresh directory
+    under ``logdir``; the error log is one of the service's logs.
+    """
+    port = free_port(host)
+    up_host, up_port = _host_port(upstream)
+    confdir = Path(tempfile.mkdtemp(prefix="nginx-", dir=logdir))
+    # nginx started by root runs its worker as "nobody", which cannot enter this directory
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = confdir / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(user=user, dir=confdir, host=host, port=port, up_host=up_host, up_port=up_port))
+    cmd = [*pin_prefix(cpus), nginx, "-p", str(confdir), "-c", str(conf)]
+    svc = _spawn(name, cmd, host, port, logdir, dict(os.environ))
+    svc.extra_logs.append(confdir / "error.log")
+    return _ready(svc, "/_mock/health", timeout)

@@ -8,6 +8,7 @@ Not a test: it prints figures and never judges them. Run from the repo root::
     python bench/throughput.py --workers 2 --proxy-cpus 0,1
     python bench/throughput.py --quick              # under 30 s, fewer requests
     python bench/throughput.py --smoke              # CI: a few seconds, checks it runs
+    python bench/throughput.py --baseline h11relay --baseline nginx   # + reference relays
     python bench/throughput.py --mock-port 9009 --target http://127.0.0.1:4000   # + another gateway
 
 Theory of operation
@@ -18,6 +19,13 @@ proxy, so direct-to-mock is the ceiling and the baseline of every figure.
 On a machine with two or more CPUs the proxy is pinned to one CPU and the
 mock, the load generator and this script to the others (``taskset``), so
 what the proxy adds is its own cost, not contention with the generator.
+
+Baselines (``--baseline``) are reference relays started on the proxy's CPU
+in front of the same mock, to show on the reader's machine what a minimal
+relay costs: ``h11relay`` (``h11relay.py``: bare uvloop + h11, no features,
+the floor of "h11 in Python") and ``nginx`` (one worker, upstream
+keep-alive). They are measured like external targets (every phase but
+memory) and, having a process the bench started, get CPU per request too.
 
 Phases, in this order (``--skip`` drops any):
 
@@ -67,7 +75,7 @@ import report
 from loadgen import LoadResult, closed_loop, open_loop
 from paced import PacedClient, StreamTiming, summarize
 from procstat import steal_seconds
-from services import Service, start_mock, start_proxy
+from services import Service, find_nginx, nginx_version, start_h11relay, start_mock, start_nginx, start_proxy
 from wire import Endpoint, ResponseParser, build_request, chat_body, parse_url
 from wrk import find_wrk, run_wrk
 
@@ -81,6 +89,7 @@ SSE_TOKENS = 47
 # Memory "plateaus" when it grows less than this per 10k requests (~10 B/request).
 PLATEAU_MIB_PER_10K = 0.1
 OPEN_LOOP_LIMITS_MS = (5.0, 50.0)
+BASELINES = ("h11relay", "nginx")
 
 
 @dataclass(frozen=True)
@@ -164,10 +173,10 @@ PLANS = {
 
 @dataclass
 class Target:
-    """Something to measure: the mock direct, an llmproxy we started, or an external gateway."""
+    """Something to measure: the mock direct, an llmproxy or a baseline relay we started, or an external gateway."""
 
     name: str
-    kind: str  # direct | llmproxy | external
+    kind: str  # direct | llmproxy | baseline | external
     endpoint: Endpoint
     requests: dict[str, bytes]  # mode (json, sse, paced) -> raw request
     service: Service | None = None
@@ -313,15 +322,37 @@ class Bench:
             self.services.append(svc)
             ep = parse_url(svc.url)
             self.targets.append(Target(label, "llmproxy", ep, self._requests(ep), svc, str(path), args.workers))
+        for name in dict.fromkeys(args.baseline):  # in order, once each
+            self._start_baseline(name, mock.url, logdir)
         for url in args.target:
             ep = parse_url(url)
             self.targets.append(Target(f"target[{ep.host}:{ep.port}]", "external", ep, self._requests(ep)))
         if len(self.targets) < 2:
-            raise SystemExit("nothing to measure besides direct: give -c CONFIG or --target URL")
+            raise SystemExit("nothing to measure besides direct: give -c CONFIG, --baseline NAME or --target URL")
         if args.workers > 1 and self.pin and len(self.pin["proxy"]) < args.workers:
             self.warnings.append(
                 f"{args.workers} workers pinned to CPU(s) {self.pin['proxy']}: they share them (see --proxy-cpus)"
             )
+
+    def _start_baseline(self, name: str, upstream: str, logdir: Path) -> None:
+        """Start one reference relay on the proxy's CPU(s) and add it as a target (a warning if it cannot run)."""
+        label = f"baseline[{name}]"
+        cpus = self.pin["proxy"] if self.pin else None
+        if name == "h11relay":
+            what = "bench/h11relay.py (uvloop + h11, no features)"
+            _log(f"starting {label} ...")
+            svc = start_h11relay(label, upstream=upstream, cpus=cpus, logdir=logdir)
+        else:
+            nginx = find_nginx()
+            if nginx is None:
+                self.warnings.append(f"{label}: nginx is not installed (not on $PATH nor /usr/sbin/nginx); skipped")
+                return
+            what = f"{nginx_version(nginx)}: 1 worker, upstream keepalive 128, proxy_buffering off"
+            _log(f"starting {label} ({nginx}) ...")
+            svc = start_nginx(label, nginx, upstream=upstream, cpus=cpus, logdir=logdir)
+        self.services.append(svc)
+        ep = parse_url(svc.url)
+        self.targets.append(Target(label, "baseline", ep, self._requests(ep), svc, what, 1))
 
     def stop(self) -> None:
         """Stop every process started, llmproxy first; note any that did not exit cleanly."""
@@ -369,7 +400,7 @@ class Bench:
         out: dict[str, Any] = {}
         step = max(1, plan.memory_requests // plan.memory_samples)
         for target in self.others:
-            if target.service is None:
+            if target.kind != "llmproxy" or target.service is None:
                 continue
             tree = target.service.tree
             reqs = [target.requests["json"], target.requests["sse"]]
@@ -547,7 +578,7 @@ class Bench:
         return out
 
     def resources(self) -> dict[str, Any]:
-        """Peak and final RSS and CPU per request of each llmproxy."""
+        """Peak and final RSS and CPU per request of each process the bench started (llmproxy, baselines)."""
         out: dict[str, Any] = {}
         for target in self.others:
             if target.service is None:
@@ -575,10 +606,11 @@ class Bench:
         return out
 
     def scan_logs(self) -> None:
-        """Report tracebacks and errors that the processes logged."""
+        """Report tracebacks and errors that the processes logged (nginx: level error and worse)."""
+        marks = ("Traceback", " ERROR ", "CRITICAL", "[error]", "[crit]", "[alert]", "[emerg]")
         for svc in self.services:
             text = svc.log_tail(2000)
-            bad = [ln for ln in text.splitlines() if "Traceback" in ln or " ERROR " in ln or "CRITICAL" in ln]
+            bad = [ln for ln in text.splitlines() if any(m in ln for m in marks)]
             if bad:
                 self.warnings.append(
                     f"{svc.name} logged {len(bad)} error line(s), first: {bad[0][:200]} (log {svc.log})"
@@ -729,7 +761,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="another OpenAI-compatible gateway, already pointed at the mock (see --mock-port)",
     )
-    ap.add_argument("--no-llmproxy", action="store_true", help="measure only the --target gateways")
+    ap.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        choices=BASELINES,
+        help="also measure a reference relay on the proxy's CPU: h11relay (bench/h11relay.py, bare uvloop + h11) "
+        "or nginx (if installed); repeatable",
+    )
+    ap.add_argument("--no-llmproxy", action="store_true", help="measure only the --baseline and --target ones")
     ap.add_argument(
         "--mock-port",
         type=int,

@@ -1,15 +1,17 @@
 """bench/throughput.py runs end to end (``--smoke``) and writes the JSON it promises.
 
 Benchmarks are not tests: nothing here checks a speed, only that every phase
-ran, that both the proxy and the mock direct served requests, and that the
+ran, that both the proxy and the mock direct served requests, that the
 bench works with either closed-loop generator (wrk when installed, and the
-Python one, which must work without wrk).
+Python one, which must work without wrk), and that the ``--baseline`` relays
+(h11relay, and nginx where installed) are measured and stopped.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "throughput.py"
+
+NGINX_INSTALLED = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
 
 GENERATORS = [
     pytest.param("wrk", marks=pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed"), id="wrk"),
@@ -84,3 +88,29 @@ def test_smoke_full_chain_with_python_generator_and_no_extra_phases(tmp_path: Pa
     assert set(res) >= {"meta", "closed_loop", "resources"}
     assert "memory" not in res and "open_loop" not in res
     assert all(c["results"]["llmproxy[full]"]["rps"] > 0 for c in res["closed_loop"])
+
+
+def test_smoke_baselines_are_measured_and_stopped(tmp_path: Path) -> None:
+    """``--baseline``: reference relays on the proxy's CPU, measured like targets, stopped at the end."""
+    names = ["h11relay"] + (["nginx"] if NGINX_INSTALLED else [])  # nginx only where it is installed
+    res = _run_smoke(tmp_path, "--no-llmproxy", *(f"--baseline={name}" for name in names))
+    labels = [f"baseline[{name}]" for name in names]
+    targets = res["meta"]["targets"]
+    assert [t["name"] for t in targets] == ["direct", *labels]
+    assert all(t["kind"] == "baseline" for t in targets[1:])
+    assert res["memory"] == {}  # memory is measured for llmproxy only
+    for label in labels:
+        assert res["meta"]["probe"][label]["sse_events"] == 50  # x-mock-tokens reached the mock
+        for cell in res["closed_loop"]:
+            row = cell["results"][label]
+            assert row["rps"] > 0 and row["errors"] == 0, (label, cell)
+            assert row["cpu_us_per_request"] > 0
+        assert res["paced_stream"]["results"][label]["streams"] > 0
+        assert res["open_loop"][label]["steps"][0]["target"]["errors"] == 0
+        assert res["resources"][label]["alive"] is True
+    # no errors, tracebacks or unclean exits (being preempted on a busy machine is only noise)
+    assert not [w for w in res["warnings"] if "baseline" in w and "preempted" not in w], res["warnings"]
+    for target in targets:  # every process was stopped: nothing listens any more
+        host, port = target["url"].split("/")[2].split(":")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=2).close()
