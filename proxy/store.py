@@ -5,7 +5,8 @@ workers and (with a networked backend) instances: key health, counters,
 budgets, leases. Its contract is the same for every backend, so a filter is
 written once and tested against each:
 
-* ``get`` returns ``(value, version)``; version 0 means absent. ``set`` with
+* ``get`` returns ``(value, version)``; version 0 means absent. ``get_many``
+  reads several keys at once, in one round trip where the backend has them. ``set`` with
   ``cas=version`` succeeds only if nobody wrote the key since that read
   (compare-and-swap, as proxy-wasm's ``set_shared_data(key, value, cas)``);
   ``cas=None`` writes unconditionally. ``cas=0`` means "only if absent".
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 __all__ = ["MemoryStore", "SharedStore", "StoreUnavailable"]
 
@@ -41,6 +42,10 @@ class SharedStore(ABC):
     @abstractmethod
     async def get(self, key: str) -> tuple[bytes | None, int]:
         """Return ``(value, version)``; ``(None, 0)`` when the key is absent or expired."""
+
+    async def get_many(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]]:
+        """``get`` of each of ``keys``, in order (backends override it with one round trip)."""
+        return [await self.get(key) for key in keys]
 
     @abstractmethod
     async def set(self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None) -> bool:
@@ -94,6 +99,13 @@ class MemoryStore(SharedStore):
         if entry is None:
             return None, 0
         return entry[0], entry[1]
+
+    async def get_many(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]]:
+        out: list[tuple[bytes | None, int]] = []
+        for key in keys:
+            entry = self._live(key)
+            out.append((None, 0) if entry is None else (entry[0], entry[1]))
+        return out
 
     async def set(self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None) -> bool:
         entry = self._live(key)

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -291,6 +291,30 @@ class RedisStore(SharedStore):
             return None, 0
         value, version = found
         return bytes(value), int(version)
+
+    @_unavailable_on_error
+    async def get_many(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]]:
+        """One round trip: a pipeline of the server's clock and one ``HMGET`` per key.
+
+        Read-only and single-key per command, so no script and no hash tag are
+        needed; expiry is judged against the server's clock, as the scripts do.
+        """
+        if not keys:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.time()
+        for key in keys:
+            pipe.hmget(self._value_key(key), "val", "ver", "exp")
+        replies = await pipe.execute()
+        seconds, micros = replies[0]
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        out: list[tuple[bytes | None, int]] = []
+        for value, version, expires in replies[1:]:
+            if value is None or (expires is not None and int(expires) <= now_ms):
+                out.append((None, 0))
+            else:
+                out.append((bytes(value), int(version)))
+        return out
 
     @_unavailable_on_error
     async def set(self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None) -> bool:

@@ -186,13 +186,14 @@ async def test_namespaces_are_separate(redis_url: str) -> None:
         await two.close()
 
 
-@pytest.mark.parametrize("operation", ["ping", "get", "set", "incr"])
+@pytest.mark.parametrize("operation", ["ping", "get", "get_many", "set", "incr"])
 async def test_unreachable_redis_raises_store_unavailable_quickly(operation: str) -> None:
     url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
     store = RedisStore(url)
     calls: dict[str, Callable[[], Awaitable[object]]] = {
         "ping": store.ping,
         "get": lambda: store.get("k"),
+        "get_many": lambda: store.get_many(["k", "j"]),
         "set": lambda: store.set("k", b"v", cas=0),
         "incr": lambda: store.incr("k", ttl=1),
     }
@@ -232,3 +233,18 @@ async def test_store_works_again_after_redis_restarts() -> None:
     finally:
         await store.close()
         stop_redis_server(proc)
+
+
+async def test_get_many_matches_get_for_live_absent_deleted_and_expired_keys(store: SharedStore) -> None:
+    await store.set("live", b"a")
+    await store.set("deleted", b"b")
+    await store.delete("deleted")
+    await store.set("expiring", b"c", ttl=0.1)
+    await store.set("lasting", b"d", ttl=60)
+    await asyncio.sleep(0.25)
+    keys = ["live", "absent", "deleted", "expiring", "lasting"]
+    many = await store.get_many(keys)
+    assert many == [await store.get(k) for k in keys]
+    assert [value for value, _ in many] == [b"a", None, None, None, b"d"]
+    assert many[0][1] > 0 and many[4][1] > 0
+    assert await store.get_many([]) == []

@@ -22,7 +22,6 @@ between machines.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -126,7 +125,7 @@ class HealthBook:
     async def refresh(self, keys: list[str]) -> None:
         """Read the records of ``keys`` into the view (kept as is if the store is down)."""
         try:
-            results = await asyncio.gather(*(self.store.get(k) for k in keys))
+            results = await self.store.get_many(keys)
         except StoreUnavailable as exc:
             self._store_down(exc)
             return
