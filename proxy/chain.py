@@ -188,6 +188,9 @@ class ResponseBodyStage:
         filters = ex.filters
         plan = self._plan
         last = len(plan) - 1
+        # ``data`` enters as one event (SSE); it may hold several only after a
+        # step released what it held or replaced the data.
+        one_event = True
         for position in range(start, len(plan)):
             step = plan[position]
             if position == self._paused_at:
@@ -195,6 +198,7 @@ class ResponseBodyStage:
                 if len(self._buffer) > self._cap:
                     raise UpstreamResponseTooLarge(f"response held by a filter exceeds {self._cap} bytes")
                 data = bytes(self._buffer)
+                one_event = False
             ex._response_data = None
             try:
                 action = step.hook(filters[step.slot], ex, data, end_of_stream)
@@ -210,6 +214,7 @@ class ResponseBodyStage:
             if ex._response_data is not None:
                 data = ex._response_data
                 ex._response_data = None
+                one_event = False
             if ex._retry:
                 return None
             if action is Action.PAUSE and not end_of_stream:
@@ -220,8 +225,10 @@ class ResponseBodyStage:
             if position == self._paused_at:
                 self._paused_at = -1
                 self._buffer = bytearray()
-            if self._sse and position < last and _several_events(data):
-                return await self._fan_out(ex, data, end_of_stream, position + 1)
+            if not one_event and self._sse and position < last:
+                if _several_events(data):
+                    return await self._fan_out(ex, data, end_of_stream, position + 1)
+                one_event = True
         return data
 
     async def _fan_out(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:

@@ -146,7 +146,9 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes] = []  # serialised bytes ready to send
+        self._pending: list[bytes] = []  # body bytes not framed yet (one chunk per flush)
+        self._pending_size = 0
         self._served = 0
 
     def __repr__(self) -> str:
@@ -433,9 +435,9 @@ class HttpConnection(asyncio.Protocol):
         return bytes(self._body)
 
     # -- response writing (used by the exchange task) ------------------------------
-    # Output is collected in ``_out`` and written with one send per flush: a
-    # non-streamed response (head, body, end) costs one syscall, and each SSE
-    # event one, instead of one per h11 piece.
+    # Output is collected and written with one send per flush: a non-streamed
+    # response (head, body, end) costs one syscall, and the body written
+    # between two flushes (the events of one upstream read) one chunk.
     def start_response(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None) -> None:
         """Queue the response head.
 
@@ -460,16 +462,27 @@ class HttpConnection(asyncio.Protocol):
         self._out.append(response_head(status, headers, length, chunked, self._keep_alive))
 
     def write(self, data: bytes) -> None:
-        """Queue body bytes (chunk-framed when the response is chunked)."""
+        """Queue body bytes; everything queued between two flushes goes out as one chunk."""
         if self._bodiless or not data:
             return
+        self._pending.append(data)
+        self._pending_size += len(data)
+
+    def _frame_pending(self) -> None:
+        pending = self._pending
         if self._chunked:
-            self._out += (chunk_prefix(len(data)), data, b"\r\n")
+            self._out.append(chunk_prefix(self._pending_size))
+            self._out += pending
+            self._out.append(b"\r\n")
         else:
-            self._out.append(data)
+            self._out += pending
+        self._pending = []
+        self._pending_size = 0
 
     def flush(self) -> None:
         """Send what was queued (call before waiting for more upstream data)."""
+        if self._pending:
+            self._frame_pending()
         out = self._out
         if out:
             self._out = []
@@ -479,6 +492,8 @@ class HttpConnection(asyncio.Protocol):
 
     def end_response(self) -> None:
         """Finish the response body and send everything queued."""
+        if self._pending:
+            self._frame_pending()
         if self._chunked:
             self._out.append(CHUNKED_END)
         self._response_done = True

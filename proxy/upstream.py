@@ -355,7 +355,12 @@ class _UpstreamConnection(asyncio.Protocol):
         return self._head
 
     async def read_chunk(self, idle: float, deadline: float) -> bytes:
-        """Return the next body chunk, or b"" at the end of the body."""
+        """Return the body bytes received so far (all buffered chunks, joined), or b"" at the end.
+
+        Chunks that arrived together are handed over together: one read, one
+        pass through the relay, instead of one per HTTP chunk (a provider
+        writes one chunk per SSE event; the core re-frames events anyway).
+        """
         chunks = self._chunks
         while not chunks:
             if self._eom:
@@ -367,9 +372,10 @@ class _UpstreamConnection(asyncio.Protocol):
                 await self._wait(deadline, "total")
             else:
                 await self._wait(idle_deadline, "idle")
-        chunk = chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._reading_paused and self._buffered <= READ_HIGH_WATER // 4:
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._reading_paused:
             self._reading_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
