@@ -133,7 +133,10 @@ class Chain:
     async def observe_response(self, ex: Exchange, data: bytes, end_of_stream: bool) -> None:
         """Call observing (non-mutating) response-body hooks after ``data`` was written."""
         filters = ex.filters
+        skip = ex._skip_body
         for step in self.response_observer_plan:
+            if skip and id(filters[step.slot]) in skip:
+                continue
             try:
                 result = step.hook(filters[step.slot], ex, data, end_of_stream)
                 if step.is_async:

@@ -282,6 +282,7 @@ async def _forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             ex.response = Response(err.status, Headers([_JSON, *((k.encode(), v.encode()) for k, v in err.headers)]))
         ctype = ex.response.headers.get_raw(b"content-type")
         ex.is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
+        ex._skip_body = None  # each attempt's response hooks decide again
         try:
             hold = await chain.response_headers(ex) if chain.response_headers_plan else False
             if ex._local_reply is not None:
@@ -306,12 +307,13 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
     ctype = response.headers.get_raw(b"content-type")
     is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
     ex.is_sse = is_sse
-    stage = (
-        ResponseBodyStage(chain.response_body_plan, rt.limits.max_response_buffer_bytes, is_sse)
-        if chain.response_body_plan
-        else None
-    )
+    body_plan = chain.response_body_plan
     observers = bool(chain.response_observer_plan)
+    skip = ex._skip_body
+    if skip and (body_plan or observers):
+        body_plan = tuple(step for step in body_plan if id(ex.filters[step.slot]) not in skip)
+        observers = any(id(ex.filters[step.slot]) not in skip for step in chain.response_observer_plan)
+    stage = ResponseBodyStage(body_plan, rt.limits.max_response_buffer_bytes, is_sse) if body_plan else None
     framer = SseFramer() if is_sse and (stage is not None or observers) else None
     pending_error = ex.upstream_error
     synthesized = render_error(pending_error) if pending_error is not None else None

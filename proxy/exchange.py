@@ -80,6 +80,7 @@ class Exchange:
         "_local_reply",
         "_response_data",
         "_retry",
+        "_skip_body",
         "attempts",
         "bytes_received",
         "bytes_sent",
@@ -126,6 +127,8 @@ class Exchange:
         self._local_reply: LocalReply | None = None
         self._retry = False
         self._response_data: bytes | None = None
+        #: Filters (by object id) whose response-body hook sits out the current response.
+        self._skip_body: set[int] | None = None
 
     def __repr__(self) -> str:
         return f"<Exchange {self.id} {self.request.method} {self.request.path}>"
@@ -207,6 +210,20 @@ class Exchange:
     def set_response_data(self, data: bytes) -> None:
         """In ``on_response_body``: replace the data passed on to the next filter."""
         self._response_data = data
+
+    def skip_response_body(self, filter_: Filter) -> None:
+        """In ``on_response_headers``: ``filter_`` has nothing to do with this response's body.
+
+        Its ``on_response_body`` is not called for the current attempt (a
+        retry asks again). When no filter wants the body, the core relays it
+        untouched as it arrives, with the upstream's Content-Length, instead
+        of running it through the response-body stage. Say it whenever the
+        headers already tell you the body needs no look: it is what keeps a
+        full chain close to an empty one.
+        """
+        if self._skip_body is None:
+            self._skip_body = set()
+        self._skip_body.add(id(filter_))
 
     @property
     def elapsed(self) -> float:

@@ -133,6 +133,9 @@ class Filter:
         (bounded by ``limits.max_response_buffer_bytes``) and calls again with
         all held data when more arrives. At end of stream ``data`` may be
         empty; ``PAUSE`` then counts as ``CONTINUE``.
+
+        Not called for a response whose ``on_response_headers`` called
+        :meth:`Exchange.skip_response_body` for this filter.
         """
         return Action.CONTINUE
 

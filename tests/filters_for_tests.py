@@ -77,6 +77,32 @@ class ReplaceBodyFactory(FilterFactory):
     filter_class = ReplaceBodyFilter
 
 
+class UpperUnlessSkippedFilter(Filter):
+    """Upper-cases the response body, unless the request says ``x-skip-body`` (then it opts out)."""
+
+    factory: UpperUnlessSkippedFactory
+
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        if "x-skip-body" in exchange.request.headers:
+            exchange.skip_response_body(self)
+        return Action.CONTINUE
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        self.factory.calls += 1
+        exchange.set_response_data(data.upper())
+        return Action.CONTINUE
+
+
+class UpperUnlessSkippedFactory(FilterFactory):
+    filter_class = UpperUnlessSkippedFilter
+    instances: ClassVar[list[UpperUnlessSkippedFactory]] = []
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.calls = 0
+        UpperUnlessSkippedFactory.instances.append(self)
+
+
 class SseRewriteFilter(Filter):
     """Uppercases content events, drops the [DONE] event, injects one at the end.
 

@@ -101,6 +101,24 @@ def test_body_replacement_sets_exact_content_length(mock: MockServer, make_proxy
     assert "transfer-encoding" not in headers
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_skip_response_body_relays_it_untouched_with_its_length(mock: MockServer, make_proxy: Make, skip: bool) -> None:
+    proxy = make_proxy(
+        {"upstream": {"url": f"http://127.0.0.1:{mock.port}"}, "filters": _filters("UpperUnlessSkippedFactory")}
+    )
+    factory = tf.UpperUnlessSkippedFactory.instances[-1]
+    status, headers, body = _split(raw_exchange(proxy.port, _request(extra=b"X-Skip-Body: 1\r\n" if skip else b"")))
+    assert status == 200
+    if skip:
+        assert factory.calls == 0
+        assert json.loads(body)["object"] == "chat.completion"
+        assert headers["content-length"] == str(len(body))  # the provider's own framing
+    else:
+        assert factory.calls > 0
+        assert b'"OBJECT":"CHAT.COMPLETION"' in body
+        assert headers.get("transfer-encoding") == "chunked"
+
+
 def test_async_hook_rewrites_request_json(mock: MockServer, make_proxy: Make) -> None:
     proxy = make_proxy(
         {"upstream": {"url": f"http://127.0.0.1:{mock.port}"}, "filters": _filters("AsyncModelRewriteFactory")}

@@ -935,12 +935,9 @@ async def post_many(port: int, request: bytes, total: int, connections: int) -> 
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 statuses[int(head.split(b" ", 2)[1])] += 1
-                assert b"transfer-encoding: chunked" in head.lower(), head
-                while True:  # the chunked body
-                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    await reader.readexactly(size + 2)
-                    if size == 0:
-                        break
+                # relayed untouched: the provider's Content-Length, not re-chunked
+                length = next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+                await reader.readexactly(int(length.split(b":")[1]))
         finally:
             writer.close()
 

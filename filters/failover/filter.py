@@ -161,10 +161,11 @@ class FailoverFilter(Filter):
         self._holding = False
         self._ok = False
         kind = _classify(response.status, exchange.upstream_error)
+        if kind == "ok" and exchange.is_sse:
+            self._holding = True  # until the first content delta (on_response_body)
+            return Action.PAUSE
+        exchange.skip_response_body(self)  # only a held stream needs the body
         if kind == "ok":
-            if exchange.is_sse:
-                self._holding = True
-                return Action.PAUSE
             self._ok = True
             return Action.CONTINUE
         if kind == "client":

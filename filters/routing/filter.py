@@ -233,6 +233,13 @@ class RoutingFilter(Filter):
 
     # -- response -------------------------------------------------------------------
     def on_response_headers(self, exchange: Exchange) -> Action:
+        action = self._choose_mode(exchange)
+        if self._mode is _Mode.PASS:
+            exchange.skip_response_body(self)  # relayed untouched (and with its Content-Length)
+        return action
+
+    def _choose_mode(self, exchange: Exchange) -> Action:
+        """Set how this response's body is handled (see _Mode); PAUSE when it is translated whole."""
         self._mode = _Mode.PASS
         self._translator = None
         target = self.current
