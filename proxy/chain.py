@@ -187,6 +187,23 @@ class ResponseBodyStage:
         """
         return await self._run(ex, data, end_of_stream, 0)
 
+    async def push_all(self, ex: Exchange, pieces: list[bytes]) -> bytes | None:
+        """:meth:`push` each of ``pieces`` (none at end of stream); the released bytes joined.
+
+        Stops early when a hook asked for a retry (``ex._retry``). One call
+        per upstream read instead of one per SSE event.
+        """
+        out: list[bytes] = []
+        for piece in pieces:
+            released = await self._run(ex, piece, False, 0)
+            if ex._retry:
+                return None
+            if released:
+                out.append(released)
+        if not out:
+            return None
+        return out[0] if len(out) == 1 else b"".join(out)
+
     async def _run(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
         filters = ex.filters
         plan = self._plan
@@ -196,6 +213,9 @@ class ResponseBodyStage:
         one_event = True
         for position in range(start, len(plan)):
             step = plan[position]
+            skip = ex._skip_body  # a hook may have opted out of the rest of the body
+            if skip is not None and id(filters[step.slot]) in skip and position != self._paused_at:
+                continue
             if position == self._paused_at:
                 self._buffer += data
                 if len(self._buffer) > self._cap:

@@ -355,23 +355,27 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
             rest = framer.flush()
             if rest:
                 pieces.append(rest)
-        for piece in pieces:
-            out: bytes | None = piece
+        # Without observers, every piece of this read goes through the stage in one
+        # call and out in one write; observers see each piece after it was written.
+        batches = [pieces] if not observers else [[piece] for piece in pieces]
+        for batch in batches:
             if stage is not None:
-                out = await stage.push(ex, piece, False)
+                out = await stage.push_all(ex, batch)
                 if ex._retry:
                     if relay.head_sent:
                         raise FilterFailed(f"retry requested after the response started (request id {ex.id})")
                     if ex.attempts < rt.limits.max_attempts:
                         return True
                     ex._retry = False
+            else:
+                out = batch[0] if len(batch) == 1 else b"".join(batch)
             if out:
                 if not relay.head_sent:
                     relay.send_head(known_length)
                 relay.write(out)
             if observers:
                 conn.flush()  # observers never delay a chunk: it is on the wire before they run
-                await chain.observe_response(ex, piece, False)
+                await chain.observe_response(ex, batch[0], False)
         if end:
             break
         if conn.write_paused:

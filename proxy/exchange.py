@@ -212,14 +212,16 @@ class Exchange:
         self._response_data = data
 
     def skip_response_body(self, filter_: Filter) -> None:
-        """In ``on_response_headers``: ``filter_`` has nothing to do with this response's body.
+        """``filter_`` has nothing (more) to do with this response's body.
 
-        Its ``on_response_body`` is not called for the current attempt (a
-        retry asks again). When no filter wants the body, the core relays it
-        untouched as it arrives, with the upstream's Content-Length, instead
-        of running it through the response-body stage. Say it whenever the
-        headers already tell you the body needs no look: it is what keeps a
-        full chain close to an empty one.
+        From ``on_response_headers``: its ``on_response_body`` is not called
+        for the current attempt (a retry asks again), and when no filter wants
+        the body the core relays it untouched as it arrives, with the
+        upstream's Content-Length, instead of running it through the
+        response-body stage. From ``on_response_body``: it is not called for
+        the rest of this body (a filter that held a stream until it saw what
+        it needed). Say it whenever you can: it keeps a full chain close to an
+        empty one.
         """
         if self._skip_body is None:
             self._skip_body = set()

@@ -103,6 +103,27 @@ class UpperUnlessSkippedFactory(FilterFactory):
         UpperUnlessSkippedFactory.instances.append(self)
 
 
+class FirstEventOnlyFilter(Filter):
+    """Looks at the first SSE event only, then opts out of the rest of the body."""
+
+    factory: FirstEventOnlyFactory
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        self.factory.seen.append(data)
+        exchange.skip_response_body(self)
+        return Action.CONTINUE
+
+
+class FirstEventOnlyFactory(FilterFactory):
+    filter_class = FirstEventOnlyFilter
+    instances: ClassVar[list[FirstEventOnlyFactory]] = []
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.seen: list[bytes] = []
+        FirstEventOnlyFactory.instances.append(self)
+
+
 class SseRewriteFilter(Filter):
     """Uppercases content events, drops the [DONE] event, injects one at the end.
 

@@ -119,6 +119,23 @@ def test_skip_response_body_relays_it_untouched_with_its_length(mock: MockServer
         assert headers.get("transfer-encoding") == "chunked"
 
 
+def test_skip_response_body_mid_stream_stops_the_calls(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(
+        {
+            "upstream": {"url": f"http://127.0.0.1:{mock.port}"},
+            "filters": _filters("FirstEventOnlyFactory", "UpperUnlessSkippedFactory"),
+        }
+    )
+    first, upper = tf.FirstEventOnlyFactory.instances[-1], tf.UpperUnlessSkippedFactory.instances[-1]
+    status, _, body = _split(raw_exchange(proxy.port, _request(STREAM_BODY, b"X-Mock-Tokens: 5\r\n")))
+    assert status == 200
+    events = [e for e in body.split(b"\n\n") if e]
+    assert len(events) >= 6
+    assert len(first.seen) == 1  # then it opted out; the other filter still saw every event
+    assert upper.calls >= len(events)
+    assert all(e.startswith(b"DATA: ") for e in events)
+
+
 def test_async_hook_rewrites_request_json(mock: MockServer, make_proxy: Make) -> None:
     proxy = make_proxy(
         {"upstream": {"url": f"http://127.0.0.1:{mock.port}"}, "filters": _filters("AsyncModelRewriteFactory")}

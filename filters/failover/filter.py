@@ -203,6 +203,7 @@ class FailoverFilter(Filter):
         if _STREAM_ERROR.search(data) is None and _CONTENT.search(data) is not None:
             self._holding = False
             self._ok = True
+            exchange.skip_response_body(self)  # content flows: nothing more to decide here
             return Action.CONTINUE
         failed = _STREAM_ERROR.search(data) is not None or (end_of_stream and not any(t in data for t in _TERMINATED))
         if failed:
