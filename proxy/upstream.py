@@ -138,6 +138,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._method = b""
         #: Body bytes still to come when the body is counted (Content-Length), else -1.
         self._body_left = -1
+        #: The whole request (head and body) was handed to the transport.
+        self._request_sent = False
         #: The response allows the connection to be reused (HTTP/1.1, no Connection: close).
         self._keep_alive = True
         self._chunks: deque[bytes] = deque()
@@ -332,20 +334,27 @@ class _UpstreamConnection(asyncio.Protocol):
     # -- used by UpstreamResponse / the pool ---------------------------------
     async def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         assert self.transport is not None
+        # The head goes through h11 (it checks Host, method, target and framing; the
+        # fields were validated when parsed or added, so its per-field regexes are
+        # skipped). The body, framed by its Content-Length, is written as is: h11
+        # then sees a client still sending its body, which is all it needs to
+        # parse the response, and the connection's next request gets a fresh h11.
+        length = b"%d" % len(body)
+        if not any(name == b"content-length" and value == length for name, value in headers) and (
+            body or method not in (b"GET", b"HEAD")
+        ):
+            raise UpstreamProtocolError("upstream request without a Content-Length matching its body")
         try:
-            # Fields were validated when parsed (h11) or added (Headers, config), so h11's
-            # per-field regexes are skipped; it still checks Host, method and target.
             self._method = method
             event = h11.Request(method=method, target=target, headers=headers, http_version=b"1.1", _parsed=True)
-            pieces = self._h11.send_with_data_passthrough(event)
-            if body:
-                pieces += self._h11.send_with_data_passthrough(h11.Data(data=body))  # type: ignore[operator]
-            pieces += self._h11.send_with_data_passthrough(h11.EndOfMessage())  # type: ignore[operator]
+            head = self._h11.send_with_data_passthrough(event)
         except h11.LocalProtocolError as exc:
             raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
         if self.state is _ConnState.CLOSED or self.transport.is_closing():
             raise UpstreamConnectError("upstream connection closed before the request was sent")
-        self.transport.write(b"".join(pieces))
+        assert head is not None
+        self.transport.write(b"".join([*head, body]) if body else b"".join(head))
+        self._request_sent = True
 
     async def read_head(self, deadline: float) -> h11.Response:
         while self._head is None:
@@ -385,7 +394,7 @@ class _UpstreamConnection(asyncio.Protocol):
         """The exchange finished cleanly on both sides and the connection may carry another."""
         if self.state is _ConnState.CLOSED or self.transport is None or self.transport.is_closing():
             return False
-        if self._h11.our_state is not h11.DONE:
+        if not self._request_sent:
             return False
         if self._body_left >= 0:
             return self._eom and self._keep_alive
@@ -402,12 +411,11 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def reset_for_reuse(self) -> None:
         self._cancel_timer()
-        if self._body_left >= 0:
-            # h11 saw the head only: a fresh state machine for the next request
-            self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-            self._body_left = -1
-        else:
-            self._h11.start_next_cycle()
+        # h11 saw the request head only (and maybe only the response head): a
+        # fresh state machine for the next request
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self._body_left = -1
+        self._request_sent = False
         self._keep_alive = True
         self._head = None
         self._eom = False
