@@ -23,12 +23,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, Headers
+from proxy.headers import check_field
 
 __all__ = ["HeadersFilter", "HeadersFilterFactory"]
 
 
 class _Edits:
-    __slots__ = ("add", "remove", "set")
+    """One direction's edits, validated and encoded once: ``drop`` names, then ``append`` fields."""
+
+    __slots__ = ("append", "drop")
 
     def __init__(self, section: Any, where: str) -> None:
         if section is None:
@@ -38,37 +41,38 @@ class _Edits:
         unknown = set(section) - {"set", "add", "remove"}
         if unknown:
             raise ValueError(f"{where}.{sorted(unknown)[0]}: unknown key (allowed: add, remove, set)")
-        self.set = self._pairs(section.get("set"), f"{where}.set")
-        self.add = self._pairs(section.get("add"), f"{where}.add")
+        to_set = self._pairs(section.get("set"), f"{where}.set")
+        to_add = self._pairs(section.get("add"), f"{where}.add")
         remove = section.get("remove") or []
         if not isinstance(remove, list) or not all(isinstance(n, str) for n in remove):
             raise ValueError(f"{where}.remove: must be a list of header names")
-        self.remove = tuple(n.lower() for n in remove)
+        # remove, then set (replace every value), then add == drop both, append both
+        self.drop = frozenset(n.lower().encode("latin-1") for n in remove) | {name for name, _ in to_set}
+        self.append = to_set + to_add
 
     @staticmethod
-    def _pairs(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    def _pairs(value: Any, where: str) -> tuple[tuple[bytes, bytes], ...]:
         if value is None:
             return ()
         if not isinstance(value, Mapping):
             raise ValueError(f"{where}: must be a mapping of header name to value")
         out = []
         for name, val in value.items():
-            text = str(val)
-            if not isinstance(name, str) or any(c in text for c in "\r\n\0"):
-                raise ValueError(f"{where}.{name}: invalid header")
-            out.append((name.lower(), text))
+            if not isinstance(name, str):
+                raise ValueError(f"{where}.{name}: header names are strings")
+            try:
+                field = (name.lower().encode("latin-1"), str(val).encode("latin-1"))
+                check_field(*field)
+            except (ValueError, UnicodeEncodeError):
+                raise ValueError(f"{where}.{name}: invalid header") from None
+            out.append(field)
         return tuple(out)
 
     def apply(self, headers: Headers) -> None:
-        for name in self.remove:
-            headers.remove(name)
-        for name, value in self.set:
-            headers.set(name, value)
-        for name, value in self.add:
-            headers.add(name, value)
+        headers.edit_raw(self.drop, self.append)
 
     def __bool__(self) -> bool:
-        return bool(self.set or self.add or self.remove)
+        return bool(self.drop or self.append)
 
 
 class HeadersFilter(Filter):

@@ -114,6 +114,16 @@ class Headers:
         check_field(key, raw)
         self._items.append((key, raw))
 
+    def edit_raw(self, drop: frozenset[bytes], append: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """Remove every field named in ``drop``, then append ``append``, in one pass.
+
+        For edits prepared once (from config): names are lowercase bytes and
+        the appended fields must already have passed :func:`check_field`.
+        """
+        if drop:
+            self._items = [kv for kv in self._items if kv[0] not in drop]
+        self._items.extend(append)
+
     def remove(self, name: str) -> None:
         """Remove every value of ``name`` (no error when absent)."""
         key = name.lower().encode("latin-1")
