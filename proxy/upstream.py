@@ -561,6 +561,7 @@ class UpstreamPool:
         self.keepalive_expiry = keepalive_expiry
         self._pools: dict[tuple[str, str, int, bool, str | None], _OriginPool] = {}
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop its connections live on
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {list(self._pools.values())}>"
@@ -616,14 +617,13 @@ class UpstreamPool:
 
     async def _acquire(self, target: UpstreamTarget, deadline: float) -> tuple[_OriginPool, _UpstreamConnection]:
         pool = self._origin(target)
-        loop = asyncio.get_running_loop()
         while True:
             conn = pool.take_idle(time.monotonic())
             if conn is not None:
                 return pool, conn
             if pool.has_room():
                 return pool, await self._connect(pool, target, deadline)
-            waiter = loop.create_future()
+            waiter = asyncio.get_running_loop().create_future()
             pool.waiters.append(waiter)
             try:
                 async with asyncio.timeout_at(deadline):
@@ -650,7 +650,10 @@ class UpstreamPool:
         response byte (the peer closed it while idle) is sent once more on a
         fresh connection, as it never reached the upstream's application.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # cached: asyncio.get_running_loop() costs a getpid() system call each time
+            loop = self._loop = asyncio.get_running_loop()
         timeouts = target.timeouts
         now = loop.time()
         total_deadline = now + timeouts.total
