@@ -62,6 +62,7 @@ from .exchange import Exchange, Request
 from .framing import HeadInfo, check_head, find_head_end
 from .headers import Headers, fields_of
 from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head, status_line
+from .timers import LazyTimer
 
 if TYPE_CHECKING:
     from .cycle import Runtime
@@ -120,10 +121,8 @@ class HttpConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._h11: h11.Connection | None = None
         self._client = "-"
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0  # when the pending timer fires
-        self._deadline = 0.0  # when the armed timeout expires
-        self._on_expiry: Callable[[], None] | None = None
+        #: The head-read and keep-alive timeouts (one at a time).
+        self._timer = LazyTimer(self._loop)
         #: True while the timer is the keep-alive idle timer (no byte of a next request yet).
         self._keepalive_wait = False
         self._task: asyncio.Task[None] | None = None
@@ -174,7 +173,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _State.CLOSED
         self._rt.connections.discard(self)
-        self._drop_timer()
+        self._timer.close()
         if self._task is not None and not self._task.done():
             self._task.cancel()
         for waiter in (self._drain_waiter, self._body_waiter):
@@ -222,42 +221,8 @@ class HttpConnection(asyncio.Protocol):
         return True
 
     # -- timers --------------------------------------------------------------
-    # One lazy timer per connection. Arming sets a deadline and what to do at
-    # it, and schedules only when that deadline is earlier than the pending
-    # timer's; disarming only forgets what to do. A timer that fires before
-    # the current deadline re-arms itself for it. So the head and keep-alive
-    # timeouts of a busy connection cost no timer operation per request.
     def _arm(self, delay: float, on_expiry: Callable[[], None]) -> None:
-        deadline = self._loop.time() + delay
-        self._deadline = deadline
-        self._on_expiry = on_expiry
-        timer = self._timer
-        if timer is None or self._timer_at > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        self._on_expiry = None
-
-    def _drop_timer(self) -> None:
-        self._on_expiry = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        on_expiry = self._on_expiry
-        if on_expiry is None:
-            return
-        if self._loop.time() < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-            return
-        self._on_expiry = None
-        on_expiry()
+        self._timer.arm(self._loop.time() + delay, on_expiry)
 
     def _on_head_timeout(self) -> None:
         if self._state is not _State.HEAD:
@@ -299,7 +264,7 @@ class HttpConnection(asyncio.Protocol):
             return
         rest = bytes(buf[end:])
         buf.clear()
-        self._cancel_timer()
+        self._timer.disarm()
         if event.http_version not in (b"1.1", b"1.0"):
             self._reject(HttpVersionNotSupported(f"HTTP/{event.http_version.decode()} is not supported; use HTTP/1.1"))
             return
@@ -565,7 +530,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _reject(self, error: ProxyError) -> None:
         """Answer a request the connection cannot parse or accept, then close."""
-        self._cancel_timer()
+        self._timer.disarm()
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -583,7 +548,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._state = _State.CLOSED
-        self._drop_timer()
+        self._timer.close()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 

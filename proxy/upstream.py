@@ -46,6 +46,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .headers import fields_of
+from .timers import LazyTimer
 
 __all__ = ["READ_HIGH_WATER", "Timeouts", "UpstreamPool", "UpstreamResponse", "UpstreamTarget"]
 
@@ -147,9 +148,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._eom = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._deadline = 0.0
+        self._timer = LazyTimer(self._loop)  # the headers, idle and total timeouts
         self._reading_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -187,7 +186,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _ConnState.CLOSED
-        self._cancel_timer()
+        self._timer.close()
         if not self._eom and self._error is None:
             if self._head is None:
                 self._error = UpstreamConnectError("upstream closed the connection before responding")
@@ -294,42 +293,24 @@ class _UpstreamConnection(asyncio.Protocol):
     async def _wait(self, deadline: float, phase: str) -> None:
         """Wait for any progress; raise UpstreamTimeout(phase) at ``deadline`` (loop time).
 
-        The timer is lazy: one handle per connection, rescheduled only when
-        the new deadline is earlier than the one it is set for. When it fires
-        early (the data came and a later deadline was set since), it re-arms
-        itself for the current deadline, so a stream of many chunks costs no
-        timer operation per chunk.
+        The timer is lazy (:class:`~proxy.timers.LazyTimer`), so a stream of
+        many chunks costs no timer operation per chunk.
         """
         waiter = self._loop.create_future()
         self._waiter = waiter
-        self._deadline = deadline
-        if self._timer is None or self._timer_at > deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer.arm(deadline, self._time_out)
         try:
             await waiter
         finally:
             self._waiter = None
+            self._timer.disarm()
         if waiter.result() is _TIMED_OUT:
             raise UpstreamTimeout(f"upstream timed out ({phase})", phase=phase)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _time_out(self) -> None:
         waiter = self._waiter
-        if waiter is None or waiter.done():
-            return
-        if self._loop.time() >= self._deadline:
+        if waiter is not None and not waiter.done():
             waiter.set_result(_TIMED_OUT)
-        else:
-            self._timer_at = self._deadline
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     # -- used by UpstreamResponse / the pool ---------------------------------
     async def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -410,7 +391,7 @@ class _UpstreamConnection(asyncio.Protocol):
         )
 
     def reset_for_reuse(self) -> None:
-        self._cancel_timer()
+        self._timer.close()
         # h11 saw the request head only (and maybe only the response head): a
         # fresh state machine for the next request
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
@@ -425,7 +406,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.state = _ConnState.CLOSED
-        self._cancel_timer()
+        self._timer.close()
         if self.transport is not None:
             self.transport.abort()
 
