@@ -200,9 +200,7 @@ class ResponseBodyStage:
                 return None
             if released:
                 out.append(released)
-        if not out:
-            return None
-        return out[0] if len(out) == 1 else b"".join(out)
+        return b"".join(out) if out else None
 
     async def _run(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
         filters = ex.filters

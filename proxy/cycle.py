@@ -46,7 +46,7 @@ from .errors import (
     render_sse_error,
 )
 from .exchange import Exchange, LocalReply, Response
-from .headers import HOP_BY_HOP, Headers
+from .headers import HOP_BY_HOP, Headers, comma_tokens
 from .limits import Limits
 from .sse import SseFramer
 from .upstream import UpstreamPool, UpstreamResponse, UpstreamTarget
@@ -105,9 +105,7 @@ class Runtime:
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
     value = headers.get_raw(b"connection")
-    if value is None:
-        return set()
-    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+    return set() if value is None else comma_tokens(value)
 
 
 def _upstream_headers(ex: Exchange, target: UpstreamTarget, body: bytes) -> list[tuple[bytes, bytes]]:
@@ -368,7 +366,7 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
                         return True
                     ex._retry = False
             else:
-                out = batch[0] if len(batch) == 1 else b"".join(batch)
+                out = b"".join(batch)  # a one-piece join returns the piece itself, uncopied
             if out:
                 if not relay.head_sent:
                     relay.send_head(known_length)

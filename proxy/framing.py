@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 
 from .errors import BadRequest, HeadersTooLarge
+from .headers import comma_tokens
 
 __all__ = ["HeadInfo", "check_head", "find_head_end"]
 
@@ -113,7 +114,7 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
         elif name == b"expect":
             expect_continue = value == b"100-continue"
         else:  # connection
-            connection_close = connection_close or any(t.strip(b" \t") == b"close" for t in value.split(b","))
+            connection_close = connection_close or b"close" in comma_tokens(value)
     chunked = False
     if transfer_encoding:
         if content_length is not None:

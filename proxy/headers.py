@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
-__all__ = ["HOP_BY_HOP", "Headers", "check_field", "fields_of"]
+__all__ = ["HOP_BY_HOP", "Headers", "check_field", "comma_tokens", "fields_of"]
 
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
@@ -43,6 +43,11 @@ def fields_of(parsed: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
     if type(full) is list:
         return [(name, value) for _, name, value in full]
     return list(parsed)
+
+
+def comma_tokens(value: bytes) -> set[bytes]:
+    """The lowercase tokens of a comma-separated field value (``Connection: keep-alive, Close``)."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
 #: Connection-specific headers (RFC 9110 section 7.6.1) that a proxy never forwards.

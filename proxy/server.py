@@ -411,7 +411,8 @@ class HttpConnection(asyncio.Protocol):
         ``content_length`` (None: chunked for an HTTP/1.1 client, else
         delimited by closing the connection).
         """
-        bodiless = self._head_request or status < 200 or status in (204, 304)
+        no_body_status = status < 200 or status in (204, 304)  # no body and no framing field
+        bodiless = self._head_request or no_body_status
         if bodiless or content_length is not None:
             chunked = False
         elif self._http11:
@@ -423,7 +424,7 @@ class HttpConnection(asyncio.Protocol):
             self._keep_alive = False
         self._chunked = chunked
         self._bodiless = bodiless
-        length = None if (status < 200 or status in (204, 304)) else content_length
+        length = None if no_body_status else content_length
         self._out.append(response_head(status, headers, length, chunked, self._keep_alive))
 
     def write(self, data: bytes) -> None:

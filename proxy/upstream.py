@@ -45,7 +45,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from .headers import fields_of
+from .headers import comma_tokens, fields_of
 from .timers import LazyTimer
 
 __all__ = ["READ_HIGH_WATER", "Timeouts", "UpstreamPool", "UpstreamResponse", "UpstreamTarget"]
@@ -219,12 +219,7 @@ class _UpstreamConnection(asyncio.Protocol):
             kind = type(event)
             if kind is h11.Data:
                 chunk = event.data  # type: ignore[union-attr]
-                self._chunks.append(bytes(chunk) if type(chunk) is not bytes else chunk)
-                self._buffered += len(chunk)
-                if self._buffered > READ_HIGH_WATER and not self._reading_paused:
-                    self._reading_paused = True
-                    assert self.transport is not None
-                    self.transport.pause_reading()
+                self._buffer_chunk(bytes(chunk) if type(chunk) is not bytes else chunk)
             elif kind is h11.Response:
                 self._head = event  # type: ignore[assignment]
                 if self._begin_body(event):  # type: ignore[arg-type]
@@ -251,7 +246,7 @@ class _UpstreamConnection(asyncio.Protocol):
         for name, value in fields:
             if name == b"content-length":
                 length = value
-            elif name == b"connection" and b"close" in value.lower():
+            elif name == b"connection" and b"close" in comma_tokens(value):
                 self._keep_alive = False
         if head.http_version != b"1.1":
             self._keep_alive = False
@@ -267,17 +262,21 @@ class _UpstreamConnection(asyncio.Protocol):
             data = data[:left]
             self._keep_alive = False
         if data:
-            self._chunks.append(data)
-            self._buffered += len(data)
-            if self._buffered > READ_HIGH_WATER and not self._reading_paused:
-                self._reading_paused = True
-                assert self.transport is not None
-                self.transport.pause_reading()
+            self._buffer_chunk(data)
         left -= len(data)
         self._body_left = left
         if left == 0:
             self._eom = True
         self._wake()
+
+    def _buffer_chunk(self, chunk: bytes) -> None:
+        """Queue body bytes for the reader; pause the socket past ``READ_HIGH_WATER``."""
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > READ_HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
@@ -371,6 +370,11 @@ class _UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
+    @property
+    def has_data(self) -> bool:
+        """:meth:`read_chunk` would return without waiting (body bytes, or the end, are here)."""
+        return bool(self._chunks) or self._eom
+
     def reusable(self) -> bool:
         """The exchange finished cleanly on both sides and the connection may carry another."""
         if self.state is _ConnState.CLOSED or self.transport is None or self.transport.is_closing():
@@ -440,8 +444,7 @@ class UpstreamResponse:
     @property
     def buffered(self) -> bool:
         """A next chunk (or the end) is already here: :meth:`read` returns without waiting."""
-        conn = self._conn
-        return bool(conn._chunks) or conn._eom
+        return self._conn.has_data
 
     def release(self) -> None:
         """Return the connection to the pool if reusable, else close it. Idempotent."""
