@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Coroutine
+import urllib.request
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
@@ -86,3 +88,28 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close:
 def status_of(response: bytes) -> int:
     """The status code of a raw HTTP/1.1 response."""
     return int(response.split(b" ", 2)[1])
+
+
+def wait_healthy(
+    port: int,
+    proc: subprocess.Popen[str],
+    early_exit_output: Callable[[], str],
+    what: str = "proxy",
+    timeout: float = 20,
+) -> None:
+    """Wait until a proxy started as a subprocess answers ``/healthz``.
+
+    Raises AssertionError with ``early_exit_output()`` if the process exits
+    first, or when ``timeout`` passes.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited early:\n{early_exit_output()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{what} did not become healthy")

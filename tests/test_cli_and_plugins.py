@@ -8,12 +8,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .support import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,18 +31,8 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
     )
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"proxy exited early: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("proxy did not become healthy")
+def _wait_healthy(port: int, proc: subprocess.Popen[str]) -> None:
+    wait_healthy(port, proc, lambda: proc.stderr.read() if proc.stderr else "")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from proxy.mock_upstream import KeyBehaviour
 from proxy.store_redis import RedisStore
 
 from .redis_server import REDIS_SERVER, SKIP_REASON, free_port, start_redis_server, stop_redis_server
-from .support import LoopThread
+from .support import LoopThread, wait_healthy
 from .test_failover import (
     HI,
     K401,
@@ -112,18 +111,8 @@ class ProxyProcess:
                 cwd=ROOT,
             )
 
-    def wait_healthy(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"proxy {self.instance} exited early:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"proxy {self.instance} did not become healthy")
+    def wait_healthy(self) -> None:
+        wait_healthy(self.port, self.proc, self.log.read_text, what=f"proxy {self.instance}")
 
     def probes_sent(self) -> float:
         value = metric(self.port, "llmproxy_failover_probes_sent")
