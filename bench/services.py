@@ -143,13 +143,7 @@ def start_mock(
     port = port or free_port(host)
     cmd = [*pin_prefix(cpus), sys.executable, "-m", "proxy", "mock-upstream"]
     cmd += ["--host", host, "--port", str(port), "--tokens", str(tokens)]
-    svc = _spawn("mock", cmd, host, port, logdir, dict(os.environ))
-    try:
-        svc.wait_ready("/_mock/health", timeout)
-    except BaseException:
-        svc.stop()
-        raise
-    return svc
+    return _ready(_spawn("mock", cmd, host, port, logdir, dict(os.environ)), "/_mock/health", timeout)
 
 
 def start_proxy(
