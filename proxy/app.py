@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -189,6 +190,7 @@ async def _serve(
     except BaseException:
         await proxy.shutdown(0)
         raise
+    _freeze_startup_heap()
     if worker_id == 0:
         log.info(
             "llmproxy listening on http://%s:%d (%d worker%s)",
@@ -200,6 +202,18 @@ async def _serve(
     await stop.wait()
     log.info("shutting down worker %d (grace %.0fs)", worker_id, config.limits.shutdown_grace)
     await proxy.shutdown()
+
+
+def _freeze_startup_heap() -> None:
+    """Take what startup built (modules, config, filters, tables) out of the cyclic GC's scans.
+
+    Those objects live as long as the worker; left in the collected
+    generations, every full collection walks all of them, a pause of several
+    milliseconds under load that lands on whichever requests are in flight.
+    Frozen, collections only walk request-scoped objects.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def check_config(config: Config) -> list[str]:

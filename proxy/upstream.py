@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import re
 import socket
 import ssl
 import time
@@ -54,6 +55,51 @@ __all__ = ["READ_HIGH_WATER", "Timeouts", "UpstreamPool", "UpstreamResponse", "U
 READ_HIGH_WATER = 256 * 1024
 #: Upper bound of a response head from an upstream (h11's default is 16 KiB).
 MAX_RESPONSE_HEAD = 64 * 1024
+
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as h11 checks it
+_TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII, as h11 checks it
+_BODILESS = frozenset({b"GET", b"HEAD"})
+
+
+def _check_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Refuse a request head that could not be framed unambiguously (see ``send_request``)."""
+    if _METHOD.fullmatch(method) is None:
+        raise UpstreamProtocolError(f"invalid method for the upstream request: {method!r}")
+    if _TARGET.fullmatch(target) is None:
+        raise UpstreamProtocolError("invalid target for the upstream request (whitespace or control characters)")
+    hosts = 0
+    length: bytes | None = None
+    for name, value in headers:
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            if length is not None:
+                raise UpstreamProtocolError("upstream request with more than one Content-Length")
+            length = value
+        elif name == b"transfer-encoding":
+            raise UpstreamProtocolError(
+                "upstream request with a Transfer-Encoding (bodies are sent with Content-Length)"
+            )
+    if hosts != 1:
+        raise UpstreamProtocolError("upstream request without exactly one Host header")
+    if length is None:
+        if body or method not in _BODILESS:
+            raise UpstreamProtocolError("upstream request without a Content-Length matching its body")
+    elif length != b"%d" % len(body):
+        raise UpstreamProtocolError("upstream request without a Content-Length matching its body")
+
+
+#: h11's view of requests sent upstream, one per method (see ``send_request``).
+_STAND_INS: dict[bytes, h11.Request] = {}
+
+
+def _stand_in(method: bytes) -> h11.Request:
+    event = _STAND_INS.get(method)
+    if event is None:
+        event = h11.Request(method=method, target=b"/", headers=[(b"host", b"upstream")])
+        if len(_STAND_INS) < 32:  # the methods in use; an odd one is not kept
+            _STAND_INS[method] = event
+    return event
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,27 +359,36 @@ class _UpstreamConnection(asyncio.Protocol):
 
     # -- used by UpstreamResponse / the pool ---------------------------------
     async def send_request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Write one request: the head serialised here, then the body as is.
+
+        Contract: ``headers`` hold exactly one ``host`` and, unless the request
+        is a bodiless GET or HEAD, a ``content-length`` equal to ``len(body)``;
+        every field was validated when it was parsed (h11) or added
+        (:func:`proxy.headers.check_field`). ``method`` and ``target`` are
+        checked here against h11's grammar. A request that breaks the contract
+        raises :class:`UpstreamProtocolError` before a byte is written.
+
+        h11 parses the response. All it needs to know of the request is its
+        method (a HEAD response has no body), so it is sent a header-less
+        stand-in with that method, and its output is dropped; serialising the
+        real fields through h11 again would repeat, on the hottest path, the
+        checks already made.
+        """
         assert self.transport is not None
-        # The head goes through h11 (it checks Host, method, target and framing; the
-        # fields were validated when parsed or added, so its per-field regexes are
-        # skipped). The body, framed by its Content-Length, is written as is: h11
-        # then sees a client still sending its body, which is all it needs to
-        # parse the response, and the connection's next request gets a fresh h11.
-        length = b"%d" % len(body)
-        if not any(name == b"content-length" and value == length for name, value in headers) and (
-            body or method not in (b"GET", b"HEAD")
-        ):
-            raise UpstreamProtocolError("upstream request without a Content-Length matching its body")
+        _check_request(method, target, headers, body)
         try:
-            self._method = method
-            event = h11.Request(method=method, target=target, headers=headers, http_version=b"1.1", _parsed=True)
-            head = self._h11.send_with_data_passthrough(event)
-        except h11.LocalProtocolError as exc:
+            self._h11.send(_stand_in(method))
+        except h11.LocalProtocolError as exc:  # pragma: no cover - a fresh connection takes any request
             raise UpstreamProtocolError(f"cannot send request upstream: {exc}") from None
+        self._method = method
         if self.state is _ConnState.CLOSED or self.transport.is_closing():
             raise UpstreamConnectError("upstream connection closed before the request was sent")
-        assert head is not None
-        self.transport.write(b"".join([*head, body]) if body else b"".join(head))
+        parts = [b"%s %s HTTP/1.1\r\n" % (method, target)]
+        parts += [b"%s: %s\r\n" % field for field in headers]
+        parts.append(b"\r\n")
+        if body:
+            parts.append(body)
+        self.transport.write(b"".join(parts))
         self._request_sent = True
 
     async def read_head(self, deadline: float) -> h11.Response:
