@@ -1467,8 +1467,9 @@ class MockServer:
         tail = b"".join(reply.tail) if end is _End.COMPLETE else b""
         closing = b"0\r\n\r\n" if end is _End.COMPLETE and chunked else b""
         if plan.ttft == 0 and plan.itl == 0:
-            payload = b"".join(reply.preamble) + b"".join(content) + tail
-            return _Delivery([(0.0, head + frame(payload) + closing)], end, keep_alive)
+            # one write, but one chunk per event, as a provider that flushes each event frames it
+            events = [*reply.preamble, *content, *(reply.tail if end is _End.COMPLETE else ())]
+            return _Delivery([(0.0, head + b"".join([frame(event) for event in events]) + closing)], end, keep_alive)
         writes: list[tuple[float, bytes]] = [(0.0, head + frame(b"".join(reply.preamble)))]
         for i, event in enumerate(content):
             writes.append((plan.ttft if i == 0 else plan.itl, frame(event)))

@@ -43,23 +43,27 @@ class SseFramer:
         # Fast path: most chunks hold exactly one whole event ending in \n\n.
         if not buf and not self._crlf and data.endswith(b"\n\n") and data.count(b"\n\n") == 1:
             return [data]
-        buf += data
-        events: list[bytes] = []
-        start = 0
+        events: list[bytes]
         if self._crlf:
+            buf += data
+            events = []
+            start = 0
             for match in _BOUNDARY.finditer(buf):
                 end = match.end()
                 events.append(bytes(buf[start:end]))
                 start = end
+            if start:
+                del buf[:start]
         else:
-            while True:
-                idx = buf.find(b"\n\n", start)
-                if idx < 0:
-                    break
-                events.append(bytes(buf[start : idx + 2]))
-                start = idx + 2
-        if start:
-            del buf[:start]
+            if buf:
+                buf += data
+                data = bytes(buf)
+                buf.clear()
+            events = data.split(b"\n\n")
+            rest = events.pop()
+            events = [event + b"\n\n" for event in events]
+            if rest:
+                buf += rest
         if len(buf) > self._max:
             raise ValueError(f"server-sent event larger than {self._max} bytes")
         return events

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from .chunked import ChunkedDecoder, ChunkedError
 from .errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -185,6 +186,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._method = b""
         #: Body bytes still to come when the body is counted (Content-Length), else -1.
         self._body_left = -1
+        #: The decoder of a chunked body (None for other bodies, read as counted or by h11).
+        self._dechunk: ChunkedDecoder | None = None
         #: The whole request (head and body) was handed to the transport.
         self._request_sent = False
         #: The response allows the connection to be reused (HTTP/1.1, no Connection: close).
@@ -214,6 +217,9 @@ class _UpstreamConnection(asyncio.Protocol):
         if self._body_left >= 0:
             self._take_body(data)
             return
+        if self._dechunk is not None:
+            self._take_chunked(data)
+            return
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # receive after close
@@ -222,7 +228,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool | None:
-        if self._body_left >= 0:  # a counted body cut short (connection_lost reports it)
+        if self._body_left >= 0 or self._dechunk is not None:  # a body cut short (connection_lost reports it)
             self._keep_alive = False
             return None
         with contextlib.suppress(h11.RemoteProtocolError):
@@ -270,7 +276,10 @@ class _UpstreamConnection(asyncio.Protocol):
                 self._head = event  # type: ignore[assignment]
                 if self._begin_body(event):  # type: ignore[arg-type]
                     rest, _ = conn.trailing_data
-                    self._take_body(rest)
+                    if self._dechunk is not None:
+                        self._take_chunked(bytes(rest))
+                    else:
+                        self._take_body(rest)
                     return
             elif kind is h11.EndOfMessage:
                 self._eom = True
@@ -282,21 +291,34 @@ class _UpstreamConnection(asyncio.Protocol):
             # InformationalResponse (100 Continue) is ignored.
         self._wake()
 
-    # A Content-Length body is counted off the socket: its framing is a byte
-    # count, and h11 would spend two state-machine events (Data, EndOfMessage)
-    # to say the same. Heads, chunked and close-delimited bodies stay with h11.
+    # Bodies are read off the socket here, not by h11 (which parses every head):
+    # a Content-Length body is a byte count, for which h11 would spend two
+    # state-machine events (Data, EndOfMessage); a chunked body goes through
+    # proxy.chunked, as h11 spends about fifty Python calls per chunk, and a
+    # provider sends one chunk per SSE event. Close-delimited bodies (HTTP/1.0
+    # upstreams) stay with h11.
     def _begin_body(self, head: h11.Response) -> bool:
-        """Record the head; True when its body is to be counted here rather than by h11."""
+        """Record the head; True when its body is to be read here rather than by h11."""
         fields = self.head_fields = fields_of(head.headers)
         length: bytes | None = None
+        chunked = False
         for name, value in fields:
             if name == b"content-length":
                 length = value
+            elif name == b"transfer-encoding":
+                chunked = True  # h11 accepts no coding but a single "chunked"
             elif name == b"connection" and b"close" in comma_tokens(value):
                 self._keep_alive = False
         if head.http_version != b"1.1":
             self._keep_alive = False
-        if length is None or self._method == b"HEAD" or head.status_code in (204, 304):
+        if self._method == b"HEAD" or head.status_code in (204, 304):
+            return False
+        if chunked:  # it wins over a Content-Length (RFC 9112 section 6.3), and the connection is not reused
+            if length is not None:
+                self._keep_alive = False
+            self._dechunk = ChunkedDecoder(MAX_RESPONSE_HEAD)
+            return True
+        if length is None:
             return False
         self._body_left = int(length)  # h11 validated it (digits; equal duplicates)
         return True
@@ -313,6 +335,22 @@ class _UpstreamConnection(asyncio.Protocol):
         self._body_left = left
         if left == 0:
             self._eom = True
+        self._wake()
+
+    def _take_chunked(self, data: bytes) -> None:
+        decoder = self._dechunk
+        assert decoder is not None
+        try:
+            body = decoder.feed(data)
+        except ChunkedError as exc:
+            self._fail(UpstreamProtocolError(f"upstream sent an invalid chunked body: {exc}"))
+            return
+        if body:
+            self._buffer_chunk(body)
+        if decoder.done:
+            self._eom = True
+            if decoder.trailing:  # bytes after the body: never reuse the connection
+                self._keep_alive = False
         self._wake()
 
     def _buffer_chunk(self, chunk: bytes) -> None:
@@ -436,7 +474,7 @@ class _UpstreamConnection(asyncio.Protocol):
             return False
         if not self._request_sent:
             return False
-        if self._body_left >= 0:
+        if self._body_left >= 0 or self._dechunk is not None:
             return self._eom and self._keep_alive
         return self._h11.their_state is h11.DONE
 
@@ -455,6 +493,7 @@ class _UpstreamConnection(asyncio.Protocol):
         # fresh state machine for the next request
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self._body_left = -1
+        self._dechunk = None
         self._request_sent = False
         self._keep_alive = True
         self._head = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -90,6 +91,32 @@ def test_a_request_head_that_cannot_be_framed_is_refused_before_sending(
     assert mock.requests == []
 
 
+Call = tuple[bytes, bytes, list[tuple[bytes, bytes]]]
+
+
+async def _send_all(factory: Callable[[], asyncio.Protocol], calls: list[Call]) -> tuple[list[tuple[int, bytes]], int]:
+    """Serve ``factory`` on a free port and send it ``calls`` (method, target, headers) through one
+    pool, in turn; the (status, body) of each and the idle connections left."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    pool = UpstreamPool()
+    target = UpstreamTarget.from_url("raw", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    results = []
+    try:
+        for method, path, headers in calls:
+            response = await pool.send(target, method, path, headers, b"")
+            body = b""
+            while chunk := await response.read():
+                body += chunk
+            response.release()
+            results.append((response.status, body))
+        (origin,) = pool._pools.values()
+        return results, len(origin.idle)
+    finally:
+        await pool.close()
+        server.close()
+
+
 class _RecordingUpstream(asyncio.Protocol):
     """A raw upstream: records what it receives and answers each request head with ``replies``, in turn."""
 
@@ -116,29 +143,95 @@ def test_the_request_is_written_as_given_and_a_head_response_has_no_body(loop_th
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
     ]
 
-    async def run() -> tuple[list[tuple[int, bytes]], int]:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _RecordingUpstream(received, replies), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        pool = UpstreamPool()
-        target = UpstreamTarget.from_url("raw", f"http://127.0.0.1:{port}")
-        results = []
-        for method in (b"HEAD", b"GET"):
-            headers = [(b"host", b"raw.test"), (b"x-trace", b"a b"), (b"accept", b"*/*")]
-            response = await pool.send(target, method, b"/v1/models?x=1", headers, b"")
-            body = b""
-            while chunk := await response.read():
-                body += chunk
-            response.release()
-            results.append((response.status, body))
-        (origin,) = pool._pools.values()
-        idle = len(origin.idle)
-        await pool.close()
-        server.close()
-        return results, idle
-
-    results, idle = loop_thread.call(run())
+    headers = [(b"host", b"raw.test"), (b"x-trace", b"a b"), (b"accept", b"*/*")]
+    calls = [(method, b"/v1/models?x=1", headers) for method in (b"HEAD", b"GET")]
+    results, idle = loop_thread.call(_send_all(lambda: _RecordingUpstream(received, replies), calls))
     assert results == [(200, b""), (200, b"ok")]
     assert idle == 1  # one connection carried both
     head = b"/v1/models?x=1 HTTP/1.1\r\nhost: raw.test\r\nx-trace: a b\r\naccept: */*\r\n\r\n"
     assert bytes(received) == b"HEAD " + head + b"GET " + head
+
+
+class _PacedUpstream(asyncio.Protocol):
+    """A raw upstream answering each request with ``pieces``, one write every 5 ms."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        if data.startswith(b"GET"):
+            loop = asyncio.get_running_loop()
+            for i, piece in enumerate(self.pieces):
+                loop.call_later(0.005 * i, self.transport.write, piece)
+
+
+async def _get_all(pieces: list[bytes], requests: int = 1) -> tuple[list[tuple[int, bytes]], int]:
+    """GET ``requests`` times from a paced upstream; the results and the idle connections left."""
+    return await _send_all(lambda: _PacedUpstream(pieces), [(b"GET", b"/", [(b"host", b"raw.test")])] * requests)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def test_a_chunked_body_split_anywhere_across_reads_is_decoded_and_the_connection_reused(
+    loop_thread: LoopThread,
+) -> None:
+    body = b"6\r\ndata: \r\n3;ext=1\r\nab\n\r\n1\r\n\n\r\n0\r\nx-trailer: dropped\r\n\r\n"
+    # the head with the start of the first size line, then pieces cut inside sizes, data and CRLFs
+    pieces = [CHUNKED_HEAD + body[:1], body[1:4], body[4:9], body[9:10], body[10:30], body[30:]]
+    results, idle = loop_thread.call(_get_all(pieces, requests=2))
+    assert results == [(200, b"data: ab\n\n")] * 2
+    assert idle == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"zz\r\nhello\r\n0\r\n\r\n", "invalid chunked body: invalid chunk-size"),
+        (b"5\r\nhelloX\r\n0\r\n\r\n", "invalid chunked body: chunk data not followed by CRLF"),
+        (b"5\r\nhello\r\n", "closed the connection mid-response"),  # then the upstream closes
+    ],
+)
+def test_a_broken_chunked_body_is_an_upstream_protocol_error(
+    loop_thread: LoopThread, body: bytes, message: str
+) -> None:
+    class Closing(_PacedUpstream):
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(CHUNKED_HEAD + body)
+            asyncio.get_running_loop().call_later(0.01, self.transport.close)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Closing([]), "127.0.0.1", 0)
+        pool = UpstreamPool()
+        target = UpstreamTarget.from_url("raw", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        try:
+            response = await pool.send(target, b"GET", b"/", [(b"host", b"raw.test")], b"")
+            with pytest.raises(UpstreamProtocolError, match=message):
+                while await response.read():
+                    pass
+            response.close()
+        finally:
+            await pool.close()
+            server.close()
+
+    loop_thread.call(run())
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        CHUNKED_HEAD + b"2\r\nok\r\n0\r\n\r\nEXTRA",  # bytes after the body
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ],
+    ids=["bytes after the body", "chunked and content-length"],
+)
+def test_a_chunked_response_framed_ambiguously_is_read_but_its_connection_never_reused(
+    loop_thread: LoopThread, reply: bytes
+) -> None:
+    results, idle = loop_thread.call(_get_all([reply], requests=1))
+    assert results == [(200, b"ok")]
+    assert idle == 0
