@@ -157,6 +157,93 @@ def _open(res: dict[str, Any]) -> list[str]:
     return out
 
 
+# The speed targets (bench issue), for one worker: (label, mode, concurrency, figure, bound, higher is better).
+# The figure is "added_p50" (ms over direct) or "rps"; the full builtin chain has its own throughput bound.
+_SPEED_TARGETS: tuple[tuple[str, str, int, str, float, bool], ...] = (
+    ("added p50, json c=1 < 0.3 ms", "json", 1, "added_p50", 0.3, False),
+    ("req/s, json c=64 >= 6,000 (full chain 4,000)", "json", 64, "rps", 6000.0, True),
+    ("added p50, 50-event sse c=1 < 1 ms", "sse", 1, "added_p50", 1.0, False),
+    ("streams/s, sse c=16 >= 1,000", "sse", 16, "rps", 1000.0, True),
+)
+#: The reference machine of the targets, as the issue gives it: nginx adds 0.11 ms at c=1,
+#: a bare uvloop + h11 relay does ~8,500 req/s at c=64.
+_REFERENCE_NGINX_ADDED_MS = 0.11
+_REFERENCE_H11RELAY_RPS = 8500.0
+
+
+def _cell(res: dict[str, Any], mode: str, concurrency: int, name: str, figure: str) -> float | None:
+    for cell in res.get("closed_loop", []):
+        if cell["mode"] == mode and cell["concurrency"] == concurrency and name in cell["results"]:
+            r = cell["results"][name]
+            value = r.get("added_ms", {}).get("p50") if figure == "added_p50" else r.get("rps")
+            return float(value) if value is not None else None
+    return None
+
+
+def _targets(res: dict[str, Any]) -> list[str]:
+    """Each llmproxy target against the speed and memory targets, absolute and scaled.
+
+    Scaled figures put this machine's speed next to the reference machine's,
+    from the baselines measured in the same run: latency divided by how much
+    more nginx adds here, throughput multiplied by how much slower the bare
+    h11 relay is here. They are a reading aid; the absolute figures are the
+    measurement.
+    """
+    names = [t["name"] for t in res["meta"]["targets"] if t["name"].startswith("llmproxy")]
+    if not names or not res.get("closed_loop"):
+        return []
+    nginx = _cell(res, "json", 1, "baseline[nginx]", "added_p50")
+    relay = _cell(res, "json", 64, "baseline[h11relay]", "rps")
+    slow_latency = nginx / _REFERENCE_NGINX_ADDED_MS if nginx and nginx > 0 else None
+    slow_throughput = _REFERENCE_H11RELAY_RPS / relay if relay else None
+    out = ["Targets (one worker): the figure, then ok or MISS; scaled = as on the issue's reference machine"]
+    factors = []
+    if slow_latency is not None:
+        factors.append(
+            f"nginx adds {nginx:.2f} ms at json c=1 here vs {_REFERENCE_NGINX_ADDED_MS} there (x{slow_latency:.2f})"
+        )
+    if slow_throughput is not None:
+        factors.append(
+            f"the bare h11 relay does {relay:,.0f} req/s at json c=64 here vs ~{_REFERENCE_H11RELAY_RPS:,.0f} "
+            f"there (x{slow_throughput:.2f})"
+        )
+    out.append(
+        "machine: " + ("; ".join(factors) if factors else "no scaling (run with --baseline nginx --baseline h11relay)")
+    )
+
+    def verdict(value: float | None, bound: float, higher: bool) -> str:
+        if value is None:
+            return "-"
+        ok = value >= bound if higher else value < bound
+        return f"{_num(value)} {'ok' if ok else 'MISS'}"
+
+    rows = []
+    for label, mode, concurrency, figure, bound, higher in _SPEED_TARGETS:
+        row = [label]
+        for name in names:
+            this_bound = 4000.0 if figure == "rps" and mode == "json" and "[full" in name else bound
+            value = _cell(res, mode, concurrency, name, figure)
+            factor = slow_throughput if higher else slow_latency
+            scaled = None if value is None or factor is None else (value * factor if higher else value / factor)
+            row.append(verdict(value, this_bound, higher))
+            row.append(verdict(scaled, this_bound, higher) if factors else "-")
+        rows.append(row)
+    resources = res.get("resources", {})
+    memory = res.get("memory", {})
+    rss_row = ["peak RSS < 60 MiB"]
+    growth_row = ["RSS growth < 2 MiB per 100k requests"]
+    for name in names:
+        peak = resources.get(name, {}).get("peak_rss_mib")
+        rss_row += [verdict(peak, 60.0, False), ""]
+        growth = memory.get(name, {}).get("growth_mib_per_10k")
+        growth_row += [verdict(None if growth is None else max(growth, 0.0) * 10, 2.0, False), ""]
+    rows += [rss_row, growth_row]
+    header = ["target"]
+    for name in names:
+        header += [name, "scaled"]
+    return out + _table(header, rows)
+
+
 def render(res: dict[str, Any]) -> str:
     """The human-readable report of a results dict."""
     meta = res["meta"]
@@ -170,7 +257,7 @@ def render(res: dict[str, Any]) -> str:
         "targets: " + ", ".join(f"{t['name']} = {t['url']}" for t in meta["targets"]),
         "",
     ]
-    for section in (_closed(res), _paced(res), _memory(res), _open(res)):
+    for section in (_closed(res), _paced(res), _memory(res), _open(res), _targets(res)):
         if section:
             lines += [*section, ""]
     for warning in res.get("warnings", []):

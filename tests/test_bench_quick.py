@@ -114,3 +114,63 @@ def test_smoke_baselines_are_measured_and_stopped(tmp_path: Path) -> None:
         host, port = target["url"].split("/")[2].split(":")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((host, int(port)), timeout=2).close()
+
+
+def test_the_targets_table_judges_absolute_and_scaled_figures() -> None:
+    """Pure rendering: a saved result with baselines gets ok/MISS per target, and scaled
+    figures from the nginx latency and h11 relay throughput measured in the same run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def result(rps: float, added_p50: float) -> dict[str, Any]:
+        return {"rps": rps, "p50": 1.0, "p90": 1.0, "p99": 1.0, "errors": 0, "added_ms": {"p50": added_p50}}
+
+    res: dict[str, Any] = {
+        "meta": {
+            "mode": "full",
+            "cpus": 2,
+            "pinning": None,
+            "request": {"json_body_bytes": 322},
+            "reply": {"json_body_bytes": 849, "sse_events": 50, "sse_body_bytes": 11657},
+            "mock": {"url": "http://127.0.0.1:9", "tokens": 76},
+            "targets": [{"name": n, "url": "u"} for n in ("direct", "llmproxy[empty]", "llmproxy[full]")],
+            "plan": {"rounds": 1, "run_s": 1},
+            "generator": "wrk",
+        },
+        "closed_loop": [
+            {
+                "mode": "json",
+                "concurrency": 1,
+                "results": {
+                    "llmproxy[empty]": result(2000, 0.44),  # MISS as is; 0.44 / (0.22 / 0.11) = 0.22 ok
+                    "llmproxy[full]": result(1800, 0.70),  # MISS either way: 0.35 scaled
+                    "baseline[nginx]": result(4000, 0.22),
+                },
+            },
+            {
+                "mode": "json",
+                "concurrency": 64,
+                "results": {
+                    "llmproxy[empty]": result(5000, 9.0),  # MISS as is; x 8500/4250 = 10,000 ok
+                    "llmproxy[full]": result(4100, 9.0),  # the full chain's bound is 4,000: ok
+                    "baseline[h11relay]": result(4250, 9.0),
+                },
+            },
+        ],
+        "resources": {"llmproxy[empty]": {"peak_rss_mib": 41.0}, "llmproxy[full]": {"peak_rss_mib": 61.0}},
+        "memory": {"llmproxy[empty]": {"growth_mib_per_10k": 0.05}},
+    }
+    table = report._targets(res)
+    assert "x2.00" in table[1] and "x2.00" in table[1][table[1].index(";") :]
+    rows = {line.split("  ")[0]: line.split() for line in table[4:]}
+    latency = rows["added p50, json c=1 < 0.3 ms"]
+    assert latency[-8:] == ["0.44", "MISS", "0.22", "ok", "0.70", "MISS", "0.35", "MISS"]
+    throughput = rows["req/s, json c=64 >= 6,000 (full chain 4,000)"]
+    assert throughput[-8:] == ["5,000", "MISS", "10,000", "ok", "4,100", "ok", "8,200", "ok"]
+    assert rows["peak RSS < 60 MiB"][-4:] == ["41.00", "ok", "61.00", "MISS"]
+    assert rows["RSS growth < 2 MiB per 100k requests"][-3:] == ["0.50", "ok", "-"]
+    del res["memory"], res["resources"]  # (their own sections need more fields)
+    assert "\n".join(report._targets(res)) in report.render(res)
