@@ -196,7 +196,12 @@ def _targets(res: dict[str, Any]) -> list[str]:
     relay = _cell(res, "json", 64, "baseline[h11relay]", "rps")
     slow_latency = nginx / _REFERENCE_NGINX_ADDED_MS if nginx and nginx > 0 else None
     slow_throughput = _REFERENCE_H11RELAY_RPS / relay if relay else None
-    out = ["Targets (one worker): the figure, then ok or MISS; scaled = as on the issue's reference machine"]
+    several = [t["name"] for t in res["meta"]["targets"] if (t.get("workers") or 1) > 1]
+    out = [
+        "Targets (stated for one worker"
+        + (f"; {', '.join(several)} ran several, with RSS summed over them" if several else "")
+        + "): the figure, then ok or MISS; scaled = as on the issue's reference machine"
+    ]
     factors = []
     if slow_latency is not None:
         factors.append(
