@@ -200,6 +200,7 @@ def _targets(res: dict[str, Any]) -> list[str]:
     out = [
         "Targets (stated for one worker"
         + (f"; {', '.join(several)} ran several, with RSS summed over them" if several else "")
+        + (", and the default short heads, not --sdk-headers" if res["meta"]["mock"].get("provider_headers") else "")
         + "): the figure, then ok or MISS; scaled = as on the issue's reference machine"
     ]
     factors = []
@@ -258,7 +259,8 @@ def render(res: dict[str, Any]) -> str:
         + (f"proxy on CPU {pin['proxy']}, mock + generator on CPU {pin['aux']}" if pin else "no CPU pinning"),
         f"request {meta['request']['json_body_bytes']} B JSON body; reply {meta['reply']['json_body_bytes']} B JSON "
         f"or {meta['reply']['sse_events']} SSE events ({meta['reply']['sse_body_bytes']:,} B); "
-        f"mock at {meta['mock']['url']} (tokens {meta['mock']['tokens']})",
+        f"mock at {meta['mock']['url']} (tokens {meta['mock']['tokens']})"
+        + ("; SDK request and provider reply header fields" if meta["mock"].get("provider_headers") else ""),
         "targets: " + ", ".join(f"{t['name']} = {t['url']}" for t in meta["targets"]),
         "",
     ]

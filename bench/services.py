@@ -137,12 +137,21 @@ def _spawn(name: str, cmd: list[str], host: str, port: int, logdir: Path, env: d
 
 
 def start_mock(
-    *, host: str, port: int, tokens: int, cpus: Sequence[int] | None, logdir: Path, timeout: float = 20.0
+    *,
+    host: str,
+    port: int,
+    tokens: int,
+    cpus: Sequence[int] | None,
+    logdir: Path,
+    timeout: float = 20.0,
+    provider_headers: bool = False,
 ) -> Service:
     """The mock provider in its fastest mode (no pacing, no faults), ready to serve."""
     port = port or free_port(host)
     cmd = [*pin_prefix(cpus), sys.executable, "-m", "proxy", "mock-upstream"]
     cmd += ["--host", host, "--port", str(port), "--tokens", str(tokens)]
+    if provider_headers:
+        cmd.append("--provider-headers")
     return _ready(_spawn("mock", cmd, host, port, logdir, dict(os.environ)), "/_mock/health", timeout)
 
 

@@ -7,6 +7,7 @@ Not a test: it prints figures and never judges them. Run from the repo root::
     python bench/throughput.py -c empty -c full     # both chains side by side
     python bench/throughput.py --workers 2 --proxy-cpus 0,1
     python bench/throughput.py --quick              # under 30 s, fewer requests
+    python bench/throughput.py --sdk-headers         # heads as long as real SDK and provider ones
     python bench/throughput.py --smoke              # CI: a few seconds, checks it runs
     python bench/throughput.py --baseline h11relay --baseline nginx   # + reference relays
     python bench/throughput.py --mock-port 9009 --target http://127.0.0.1:4000   # + another gateway
@@ -76,7 +77,7 @@ from loadgen import LoadResult, closed_loop, open_loop
 from paced import PacedClient, StreamTiming, summarize
 from procstat import steal_seconds
 from services import Service, find_nginx, nginx_version, start_h11relay, start_mock, start_nginx, start_proxy
-from wire import Endpoint, ResponseParser, build_request, chat_body, parse_url
+from wire import SDK_HEADERS, Endpoint, ResponseParser, build_request, chat_body, parse_url
 from wrk import find_wrk, run_wrk
 
 BENCH = Path(__file__).resolve().parent
@@ -247,6 +248,9 @@ class Bench:
         self.targets: list[Target] = []
         self.direct: Target | None = None
         self.extra_headers = _headers(args.header)
+        if args.sdk_headers:  # the SDK's fields first; a --header authorization replaces the SDK's key
+            given = {name.lower() for name, _ in self.extra_headers}
+            self.extra_headers = [*(f for f in SDK_HEADERS if f[0] not in given), *self.extra_headers]
         self.wrk = None if args.generator == "python" else find_wrk()
         if args.generator == "wrk" and self.wrk is None:
             raise SystemExit("--generator wrk: wrk is not installed")
@@ -301,7 +305,14 @@ class Bench:
             os.sched_setaffinity(0, aux)
         mock_port = args.mock_port if args.mock_port is not None else (9009 if args.target else 0)
         _log(f"starting mock provider (tokens {JSON_TOKENS}) ...")
-        mock = start_mock(host="127.0.0.1", port=mock_port, tokens=JSON_TOKENS, cpus=aux, logdir=logdir)
+        mock = start_mock(
+            host="127.0.0.1",
+            port=mock_port,
+            tokens=JSON_TOKENS,
+            cpus=aux,
+            logdir=logdir,
+            provider_headers=args.sdk_headers,
+        )
         self.services.append(mock)
         mock_ep = parse_url(mock.url)
         self.direct = Target("direct", "direct", mock_ep, self._requests(mock_ep))
@@ -670,7 +681,11 @@ class Bench:
             "generator": (
                 f"wrk ({self.wrk}, 1 thread)" if self.wrk else f"python raw sockets ({self.procs} process(es))"
             ),
-            "mock": {"url": f"http://{self.direct.endpoint.host}:{self.direct.endpoint.port}", "tokens": JSON_TOKENS},
+            "mock": {
+                "url": f"http://{self.direct.endpoint.host}:{self.direct.endpoint.port}",
+                "tokens": JSON_TOKENS,
+                "provider_headers": self.args.sdk_headers,
+            },
             "request": {
                 "json_body_bytes": len(chat_body(self.args.model, False)),
                 "json_request_bytes": len(self.direct.requests["json"]),
@@ -782,6 +797,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="'NAME: VALUE'",
         help="extra request header for every target, e.g. an API key for --target",
+    )
+    ap.add_argument(
+        "--sdk-headers",
+        action="store_true",
+        help="traffic with production-sized heads: requests carry the openai SDK's header fields "
+        "and the mock answers with a hosted provider's (~20 fields each way)",
     )
     ap.add_argument("--model", default="gpt-4o-mini", help="model name in the requests")
     ap.add_argument(

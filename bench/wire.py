@@ -79,6 +79,25 @@ def parse_url(url: str, default_path: str = "/v1/chat/completions") -> Endpoint:
     return Endpoint(parts.hostname, parts.port or 80, path)
 
 
+#: The fields the official openai Python SDK sends with a chat completion (besides host,
+#: content-type, content-length and its API key), for ``--sdk-headers`` traffic.
+SDK_HEADERS: tuple[tuple[str, str], ...] = (
+    ("accept-encoding", "gzip, deflate"),
+    ("connection", "keep-alive"),
+    ("user-agent", "OpenAI/Python 1.54.0"),
+    ("x-stainless-lang", "python"),
+    ("x-stainless-package-version", "1.54.0"),
+    ("x-stainless-os", "Linux"),
+    ("x-stainless-arch", "x64"),
+    ("x-stainless-runtime", "CPython"),
+    ("x-stainless-runtime-version", "3.11.7"),
+    ("authorization", "Bearer sk-bench-client-key-0123456789abcdef"),
+    ("x-stainless-async", "false"),
+    ("x-stainless-retry-count", "0"),
+    ("x-stainless-read-timeout", "600"),
+)
+
+
 def build_request(endpoint: Endpoint, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> bytes:
     """A complete keep-alive ``POST`` with a JSON body."""
     lines = [

@@ -94,7 +94,12 @@ def list_filters() -> None:
 @click.option("--tokens", default=16, show_default=True, type=click.IntRange(1), help="Content tokens per reply.")
 @click.option("--ttft-ms", default=0.0, show_default=True, type=float, help="Delay before the first token.")
 @click.option("--itl-ms", default=0.0, show_default=True, type=float, help="Delay between stream events.")
-def mock_upstream(host: str, port: int, tokens: int, ttft_ms: float, itl_ms: float) -> None:
+@click.option(
+    "--provider-headers",
+    is_flag=True,
+    help="Send the ~20 informational header fields a hosted provider sends (rate limits, request id, CDN).",
+)
+def mock_upstream(host: str, port: int, tokens: int, ttft_ms: float, itl_ms: float, provider_headers: bool) -> None:
     """Serve a fake OpenAI + Anthropic provider (offline; for quickstart, tests and bench).
 
     Faults are chosen per request with headers: x-mock-status (+ x-mock-retry-after),
@@ -105,4 +110,5 @@ def mock_upstream(host: str, port: int, tokens: int, ttft_ms: float, itl_ms: flo
 
     _setup_logging("info")
     click.echo(f"mock upstream on http://{host}:{port}", err=True)
-    serve_mock(host, port, MockConfig(tokens=tokens, ttft=ttft_ms / 1000, itl=itl_ms / 1000))
+    config = MockConfig(tokens=tokens, ttft=ttft_ms / 1000, itl=itl_ms / 1000, provider_headers=provider_headers)
+    serve_mock(host, port, config)

@@ -177,6 +177,7 @@ class MockConfig:
 
     ``tokens`` content words per reply, ``ttft``/``itl`` pacing in seconds
     (see the module docstring, "Timing"). ``keys`` binds faults to API keys.
+    ``provider_headers`` makes reply heads as long as a hosted provider's.
     With ``require_key`` a request whose credential is in neither ``keys`` nor
     ``valid_keys`` gets 401. Replies echo the requested model, prefixed by
     ``model_prefix`` (empty by default: a plain echo); no model is required.
@@ -190,6 +191,10 @@ class MockConfig:
     require_key: bool = False
     valid_keys: set[str] = field(default_factory=set)
     model_prefix: str = ""
+    #: Add the informational fields a hosted provider sends (request id, rate
+    #: limits, CDN fields: ~20 in all) to every reply head, so that a proxy in
+    #: front pays for reading them as it does in production.
+    provider_headers: bool = False
 
     def __post_init__(self) -> None:
         _want_int("tokens", self.tokens, 0, _MAX_TOKENS)
@@ -220,14 +225,14 @@ def mock_config_from_dict(d: Mapping[str, Any]) -> MockConfig:
     """Build a :class:`MockConfig` from a YAML mapping.
 
     Accepted fields: ``tokens``, ``ttft``, ``itl``, ``require_key``,
-    ``valid_keys`` (list of strings), ``model_prefix`` and ``keys`` (mapping
+    ``provider_headers``, ``valid_keys`` (list of strings), ``model_prefix`` and ``keys`` (mapping
     of API key to ``{status, retry_after, times, fault}``). Every field is
     optional. Raises ``ValueError`` naming the bad field (``keys.<key>.times``
     for a nested one) on an unknown field, a wrong type or a bad value.
     """
     if not isinstance(d, Mapping):
         raise ValueError("mock config: expected a mapping")
-    known = {"tokens", "ttft", "itl", "keys", "require_key", "valid_keys", "model_prefix"}
+    known = {"tokens", "ttft", "itl", "keys", "require_key", "provider_headers", "valid_keys", "model_prefix"}
     for name in d:
         if name not in known:
             raise ValueError(f"{name}: unknown mock config field (expected one of {sorted(known)})")
@@ -242,6 +247,10 @@ def mock_config_from_dict(d: Mapping[str, Any]) -> MockConfig:
         if not isinstance(d["require_key"], bool):
             raise ValueError("require_key: expected true or false")
         cfg.require_key = d["require_key"]
+    if "provider_headers" in d:
+        if not isinstance(d["provider_headers"], bool):
+            raise ValueError("provider_headers: expected true or false")
+        cfg.provider_headers = d["provider_headers"]
     if "model_prefix" in d:
         if not isinstance(d["model_prefix"], str):
             raise ValueError("model_prefix: expected a string")
@@ -1215,6 +1224,30 @@ def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %b\r\n" % (status, phrase.encode())
 
 
+#: What a hosted provider adds to a reply head besides framing (values made up, sizes
+#: typical): see ``MockConfig.provider_headers``.
+_PROVIDER_FIELDS: Final = (
+    b"access-control-expose-headers: X-Request-ID\r\n"
+    b"openai-organization: user-mockorganization0001\r\n"
+    b"openai-processing-ms: 412\r\n"
+    b"openai-version: 2020-10-01\r\n"
+    b"x-ratelimit-limit-requests: 10000\r\n"
+    b"x-ratelimit-limit-tokens: 2000000\r\n"
+    b"x-ratelimit-remaining-requests: 9999\r\n"
+    b"x-ratelimit-remaining-tokens: 1999950\r\n"
+    b"x-ratelimit-reset-requests: 6ms\r\n"
+    b"x-ratelimit-reset-tokens: 1ms\r\n"
+    b"x-request-id: req_0123456789abcdef0123456789abcdef\r\n"
+    b"strict-transport-security: max-age=31536000; includeSubDomains; preload\r\n"
+    b"cf-cache-status: DYNAMIC\r\n"
+    b"set-cookie: __cf_bm=mock0123456789abcdefghijklmnopqrstuvwxyz; path=/; domain=.mock.invalid; HttpOnly;"
+    b" Secure; SameSite=None\r\n"
+    b"x-content-type-options: nosniff\r\n"
+    b"cf-ray: 8e7f6a5b4c3d2e1f-FRA\r\n"
+    b'alt-svc: h3=":443"; ma=86400\r\n'
+)
+
+
 def _chunk(payload: bytes) -> bytes:
     """``payload`` as one chunk of a chunked body; empty payloads are elided."""
     return b"%x\r\n%b\r\n" % (len(payload), payload) if payload else b""
@@ -1418,13 +1451,14 @@ class MockServer:
         return plan
 
     def _head(self, status: int, content_type: bytes, framing: bytes, extra: bytes, keep_alive: bool) -> bytes:
-        """The response head: status line, date, server, type, framing, extra, connection."""
-        return b"%bserver: llmproxy-mock\r\n%bcontent-type: %b\r\n%b%b%b\r\n" % (
+        """The response head: status line, date, server, type, framing, extra, (provider fields), connection."""
+        return b"%bserver: llmproxy-mock\r\n%bcontent-type: %b\r\n%b%b%b%b\r\n" % (
             _status_line(status),
             self._date_header(),
             content_type,
             framing,
             extra,
+            _PROVIDER_FIELDS if self.config.provider_headers else b"",
             b"" if keep_alive else b"connection: close\r\n",
         )
 

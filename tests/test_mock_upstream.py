@@ -734,10 +734,12 @@ def test_mock_config_from_dict_accepts_a_full_mapping() -> None:
             "require_key": True,
             "valid_keys": ["sk-a"],
             "model_prefix": "x/",
+            "provider_headers": True,
             "keys": {"sk-b": {"status": 429, "retry_after": 2, "times": 3}, "sk-c": {"fault": "drop"}, "sk-d": None},
         }
     )
     assert (cfg.tokens, cfg.ttft, cfg.itl, cfg.require_key, cfg.valid_keys) == (4, 0.1, 0.0, True, {"sk-a"})
+    assert cfg.provider_headers
     assert cfg.keys == {
         "sk-b": KeyBehaviour(status=429, retry_after=2.0, times=3),
         "sk-c": KeyBehaviour(fault="drop"),
@@ -756,6 +758,7 @@ def test_mock_config_from_dict_accepts_a_full_mapping() -> None:
         ({"require_key": "yes"}, "require_key"),
         ({"valid_keys": "sk-a"}, "valid_keys"),
         ({"model_prefix": 3}, "model_prefix"),
+        ({"provider_headers": "yes"}, "provider_headers"),
         ({"tokenz": 3}, "tokenz"),
         ({"keys": ["sk-a"]}, "keys"),
         ({"keys": {"sk-a": {"status": 200}}}, "keys.sk-a.status"),
@@ -775,3 +778,24 @@ def test_key_behaviour_validates_directly() -> None:
         KeyBehaviour(fault="explode")
     with pytest.raises(ValueError, match="status"):
         KeyBehaviour(status=42)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_provider_headers_make_reply_heads_as_long_as_a_hosted_providers(
+    make_mock: MakeMock, stream: bool
+) -> None:
+    plain = await make_mock()
+    rich = await make_mock(provider_headers=True)
+    heads = []
+    for server in (plain, rich):
+        async with openai_client(server) as client:
+            response = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=stream
+            )
+            heads.append(response.headers)
+            if stream:
+                async for _ in response.parse():
+                    pass
+    assert "x-ratelimit-remaining-tokens" not in heads[0]
+    assert heads[1]["x-ratelimit-remaining-tokens"] == "1999950"
+    assert len(heads[1]) >= len(heads[0]) + 15
