@@ -277,7 +277,7 @@ class _UpstreamConnection(asyncio.Protocol):
                 if self._begin_body(event):  # type: ignore[arg-type]
                     rest, _ = conn.trailing_data
                     if self._dechunk is not None:
-                        self._take_chunked(bytes(rest))
+                        self._take_chunked(rest)
                     else:
                         self._take_body(rest)
                     return
