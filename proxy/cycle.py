@@ -241,8 +241,7 @@ def _send_local(conn: HttpConnection, ex: Exchange, reply: LocalReply) -> None:
 def _send_error(conn: HttpConnection, ex: Exchange, err: ProxyError) -> None:
     if not ex.response_started:
         body = render_error(err)
-        headers = [_JSON, *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in err.headers)]
-        ex.response = Response(err.status, Headers(headers))
+        ex.response = Response(err.status, Headers(err.head_fields()))
         ex.response_started = True
         conn.start_response(err.status, _head_for_client(ex, ex.response.headers), len(body))
         ex.bytes_sent += len(body)
@@ -277,7 +276,7 @@ async def _forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             ex.response = Response(resp.status, _response_headers(ex, resp.headers))
         except UpstreamError as err:
             ex.upstream_error = err
-            ex.response = Response(err.status, Headers([_JSON, *((k.encode(), v.encode()) for k, v in err.headers)]))
+            ex.response = Response(err.status, Headers(err.head_fields()))
         ctype = ex.response.headers.get_raw(b"content-type")
         ex.is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
         ex._skip_body = None  # each attempt's response hooks decide again

@@ -71,6 +71,13 @@ class ProxyError(Exception):
         if status is not None:
             self.status = status  # type: ignore[misc]  # per-instance override
 
+    def head_fields(self) -> list[tuple[bytes, bytes]]:
+        """The fields of this error's response head: JSON content type, then ``headers``
+        (lowercase names, latin-1), without framing."""
+        return [(b"content-type", b"application/json")] + [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers
+        ]
+
     def envelope(self) -> dict[str, object]:
         """The OpenAI error envelope for this error."""
         return {

@@ -61,7 +61,7 @@ from .errors import (
 from .exchange import Exchange, Request
 from .framing import HeadInfo, check_head, find_head_end
 from .headers import Headers, fields_of
-from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head, status_line
+from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head
 from .timers import LazyTimer
 
 if TYPE_CHECKING:
@@ -536,14 +536,7 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         body = render_error(error)
-        head = [
-            status_line(error.status),
-            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n" % len(body),
-        ]
-        for name, value in error.headers:
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
-        head.append(b"\r\n")
-        transport.writelines([*head, body])
+        transport.writelines([response_head(error.status, error.head_fields(), len(body), False, False), body])
         log.info("rejected %s from %s: %s", error.status, self._client, error.message)
         self._close()
 
