@@ -22,14 +22,16 @@ __all__ = ["AccessLog"]
 class AccessLog:
     """Writes one record per finished exchange to the ``llmproxy.access`` logger."""
 
-    def __init__(self, json_lines: bool = False, logger: logging.Logger | None = None) -> None:
+    def __init__(self, json_lines: bool = False, logger: logging.Logger | None = None, enabled: bool = True) -> None:
         self.json_lines = json_lines
         self.logger = logger or logging.getLogger("llmproxy.access")
+        #: ``access_log: off`` (per proxy: the logger itself is shared by every proxy in a process).
+        self.enabled = enabled
 
     def record(self, ex: Exchange) -> None:
-        """Log ``ex`` (cheap no-op when INFO is disabled)."""
+        """Log ``ex`` (cheap no-op when off or when INFO is disabled)."""
         logger = self.logger
-        if not logger.isEnabledFor(logging.INFO):
+        if not self.enabled or not logger.isEnabledFor(logging.INFO):
             return
         request = ex.request
         path = ex.client_path.split("?", 1)[0]

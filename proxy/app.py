@@ -43,6 +43,9 @@ __all__ = ["Proxy", "check_config", "make_store", "run"]
 
 log = logging.getLogger("llmproxy")
 
+#: Seconds cancelled exchanges get at shutdown to finish their end hooks.
+_END_HOOKS_GRACE = 5.0
+
 
 async def make_store(url: str, file: str = "<config>") -> SharedStore:
     """The shared store named by ``store:`` in the config; Redis is pinged at startup."""
@@ -98,11 +101,9 @@ class Proxy:
             limits=cfg.limits,
             default_upstream=default_upstream,
             validate_json=cfg.server.validate_json,
-            access_log=AccessLog(json_lines=cfg.server.access_log == "json"),
+            access_log=AccessLog(json_lines=cfg.server.access_log == "json", enabled=cfg.server.access_log != "off"),
             admin=admin,
         )
-        if cfg.server.access_log == "off":
-            self.runtime.access_log.logger.disabled = True
         for factory in chain.factories:
             await factory.start()
         loop = asyncio.get_running_loop()
@@ -154,7 +155,12 @@ class Proxy:
                 await asyncio.sleep(0.05)
             for conn in list(rt.connections):
                 conn.abort()
-            await asyncio.sleep(0)  # let cancelled exchanges run their end hooks
+            # Cancelled exchanges run their end hooks (which may await the store)
+            # before the factories and the store close under them.
+            for task in list(rt.tasks):
+                task.cancel()
+            if rt.tasks:
+                await asyncio.wait(list(rt.tasks), timeout=_END_HOOKS_GRACE)
             for factory in rt.chain.factories:
                 try:
                     await factory.close()

@@ -7,19 +7,33 @@ Socket, TLS and h11 exceptions from the upstream side are mapped into
 :class:`UpstreamError` subclasses once, in :mod:`proxy.upstream`, so filters
 match on types and never on message strings.
 
+Errors are rendered in the client's protocol: the OpenAI envelope for
+OpenAI-style paths, Anthropic's ``{"type": "error", "error": {"type",
+"message"}}`` for ``/v1/messages`` clients (the Anthropic ``type`` follows
+the status, :data:`ANTHROPIC_TYPE_BY_STATUS`). After an event stream started,
+an error is one final SSE event of that protocol: ``data: {"error": ...}``
+(the openai SDK raises on it) or ``event: error`` (the anthropic SDK raises
+on it).
+
 Messages must never contain secrets: constructors take already-redacted text.
+Extra header values are validated when the error is created (a CR or LF in
+one would inject a field).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import orjson
 
+from .headers import check_field
+
 __all__ = [
+    "ANTHROPIC_TYPE_BY_STATUS",
     "BadRequest",
     "BodyTooLarge",
     "ClientDisconnected",
+    "ClientProtocol",
     "FilterFailed",
     "HeaderTimeout",
     "HeadersTooLarge",
@@ -36,9 +50,37 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamResponseTooLarge",
     "UpstreamTimeout",
+    "anthropic_type_for_status",
     "render_error",
     "render_sse_error",
 ]
+
+#: The wire protocol a client speaks: the error shapes it understands.
+ClientProtocol = Literal["openai", "anthropic"]
+
+#: Anthropic error ``type`` by HTTP status (Anthropic's API reference, "Errors").
+ANTHROPIC_TYPE_BY_STATUS: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_type_for_status(status: int) -> str:
+    """The Anthropic error type for ``status`` (other 5xx: ``api_error``, other 4xx: ``invalid_request_error``)."""
+    known = ANTHROPIC_TYPE_BY_STATUS.get(status)
+    if known is not None:
+        return known
+    return "api_error" if status >= 500 else "invalid_request_error"
 
 
 class ProxyError(Exception):
@@ -68,6 +110,8 @@ class ProxyError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
         self.headers = headers or []
+        for name, value in self.headers:
+            check_field(name.lower().encode("latin-1"), value.encode("latin-1"))
         if status is not None:
             self.status = status  # type: ignore[misc]  # per-instance override
 
@@ -88,6 +132,10 @@ class ProxyError(Exception):
                 "code": self.code,
             }
         }
+
+    def anthropic_envelope(self) -> dict[str, object]:
+        """Anthropic's error body for this error (its ``type`` follows the status)."""
+        return {"type": "error", "error": {"type": anthropic_type_for_status(self.status), "message": self.message}}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, message={self.message!r})"
@@ -211,13 +259,17 @@ class UpstreamTimeout(UpstreamError):
         self.phase = phase
 
 
-def render_error(error: ProxyError) -> bytes:
-    """Serialise ``error`` as its JSON envelope (the response body)."""
+def render_error(error: ProxyError, protocol: ClientProtocol = "openai") -> bytes:
+    """Serialise ``error`` as the JSON error body of the client's ``protocol``."""
+    if protocol == "anthropic":
+        return orjson.dumps(error.anthropic_envelope())
     return orjson.dumps(error.envelope())
 
 
-def render_sse_error(error: ProxyError) -> bytes:
-    """Serialise ``error`` as a final SSE event, for streams that already started."""
+def render_sse_error(error: ProxyError, protocol: ClientProtocol = "openai") -> bytes:
+    """Serialise ``error`` as a final SSE event of the client's ``protocol``, for streams that already started."""
+    if protocol == "anthropic":
+        return b"event: error\ndata: " + orjson.dumps(error.anthropic_envelope()) + b"\n\n"
     return b"data: " + orjson.dumps(error.envelope()) + b"\n\n"
 
 

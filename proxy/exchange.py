@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import InvalidJSON, ProxyError, UpstreamError
-from .headers import Headers
+from .errors import ClientProtocol, InvalidJSON, ProxyError, UpstreamError
+from .headers import Headers, check_field
 
 if TYPE_CHECKING:
     from .filter import Filter
@@ -64,6 +64,26 @@ class LocalReply:
 
 
 _UNPARSED: Any = object()
+
+#: The deepest JSON the proxy can write again (orjson's serialiser stops at 255
+#: levels; its parser at 1024). A request nested deeper is refused when parsed,
+#: not when it is re-serialised for the upstream.
+MAX_JSON_DEPTH = 254
+
+
+def _too_deep(body: bytes, value: Any) -> bool:
+    """True when ``value`` (parsed from ``body``) is nested deeper than :data:`MAX_JSON_DEPTH`.
+
+    Counting brackets is a cheap bound that almost every request passes; only
+    a body with that many containers is serialised once to find out.
+    """
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return True
+    return False
 
 
 class Exchange:
@@ -142,10 +162,18 @@ class Exchange:
         :meth:`set_request_json` (or :meth:`mark_request_json_changed`).
         """
         if self._json is _UNPARSED:
+            body = self.request.body
             try:
-                self._json = orjson.loads(self.request.body)
+                value = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
+                if "depth" in exc.msg:
+                    raise InvalidJSON(
+                        f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
+                    ) from None
                 raise InvalidJSON(f"request body is not valid JSON: {exc.msg}") from None
+            if _too_deep(body, value):
+                raise InvalidJSON(f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
+            self._json = value
         return self._json
 
     def set_request_json(self, value: Any) -> None:
@@ -181,7 +209,9 @@ class Exchange:
         """Answer the client without (or instead of) the upstream.
 
         Allowed until the response has started. A ``dict`` or ``list`` body is
-        sent as JSON. The chain stops after the current hook returns.
+        sent as JSON. The chain stops after the current hook returns. Header
+        names and values are validated (``ValueError`` for one that would
+        break the head: a CR, LF or NUL, or a name that is not a token).
         """
         if self.response_started:
             raise RuntimeError("send_local_reply after the response started")
@@ -193,6 +223,8 @@ class Exchange:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers or []]
         if content_type:
             raw.append((b"content-type", content_type.encode("latin-1")))
+        for name, value in raw:
+            check_field(name, value)
         self._local_reply = LocalReply(status, raw, payload)
 
     def retry(self) -> None:
@@ -226,6 +258,14 @@ class Exchange:
         if self._skip_body is None:
             self._skip_body = set()
         self._skip_body.add(id(filter_))
+
+    @property
+    def client_protocol(self) -> ClientProtocol:
+        """The protocol of the API the client called: ``anthropic`` for ``/v1/messages*``, else ``openai``.
+
+        Errors the proxy makes itself are rendered in it.
+        """
+        return "anthropic" if self.client_path.startswith("/v1/messages") else "openai"
 
     @property
     def elapsed(self) -> float:

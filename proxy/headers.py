@@ -15,7 +15,9 @@ from collections.abc import Iterable, Iterator, Sequence
 __all__ = ["HOP_BY_HOP", "Headers", "check_field", "comma_tokens", "fields_of"]
 
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+#: A field value holds no control character but HTAB (RFC 9110 5.5: CR, LF and NUL
+#: would break the head; other controls and DEL are refused as the parser refuses them).
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
 
 
 def check_field(name: bytes, value: bytes) -> None:

@@ -28,6 +28,11 @@ class Limits:
     max_connections: int = 10_000
     #: Response bytes a filter may hold back (PAUSE) before the exchange fails with 502.
     max_response_buffer_bytes: int = 32 * 1024 * 1024
+    #: Bytes of a JSON reply (or an error body) held until its end before its head
+    #: goes downstream, so an upstream that fails mid-body still becomes a clean
+    #: 502/504 envelope or a retry. Chat and embedding replies are far smaller;
+    #: a larger body streams. nginx buffers 4-8 KiB per proxy_buffer, then disk.
+    json_hold_bytes: int = 1024 * 1024
     #: Upstream attempts per exchange, retries included.
     max_attempts: int = 5
     #: Bytes queued for a slow client before the proxy stops reading the upstream.

@@ -90,8 +90,12 @@ async def mock(make_mock: MakeMock) -> MockServer:
 
 
 def openai_client(server: MockServer, key: str = "sk-test", timeout: float = 5.0) -> openai.AsyncOpenAI:
+    """An SDK client; ``timeout`` bounds reads (stall tests), connecting gets 5 s on a loaded machine."""
     return openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{server.port}/v1", api_key=key, max_retries=0, timeout=timeout
+        base_url=f"http://127.0.0.1:{server.port}/v1",
+        api_key=key,
+        max_retries=0,
+        timeout=openai.Timeout(timeout, connect=5.0),
     )
 
 

@@ -157,6 +157,10 @@ class _ScriptedUpstream(asyncio.Protocol):
             elif b"x-script: close" in head.lower():
                 self.transport.write(ok + b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
                 self.transport.close()
+            elif b"x-script: cut-text" in head.lower():  # not JSON: closes after 10 of 100 promised bytes
+                text = b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                self.transport.write(text + b"content-length: 100\r\n\r\n" + body[:10])
+                self.transport.close()
             elif b"x-script: cut" in head.lower():  # closes after 10 of 100 promised bytes
                 self.transport.write(ok + b"content-length: 100\r\n\r\n" + body[:10])
                 self.transport.close()
@@ -497,9 +501,20 @@ def test_upstream_connection_not_reused_after_a_bad_or_closing_reply(scripted_pr
     assert len(_ScriptedUpstream.connections) == 2  # a new one after the bad reply, then reused
 
 
+def test_upstream_closing_mid_json_body_is_a_clean_502(scripted_proxy: RunningProxy) -> None:
+    """A JSON reply is held to its end (limits.json_hold_bytes): a cut one is an envelope, not half a 200."""
+    reply = raw_exchange(scripted_proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Script: cut\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert status_of(reply) == 502
+    assert b"content-length: %d" % len(body) in head.lower()
+    assert json.loads(body)["error"]["code"] == "upstream_protocol_error"
+    after = raw_exchange(scripted_proxy.port, b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    assert status_of(after) == 200
+
+
 def test_upstream_closing_mid_body_aborts_the_client_connection(scripted_proxy: RunningProxy) -> None:
     with socket.create_connection(("127.0.0.1", scripted_proxy.port), timeout=5) as sock:
-        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Script: cut\r\n\r\n")
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Script: cut-text\r\n\r\n")
         data = b""
         with contextlib.suppress(ConnectionResetError):
             data = _read_to_close(sock)

@@ -776,10 +776,12 @@ def test_openai_provider_error_becomes_anthropic_error(
             client.messages.create(model="gpt-x", max_tokens=5, messages=HI, extra_headers=headers)
     assert mock.requests[-1].path == "/v1/chat/completions"
     assert info.value.status_code == status
-    assert info.value.body == {
-        "type": "error",
-        "error": {"type": anthropic_type, "message": f"mock: injected {status} (x-mock-status)"},
-    }
+    body: Any = info.value.body
+    assert body["type"] == "error" and body["error"]["type"] == anthropic_type
+    if status in (401, 403):  # the provider refused the proxy's key: the proxy's own words, never the provider's
+        assert "refused the credential the proxy holds" in body["error"]["message"]
+    else:
+        assert body["error"]["message"] == f"mock: injected {status} (x-mock-status)"
 
 
 def test_same_protocol_errors_pass_through_untouched(routed: RunningProxy, mock: MockServer) -> None:
@@ -845,13 +847,26 @@ def error_of(response: httpx2.Response) -> dict[str, Any]:
     return error
 
 
+def anthropic_error_of(response: httpx2.Response) -> dict[str, Any]:
+    """The inner error of Anthropic's envelope, which is all an Anthropic client is sent."""
+    body = response.json()
+    assert body["type"] == "error" and set(body) == {"type", "error"}, body
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"type", "message"}, error
+    return error
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 def test_unknown_model_is_404_model_not_found(routed: RunningProxy, mock: MockServer, path: str) -> None:
     body = json.dumps({"model": "no-such-model-7", "max_tokens": 5, "messages": HI}).encode()
     response = post(routed, path, body)
     assert response.status_code == 404
-    error = error_of(response)
-    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    if path == "/v1/messages":
+        error = anthropic_error_of(response)
+        assert error["type"] == "not_found_error"
+    else:
+        error = error_of(response)
+        assert (error["code"], error["param"]) == ("model_not_found", "model")
     assert "no-such-model-7" in error["message"]
     for key in PROVIDER_KEYS:
         assert key not in response.text
@@ -886,8 +901,11 @@ def test_bad_request_bodies_are_400(
 ) -> None:
     response = post(routed, path, content)
     assert response.status_code == 400, response.text
-    error = error_of(response)
-    assert (error["code"], error["param"]) == (code, param)
+    if path == "/v1/messages":  # the proxy's own errors are Anthropic-shaped for Anthropic clients
+        assert anthropic_error_of(response)["type"] == "invalid_request_error"
+    else:
+        error = error_of(response)
+        assert (error["code"], error["param"]) == (code, param)
     assert mock.requests == []
 
 

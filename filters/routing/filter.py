@@ -247,10 +247,11 @@ class RoutingFilter(Filter):
             return Action.CONTINUE
         provider_protocol = target.provider.protocol
         translating = provider_protocol != self.client_protocol
-        if exchange.response.status >= 400 or exchange.upstream_error is not None:
-            # provider errors speak the provider's protocol, synthesized ones OpenAI's
-            source = "openai" if exchange.upstream_error is not None else provider_protocol
-            if source != self.client_protocol:
+        if exchange.upstream_error is not None:
+            return Action.CONTINUE  # the core renders its own errors in the client's protocol
+        if exchange.response.status >= 400:
+            # provider errors speak the provider's protocol
+            if provider_protocol != self.client_protocol:
                 self._mode = _Mode.ERROR
                 exchange.response.headers.set("content-type", "application/json")
                 return Action.PAUSE
@@ -313,11 +314,15 @@ class RoutingFilter(Filter):
                 out = chat_response_to_messages(parsed, model=target.model)
         except (orjson.JSONDecodeError, TranslationError) as exc:
             raise UpstreamProtocolError(f"provider response cannot be translated: {exc}") from None
+        try:
+            translated = orjson.dumps(out)
+        except orjson.JSONEncodeError:
+            raise UpstreamProtocolError("provider response is nested too deeply to be translated") from None
         # the OpenAI-shaped side of the pair: {"prompt_tokens", "completion_tokens", ...}
         usage = (out if self.client_protocol == "openai" else parsed).get("usage")
         if isinstance(usage, dict):
             exchange.vars["usage"] = usage
-        exchange.set_response_data(orjson.dumps(out))
+        exchange.set_response_data(translated)
         return Action.CONTINUE
 
     def _note_usage(self, exchange: Exchange, data: bytes) -> None:

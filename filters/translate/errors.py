@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import orjson
 
+from proxy.errors import anthropic_type_for_status
+
 __all__ = [
     "MAX_MESSAGE_CHARS",
     "TranslationError",
@@ -50,22 +52,6 @@ class TranslationError(ValueError):
         self.message = message
         self.param = param
 
-
-# Anthropic error type by HTTP status (https://docs.anthropic.com/en/api/errors).
-_ANTHROPIC_TYPE_BY_STATUS: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
 
 # OpenAI-side ``type`` for each Anthropic type; the families match proxy.errors.
 _OPENAI_TYPE_BY_ANTHROPIC: dict[str, str] = {
@@ -99,13 +85,6 @@ _ANTHROPIC_TYPE_BY_OPENAI: dict[str, str] = {
     "server_error": "api_error",
     "overloaded_error": "overloaded_error",
 }
-
-
-def _anthropic_type_for_status(status: int) -> str:
-    known = _ANTHROPIC_TYPE_BY_STATUS.get(status)
-    if known is not None:
-        return known
-    return "api_error" if status >= 500 else "invalid_request_error"
 
 
 def _text_of(body: bytes) -> str:
@@ -152,7 +131,7 @@ def openai_envelope_from_anthropic(
     """
     anthropic_type = error.get("type") if error is not None else None
     if not isinstance(anthropic_type, str) or not anthropic_type:
-        anthropic_type = _anthropic_type_for_status(status) if status is not None else "api_error"
+        anthropic_type = anthropic_type_for_status(status) if status is not None else "api_error"
     openai_type = _OPENAI_TYPE_BY_ANTHROPIC.get(anthropic_type)
     if openai_type is None:
         openai_type = "server_error" if status is None or status >= 500 else "invalid_request_error"
@@ -176,7 +155,7 @@ def anthropic_envelope_from_openai(
     defaulting to ``api_error``.
     """
     if status is not None:
-        anthropic_type = _anthropic_type_for_status(status)
+        anthropic_type = anthropic_type_for_status(status)
     else:
         anthropic_type = "api_error"
         if error is not None:
