@@ -320,8 +320,7 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
         if synthesized is not None:
             known_length = len(synthesized)
         elif resp is not None:
-            raw_length = next((v for k, v in resp.headers if k == b"content-length"), None)
-            known_length = int(raw_length) if raw_length is not None else None
+            known_length = resp.content_length  # counted off the socket, never the upstream's header
     relay = _Relay(conn, ex)
     if not hold:
         relay.send_head(known_length)

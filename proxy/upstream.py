@@ -19,6 +19,15 @@ peer, or whose last exchange saw an error or did not finish its body is
 never reused; at most ``max_per_origin`` connections per origin exist, and
 callers beyond that wait for one to be released.
 
+Response heads are strict: a head whose framing could be read two ways
+(both Content-Length and Transfer-Encoding, differing lengths, a coding other
+than a single ``chunked``, an invalid length), a status outside 100-599, or a
+head over ``max_head_bytes`` or ``max_head_fields`` (whatever the read
+boundaries) is an :class:`~proxy.errors.UpstreamProtocolError`, and the
+connection is closed. Bytes an upstream sends while no request is
+outstanding close the connection too: they could only be a response planted
+for the next request.
+
 Flow control: each connection pauses reading from its socket while more
 than ``READ_HIGH_WATER`` bytes of body wait to be consumed, so a slow client
 throttles the upstream instead of making the proxy buffer without bound.
@@ -50,12 +59,31 @@ from .errors import (
 from .headers import comma_tokens, fields_of
 from .timers import LazyTimer
 
-__all__ = ["READ_HIGH_WATER", "Timeouts", "UpstreamPool", "UpstreamResponse", "UpstreamTarget"]
+__all__ = [
+    "MAX_RESPONSE_FIELDS",
+    "MAX_RESPONSE_HEAD",
+    "READ_HIGH_WATER",
+    "Timeouts",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "UpstreamTarget",
+]
 
 #: Body bytes buffered per upstream connection before reading is paused.
 READ_HIGH_WATER = 256 * 1024
-#: Upper bound of a response head from an upstream (h11's default is 16 KiB).
+#: Default upper bound of a response head from an upstream, informational (1xx)
+#: heads included, whatever the read boundaries (``UpstreamPool(max_head_bytes=)``).
+#: h11: 16 KiB; nginx proxy_buffer_size: 4-8 KiB; Go net/http
+#: MaxResponseHeaderBytes: 10 MiB. Provider heads are 1-2 KiB; CDNs in front of
+#: them add cookies, so 64 KiB leaves room without letting a head hold the client.
 MAX_RESPONSE_HEAD = 64 * 1024
+#: Default upper bound of the field count of a response head
+#: (``UpstreamPool(max_head_fields=)``). HAProxy tune.http.maxhdr: 101; node.js
+#: maxHeadersCount: 2000; provider heads carry about 40 (OpenAI behind Cloudflare).
+MAX_RESPONSE_FIELDS = 256
+#: Largest Content-Length accepted from an upstream: nginx and Go parse it as a
+#: signed 64-bit length and refuse an overflow (h11 only bounds it to 20 digits).
+MAX_CONTENT_LENGTH = 2**63 - 1
 
 _METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as h11 checks it
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII, as h11 checks it
@@ -172,10 +200,16 @@ class _ConnState(enum.Enum):
 class _UpstreamConnection(asyncio.Protocol):
     """One h11 client connection; owned by its pool, used by one exchange at a time."""
 
-    def __init__(self, pool: _OriginPool) -> None:
+    def __init__(
+        self, pool: _OriginPool, max_head_bytes: int = MAX_RESPONSE_HEAD, max_head_fields: int = MAX_RESPONSE_FIELDS
+    ) -> None:
         self._pool = pool
         self._loop = asyncio.get_running_loop()
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self._max_head_bytes = max_head_bytes
+        self._max_head_fields = max_head_fields
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+        #: Bytes received for this exchange before its final response head was complete.
+        self._head_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.state = _ConnState.ACTIVE
         self.idle_since = 0.0
@@ -186,6 +220,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._method = b""
         #: Body bytes still to come when the body is counted (Content-Length), else -1.
         self._body_left = -1
+        #: The length of the body as counted off the socket (see UpstreamResponse.content_length).
+        self.body_length: int | None = None
         #: The decoder of a chunked body (None for other bodies, read as counted or by h11).
         self._dechunk: ChunkedDecoder | None = None
         #: The whole request (head and body) was handed to the transport.
@@ -220,12 +256,24 @@ class _UpstreamConnection(asyncio.Protocol):
         if self._dechunk is not None:
             self._take_chunked(data)
             return
+        if self._head is None:
+            if not self._request_sent:
+                # bytes before any request (idle, or not yet sent) can only be a
+                # response planted for the next request: never use this connection
+                self._fail(UpstreamProtocolError("upstream sent bytes before a request"))
+                return
+            self._head_bytes += len(data)
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # receive after close
             self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
             return
         self._pump()
+        if self._head is None and self._head_bytes > self._max_head_bytes and self._error is None:
+            self._fail(self._head_too_large())
+
+    def _head_too_large(self) -> UpstreamProtocolError:
+        return UpstreamProtocolError(f"upstream response head larger than {self._max_head_bytes} bytes")
 
     def eof_received(self) -> bool | None:
         if self._body_left >= 0 or self._dechunk is not None:  # a body cut short (connection_lost reports it)
@@ -264,7 +312,10 @@ class _UpstreamConnection(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
+                if self._head is None and self._head_bytes > self._max_head_bytes:  # h11's own bound
+                    self._fail(self._head_too_large())
+                else:
+                    self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
@@ -273,8 +324,13 @@ class _UpstreamConnection(asyncio.Protocol):
                 chunk = event.data  # type: ignore[union-attr]
                 self._buffer_chunk(bytes(chunk) if type(chunk) is not bytes else chunk)
             elif kind is h11.Response:
+                try:
+                    reads_body = self._begin_body(event)  # type: ignore[arg-type]
+                except UpstreamProtocolError as exc:
+                    self._fail(exc)
+                    return
                 self._head = event  # type: ignore[assignment]
-                if self._begin_body(event):  # type: ignore[arg-type]
+                if reads_body:
                     rest, _ = conn.trailing_data
                     if self._dechunk is not None:
                         self._take_chunked(rest)
@@ -297,30 +353,61 @@ class _UpstreamConnection(asyncio.Protocol):
     # proxy.chunked, as h11 spends about fifty Python calls per chunk, and a
     # provider sends one chunk per SSE event. Close-delimited bodies (HTTP/1.0
     # upstreams) stay with h11.
+    #
+    # A head is refused (UpstreamProtocolError, the connection closed) when its
+    # framing could be read two ways - the one way request smuggling and
+    # response injection work. h11 already refuses differing Content-Length
+    # values, one that is not 1-20 digits, a Transfer-Encoding other than a
+    # single "chunked" and several Transfer-Encoding fields; this adds both
+    # Transfer-Encoding and Content-Length (RFC 9112 section 6.3 lets a proxy
+    # pick chunked, but the two readings differ: refused, as Go and HAProxy do),
+    # Transfer-Encoding in an HTTP/1.0 response (section 6.1: faulty framing),
+    # a Content-Length past 2**63 - 1, a status past 599, and the head limits,
+    # which h11 only applies to a head still incomplete after a read.
     def _begin_body(self, head: h11.Response) -> bool:
-        """Record the head; True when its body is to be read here rather than by h11."""
-        fields = self.head_fields = fields_of(head.headers)
+        """Check and record the head; True when its body is to be read here rather than by h11.
+
+        Raises :class:`UpstreamProtocolError` for a head that breaks the rules above.
+        """
+        if head.status_code > 599:  # h11 allows 200-999 (and parses 1xx itself)
+            raise UpstreamProtocolError(f"upstream sent status {head.status_code}, outside 100-599")
+        if self._head_bytes > self._max_head_bytes:  # maybe with body bytes: count the head alone
+            rest, _ = self._h11.trailing_data
+            if self._head_bytes - len(rest) > self._max_head_bytes:
+                raise self._head_too_large()
+        fields = fields_of(head.headers)
+        if len(fields) > self._max_head_fields:
+            raise UpstreamProtocolError(f"upstream response head with more than {self._max_head_fields} fields")
         length: bytes | None = None
         chunked = False
         for name, value in fields:
             if name == b"content-length":
-                length = value
+                length = value  # h11 merged equal duplicates into one field
             elif name == b"transfer-encoding":
                 chunked = True  # h11 accepts no coding but a single "chunked"
             elif name == b"connection" and b"close" in comma_tokens(value):
                 self._keep_alive = False
+        if chunked and length is not None:
+            raise UpstreamProtocolError("upstream response with both Transfer-Encoding and Content-Length")
+        if chunked and head.http_version != b"1.1":
+            raise UpstreamProtocolError("upstream HTTP/1.0 response with a Transfer-Encoding")
+        count = int(length) if length is not None else None  # h11 validated the digits
+        if count is not None and count > MAX_CONTENT_LENGTH:
+            raise UpstreamProtocolError("upstream response with an invalid Content-Length")
+        self.head_fields = fields
         if head.http_version != b"1.1":
             self._keep_alive = False
         if self._method == b"HEAD" or head.status_code in (204, 304):
+            # no body follows: a HEAD response's Content-Length describes the GET
+            # response and frames nothing (the client's HEAD response has no body either)
+            self.body_length = count if self._method == b"HEAD" else None
             return False
-        if chunked:  # it wins over a Content-Length (RFC 9112 section 6.3), and the connection is not reused
-            if length is not None:
-                self._keep_alive = False
-            self._dechunk = ChunkedDecoder(MAX_RESPONSE_HEAD)
+        if chunked:
+            self._dechunk = ChunkedDecoder(self._max_head_bytes)
             return True
-        if length is None:
-            return False
-        self._body_left = int(length)  # h11 validated it (digits; equal duplicates)
+        if count is None:
+            return False  # close-delimited: read by h11
+        self._body_left = self.body_length = count
         return True
 
     def _take_body(self, data: bytes) -> None:
@@ -476,7 +563,8 @@ class _UpstreamConnection(asyncio.Protocol):
             return False
         if self._body_left >= 0 or self._dechunk is not None:
             return self._eom and self._keep_alive
-        return self._h11.their_state is h11.DONE
+        # bodiless (HEAD, 204, 304): bytes after the head would be read as the next response
+        return self._h11.their_state is h11.DONE and self._keep_alive and not self._h11.trailing_data[0]
 
     def idle_usable(self) -> bool:
         """An idle (reset) connection that the peer has not closed."""
@@ -491,8 +579,10 @@ class _UpstreamConnection(asyncio.Protocol):
         self._timer.close()
         # h11 saw the request head only (and maybe only the response head): a
         # fresh state machine for the next request
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_head_bytes)
+        self._head_bytes = 0
         self._body_left = -1
+        self.body_length = None
         self._dechunk = None
         self._request_sent = False
         self._keep_alive = True
@@ -534,6 +624,19 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The next body chunk; b"" at the end. Raises UpstreamError subclasses."""
         return await self._conn.read_chunk(self._idle, self._deadline)
+
+    @property
+    def content_length(self) -> int | None:
+        """The length of this body as the connection counts it off the socket, or None.
+
+        None when the body is chunked or delimited by the close. The length is
+        the validated Content-Length that frames the bytes :meth:`read` returns
+        (an upstream sending more is cut there and its connection closed), so a
+        client told it gets exactly that many bytes. For a response that has no
+        body by its request method (HEAD) it is the declared length, which
+        frames nothing; for a 204 or 304 it is None.
+        """
+        return self._conn.body_length
 
     @property
     def buffered(self) -> bool:
@@ -632,11 +735,25 @@ class _OriginPool:
 
 
 class UpstreamPool:
-    """Pools of upstream connections keyed by origin (and TLS settings)."""
+    """Pools of upstream connections keyed by origin (and TLS settings).
 
-    def __init__(self, max_per_origin: int = 256, keepalive_expiry: float = 30.0) -> None:
+    ``max_head_bytes`` and ``max_head_fields`` bound every response head (see
+    :data:`MAX_RESPONSE_HEAD` and :data:`MAX_RESPONSE_FIELDS`); a head past
+    either is an :class:`UpstreamProtocolError` and its connection is closed.
+    """
+
+    def __init__(
+        self,
+        max_per_origin: int = 256,
+        keepalive_expiry: float = 30.0,
+        *,
+        max_head_bytes: int = MAX_RESPONSE_HEAD,
+        max_head_fields: int = MAX_RESPONSE_FIELDS,
+    ) -> None:
         self.max_per_origin = max_per_origin
         self.keepalive_expiry = keepalive_expiry
+        self.max_head_bytes = max_head_bytes
+        self.max_head_fields = max_head_fields
         self._pools: dict[tuple[str, str, int, bool, str | None], _OriginPool] = {}
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop its connections live on
@@ -667,7 +784,7 @@ class UpstreamPool:
 
     async def _connect(self, pool: _OriginPool, target: UpstreamTarget, deadline: float) -> _UpstreamConnection:
         loop = asyncio.get_running_loop()
-        conn = _UpstreamConnection(pool)
+        conn = _UpstreamConnection(pool, self.max_head_bytes, self.max_head_fields)
         pool.active.add(conn)
         try:
             async with asyncio.timeout_at(deadline):
