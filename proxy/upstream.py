@@ -17,7 +17,8 @@ Pool policy (:class:`_OriginPool`): idle connections are reused newest
 first; a connection idle longer than ``keepalive_expiry``, closed by the
 peer, or whose last exchange saw an error or did not finish its body is
 never reused; at most ``max_per_origin`` connections per origin exist, and
-callers beyond that wait for one to be released.
+callers beyond that wait in line: a released connection or a freed slot goes
+to the oldest waiter, and a new caller takes nothing while older ones wait.
 
 Response heads are strict: a head whose framing could be read two ways
 (both Content-Length and Transfer-Encoding, differing lengths, a coding other
@@ -659,8 +660,24 @@ class UpstreamResponse:
         self._pool.release(self._conn)
 
 
+class _Grant(enum.Enum):
+    """What a caller of the pool is granted besides an idle connection."""
+
+    SLOT = "slot"  # room for one new connection, reserved for this caller: connect it
+
+
 class _OriginPool:
-    """Connections to one origin; the policy is synchronous and does no I/O."""
+    """Connections to one origin; the policy is synchronous and does no I/O.
+
+    Invariants: ``len(active) + len(idle) + reserved <= max_connections``
+    (``reserved`` counts slots granted to callers that have not started their
+    connection yet); a connection or slot that becomes free goes at once to
+    the oldest waiter, so ``waiters`` is non-empty only while nothing is free,
+    and a new caller never takes an idle connection or a slot while older
+    callers wait (FIFO). A waiter that gives up (:meth:`withdraw`) hands a
+    grant it received but did not use to the next one, so nothing is lost to
+    a timeout or a cancellation.
+    """
 
     def __init__(
         self,
@@ -675,13 +692,47 @@ class _OriginPool:
         self.ssl_context = ssl_context
         self.idle: list[_UpstreamConnection] = []
         self.active: set[_UpstreamConnection] = set()
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.reserved = 0
+        self.waiters: deque[asyncio.Future[_UpstreamConnection | _Grant]] = deque()
 
     def __repr__(self) -> str:
         return (
             f"<OriginPool {self.key[0]}://{self.key[1]}:{self.key[2]} active={len(self.active)}"
-            f" idle={len(self.idle)} waiting={len(self.waiters)}>"
+            f" idle={len(self.idle)} reserved={self.reserved} waiting={len(self.waiters)}>"
         )
+
+    def acquire(self, now: float) -> _UpstreamConnection | _Grant | None:
+        """Serve a new caller at once: an idle connection, a reserved slot, or None (then :meth:`queue`)."""
+        if self.waiters:
+            return None  # older callers first
+        conn = self.take_idle(now)
+        if conn is not None:
+            return conn
+        if self.has_room():
+            self.reserved += 1
+            return _Grant.SLOT
+        return None
+
+    def queue(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[_UpstreamConnection | _Grant]:
+        """Wait in line; the future's result is the caller's grant (see :meth:`acquire`)."""
+        waiter: asyncio.Future[_UpstreamConnection | _Grant] = loop.create_future()
+        self.waiters.append(waiter)
+        return waiter
+
+    def withdraw(self, waiter: asyncio.Future[_UpstreamConnection | _Grant]) -> None:
+        """``waiter`` gave up (timeout, cancellation): leave the line, pass on what it was granted."""
+        if not waiter.done() or waiter.cancelled():
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+            return
+        grant = waiter.result()
+        if grant is _Grant.SLOT:
+            self.reserved -= 1
+            self._grant_slot()
+        else:
+            self.active.discard(grant)
+            self._offer(grant)
 
     def take_idle(self, now: float) -> _UpstreamConnection | None:
         """Pop the newest usable idle connection, dropping expired or closed ones."""
@@ -696,18 +747,22 @@ class _OriginPool:
         return None
 
     def has_room(self) -> bool:
-        return len(self.active) + len(self.idle) < self.max_connections
+        return len(self.active) + len(self.idle) + self.reserved < self.max_connections
+
+    def start_connection(self, conn: _UpstreamConnection) -> None:
+        """A reserved slot becomes ``conn``, being connected."""
+        self.reserved -= 1
+        self.active.add(conn)
 
     def release(self, conn: _UpstreamConnection) -> None:
+        """The exchange on ``conn`` ended: reuse it (oldest waiter first, else idle) or close it."""
         self.active.discard(conn)
         if conn.state is not _ConnState.CLOSED and conn.reusable():
             conn.reset_for_reuse()
-            conn.state = _ConnState.IDLE
-            conn.idle_since = time.monotonic()
-            self.idle.append(conn)
+            self._offer(conn)
         else:
             conn.abort()
-        self._wake_one()
+            self._grant_slot()
 
     def forget(self, conn: _UpstreamConnection) -> None:
         """Called when the peer closed ``conn``."""
@@ -715,14 +770,39 @@ class _OriginPool:
             return  # its user will release it and see the error
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
-        self._wake_one()
+        self._grant_slot()
 
-    def _wake_one(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _next_waiter(self) -> asyncio.Future[_UpstreamConnection | _Grant] | None:
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # a cancelled one is skipped (its withdraw finds nothing to pass on)
+                return waiter
+        return None
+
+    def _offer(self, conn: _UpstreamConnection) -> None:
+        """A reset connection is free: to the oldest waiter, else idle."""
+        if not conn.idle_usable():
+            conn.abort()
+            self._grant_slot()
+            return
+        waiter = self._next_waiter()
+        if waiter is None:
+            conn.state = _ConnState.IDLE
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+            return
+        conn.state = _ConnState.ACTIVE
+        self.active.add(conn)
+        waiter.set_result(conn)
+
+    def _grant_slot(self) -> None:
+        """A slot may be free: reserve it for the oldest waiter."""
+        if self.waiters and self.has_room():
+            waiter = self._next_waiter()
+            if waiter is not None:
+                self.reserved += 1
+                waiter.set_result(_Grant.SLOT)
 
     def expire_idle(self, now: float) -> None:
         keep = []
@@ -731,7 +811,10 @@ class _OriginPool:
                 conn.abort()
             else:
                 keep.append(conn)
+        freed = len(self.idle) - len(keep)
         self.idle = keep
+        for _ in range(freed):
+            self._grant_slot()
 
 
 class UpstreamPool:
@@ -783,9 +866,10 @@ class UpstreamPool:
         return pool
 
     async def _connect(self, pool: _OriginPool, target: UpstreamTarget, deadline: float) -> _UpstreamConnection:
+        """Connect in a slot reserved for the caller; the slot is freed (and passed on) on failure."""
         loop = asyncio.get_running_loop()
         conn = _UpstreamConnection(pool, self.max_head_bytes, self.max_head_fields)
-        pool.active.add(conn)
+        pool.start_connection(conn)
         try:
             async with asyncio.timeout_at(deadline):
                 await loop.create_connection(
@@ -796,40 +880,46 @@ class UpstreamPool:
                     server_hostname=target.host if pool.ssl_context is not None else None,
                 )
         except TimeoutError:
-            pool.active.discard(conn)
             conn.abort()
+            pool.release(conn)
             raise UpstreamTimeout(f"connecting to upstream '{target.name}' timed out", phase="connect") from None
         except ssl.SSLError as exc:
-            pool.active.discard(conn)
+            conn.abort()
+            pool.release(conn)
             raise UpstreamConnectError(
                 f"TLS handshake with upstream '{target.name}' failed: {exc.reason or exc}"
             ) from None
         except OSError as exc:
-            pool.active.discard(conn)
+            conn.abort()
+            pool.release(conn)
             reason = exc.strerror or type(exc).__name__
             raise UpstreamConnectError(f"cannot connect to upstream '{target.name}': {reason}") from None
+        except BaseException:
+            conn.abort()
+            pool.release(conn)
+            raise
         return conn
 
     async def _acquire(self, target: UpstreamTarget, deadline: float) -> tuple[_OriginPool, _UpstreamConnection]:
+        """A connection for one exchange, in arrival order (see :class:`_OriginPool`)."""
         pool = self._origin(target)
-        while True:
-            conn = pool.take_idle(time.monotonic())
-            if conn is not None:
-                return pool, conn
-            if pool.has_room():
-                return pool, await self._connect(pool, target, deadline)
-            waiter = asyncio.get_running_loop().create_future()
-            pool.waiters.append(waiter)
+        grant = pool.acquire(time.monotonic())
+        if grant is None:
+            waiter = pool.queue(asyncio.get_running_loop())
             try:
                 async with asyncio.timeout_at(deadline):
-                    await waiter
+                    grant = await waiter
             except TimeoutError:
+                pool.withdraw(waiter)
                 raise UpstreamTimeout(
                     f"no free connection to upstream '{target.name}' in time", phase="connect"
                 ) from None
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            except BaseException:
+                pool.withdraw(waiter)
+                raise
+        if grant is _Grant.SLOT:
+            return pool, await self._connect(pool, target, deadline)
+        return pool, grant
 
     async def send(
         self,
@@ -843,7 +933,9 @@ class UpstreamPool:
 
         A request that fails on a reused keep-alive connection before any
         response byte (the peer closed it while idle) is sent once more on a
-        fresh connection, as it never reached the upstream's application.
+        fresh connection, as it never reached the upstream's application; the
+        fresh connection takes the dead one's slot, so the caller keeps its
+        turn.
         """
         loop = self._loop
         if loop is None:
@@ -852,16 +944,20 @@ class UpstreamPool:
         timeouts = target.timeouts
         now = loop.time()
         total_deadline = now + timeouts.total
-        for _ in range(2):
-            pool, conn = await self._acquire(target, min(now + timeouts.connect, total_deadline))
+        connect_deadline = min(now + timeouts.connect, total_deadline)
+        pool, conn = await self._acquire(target, connect_deadline)
+        for attempt in range(2):
             try:
                 await conn.send_request(method, path, headers, body)
                 head = await conn.read_head(min(loop.time() + timeouts.headers, total_deadline))
             except UpstreamError as exc:
                 conn.abort()
-                pool.release(conn)
-                if conn.reused and isinstance(exc, UpstreamConnectError):
+                if attempt == 0 and conn.reused and isinstance(exc, UpstreamConnectError):
+                    pool.active.discard(conn)
+                    pool.reserved += 1  # its slot, kept for the fresh connection
+                    conn = await self._connect(pool, target, connect_deadline)
                     continue
+                pool.release(conn)
                 raise
             except BaseException:
                 conn.abort()

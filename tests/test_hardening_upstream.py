@@ -7,7 +7,9 @@ sockets against a hand-written upstream that answers with scripted bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,8 +17,8 @@ from typing import Any
 import h11
 import pytest
 
-from proxy.errors import UpstreamProtocolError
-from proxy.upstream import UpstreamPool, UpstreamTarget
+from proxy.errors import UpstreamProtocolError, UpstreamTimeout
+from proxy.upstream import UpstreamPool, UpstreamTarget, _Grant, _OriginPool
 
 from .support import LoopThread, RunningProxy
 
@@ -350,3 +352,323 @@ def test_a_client_never_reads_a_response_planted_by_the_upstream(
     assert len(responses) == 2, received
     assert responses[1] == (200, b'{"ok":true}'), received
     assert responses[0][0] in (200, 204, 502)
+
+
+# -- 4. pool fairness ---------------------------------------------------------------------
+
+
+class _FakeConn:
+    """Stands in for a connection in the synchronous pool policy."""
+
+    def __init__(self, reusable: bool = True) -> None:
+        from proxy.upstream import _ConnState
+
+        self.state = _ConnState.ACTIVE
+        self.idle_since = 0.0
+        self._reusable = reusable
+        self.aborted = False
+
+    def reusable(self) -> bool:
+        return self._reusable and not self.aborted
+
+    def idle_usable(self) -> bool:
+        return not self.aborted
+
+    def reset_for_reuse(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        from proxy.upstream import _ConnState
+
+        self.aborted = True
+        self.state = _ConnState.CLOSED
+
+
+def _policy(max_connections: int = 1) -> tuple[_OriginPool, asyncio.AbstractEventLoop]:
+    return _OriginPool(("http", "h", 80, True, None), max_connections, 30.0, None), asyncio.new_event_loop()
+
+
+def _state(pool: _OriginPool) -> str:
+    return repr(pool).split(" ", 2)[2].rstrip(">")
+
+
+def _connected(pool: _OriginPool, reusable: bool = True) -> Any:
+    assert pool.acquire(0.0) is _Grant.SLOT
+    conn = _FakeConn(reusable)
+    pool.start_connection(conn)  # type: ignore[arg-type]
+    return conn
+
+
+def test_policy_a_released_connection_goes_to_the_oldest_waiter_not_a_newcomer() -> None:
+    pool, loop = _policy()
+    try:
+        conn = _connected(pool)
+        assert _state(pool) == "active=1 idle=0 reserved=0 waiting=0"
+        assert pool.acquire(0.0) is None
+        first, second = pool.queue(loop), pool.queue(loop)
+        assert _state(pool) == "active=1 idle=0 reserved=0 waiting=2"
+        pool.release(conn)
+        assert first.result() is conn and not second.done()
+        assert _state(pool) == "active=1 idle=0 reserved=0 waiting=1"
+        assert pool.acquire(0.0) is None  # a newcomer queues behind `second`
+        pool.release(conn)
+        assert second.result() is conn
+        pool.release(conn)
+        assert _state(pool) == "active=0 idle=1 reserved=0 waiting=0"
+        assert pool.acquire(0.0) is conn
+    finally:
+        loop.close()
+
+
+def test_policy_a_freed_slot_is_reserved_for_the_oldest_waiter() -> None:
+    pool, loop = _policy()
+    try:
+        conn = _connected(pool, reusable=False)
+        waiter = pool.queue(loop)
+        pool.release(conn)  # not reusable: closed, its slot goes to the waiter
+        assert conn.aborted and waiter.result() is _Grant.SLOT
+        assert _state(pool) == "active=0 idle=0 reserved=1 waiting=0"
+        assert pool.acquire(0.0) is None and not pool.has_room()
+    finally:
+        loop.close()
+
+
+def test_policy_a_waiter_that_gives_up_passes_on_what_it_was_granted() -> None:
+    pool, loop = _policy()
+    try:
+        conn = _connected(pool)
+        gone, next_one = pool.queue(loop), pool.queue(loop)
+        pool.release(conn)
+        assert gone.result() is conn
+        pool.withdraw(gone)  # timed out or cancelled before it ran: the connection is not lost
+        assert next_one.result() is conn
+        assert _state(pool) == "active=1 idle=0 reserved=0 waiting=0"
+        pool.withdraw(next_one)  # nobody else: idle
+        assert _state(pool) == "active=0 idle=1 reserved=0 waiting=0"
+
+        pool2, _ = _policy()
+        conn2 = _connected(pool2, reusable=False)
+        gone, next_one = pool2.queue(loop), pool2.queue(loop)
+        pool2.release(conn2)
+        assert gone.result() is _Grant.SLOT
+        pool2.withdraw(gone)
+        assert next_one.result() is _Grant.SLOT
+        assert _state(pool2) == "active=0 idle=0 reserved=1 waiting=0"
+        pool2.withdraw(next_one)
+        assert _state(pool2) == "active=0 idle=0 reserved=0 waiting=0" and pool2.has_room()
+    finally:
+        loop.close()
+
+
+def test_policy_a_waiter_leaving_the_line_is_forgotten_and_a_cancelled_one_skipped() -> None:
+    pool, loop = _policy()
+    try:
+        conn = _connected(pool)
+        left, cancelled, served = pool.queue(loop), pool.queue(loop), pool.queue(loop)
+        pool.withdraw(left)
+        assert left.cancelled() and _state(pool) == "active=1 idle=0 reserved=0 waiting=2"
+        cancelled.cancel()  # its task was cancelled; its withdraw has not run yet
+        pool.release(conn)
+        assert served.result() is conn
+        pool.withdraw(cancelled)
+        assert _state(pool) == "active=1 idle=0 reserved=0 waiting=0"
+    finally:
+        loop.close()
+
+
+def test_policy_a_connection_closed_while_idle_frees_its_slot_for_a_waiter() -> None:
+    pool, loop = _policy(max_connections=2)
+    try:
+        first, second = _connected(pool), _connected(pool)
+        pool.release(first)
+        assert _state(pool) == "active=1 idle=1 reserved=0 waiting=0"
+        assert pool.acquire(0.0) is first
+        waiter = pool.queue(loop)
+        pool.release(first)  # to the waiter at once
+        assert waiter.result() is first
+        late = pool.queue(loop)
+        pool.active.discard(second)
+        second.abort()
+        pool.forget(second)  # the peer closed it: its slot is the late waiter's
+        assert late.result() is _Grant.SLOT
+        assert _state(pool) == "active=1 idle=0 reserved=1 waiting=0"
+    finally:
+        loop.close()
+
+
+def test_a_caller_releasing_and_asking_again_queues_behind_the_waiter(
+    loop_thread: LoopThread,
+) -> None:
+    """The retry path (close, send again in the same task) must not overtake a waiting request."""
+    log: list[tuple[Any, ...]] = []
+
+    async def run() -> None:
+        server, target = await _serve([], log)
+        pool = UpstreamPool(max_per_origin=1)
+        try:
+            headers = [(b"host", b"raw.test")]
+            first = await pool.send(target, b"GET", b"/first", headers, b"")
+            waiting = asyncio.create_task(_get_path(pool, target, b"/waiting"))
+            await _until_waiting(pool, 1)
+            while await first.read():
+                pass
+            first.release()
+            # right after, in the same task and turn (no task switch before it asks the pool)
+            assert await _get_path(pool, target, b"/again") == (200, b'{"ok":true}')
+            assert await asyncio.wait_for(waiting, 5) == (200, b'{"ok":true}')
+        finally:
+            await pool.close()
+            server.close()
+
+    loop_thread.call(run())
+    assert [entry[1].split(b" ")[1] for entry in log if entry[0] == "req"] == [
+        b"/first",
+        b"/waiting",
+        b"/again",
+    ]
+
+
+def test_a_retried_send_in_the_same_turn_does_not_overtake(
+    loop_thread: LoopThread,
+) -> None:
+    log: list[tuple[Any, ...]] = []
+
+    async def run() -> None:
+        server, target = await _serve([], log)
+        pool = UpstreamPool(max_per_origin=1)
+        try:
+            headers = [(b"host", b"raw.test")]
+            first = await pool.send(target, b"GET", b"/first", headers, b"")
+            waiting = asyncio.create_task(_get_path(pool, target, b"/waiting"))
+            await _until_waiting(pool, 1)
+            first.close()  # a retry: the response is dropped and the request sent again at once
+            second = await pool.send(target, b"GET", b"/again", headers, b"")  # same task and turn
+            second.close()
+            assert (await waiting)[0] == 200
+        finally:
+            await pool.close()
+            server.close()
+
+    loop_thread.call(run())
+    assert [entry[1].split(b" ")[1] for entry in log if entry[0] == "req"] == [
+        b"/first",
+        b"/waiting",
+        b"/again",
+    ]
+
+
+async def _until_waiting(pool: UpstreamPool, count: int) -> None:
+    """Let the loop run until ``count`` callers wait in line (bounded: a few loop turns suffice)."""
+    for _ in range(2000):
+        if f"waiting={count}" in repr(pool):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(repr(pool))
+
+
+async def _get_path(pool: UpstreamPool, target: UpstreamTarget, path: bytes) -> tuple[int, bytes]:
+    response = await pool.send(target, b"GET", path, [(b"host", b"raw.test")], b"")
+    body = b""
+    while chunk := await response.read():
+        body += chunk
+    response.release()
+    return response.status, body
+
+
+def test_a_waiter_cancelled_after_it_was_handed_the_connection_does_not_lose_it(
+    loop_thread: LoopThread,
+) -> None:
+    async def run() -> None:
+        server, target = await _serve([], [])
+        pool = UpstreamPool(max_per_origin=1)
+        try:
+            first = await pool.send(target, b"GET", b"/first", [(b"host", b"raw.test")], b"")
+            cancelled = asyncio.create_task(_get_path(pool, target, b"/cancelled"))
+            served = asyncio.create_task(_get_path(pool, target, b"/served"))
+            await _until_waiting(pool, 2)
+            while await first.read():
+                pass
+            first.release()  # handed to `cancelled`, which is cancelled before it runs
+            cancelled.cancel()
+            assert await asyncio.wait_for(served, 2) == (200, b'{"ok":true}')
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            (origin,) = pool._pools.values()
+            assert "active=0 idle=1 reserved=0 waiting=0" in repr(origin)
+        finally:
+            await pool.close()
+            server.close()
+
+    loop_thread.call(run())
+
+
+def test_a_waiter_timing_out_leaves_the_line_and_the_next_is_served(
+    loop_thread: LoopThread,
+) -> None:
+    async def run() -> None:
+        server, target = await _serve([], [])
+        pool = UpstreamPool(max_per_origin=1)
+        impatient = dataclasses.replace(target, timeouts=dataclasses.replace(target.timeouts, connect=0.05))
+        try:
+            first = await pool.send(target, b"GET", b"/first", [(b"host", b"raw.test")], b"")
+            timing_out = asyncio.create_task(_get_path(pool, impatient, b"/impatient"))
+            served = asyncio.create_task(_get_path(pool, target, b"/served"))
+            with pytest.raises(UpstreamTimeout):
+                await timing_out
+            (origin,) = pool._pools.values()
+            assert "active=1 idle=0 reserved=0 waiting=1" in repr(origin)
+            while await first.read():
+                pass
+            first.release()
+            assert await asyncio.wait_for(served, 2) == (200, b'{"ok":true}')
+        finally:
+            await pool.close()
+            server.close()
+
+    loop_thread.call(run())
+
+
+def test_queued_requests_through_the_proxy_complete_in_arrival_order(loop_thread: LoopThread, make_proxy: Make) -> None:
+    log: list[tuple[Any, ...]] = []
+    server, target = loop_thread.call(_serve([], log, delay=0.03))
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        request = b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Seq: %d\r\nConnection: close\r\n\r\n" % i
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(request)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        with lock:
+            finished.append(i)
+
+    try:
+        proxy = make_proxy(
+            {
+                "upstream": {"url": f"http://127.0.0.1:{target.port}"},
+                "pool": {"max_per_origin": 1},
+                "server": {"access_log": "off"},
+            }
+        )
+        threads = []
+        for i in range(6):
+            thread = threading.Thread(target=client, args=(i,))
+            thread.start()
+            threads.append(thread)
+            time.sleep(0.01)  # arrival order: 0, 1, 2 ... (the first is still being answered)
+        for thread in threads:
+            thread.join(10)
+    finally:
+        server.close()
+    seqs = [
+        int(line.split(b":")[1])
+        for entry in log
+        if entry[0] == "req"
+        for line in entry[1].split(b"\r\n")
+        if line.lower().startswith(b"x-seq:")
+    ]
+    assert seqs == list(range(6))
+    assert finished == list(range(6))
