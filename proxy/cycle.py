@@ -311,7 +311,7 @@ async def _relay(rt: Runtime, conn: HttpConnection, ex: Exchange, resp: Upstream
         body_plan = tuple(step for step in body_plan if id(ex.filters[step.slot]) not in skip)
         observers = any(id(ex.filters[step.slot]) not in skip for step in chain.response_observer_plan)
     stage = ResponseBodyStage(body_plan, rt.limits.max_response_buffer_bytes, is_sse) if body_plan else None
-    framer = SseFramer() if is_sse and (stage is not None or observers) else None
+    framer = SseFramer(rt.limits.max_sse_event_bytes) if is_sse and (stage is not None or observers) else None
     pending_error = ex.upstream_error
     synthesized = render_error(pending_error) if pending_error is not None else None
     # The length the client may be told up front: only when no filter can change the body.

@@ -34,3 +34,9 @@ class Limits:
     write_high_water: int = 256 * 1024
     #: Seconds in-flight exchanges get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = 30.0
+    #: One server-sent event from an upstream, while the core frames it for
+    #: filters (502, or a final SSE error event once streaming, past it). The
+    #: largest provider events are whole base64 images (OpenAI image generation
+    #: streams partial images, ~1-3 MB each) and long tool-call arguments;
+    #: Go SSE clients raise bufio.Scanner's 64 KiB token cap to a few MiB for them.
+    max_sse_event_bytes: int = 4 * 1024 * 1024

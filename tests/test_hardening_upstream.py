@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
 import threading
 import time
@@ -36,13 +37,7 @@ class _Scripted(asyncio.Protocol):
     ``("req", head)`` per request head, in arrival order.
     """
 
-    def __init__(
-        self,
-        replies: list[bytes],
-        log: list[tuple[Any, ...]],
-        piece: int = 0,
-        delay: float = 0.0,
-    ) -> None:
+    def __init__(self, replies: list[bytes], log: list[tuple[Any, ...]], piece: int = 0, delay: float = 0.0) -> None:
         self.replies = replies
         self.log = log
         self.piece = piece
@@ -121,10 +116,7 @@ def _refused_then_fresh(
 # -- 1a. ambiguous framing is a 502 and the connection is closed ----------------------------
 
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-_CHUNKED_PLANT = b"%x\r\n%s\r\n0\r\n\r\n" % (
-    len(b"hello" + PLANTED),
-    b"hello" + PLANTED,
-)
+_CHUNKED_PLANT = b"%x\r\n%s\r\n0\r\n\r\n" % (len(b"hello" + PLANTED), b"hello" + PLANTED)
 
 AMBIGUOUS = {
     "CL then TE": b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n" + _CHUNKED_PLANT,
@@ -155,12 +147,9 @@ def test_a_response_with_ambiguous_framing_is_a_protocol_error_and_its_connectio
     _refused_then_fresh(loop_thread, _HEAD + fields)
 
 
-def test_transfer_encoding_in_an_http_1_0_response_is_faulty_framing(
-    loop_thread: LoopThread,
-) -> None:
+def test_transfer_encoding_in_an_http_1_0_response_is_faulty_framing(loop_thread: LoopThread) -> None:
     message, _ = _refused_then_fresh(
-        loop_thread,
-        b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        loop_thread, b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     )
     assert "HTTP/1.0" in message
 
@@ -217,18 +206,13 @@ def test_body_bytes_read_with_the_head_do_not_count_against_the_head_limit(loop_
     assert loop_thread.call(run()) == (200, b"b" * 4000)
 
 
-def test_informational_heads_count_towards_the_head_limit(
-    loop_thread: LoopThread,
-) -> None:
+def test_informational_heads_count_towards_the_head_limit(loop_thread: LoopThread) -> None:
     _refused_then_fresh(loop_thread, b"HTTP/1.1 100 Continue\r\n\r\n" * 100 + OK, 0, **_LIMITS)
 
 
 @pytest.mark.parametrize("size", [70 * 1024, 250 * 1024])
 def test_the_default_head_limit_is_64_kib_even_in_one_read(loop_thread: LoopThread, size: int) -> None:
-    _refused_then_fresh(
-        loop_thread,
-        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * size + b"\r\ncontent-length: 0\r\n\r\n",
-    )
+    _refused_then_fresh(loop_thread, b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * size + b"\r\ncontent-length: 0\r\n\r\n")
 
 
 # -- 1b. the client's framing is the proxy's own count ------------------------------------
@@ -238,22 +222,10 @@ def test_the_default_head_limit_is_64_kib_even_in_one_read(loop_thread: LoopThre
     ("method", "reply", "length"),
     [
         (b"GET", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", 2),
-        (
-            b"GET",
-            b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\nok",
-            2,
-        ),
-        (
-            b"GET",
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-            None,
-        ),
+        (b"GET", b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\ncontent-length: 2\r\n\r\nok", 2),
+        (b"GET", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", None),
         (b"GET", b"HTTP/1.0 200 OK\r\n\r\nok", None),  # close-delimited
-        (
-            b"HEAD",
-            b"HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n",
-            42,
-        ),  # frames nothing
+        (b"HEAD", b"HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n", 42),  # frames nothing
         (b"GET", b"HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n", None),
     ],
     ids=["counted", "equal duplicates", "chunked", "close-delimited", "HEAD", "204"],
@@ -323,12 +295,7 @@ def test_a_client_never_reads_a_response_planted_by_the_upstream(
     log: list[tuple[Any, ...]] = []
     server, target = loop_thread.call(_serve([reply], log))
     try:
-        proxy = make_proxy(
-            {
-                "upstream": {"url": f"http://127.0.0.1:{target.port}"},
-                "server": {"access_log": "off"},
-            }
-        )
+        proxy = make_proxy({"upstream": {"url": f"http://127.0.0.1:{target.port}"}, "server": {"access_log": "off"}})
         request = b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n"
         received = b""
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
@@ -496,9 +463,7 @@ def test_policy_a_connection_closed_while_idle_frees_its_slot_for_a_waiter() -> 
         loop.close()
 
 
-def test_a_caller_releasing_and_asking_again_queues_behind_the_waiter(
-    loop_thread: LoopThread,
-) -> None:
+def test_a_caller_releasing_and_asking_again_queues_behind_the_waiter(loop_thread: LoopThread) -> None:
     """The retry path (close, send again in the same task) must not overtake a waiting request."""
     log: list[tuple[Any, ...]] = []
 
@@ -521,16 +486,10 @@ def test_a_caller_releasing_and_asking_again_queues_behind_the_waiter(
             server.close()
 
     loop_thread.call(run())
-    assert [entry[1].split(b" ")[1] for entry in log if entry[0] == "req"] == [
-        b"/first",
-        b"/waiting",
-        b"/again",
-    ]
+    assert [entry[1].split(b" ")[1] for entry in log if entry[0] == "req"] == [b"/first", b"/waiting", b"/again"]
 
 
-def test_a_retried_send_in_the_same_turn_does_not_overtake(
-    loop_thread: LoopThread,
-) -> None:
+def test_a_retried_send_in_the_same_turn_does_not_overtake(loop_thread: LoopThread) -> None:
     log: list[tuple[Any, ...]] = []
 
     async def run() -> None:
@@ -550,11 +509,7 @@ def test_a_retried_send_in_the_same_turn_does_not_overtake(
             server.close()
 
     loop_thread.call(run())
-    assert [entry[1].split(b" ")[1] for entry in log if entry[0] == "req"] == [
-        b"/first",
-        b"/waiting",
-        b"/again",
-    ]
+    assert [entry[1].split(b" ")[1] for entry in log if entry[0] == "req"] == [b"/first", b"/waiting", b"/again"]
 
 
 async def _until_waiting(pool: UpstreamPool, count: int) -> None:
@@ -575,9 +530,7 @@ async def _get_path(pool: UpstreamPool, target: UpstreamTarget, path: bytes) -> 
     return response.status, body
 
 
-def test_a_waiter_cancelled_after_it_was_handed_the_connection_does_not_lose_it(
-    loop_thread: LoopThread,
-) -> None:
+def test_a_waiter_cancelled_after_it_was_handed_the_connection_does_not_lose_it(loop_thread: LoopThread) -> None:
     async def run() -> None:
         server, target = await _serve([], [])
         pool = UpstreamPool(max_per_origin=1)
@@ -602,9 +555,7 @@ def test_a_waiter_cancelled_after_it_was_handed_the_connection_does_not_lose_it(
     loop_thread.call(run())
 
 
-def test_a_waiter_timing_out_leaves_the_line_and_the_next_is_served(
-    loop_thread: LoopThread,
-) -> None:
+def test_a_waiter_timing_out_leaves_the_line_and_the_next_is_served(loop_thread: LoopThread) -> None:
     async def run() -> None:
         server, target = await _serve([], [])
         pool = UpstreamPool(max_per_origin=1)
@@ -672,3 +623,50 @@ def test_queued_requests_through_the_proxy_complete_in_arrival_order(loop_thread
     ]
     assert seqs == list(range(6))
     assert finished == list(range(6))
+
+
+# -- 5. SSE events over the framer's cap --------------------------------------------------
+
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _chunked(*events: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("filter_name", "started"),
+    [("ReplaceBodyFactory", False), ("ObserverFactory", True)],
+    ids=["held: before the response started", "observed: streaming"],
+)
+def test_an_upstream_event_over_the_cap_is_a_typed_502_without_a_traceback(
+    loop_thread: LoopThread, make_proxy: Make, caplog: pytest.LogCaptureFixture, filter_name: str, started: bool
+) -> None:
+    reply = _SSE_HEAD + _chunked(b'data: {"small":1}\n\n', b"data: " + b"x" * 5000 + b"\n\n")
+    server, target = loop_thread.call(_serve([reply] * 3, []))
+    try:
+        proxy = make_proxy(
+            {
+                "upstream": {"url": f"http://127.0.0.1:{target.port}"},
+                "filters": [{"name": f"tests.filters_for_tests:{filter_name}", "config": {}}],
+                "server": {"access_log": "off"},
+            }
+        )
+        proxy.runtime.limits = dataclasses.replace(proxy.runtime.limits, max_sse_event_bytes=1024)
+        caplog.set_level(logging.WARNING)
+        request = b"GET /v1/models HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(request)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    finally:
+        server.close()
+    assert b"upstream_event_too_large" in data
+    if started:
+        assert data.startswith(b"HTTP/1.1 200")
+        assert b'data: {"small":1}' in data and b'data: {"error":' in data
+    else:
+        assert data.startswith(b"HTTP/1.1 502")
+        assert b'"type":"upstream_error"' in data
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
