@@ -684,3 +684,26 @@ def test_an_upstream_event_over_the_cap_is_a_typed_502_without_a_traceback(
         assert data.startswith(b"HTTP/1.1 502")
         assert b'"type":"upstream_error"' in data
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def test_a_caller_cancelled_while_connecting_frees_its_slot(loop_thread: LoopThread) -> None:
+    """A client gone while its upstream connection is being made: the slot is not leaked."""
+
+    async def run() -> None:
+        server, target = await _serve([], [])
+        pool = UpstreamPool(max_per_origin=1)
+        try:
+            for _ in range(3):
+                connecting = asyncio.create_task(_get_path(pool, target, b"/gone"))
+                await asyncio.sleep(0)  # it reserved the slot and is inside create_connection
+                connecting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await connecting
+            (origin,) = pool._pools.values()
+            assert "active=0 idle=0 reserved=0 waiting=0" in repr(origin)
+            assert await asyncio.wait_for(_get_path(pool, target, b"/served"), 2) == (200, b'{"ok":true}')
+        finally:
+            await pool.close()
+            server.close()
+
+    loop_thread.call(run())
