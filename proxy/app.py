@@ -97,7 +97,12 @@ class Proxy:
         default_upstream = cfg.upstream.target("default", self.mock_ports) if cfg.upstream else None
         self.runtime = Runtime(
             chain=chain,
-            pool=UpstreamPool(cfg.pool.max_per_origin, cfg.pool.keepalive_expiry),
+            pool=UpstreamPool(
+                cfg.pool.max_per_origin,
+                cfg.pool.keepalive_expiry,
+                max_head_bytes=cfg.limits.max_upstream_header_bytes,
+                max_head_fields=cfg.limits.max_upstream_header_count,
+            ),
             limits=cfg.limits,
             default_upstream=default_upstream,
             validate_json=cfg.server.validate_json,

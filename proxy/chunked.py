@@ -8,13 +8,16 @@ match per chunk.
 
 It is strict where framing could be read two ways, and bounded:
 
-* a chunk-size line is 1-16 hex digits, optional whitespace and chunk
-  extensions (ignored), then CRLF; anything else (a sign, ``0x``, a bare LF,
-  a control character) is refused, and so is a line over ``MAX_LINE`` bytes;
+* a chunk-size line is 1-16 hex digits, then chunk extensions (ignored) as
+  RFC 9112 section 7.1.1 spells them - ``;`` name, optionally ``=`` and a
+  token or quoted-string value, with optional whitespace around ``;`` and
+  ``=`` - and optional whitespace, then CRLF; anything else (a sign, ``0x``,
+  a bare LF or CR, a control character, an empty or malformed extension) is
+  refused, and so is a line over ``MAX_LINE`` bytes;
 * chunk data must be followed by CRLF;
 * the trailer section after the last chunk is read and dropped (the proxy
-  forwards no trailers); each line must be a field line, and the section is
-  bounded by ``max_trailers`` bytes.
+  forwards no trailers); each line must be a field line of at most
+  ``MAX_LINE`` bytes, and the section is bounded by ``max_trailers`` bytes.
 
 Contract of :meth:`ChunkedDecoder.feed`: bytes go in as they arrive, split
 anywhere; the body bytes decoded from them come out, in order, joined into
@@ -32,10 +35,15 @@ import re
 
 __all__ = ["MAX_LINE", "ChunkedDecoder", "ChunkedError"]
 
-#: Longest chunk-size line (with extensions), CRLF excluded.
+#: Longest chunk-size line (with extensions) or trailer line, CRLF excluded.
+#: h11 bounds a whole chunk header or trailer section by its 16 KiB event size;
+#: a per-line bound also keeps an unfinished line's re-joining cheap.
 MAX_LINE = 4096
 
-_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\x20-\x7e\t]*)?")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_EXTENSION = rb"[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:" + _EXTENSION + rb")*[ \t]*")
 _FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\x20-\x7e\t\x80-\xff]*")
 
 # states
@@ -129,6 +137,8 @@ class ChunkedDecoder:
                 if end < 0:
                     if self._trailer_bytes + size - pos > self._max_trailers:
                         raise ChunkedError("trailer section too large")
+                    if size - pos > MAX_LINE:
+                        raise ChunkedError("trailer line too long")
                     self._partial = data[pos:]
                     break
                 if end == pos:
@@ -139,6 +149,8 @@ class ChunkedDecoder:
                 self._trailer_bytes += end - pos + 2
                 if self._trailer_bytes > self._max_trailers:
                     raise ChunkedError("trailer section too large")
+                if end - pos > MAX_LINE:
+                    raise ChunkedError("trailer line too long")
                 if _FIELD_LINE.fullmatch(data, pos, end) is None:
                     raise ChunkedError("invalid trailer field line")
                 pos = end + 2

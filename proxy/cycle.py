@@ -449,7 +449,7 @@ async def _relay(
         body_plan = tuple(step for step in body_plan if id(ex.filters[step.slot]) not in skip)
         observers = any(id(ex.filters[step.slot]) not in skip for step in chain.response_observer_plan)
     stage = ResponseBodyStage(body_plan, rt.limits.max_response_buffer_bytes, is_sse) if body_plan else None
-    framer = SseFramer() if is_sse and (stage is not None or observers) else None
+    framer = SseFramer(rt.limits.max_sse_event_bytes) if is_sse and (stage is not None or observers) else None
     pending_error = ex.upstream_error
     synthesized = render_error(pending_error, ex.client_protocol) if pending_error is not None else None
     # The length the client may be told up front: only when no filter can change the body.
@@ -458,8 +458,7 @@ async def _relay(
         if synthesized is not None:
             known_length = len(synthesized)
         elif resp is not None:
-            raw_length = next((v for k, v in resp.headers if k == b"content-length"), None)
-            known_length = int(raw_length) if raw_length is not None else None
+            known_length = resp.content_length  # counted off the socket, never the upstream's header
     relay = _Relay(conn, ex, _hold_limit(rt, ex, resp, ctype), observers)
     secrets = target_secrets(target) if resp is not None and response.status >= 400 else None
     if not hold and not relay.holding:

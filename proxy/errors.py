@@ -47,6 +47,7 @@ __all__ = [
     "ServiceUnavailable",
     "UpstreamConnectError",
     "UpstreamError",
+    "UpstreamEventTooLarge",
     "UpstreamProtocolError",
     "UpstreamResponseTooLarge",
     "UpstreamTimeout",
@@ -305,3 +306,14 @@ class ModelNotFound(NotFound):
     """404: no provider serves the requested model."""
 
     default_code = "model_not_found"
+
+
+class UpstreamEventTooLarge(UpstreamError, ValueError):
+    """502: a server-sent event from the upstream is larger than ``limits.max_sse_event_bytes``.
+
+    Raised by :class:`proxy.sse.SseFramer`; also a ``ValueError``, which the
+    framer raised before it was typed.
+    """
+
+    default_code = "upstream_event_too_large"
+    retryable = False

@@ -39,3 +39,16 @@ class Limits:
     write_high_water: int = 256 * 1024
     #: Seconds in-flight exchanges get to finish after SIGTERM/SIGINT.
     shutdown_grace: float = 30.0
+    #: One server-sent event from an upstream, while the core frames it for
+    #: filters (502, or a final SSE error event once streaming, past it). The
+    #: largest provider events are whole base64 images (OpenAI image generation
+    #: streams partial images, ~1-3 MB each) and long tool-call arguments;
+    #: Go SSE clients raise bufio.Scanner's 64 KiB token cap to a few MiB for them.
+    max_sse_event_bytes: int = 4 * 1024 * 1024
+    #: An upstream response head (status line + fields), whatever the read
+    #: boundaries (502 and the connection closed past it). Provider heads are
+    #: 1-2 KiB; h11: 16 KiB; Go's net/http client: 10 MiB.
+    max_upstream_header_bytes: int = 64 * 1024
+    #: Fields of an upstream response head (502 past it). OpenAI behind
+    #: Cloudflare sends about 40; HAProxy's default cap is 101.
+    max_upstream_header_count: int = 256

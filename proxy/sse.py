@@ -15,9 +15,15 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from .errors import UpstreamEventTooLarge
+
 __all__ = ["SseEvent", "SseFramer", "format_event", "parse_event"]
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+#: A boundary is at most 4 bytes: a search resumes this far before the end of
+#: what was already searched, so a boundary split across reads (``\r\n\r`` then
+#: ``\n``) is found, and nothing before it is searched again.
+_OVERLAP = 3
 
 
 class SseFramer:
@@ -25,53 +31,93 @@ class SseFramer:
 
     ``feed(data)`` returns the complete events found so far (possibly none);
     the bytes of an unfinished event are kept until more arrive. ``max_event``
-    bounds that buffer: an event larger than it raises ``ValueError``.
+    bounds every event, whole or partial: an event (or unfinished rest) larger
+    than it raises :class:`~proxy.errors.UpstreamEventTooLarge` (a
+    ``ValueError`` too), so filters never see a larger event.
+
+    Linear in the bytes fed, however an event is split: an unfinished event is
+    appended to (never copied whole per feed), and the boundary search resumes
+    where the last one stopped.
     """
 
-    __slots__ = ("_buf", "_crlf", "_max")
+    __slots__ = ("_buf", "_crlf", "_failed", "_max", "_scan")
 
     def __init__(self, max_event: int = 4 * 1024 * 1024) -> None:
         self._buf = bytearray()
         self._crlf = False
         self._max = max_event
+        self._scan = 0  # where the next boundary search in _buf starts
+        self._failed = False  # an event over the cap was found: every later call raises
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add ``data``; return the complete raw events it finished, in order."""
+        """Add ``data``; return the complete raw events it finished, in order.
+
+        The events completed before an oversized one are returned first; the
+        error is raised by the next call (a stream always ends with one more).
+        """
+        if self._failed:
+            raise self._too_large()
         if not self._crlf and b"\r" in data:
             self._crlf = True
         buf = self._buf
-        # Fast path: most chunks hold exactly one whole event ending in \n\n.
-        if not buf and not self._crlf and data.endswith(b"\n\n") and data.count(b"\n\n") == 1:
-            return [data]
-        events: list[bytes]
-        if self._crlf:
+        if not buf:
+            # Fast path: most chunks hold exactly one whole event ending in \n\n.
+            if not self._crlf and data.endswith(b"\n\n") and data.count(b"\n\n") == 1:
+                if len(data) > self._max:
+                    raise self._too_large()
+                return [data]
+            events, start = self._split(data, 0)
+            if start < len(data):
+                buf += data[start:] if start else data
+        else:
             buf += data
-            events = []
-            start = 0
-            for match in _BOUNDARY.finditer(buf):
-                end = match.end()
-                events.append(bytes(buf[start:end]))
-                start = end
+            events, start = self._split(buf, self._scan)
             if start:
                 del buf[:start]
-        else:
-            if buf:
-                buf += data
-                data = bytes(buf)
-                buf.clear()
-            events = data.split(b"\n\n")
-            rest = events.pop()
-            events = [event + b"\n\n" for event in events]
-            if rest:
-                buf += rest
-        if len(buf) > self._max:
-            raise ValueError(f"server-sent event larger than {self._max} bytes")
+        size = len(buf)
+        if size > self._max:
+            buf.clear()
+            error = self._too_large()
+            if not events:
+                raise error
+        self._scan = size - _OVERLAP if size > _OVERLAP else 0
         return events
+
+    def _split(self, src: bytes | bytearray, scan: int) -> tuple[list[bytes], int]:
+        """The events in ``src`` (the first starting at 0, boundaries searched from ``scan``)
+        and where the unfinished rest starts."""
+        events: list[bytes] = []
+        start = 0
+        limit = self._max
+        if self._crlf:
+            search = _BOUNDARY.search
+            while (match := search(src, scan)) is not None:
+                scan = match.end()
+                if scan - start > limit:
+                    break  # the events before it are returned; feed raises
+                events.append(bytes(src[start:scan]))
+                start = scan
+        else:
+            find = src.find
+            while (at := find(b"\n\n", scan)) >= 0:
+                scan = at + 2
+                if scan - start > limit:
+                    break  # the events before it are returned; feed raises
+                events.append(bytes(src[start:scan]))
+                start = scan
+        return events, start
+
+    def _too_large(self) -> UpstreamEventTooLarge:
+        self._failed = True
+        return UpstreamEventTooLarge(f"server-sent event larger than {self._max} bytes")
 
     def flush(self) -> bytes:
         """Return (and forget) the bytes of an unterminated last event."""
+        if self._failed:
+            raise self._too_large()
         rest = bytes(self._buf)
         self._buf.clear()
+        self._scan = 0
         return rest
 
 

@@ -17,7 +17,17 @@ Pool policy (:class:`_OriginPool`): idle connections are reused newest
 first; a connection idle longer than ``keepalive_expiry``, closed by the
 peer, or whose last exchange saw an error or did not finish its body is
 never reused; at most ``max_per_origin`` connections per origin exist, and
-callers beyond that wait for one to be released.
+callers beyond that wait in line: a released connection or a freed slot goes
+to the oldest waiter, and a new caller takes nothing while older ones wait.
+
+Response heads are strict: a head whose framing could be read two ways
+(both Content-Length and Transfer-Encoding, differing lengths, a coding other
+than a single ``chunked``, an invalid length), a status outside 100-599, or a
+head over ``max_head_bytes`` or ``max_head_fields`` (whatever the read
+boundaries) is an :class:`~proxy.errors.UpstreamProtocolError`, and the
+connection is closed. Bytes an upstream sends while no request is
+outstanding close the connection too: they could only be a response planted
+for the next request.
 
 Flow control: each connection pauses reading from its socket while more
 than ``READ_HIGH_WATER`` bytes of body wait to be consumed, so a slow client
@@ -50,12 +60,31 @@ from .errors import (
 from .headers import comma_tokens, fields_of
 from .timers import LazyTimer
 
-__all__ = ["READ_HIGH_WATER", "Timeouts", "UpstreamPool", "UpstreamResponse", "UpstreamTarget"]
+__all__ = [
+    "MAX_RESPONSE_FIELDS",
+    "MAX_RESPONSE_HEAD",
+    "READ_HIGH_WATER",
+    "Timeouts",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "UpstreamTarget",
+]
 
 #: Body bytes buffered per upstream connection before reading is paused.
 READ_HIGH_WATER = 256 * 1024
-#: Upper bound of a response head from an upstream (h11's default is 16 KiB).
+#: Default upper bound of a response head from an upstream, informational (1xx)
+#: heads included, whatever the read boundaries (``UpstreamPool(max_head_bytes=)``).
+#: h11: 16 KiB; nginx proxy_buffer_size: 4-8 KiB; Go net/http
+#: MaxResponseHeaderBytes: 10 MiB. Provider heads are 1-2 KiB; CDNs in front of
+#: them add cookies, so 64 KiB leaves room without letting a head hold the client.
 MAX_RESPONSE_HEAD = 64 * 1024
+#: Default upper bound of the field count of a response head
+#: (``UpstreamPool(max_head_fields=)``). HAProxy tune.http.maxhdr: 101; node.js
+#: maxHeadersCount: 2000; provider heads carry about 40 (OpenAI behind Cloudflare).
+MAX_RESPONSE_FIELDS = 256
+#: Largest Content-Length accepted from an upstream: nginx and Go parse it as a
+#: signed 64-bit length and refuse an overflow (h11 only bounds it to 20 digits).
+MAX_CONTENT_LENGTH = 2**63 - 1
 
 _METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as h11 checks it
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII, as h11 checks it
@@ -172,10 +201,16 @@ class _ConnState(enum.Enum):
 class _UpstreamConnection(asyncio.Protocol):
     """One h11 client connection; owned by its pool, used by one exchange at a time."""
 
-    def __init__(self, pool: _OriginPool) -> None:
+    def __init__(
+        self, pool: _OriginPool, max_head_bytes: int = MAX_RESPONSE_HEAD, max_head_fields: int = MAX_RESPONSE_FIELDS
+    ) -> None:
         self._pool = pool
         self._loop = asyncio.get_running_loop()
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self._max_head_bytes = max_head_bytes
+        self._max_head_fields = max_head_fields
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+        #: Bytes received for this exchange before its final response head was complete.
+        self._head_bytes = 0
         self.transport: asyncio.Transport | None = None
         self.state = _ConnState.ACTIVE
         self.idle_since = 0.0
@@ -186,6 +221,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._method = b""
         #: Body bytes still to come when the body is counted (Content-Length), else -1.
         self._body_left = -1
+        #: The length of the body as counted off the socket (see UpstreamResponse.content_length).
+        self.body_length: int | None = None
         #: The decoder of a chunked body (None for other bodies, read as counted or by h11).
         self._dechunk: ChunkedDecoder | None = None
         #: The whole request (head and body) was handed to the transport.
@@ -220,12 +257,24 @@ class _UpstreamConnection(asyncio.Protocol):
         if self._dechunk is not None:
             self._take_chunked(data)
             return
+        if self._head is None:
+            if not self._request_sent:
+                # bytes before any request (idle, or not yet sent) can only be a
+                # response planted for the next request: never use this connection
+                self._fail(UpstreamProtocolError("upstream sent bytes before a request"))
+                return
+            self._head_bytes += len(data)
         try:
             self._h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # receive after close
             self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
             return
         self._pump()
+        if self._head is None and self._head_bytes > self._max_head_bytes and self._error is None:
+            self._fail(self._head_too_large())
+
+    def _head_too_large(self) -> UpstreamProtocolError:
+        return UpstreamProtocolError(f"upstream response head larger than {self._max_head_bytes} bytes")
 
     def eof_received(self) -> bool | None:
         if self._body_left >= 0 or self._dechunk is not None:  # a body cut short (connection_lost reports it)
@@ -264,7 +313,10 @@ class _UpstreamConnection(asyncio.Protocol):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
+                if self._head is None and self._head_bytes > self._max_head_bytes:  # h11's own bound
+                    self._fail(self._head_too_large())
+                else:
+                    self._fail(UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}"))
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
@@ -273,8 +325,13 @@ class _UpstreamConnection(asyncio.Protocol):
                 chunk = event.data  # type: ignore[union-attr]
                 self._buffer_chunk(bytes(chunk) if type(chunk) is not bytes else chunk)
             elif kind is h11.Response:
+                try:
+                    reads_body = self._begin_body(event)  # type: ignore[arg-type]
+                except UpstreamProtocolError as exc:
+                    self._fail(exc)
+                    return
                 self._head = event  # type: ignore[assignment]
-                if self._begin_body(event):  # type: ignore[arg-type]
+                if reads_body:
                     rest, _ = conn.trailing_data
                     if self._dechunk is not None:
                         self._take_chunked(rest)
@@ -297,30 +354,61 @@ class _UpstreamConnection(asyncio.Protocol):
     # proxy.chunked, as h11 spends about fifty Python calls per chunk, and a
     # provider sends one chunk per SSE event. Close-delimited bodies (HTTP/1.0
     # upstreams) stay with h11.
+    #
+    # A head is refused (UpstreamProtocolError, the connection closed) when its
+    # framing could be read two ways - the one way request smuggling and
+    # response injection work. h11 already refuses differing Content-Length
+    # values, one that is not 1-20 digits, a Transfer-Encoding other than a
+    # single "chunked" and several Transfer-Encoding fields; this adds both
+    # Transfer-Encoding and Content-Length (RFC 9112 section 6.3 lets a proxy
+    # pick chunked, but the two readings differ: refused, as Go and HAProxy do),
+    # Transfer-Encoding in an HTTP/1.0 response (section 6.1: faulty framing),
+    # a Content-Length past 2**63 - 1, a status past 599, and the head limits,
+    # which h11 only applies to a head still incomplete after a read.
     def _begin_body(self, head: h11.Response) -> bool:
-        """Record the head; True when its body is to be read here rather than by h11."""
-        fields = self.head_fields = fields_of(head.headers)
+        """Check and record the head; True when its body is to be read here rather than by h11.
+
+        Raises :class:`UpstreamProtocolError` for a head that breaks the rules above.
+        """
+        if head.status_code > 599:  # h11 allows 200-999 (and parses 1xx itself)
+            raise UpstreamProtocolError(f"upstream sent status {head.status_code}, outside 100-599")
+        if self._head_bytes > self._max_head_bytes:  # maybe with body bytes: count the head alone
+            rest, _ = self._h11.trailing_data
+            if self._head_bytes - len(rest) > self._max_head_bytes:
+                raise self._head_too_large()
+        fields = fields_of(head.headers)
+        if len(fields) > self._max_head_fields:
+            raise UpstreamProtocolError(f"upstream response head with more than {self._max_head_fields} fields")
         length: bytes | None = None
         chunked = False
         for name, value in fields:
             if name == b"content-length":
-                length = value
+                length = value  # h11 merged equal duplicates into one field
             elif name == b"transfer-encoding":
                 chunked = True  # h11 accepts no coding but a single "chunked"
             elif name == b"connection" and b"close" in comma_tokens(value):
                 self._keep_alive = False
+        if chunked and length is not None:
+            raise UpstreamProtocolError("upstream response with both Transfer-Encoding and Content-Length")
+        if chunked and head.http_version != b"1.1":
+            raise UpstreamProtocolError("upstream HTTP/1.0 response with a Transfer-Encoding")
+        count = int(length) if length is not None else None  # h11 validated the digits
+        if count is not None and count > MAX_CONTENT_LENGTH:
+            raise UpstreamProtocolError("upstream response with an invalid Content-Length")
+        self.head_fields = fields
         if head.http_version != b"1.1":
             self._keep_alive = False
         if self._method == b"HEAD" or head.status_code in (204, 304):
+            # no body follows: a HEAD response's Content-Length describes the GET
+            # response and frames nothing (the client's HEAD response has no body either)
+            self.body_length = count if self._method == b"HEAD" else None
             return False
-        if chunked:  # it wins over a Content-Length (RFC 9112 section 6.3), and the connection is not reused
-            if length is not None:
-                self._keep_alive = False
-            self._dechunk = ChunkedDecoder(MAX_RESPONSE_HEAD)
+        if chunked:
+            self._dechunk = ChunkedDecoder(self._max_head_bytes)
             return True
-        if length is None:
-            return False
-        self._body_left = int(length)  # h11 validated it (digits; equal duplicates)
+        if count is None:
+            return False  # close-delimited: read by h11
+        self._body_left = self.body_length = count
         return True
 
     def _take_body(self, data: bytes) -> None:
@@ -476,7 +564,8 @@ class _UpstreamConnection(asyncio.Protocol):
             return False
         if self._body_left >= 0 or self._dechunk is not None:
             return self._eom and self._keep_alive
-        return self._h11.their_state is h11.DONE
+        # bodiless (HEAD, 204, 304): bytes after the head would be read as the next response
+        return self._h11.their_state is h11.DONE and self._keep_alive and not self._h11.trailing_data[0]
 
     def idle_usable(self) -> bool:
         """An idle (reset) connection that the peer has not closed."""
@@ -491,8 +580,10 @@ class _UpstreamConnection(asyncio.Protocol):
         self._timer.close()
         # h11 saw the request head only (and maybe only the response head): a
         # fresh state machine for the next request
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_head_bytes)
+        self._head_bytes = 0
         self._body_left = -1
+        self.body_length = None
         self._dechunk = None
         self._request_sent = False
         self._keep_alive = True
@@ -536,6 +627,19 @@ class UpstreamResponse:
         return await self._conn.read_chunk(self._idle, self._deadline)
 
     @property
+    def content_length(self) -> int | None:
+        """The length of this body as the connection counts it off the socket, or None.
+
+        None when the body is chunked or delimited by the close. The length is
+        the validated Content-Length that frames the bytes :meth:`read` returns
+        (an upstream sending more is cut there and its connection closed), so a
+        client told it gets exactly that many bytes. For a response that has no
+        body by its request method (HEAD) it is the declared length, which
+        frames nothing; for a 204 or 304 it is None.
+        """
+        return self._conn.body_length
+
+    @property
     def buffered(self) -> bool:
         """A next chunk (or the end) is already here: :meth:`read` returns without waiting."""
         return self._conn.has_data
@@ -556,8 +660,24 @@ class UpstreamResponse:
         self._pool.release(self._conn)
 
 
+class _Grant(enum.Enum):
+    """What a caller of the pool is granted besides an idle connection."""
+
+    SLOT = "slot"  # room for one new connection, reserved for this caller: connect it
+
+
 class _OriginPool:
-    """Connections to one origin; the policy is synchronous and does no I/O."""
+    """Connections to one origin; the policy is synchronous and does no I/O.
+
+    Invariants: ``len(active) + len(idle) + reserved <= max_connections``
+    (``reserved`` counts slots granted to callers that have not started their
+    connection yet); a connection or slot that becomes free goes at once to
+    the oldest waiter, so ``waiters`` is non-empty only while nothing is free,
+    and a new caller never takes an idle connection or a slot while older
+    callers wait (FIFO). A waiter that gives up (:meth:`withdraw`) hands a
+    grant it received but did not use to the next one, so nothing is lost to
+    a timeout or a cancellation.
+    """
 
     def __init__(
         self,
@@ -572,13 +692,47 @@ class _OriginPool:
         self.ssl_context = ssl_context
         self.idle: list[_UpstreamConnection] = []
         self.active: set[_UpstreamConnection] = set()
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.reserved = 0
+        self.waiters: deque[asyncio.Future[_UpstreamConnection | _Grant]] = deque()
 
     def __repr__(self) -> str:
         return (
             f"<OriginPool {self.key[0]}://{self.key[1]}:{self.key[2]} active={len(self.active)}"
-            f" idle={len(self.idle)} waiting={len(self.waiters)}>"
+            f" idle={len(self.idle)} reserved={self.reserved} waiting={len(self.waiters)}>"
         )
+
+    def acquire(self, now: float) -> _UpstreamConnection | _Grant | None:
+        """Serve a new caller at once: an idle connection, a reserved slot, or None (then :meth:`queue`)."""
+        if self.waiters:
+            return None  # older callers first
+        conn = self.take_idle(now)
+        if conn is not None:
+            return conn
+        if self.has_room():
+            self.reserved += 1
+            return _Grant.SLOT
+        return None
+
+    def queue(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[_UpstreamConnection | _Grant]:
+        """Wait in line; the future's result is the caller's grant (see :meth:`acquire`)."""
+        waiter: asyncio.Future[_UpstreamConnection | _Grant] = loop.create_future()
+        self.waiters.append(waiter)
+        return waiter
+
+    def withdraw(self, waiter: asyncio.Future[_UpstreamConnection | _Grant]) -> None:
+        """``waiter`` gave up (timeout, cancellation): leave the line, pass on what it was granted."""
+        if not waiter.done() or waiter.cancelled():
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+            return
+        grant = waiter.result()
+        if grant is _Grant.SLOT:
+            self.reserved -= 1
+            self._grant_slot()
+        else:
+            self.active.discard(grant)
+            self._offer(grant)
 
     def take_idle(self, now: float) -> _UpstreamConnection | None:
         """Pop the newest usable idle connection, dropping expired or closed ones."""
@@ -593,18 +747,22 @@ class _OriginPool:
         return None
 
     def has_room(self) -> bool:
-        return len(self.active) + len(self.idle) < self.max_connections
+        return len(self.active) + len(self.idle) + self.reserved < self.max_connections
+
+    def start_connection(self, conn: _UpstreamConnection) -> None:
+        """A reserved slot becomes ``conn``, being connected."""
+        self.reserved -= 1
+        self.active.add(conn)
 
     def release(self, conn: _UpstreamConnection) -> None:
+        """The exchange on ``conn`` ended: reuse it (oldest waiter first, else idle) or close it."""
         self.active.discard(conn)
         if conn.state is not _ConnState.CLOSED and conn.reusable():
             conn.reset_for_reuse()
-            conn.state = _ConnState.IDLE
-            conn.idle_since = time.monotonic()
-            self.idle.append(conn)
+            self._offer(conn)
         else:
             conn.abort()
-        self._wake_one()
+            self._grant_slot()
 
     def forget(self, conn: _UpstreamConnection) -> None:
         """Called when the peer closed ``conn``."""
@@ -612,14 +770,39 @@ class _OriginPool:
             return  # its user will release it and see the error
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
-        self._wake_one()
+        self._grant_slot()
 
-    def _wake_one(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _next_waiter(self) -> asyncio.Future[_UpstreamConnection | _Grant] | None:
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # a cancelled one is skipped (its withdraw finds nothing to pass on)
+                return waiter
+        return None
+
+    def _offer(self, conn: _UpstreamConnection) -> None:
+        """A reset connection is free: to the oldest waiter, else idle."""
+        if not conn.idle_usable():
+            conn.abort()
+            self._grant_slot()
+            return
+        waiter = self._next_waiter()
+        if waiter is None:
+            conn.state = _ConnState.IDLE
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+            return
+        conn.state = _ConnState.ACTIVE
+        self.active.add(conn)
+        waiter.set_result(conn)
+
+    def _grant_slot(self) -> None:
+        """A slot may be free: reserve it for the oldest waiter."""
+        if self.waiters and self.has_room():
+            waiter = self._next_waiter()
+            if waiter is not None:
+                self.reserved += 1
+                waiter.set_result(_Grant.SLOT)
 
     def expire_idle(self, now: float) -> None:
         keep = []
@@ -628,15 +811,32 @@ class _OriginPool:
                 conn.abort()
             else:
                 keep.append(conn)
+        freed = len(self.idle) - len(keep)
         self.idle = keep
+        for _ in range(freed):
+            self._grant_slot()
 
 
 class UpstreamPool:
-    """Pools of upstream connections keyed by origin (and TLS settings)."""
+    """Pools of upstream connections keyed by origin (and TLS settings).
 
-    def __init__(self, max_per_origin: int = 256, keepalive_expiry: float = 30.0) -> None:
+    ``max_head_bytes`` and ``max_head_fields`` bound every response head (see
+    :data:`MAX_RESPONSE_HEAD` and :data:`MAX_RESPONSE_FIELDS`); a head past
+    either is an :class:`UpstreamProtocolError` and its connection is closed.
+    """
+
+    def __init__(
+        self,
+        max_per_origin: int = 256,
+        keepalive_expiry: float = 30.0,
+        *,
+        max_head_bytes: int = MAX_RESPONSE_HEAD,
+        max_head_fields: int = MAX_RESPONSE_FIELDS,
+    ) -> None:
         self.max_per_origin = max_per_origin
         self.keepalive_expiry = keepalive_expiry
+        self.max_head_bytes = max_head_bytes
+        self.max_head_fields = max_head_fields
         self._pools: dict[tuple[str, str, int, bool, str | None], _OriginPool] = {}
         self._ssl_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop its connections live on
@@ -666,9 +866,10 @@ class UpstreamPool:
         return pool
 
     async def _connect(self, pool: _OriginPool, target: UpstreamTarget, deadline: float) -> _UpstreamConnection:
+        """Connect in a slot reserved for the caller; the slot is freed (and passed on) on failure."""
         loop = asyncio.get_running_loop()
-        conn = _UpstreamConnection(pool)
-        pool.active.add(conn)
+        conn = _UpstreamConnection(pool, self.max_head_bytes, self.max_head_fields)
+        pool.start_connection(conn)
         try:
             async with asyncio.timeout_at(deadline):
                 await loop.create_connection(
@@ -679,40 +880,46 @@ class UpstreamPool:
                     server_hostname=target.host if pool.ssl_context is not None else None,
                 )
         except TimeoutError:
-            pool.active.discard(conn)
             conn.abort()
+            pool.release(conn)
             raise UpstreamTimeout(f"connecting to upstream '{target.name}' timed out", phase="connect") from None
         except ssl.SSLError as exc:
-            pool.active.discard(conn)
+            conn.abort()
+            pool.release(conn)
             raise UpstreamConnectError(
                 f"TLS handshake with upstream '{target.name}' failed: {exc.reason or exc}"
             ) from None
         except OSError as exc:
-            pool.active.discard(conn)
+            conn.abort()
+            pool.release(conn)
             reason = exc.strerror or type(exc).__name__
             raise UpstreamConnectError(f"cannot connect to upstream '{target.name}': {reason}") from None
+        except BaseException:
+            conn.abort()
+            pool.release(conn)
+            raise
         return conn
 
     async def _acquire(self, target: UpstreamTarget, deadline: float) -> tuple[_OriginPool, _UpstreamConnection]:
+        """A connection for one exchange, in arrival order (see :class:`_OriginPool`)."""
         pool = self._origin(target)
-        while True:
-            conn = pool.take_idle(time.monotonic())
-            if conn is not None:
-                return pool, conn
-            if pool.has_room():
-                return pool, await self._connect(pool, target, deadline)
-            waiter = asyncio.get_running_loop().create_future()
-            pool.waiters.append(waiter)
+        grant = pool.acquire(time.monotonic())
+        if grant is None:
+            waiter = pool.queue(asyncio.get_running_loop())
             try:
                 async with asyncio.timeout_at(deadline):
-                    await waiter
+                    grant = await waiter
             except TimeoutError:
+                pool.withdraw(waiter)
                 raise UpstreamTimeout(
                     f"no free connection to upstream '{target.name}' in time", phase="connect"
                 ) from None
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            except BaseException:
+                pool.withdraw(waiter)
+                raise
+        if grant is _Grant.SLOT:
+            return pool, await self._connect(pool, target, deadline)
+        return pool, grant
 
     async def send(
         self,
@@ -726,7 +933,9 @@ class UpstreamPool:
 
         A request that fails on a reused keep-alive connection before any
         response byte (the peer closed it while idle) is sent once more on a
-        fresh connection, as it never reached the upstream's application.
+        fresh connection, as it never reached the upstream's application; the
+        fresh connection takes the dead one's slot, so the caller keeps its
+        turn.
         """
         loop = self._loop
         if loop is None:
@@ -735,16 +944,20 @@ class UpstreamPool:
         timeouts = target.timeouts
         now = loop.time()
         total_deadline = now + timeouts.total
-        for _ in range(2):
-            pool, conn = await self._acquire(target, min(now + timeouts.connect, total_deadline))
+        connect_deadline = min(now + timeouts.connect, total_deadline)
+        pool, conn = await self._acquire(target, connect_deadline)
+        for attempt in range(2):
             try:
                 await conn.send_request(method, path, headers, body)
                 head = await conn.read_head(min(loop.time() + timeouts.headers, total_deadline))
             except UpstreamError as exc:
                 conn.abort()
-                pool.release(conn)
-                if conn.reused and isinstance(exc, UpstreamConnectError):
+                if attempt == 0 and conn.reused and isinstance(exc, UpstreamConnectError):
+                    pool.active.discard(conn)
+                    pool.reserved += 1  # its slot, kept for the fresh connection
+                    conn = await self._connect(pool, target, connect_deadline)
                     continue
+                pool.release(conn)
                 raise
             except BaseException:
                 conn.abort()
