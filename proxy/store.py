@@ -20,7 +20,9 @@ Keys are plain strings chosen by filters; backends namespace them. A key
 must never contain a secret (hash credentials first).
 
 :class:`MemoryStore` is the default: one process, no I/O. Its coroutines
-never suspend, so they cost one coroutine call each.
+never suspend, so they cost one coroutine call each. Expired entries are
+dropped when read and, so that keys nobody reads again do not pile up in a
+long-running worker, by a sweep amortised over writes.
 """
 
 from __future__ import annotations
@@ -71,11 +73,22 @@ class SharedStore(ABC):
         """Release connections; the store is unusable afterwards."""
 
 
+# Writes between two sweeps of expired entries, at least. Redis expires keys
+# on access and with an active cycle that samples 20 keys with a ttl ten times
+# a second; a whole-dict sweep once per as many writes as there are entries
+# keeps the cost per write O(1) amortised and the dead entries below the
+# number of live ones plus the writes since the last sweep.
+_SWEEP_EVERY = 1024
+
+
 class MemoryStore(SharedStore):
     """In-process store: a dict of ``key -> (value, version, expires_at)``.
 
     Versions come from one counter per store, so a version is never reused
-    for a key even after it was deleted and written again.
+    for a key even after it was deleted and written again. Expired values
+    and counters are removed when read, and by a sweep once per
+    ``max(_SWEEP_EVERY, entries left by the last sweep)`` writes (``set``,
+    ``incr``, leases).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -83,6 +96,24 @@ class MemoryStore(SharedStore):
         self._counters: dict[str, tuple[int, float | None]] = {}
         self._version = 0
         self._clock = clock
+        self._writes = 0
+        #: Writes until the next sweep: as many as there were entries after the last one.
+        self._sweep_after = _SWEEP_EVERY
+
+    def _wrote(self) -> None:
+        """Count a write; sweep expired entries once enough writes paid for it."""
+        self._writes += 1
+        if self._writes < self._sweep_after:
+            return
+        now = self._clock()
+        dead = [k for k, (_v, _ver, exp) in self._data.items() if exp is not None and exp <= now]
+        for key in dead:
+            del self._data[key]
+        gone = [k for k, (_n, exp) in self._counters.items() if exp is not None and exp <= now]
+        for key in gone:
+            del self._counters[key]
+        self._writes = 0
+        self._sweep_after = max(_SWEEP_EVERY, len(self._data) + len(self._counters))
 
     def __repr__(self) -> str:
         return f"<MemoryStore keys={len(self._data)} counters={len(self._counters)}>"
@@ -114,6 +145,7 @@ class MemoryStore(SharedStore):
         self._version += 1
         expires = self._clock() + ttl if ttl is not None else None
         self._data[key] = (value, self._version, expires)
+        self._wrote()
         return True
 
     async def delete(self, key: str, *, cas: int | None = None) -> bool:
@@ -130,6 +162,7 @@ class MemoryStore(SharedStore):
             current = (0, now + ttl if ttl is not None else None)
         value = current[0] + amount
         self._counters[key] = (value, current[1])
+        self._wrote()
         return value
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
