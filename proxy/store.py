@@ -27,15 +27,127 @@ long-running worker, by a sweep amortised over writes.
 
 from __future__ import annotations
 
+import enum
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-__all__ = ["MemoryStore", "SharedStore", "StoreUnavailable"]
+__all__ = ["BreakerState", "CircuitBreaker", "MemoryStore", "SharedStore", "StoreUnavailable"]
 
 
 class StoreUnavailable(Exception):
     """The backend cannot be reached; callers should keep their last known view."""
+
+
+class BreakerState(enum.Enum):
+    """Where a :class:`CircuitBreaker` is; see its transition table."""
+
+    #: Operations go to the backend.
+    CLOSED = "closed"
+    #: The backend is known down: operations fail fast until a probe answers.
+    OPEN = "open"
+    #: One probe is in flight; operations still fail fast.
+    PROBING = "probing"
+
+
+_CLOSED, _OPEN, _PROBING = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.PROBING
+
+# (state, event) -> next state; a pair that is missing is a bug in the owner.
+_BREAKER_TRANSITIONS: dict[tuple[BreakerState, str], BreakerState] = {
+    (_CLOSED, "trip"): _OPEN,
+    (_OPEN, "trip"): _OPEN,  # another operation in flight failed too
+    (_PROBING, "trip"): _PROBING,
+    (_OPEN, "begin_probe"): _PROBING,
+    (_PROBING, "probe_failed"): _OPEN,
+    (_PROBING, "probe_succeeded"): _CLOSED,
+    (_CLOSED, "reset"): _CLOSED,
+    (_OPEN, "reset"): _CLOSED,
+    (_PROBING, "reset"): _CLOSED,
+}
+
+
+class CircuitBreaker:
+    """Fail fast while a backend is known down, instead of paying its timeout per call.
+
+    Pure policy, no I/O: the owner asks :attr:`closed` before each operation,
+    calls :meth:`trip` when one failed in a way that cost a timeout, and runs
+    a single probe when :meth:`wait` says one is due (``begin_probe``, then
+    ``probe_failed`` or ``probe_succeeded``). Every transition is in one
+    table; an event that is illegal in the current state raises
+    ``RuntimeError``::
+
+        closed  --trip------------> open      operations fail fast
+        open    --begin_probe-----> probing   one probe in flight
+        probing --probe_failed----> open      next probe ``probe_interval`` later
+        probing --probe_succeeded-> closed
+        any     --reset-----------> closed    an explicit check answered
+
+    ``clock`` is injectable (monotonic seconds) so tests need not sleep.
+    """
+
+    __slots__ = ("_clock", "cause", "probe_at", "probe_interval", "state", "trips")
+
+    def __init__(self, probe_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < probe_interval < math.inf:
+            raise ValueError(f"probe_interval must be greater than 0, not {probe_interval!r}")
+        self.probe_interval = probe_interval
+        self._clock = clock
+        self.state = _CLOSED
+        #: What tripped it (kept until it closes again).
+        self.cause = ""
+        #: When the next probe is due (monotonic seconds), while open.
+        self.probe_at = 0.0
+        #: How many times it went from closed to open.
+        self.trips = 0
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.state.value} trips={self.trips}>"
+
+    def _move(self, event: str) -> BreakerState:
+        try:
+            self.state = _BREAKER_TRANSITIONS[self.state, event]
+        except KeyError:
+            raise RuntimeError(f"circuit breaker: {event} is not allowed while {self.state.value}") from None
+        return self.state
+
+    @property
+    def closed(self) -> bool:
+        """True when operations may go to the backend."""
+        return self.state is _CLOSED
+
+    def trip(self, cause: str) -> bool:
+        """An operation failed at a cost; True when this opened the breaker (it was closed)."""
+        was_closed = self.state is _CLOSED
+        self._move("trip")
+        if was_closed:
+            self.cause = cause
+            self.probe_at = self._clock() + self.probe_interval
+            self.trips += 1
+        return was_closed
+
+    def wait(self) -> float:
+        """Seconds until the next probe is due (0 when due now)."""
+        return max(0.0, self.probe_at - self._clock())
+
+    def begin_probe(self) -> None:
+        """The owner starts its one probe (only while open)."""
+        self._move("begin_probe")
+
+    def probe_failed(self) -> None:
+        """The probe got no answer: stay open, the next probe one interval from now."""
+        self._move("probe_failed")
+        self.probe_at = self._clock() + self.probe_interval
+
+    def probe_succeeded(self) -> None:
+        """The backend answered the probe: operations go to it again."""
+        self._move("probe_succeeded")
+        self.cause = ""
+
+    def reset(self) -> None:
+        """Close from any state (an explicit check outside the probe answered)."""
+        self._move("reset")
+        self.cause = ""
 
 
 class SharedStore(ABC):
