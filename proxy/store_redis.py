@@ -338,6 +338,7 @@ class RedisStore(SharedStore):
         self.breaker = CircuitBreaker(probe_interval)
         self._open_message = ""
         self._probe_task: asyncio.Task[None] | None = None
+        self._closed = False
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -364,7 +365,7 @@ class RedisStore(SharedStore):
         interval = self.breaker.probe_interval
         self._open_message = f"{message} (circuit open: failing fast, probing every {interval:g}s)"
         log.warning("redis store %s unavailable, failing fast until it answers a probe: %s", self._url, message)
-        if self._probe_task is None or self._probe_task.done():
+        if not self._closed and (self._probe_task is None or self._probe_task.done()):
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop(), name="redis-store-probe")
 
     async def _probe_loop(self) -> None:
@@ -475,6 +476,7 @@ class RedisStore(SharedStore):
 
     @_unavailable_on_error
     async def close(self) -> None:
+        self._closed = True
         task, self._probe_task = self._probe_task, None
         if task is not None:
             task.cancel()
