@@ -20,20 +20,134 @@ Keys are plain strings chosen by filters; backends namespace them. A key
 must never contain a secret (hash credentials first).
 
 :class:`MemoryStore` is the default: one process, no I/O. Its coroutines
-never suspend, so they cost one coroutine call each.
+never suspend, so they cost one coroutine call each. Expired entries are
+dropped when read and, so that keys nobody reads again do not pile up in a
+long-running worker, by a sweep amortised over writes.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-__all__ = ["MemoryStore", "SharedStore", "StoreUnavailable"]
+__all__ = ["BreakerState", "CircuitBreaker", "MemoryStore", "SharedStore", "StoreUnavailable"]
 
 
 class StoreUnavailable(Exception):
     """The backend cannot be reached; callers should keep their last known view."""
+
+
+class BreakerState(enum.Enum):
+    """Where a :class:`CircuitBreaker` is; see its transition table."""
+
+    #: Operations go to the backend.
+    CLOSED = "closed"
+    #: The backend is known down: operations fail fast until a probe answers.
+    OPEN = "open"
+    #: One probe is in flight; operations still fail fast.
+    PROBING = "probing"
+
+
+_CLOSED, _OPEN, _PROBING = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.PROBING
+
+# (state, event) -> next state; a pair that is missing is a bug in the owner.
+_BREAKER_TRANSITIONS: dict[tuple[BreakerState, str], BreakerState] = {
+    (_CLOSED, "trip"): _OPEN,
+    (_OPEN, "trip"): _OPEN,  # another operation in flight failed too
+    (_PROBING, "trip"): _PROBING,
+    (_OPEN, "begin_probe"): _PROBING,
+    (_PROBING, "probe_failed"): _OPEN,
+    (_PROBING, "probe_succeeded"): _CLOSED,
+    (_CLOSED, "reset"): _CLOSED,
+    (_OPEN, "reset"): _CLOSED,
+    (_PROBING, "reset"): _CLOSED,
+}
+
+
+class CircuitBreaker:
+    """Fail fast while a backend is known down, instead of paying its timeout per call.
+
+    Pure policy, no I/O: the owner asks :attr:`closed` before each operation,
+    calls :meth:`trip` when one failed in a way that cost a timeout, and runs
+    a single probe when :meth:`wait` says one is due (``begin_probe``, then
+    ``probe_failed`` or ``probe_succeeded``). Every transition is in one
+    table; an event that is illegal in the current state raises
+    ``RuntimeError``::
+
+        closed  --trip------------> open      operations fail fast
+        open    --begin_probe-----> probing   one probe in flight
+        probing --probe_failed----> open      next probe ``probe_interval`` later
+        probing --probe_succeeded-> closed
+        any     --reset-----------> closed    an explicit check answered
+
+    ``clock`` is injectable (monotonic seconds) so tests need not sleep.
+    """
+
+    __slots__ = ("_clock", "cause", "probe_at", "probe_interval", "state", "trips")
+
+    def __init__(self, probe_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < probe_interval < math.inf:
+            raise ValueError(f"probe_interval must be greater than 0, not {probe_interval!r}")
+        self.probe_interval = probe_interval
+        self._clock = clock
+        self.state = _CLOSED
+        #: What tripped it (kept until it closes again).
+        self.cause = ""
+        #: When the next probe is due (monotonic seconds), while open.
+        self.probe_at = 0.0
+        #: How many times it went from closed to open.
+        self.trips = 0
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.state.value} trips={self.trips}>"
+
+    def _move(self, event: str) -> BreakerState:
+        try:
+            self.state = _BREAKER_TRANSITIONS[self.state, event]
+        except KeyError:
+            raise RuntimeError(f"circuit breaker: {event} is not allowed while {self.state.value}") from None
+        return self.state
+
+    @property
+    def closed(self) -> bool:
+        """True when operations may go to the backend."""
+        return self.state is _CLOSED
+
+    def trip(self, cause: str) -> bool:
+        """An operation failed at a cost; True when this opened the breaker (it was closed)."""
+        was_closed = self.state is _CLOSED
+        self._move("trip")
+        if was_closed:
+            self.cause = cause
+            self.probe_at = self._clock() + self.probe_interval
+            self.trips += 1
+        return was_closed
+
+    def wait(self) -> float:
+        """Seconds until the next probe is due (0 when due now)."""
+        return max(0.0, self.probe_at - self._clock())
+
+    def begin_probe(self) -> None:
+        """The owner starts its one probe (only while open)."""
+        self._move("begin_probe")
+
+    def probe_failed(self) -> None:
+        """The probe got no answer: stay open, the next probe one interval from now."""
+        self._move("probe_failed")
+        self.probe_at = self._clock() + self.probe_interval
+
+    def probe_succeeded(self) -> None:
+        """The backend answered the probe: operations go to it again."""
+        self._move("probe_succeeded")
+        self.cause = ""
+
+    def reset(self) -> None:
+        """Close from any state (an explicit check outside the probe answered)."""
+        self._move("reset")
+        self.cause = ""
 
 
 class SharedStore(ABC):
@@ -71,11 +185,22 @@ class SharedStore(ABC):
         """Release connections; the store is unusable afterwards."""
 
 
+# Writes between two sweeps of expired entries, at least. Redis expires keys
+# on access and with an active cycle that samples 20 keys with a ttl ten times
+# a second; a whole-dict sweep once per as many writes as there are entries
+# keeps the cost per write O(1) amortised and the dead entries below the
+# number of live ones plus the writes since the last sweep.
+_SWEEP_EVERY = 1024
+
+
 class MemoryStore(SharedStore):
     """In-process store: a dict of ``key -> (value, version, expires_at)``.
 
     Versions come from one counter per store, so a version is never reused
-    for a key even after it was deleted and written again.
+    for a key even after it was deleted and written again. Expired values
+    and counters are removed when read, and by a sweep once per
+    ``max(_SWEEP_EVERY, entries left by the last sweep)`` writes (``set``,
+    ``incr``, leases).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -83,6 +208,24 @@ class MemoryStore(SharedStore):
         self._counters: dict[str, tuple[int, float | None]] = {}
         self._version = 0
         self._clock = clock
+        self._writes = 0
+        #: Writes until the next sweep: as many as there were entries after the last one.
+        self._sweep_after = _SWEEP_EVERY
+
+    def _wrote(self) -> None:
+        """Count a write; sweep expired entries once enough writes paid for it."""
+        self._writes += 1
+        if self._writes < self._sweep_after:
+            return
+        now = self._clock()
+        dead = [k for k, (_v, _ver, exp) in self._data.items() if exp is not None and exp <= now]
+        for key in dead:
+            del self._data[key]
+        gone = [k for k, (_n, exp) in self._counters.items() if exp is not None and exp <= now]
+        for key in gone:
+            del self._counters[key]
+        self._writes = 0
+        self._sweep_after = max(_SWEEP_EVERY, len(self._data) + len(self._counters))
 
     def __repr__(self) -> str:
         return f"<MemoryStore keys={len(self._data)} counters={len(self._counters)}>"
@@ -114,6 +257,7 @@ class MemoryStore(SharedStore):
         self._version += 1
         expires = self._clock() + ttl if ttl is not None else None
         self._data[key] = (value, self._version, expires)
+        self._wrote()
         return True
 
     async def delete(self, key: str, *, cas: int | None = None) -> bool:
@@ -130,6 +274,7 @@ class MemoryStore(SharedStore):
             current = (0, now + ttl if ttl is not None else None)
         value = current[0] + amount
         self._counters[key] = (value, current[1])
+        self._wrote()
         return value
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:

@@ -50,16 +50,35 @@ Errors
 ------
 Connection failures, timeouts, a loading or read-only (failed-over) server
 and a full pool become :class:`~proxy.store.StoreUnavailable` in one place,
-:func:`_unavailable_on_error`; messages name the URL with its password
-replaced by ``***``. redis-py's own retries are off: an ambiguous failure
-(command sent, reply lost) must not apply a CAS write or an ``incr`` twice.
-Idle connections the server closed are replaced when taken from the pool,
-so the store recovers by itself once Redis is back.
+:func:`_guarded`; messages name the URL with its password replaced by
+``***``. redis-py's own retries are off: an ambiguous failure (command sent,
+reply lost) must not apply a CAS write or an ``incr`` twice. Idle
+connections the server closed are replaced when taken from the pool, so the
+store recovers by itself once Redis is back.
+
+Circuit breaker
+---------------
+A Redis that accepts connections but does not answer (frozen, ``DEBUG
+SLEEP``, a black-holed route) would make every operation wait its
+``socket_timeout``: at 0.5 s per request, 320 req/s become 16. So a failure
+that cost a timeout (reply, connect, or waiting for a pooled connection)
+opens a :class:`~proxy.store.CircuitBreaker`: from then on every operation
+raises :class:`~proxy.store.StoreUnavailable` at once, with no round trip,
+and callers serve from their last view. One background task sends a
+``PING`` (bounded by the same timeouts) every ``probe_interval`` seconds and
+closes the breaker when Redis answers; an explicit :meth:`RedisStore.ping`
+closes it too. A refused or reset connection does not open it: that failure
+is as cheap as failing fast, and the next operation then reaches a restarted
+server at once. Opening and closing are logged once each (logger
+``llmproxy.store``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -70,9 +89,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.store import SharedStore, StoreUnavailable
+from proxy.store import BreakerState, CircuitBreaker, SharedStore, StoreUnavailable
 
 __all__ = ["RedisStore"]
+
+log = logging.getLogger("llmproxy.store")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -91,6 +112,37 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rex.OutOfMemoryError,
     OSError,  # includes the builtin TimeoutError (asyncio's, on 3.11)
 )
+
+#: Query options of the store URL that are the store's, not redis-py's.
+_STORE_OPTIONS = frozenset({"probe_interval"})
+
+
+def _costly(exc: BaseException) -> bool:
+    """True for a failure that made the caller wait a timeout: reply, connect or pool.
+
+    redis-py raises its ``TimeoutError`` for reply and connect timeouts, and a
+    ``ConnectionError("No connection available.")`` caused by asyncio's
+    ``TimeoutError`` when waiting for a pooled connection ran out.
+    """
+    return isinstance(exc, (rex.TimeoutError, TimeoutError)) or isinstance(exc.__cause__, TimeoutError)
+
+
+def _store_options(url: str) -> tuple[str, dict[str, str]]:
+    """Split the store's own query options (:data:`_STORE_OPTIONS`) off ``url``.
+
+    redis-py passes unknown query options on to its connections, which
+    refuse them, so they must not reach it.
+    """
+    head, sep, query = url.partition("?")
+    if not sep:
+        return url, {}
+    pairs = parse_qsl(query, keep_blank_values=True)
+    ours = {name: value for name, value in pairs if name in _STORE_OPTIONS}
+    if not ours:
+        return url, {}
+    rest = [(name, value) for name, value in pairs if name not in _STORE_OPTIONS]
+    return (head + "?" + urlencode(rest) if rest else head), ours
+
 
 # Shared Lua helpers, prepended to each script. ``live`` reads a value hash
 # and returns (val or false, ver string or false); val is false when the key
@@ -204,24 +256,44 @@ def _redact(url: str) -> tuple[str, list[str]]:
     return safe, [s for s in secrets if s]
 
 
-def _unavailable_on_error(
-    method: Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]],
+def _boundary(
+    method: Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]], *, fail_fast: bool
 ) -> Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]]:
     """Turn the redis-py failures in :data:`_UNAVAILABLE` into :class:`StoreUnavailable`.
 
     The one boundary between redis-py and the rest of the proxy. The message
     names the operation, the redacted URL and the cause, scrubbed of the
-    password.
+    password. A failure that cost a timeout trips the circuit breaker; with
+    ``fail_fast``, the operation raises at once while the breaker is open.
     """
 
     @functools.wraps(method)
     async def wrapper(self: RedisStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if fail_fast and not self.breaker.closed:
+            raise StoreUnavailable(self._open_message)
         try:
             return await method(self, *args, **kwargs)
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(self._describe(method.__name__, exc)) from exc
+            message = self._describe(method.__name__, exc)
+            if _costly(exc):
+                self._trip(message)
+            raise StoreUnavailable(message) from exc
 
     return wrapper
+
+
+def _unavailable_on_error(
+    method: Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]]:
+    """:func:`_boundary` for operations that always go to the server (``ping``, ``close``)."""
+    return _boundary(method, fail_fast=False)
+
+
+def _guarded(
+    method: Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[RedisStore, _P], Coroutine[Any, Any, _T]]:
+    """:func:`_boundary` that fails fast, with no round trip, while the breaker is open."""
+    return _boundary(method, fail_fast=True)
 
 
 class RedisStore(SharedStore):
@@ -233,6 +305,11 @@ class RedisStore(SharedStore):
     bounded by ``socket_timeout`` too; past these the operation raises
     :class:`StoreUnavailable`. ``tombstone_ttl`` is how long a deleted or
     expired key keeps its last version (see the module docstring).
+
+    ``probe_interval`` is how often the open circuit breaker pings the
+    server (see the module docstring); the URL query option
+    ``?probe_interval=<seconds>`` sets it too (and wins), so a config's
+    ``store:`` URL can tune it. :attr:`breaker` shows its state.
 
     Construction does no I/O; call :meth:`ping` to check the server at startup.
     """
@@ -246,10 +323,22 @@ class RedisStore(SharedStore):
         connect_timeout: float = 0.5,
         max_connections: int = 64,
         tombstone_ttl: float = 600.0,
+        probe_interval: float = 1.0,
     ) -> None:
+        url, options = _store_options(url)
         self._url, self._secrets = _redact(url)
         self._prefix = namespace + ":"
         self._tomb_ms = _millis(tombstone_ttl)
+        if "probe_interval" in options:
+            try:
+                probe_interval = float(options["probe_interval"])
+            except ValueError:
+                raise ValueError("redis store URL: probe_interval must be a number of seconds") from None
+        #: Open while the server is known down (see the module docstring).
+        self.breaker = CircuitBreaker(probe_interval)
+        self._open_message = ""
+        self._probe_task: asyncio.Task[None] | None = None
+        self._closed = False
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -267,7 +356,37 @@ class RedisStore(SharedStore):
         self._incr_ttl = self._redis.register_script(_LUA_INCR_TTL)
 
     def __repr__(self) -> str:
-        return f"<RedisStore {self._url} namespace={self._prefix[:-1]!r}>"
+        return f"<RedisStore {self._url} namespace={self._prefix[:-1]!r} breaker={self.breaker.state.value}>"
+
+    def _trip(self, message: str) -> None:
+        """A costly failure: open the breaker (once) and start the one probe task."""
+        if not self.breaker.trip(message):
+            return
+        interval = self.breaker.probe_interval
+        self._open_message = f"{message} (circuit open: failing fast, probing every {interval:g}s)"
+        log.warning("redis store %s unavailable, failing fast until it answers a probe: %s", self._url, message)
+        if not self._closed and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop(), name="redis-store-probe")
+
+    async def _probe_loop(self) -> None:
+        """Ping every ``probe_interval`` while the breaker is open; close it on an answer."""
+        breaker = self.breaker
+        while not breaker.closed:
+            await asyncio.sleep(breaker.wait())
+            if breaker.closed:  # an explicit ping() closed it meanwhile
+                return
+            breaker.begin_probe()
+            try:
+                await self._redis.ping()
+            except Exception as exc:  # any failure, a bug included, keeps it open: never die probing
+                if breaker.state is BreakerState.PROBING:  # not closed by ping() meanwhile
+                    breaker.probe_failed()
+                if not isinstance(exc, _UNAVAILABLE):
+                    log.warning("redis store %s probe failed: %s", self._url, self._describe("probe", exc))
+                continue
+            if breaker.state is BreakerState.PROBING:
+                breaker.probe_succeeded()
+                log.warning("redis store %s answers again; circuit closed", self._url)
 
     def _describe(self, operation: str, exc: BaseException) -> str:
         """A secret-free message for ``exc`` raised during ``operation``."""
@@ -281,10 +400,17 @@ class RedisStore(SharedStore):
 
     @_unavailable_on_error
     async def ping(self) -> None:
-        """Check that the server answers; raise :class:`StoreUnavailable` if not."""
-        await self._redis.ping()
+        """Check that the server answers; raise :class:`StoreUnavailable` if not.
 
-    @_unavailable_on_error
+        Always asks the server, even while the breaker is open, and closes it
+        on an answer.
+        """
+        await self._redis.ping()
+        if not self.breaker.closed:
+            self.breaker.reset()
+            log.warning("redis store %s answers again; circuit closed", self._url)
+
+    @_guarded
     async def get(self, key: str) -> tuple[bytes | None, int]:
         found = await self._get(keys=[self._value_key(key)])
         if found is None:
@@ -292,7 +418,7 @@ class RedisStore(SharedStore):
         value, version = found
         return bytes(value), int(version)
 
-    @_unavailable_on_error
+    @_guarded
     async def get_many(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]]:
         """One round trip: a pipeline of the server's clock and one ``HMGET`` per key.
 
@@ -316,7 +442,7 @@ class RedisStore(SharedStore):
                 out.append((bytes(value), int(version)))
         return out
 
-    @_unavailable_on_error
+    @_guarded
     async def set(self, key: str, value: bytes, *, cas: int | None = None, ttl: float | None = None) -> bool:
         args: list[bytes | str] = [
             value,
@@ -326,28 +452,34 @@ class RedisStore(SharedStore):
         ]
         return bool(await self._set(keys=[self._value_key(key)], args=args))
 
-    @_unavailable_on_error
+    @_guarded
     async def delete(self, key: str, *, cas: int | None = None) -> bool:
         args = ["" if cas is None else str(cas), str(self._tomb_ms)]
         return bool(await self._delete(keys=[self._value_key(key)], args=args))
 
-    @_unavailable_on_error
+    @_guarded
     async def incr(self, key: str, amount: int = 1, *, ttl: float | None = None) -> int:
         counter = f"{self._prefix}n:{key}"
         if ttl is None:
             return int(await self._redis.incrby(counter, amount))
         return int(await self._incr_ttl(keys=[counter], args=[amount, _millis(ttl)]))
 
-    @_unavailable_on_error
+    @_guarded
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
         args = [holder, str(_millis(ttl)), str(self._tomb_ms)]
         return bool(await self._acquire(keys=[self._value_key("lease:" + name)], args=args))
 
-    @_unavailable_on_error
+    @_guarded
     async def release_lease(self, name: str, holder: str) -> None:
         args = [holder, str(self._tomb_ms)]
         await self._release(keys=[self._value_key("lease:" + name)], args=args)
 
     @_unavailable_on_error
     async def close(self) -> None:
+        self._closed = True
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._redis.aclose()

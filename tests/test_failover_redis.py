@@ -292,3 +292,46 @@ async def _eject_elsewhere(url: str, provider_name: str, key: str) -> None:
 async def _read_states(url: str, provider_name: str, keys: list[str]) -> dict[str, str]:
     records = {k: await shared_record(url, HealthBook.record_key(provider_name, key_id(k))) for k in keys}
     return {k: KeyHealth.from_bytes(raw).state for k, raw in records.items()}
+
+
+def test_frozen_redis_costs_one_timeout_then_requests_run_at_normal_speed(
+    redis_server: RedisServer,
+    start_mock_with: StartMock,
+    make_proxy: Make,
+    loop_thread: LoopThread,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGSTOP: Redis accepts connections and never answers; the breaker keeps requests fast."""
+    caplog.set_level(logging.INFO, logger="llmproxy")
+    url = redis_server.url
+    mock = start_mock_with()
+    keys = [KGOOD, KGOOD2, KA]
+    # socket_timeout 0.5 s (the default); the breaker probes every 0.2 s
+    proxy = make_proxy(config(url + "?probe_interval=0.2", [provider(mock.port, keys)], {"failure_threshold": 1}))
+    assert chat(proxy.port).status == 200
+    assert admin(proxy.port)["store_available"] is True
+
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        assert chat(proxy.port).status == 200  # this one notices (and pays one store timeout)
+        started = time.monotonic()
+        replies = [chat(proxy.port) for _ in range(20)]
+        elapsed = time.monotonic() - started
+        assert [r.status for r in replies] == [200] * 20
+        assert elapsed < 2.0, elapsed  # 20 x 0.5 s store timeouts without the breaker
+        assert admin(proxy.port)["store_available"] is False
+        down = [r for r in caplog.records if "shared store unreachable" in r.getMessage()]
+        assert len(down) == 1  # one warning on the way down, not one per request
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+    # The probe finds Redis again: key health is shared again.
+    wait_for(lambda: chat(proxy.port).status == 200 and admin(proxy.port)["store_available"], what="the store")
+    up = [r for r in caplog.records if "shared store reachable again" in r.getMessage()]
+    assert len(up) == 1
+    mock.config.keys[KA] = KeyBehaviour(status=401)
+    served = hits(mock, KA)
+    wait_for(lambda: chat(proxy.port).status == 200 and hits(mock, KA) > served, what="a request on the revoked key")
+    assert key_state(proxy.port, KA)["state"] == "ejected"
+    shared = loop_thread.call(_read_states(url, "p", [KA, KGOOD]))
+    assert shared == {KA: "ejected", KGOOD: "healthy"}  # the write reached Redis

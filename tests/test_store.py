@@ -248,3 +248,65 @@ async def test_get_many_matches_get_for_live_absent_deleted_and_expired_keys(sto
     assert [value for value, _ in many] == [b"a", None, None, None, b"d"]
     assert many[0][1] > 0 and many[4][1] > 0
     assert await store.get_many([]) == []
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _sizes(store: MemoryStore) -> tuple[int, int]:
+    """``(keys, counters)`` as the store's repr reports them."""
+    parts = dict(part.split("=") for part in repr(store).strip("<>").split()[1:])
+    return int(parts["keys"]), int(parts["counters"])
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s, i: s.set(f"value-{i}", b"x", ttl=1),
+        lambda s, i: s.incr(f"window-{i}", ttl=1),
+        lambda s, i: s.acquire_lease(f"lease-{i}", "me", 1),
+    ],
+    ids=["set", "incr", "lease"],
+)
+async def test_memory_store_sweeps_expired_entries_nobody_reads_again(
+    write: Callable[[MemoryStore, int], Awaitable[object]],
+) -> None:
+    clock = _Clock()
+    store = MemoryStore(clock)
+    for round_ in range(20):  # a long-running worker: fresh keys every second, never read again
+        for i in range(500):
+            await write(store, round_ * 500 + i)
+        clock.now += 2
+    keys, counters = _sizes(store)
+    # without a sweep: 10,000; with it, at most the live keys plus one sweep's worth of writes
+    assert keys + counters <= 2048 + 500, (keys, counters)
+    await store.set("lasting", b"kept")
+    await store.incr("forever")
+    for i in range(3000):  # enough writes for a sweep; the entries without a ttl survive it
+        await store.set(f"late-{i}", b"x", ttl=1)
+        clock.now += 0.001
+    clock.now += 5
+    for i in range(3000):
+        await store.incr(f"later-{i}", ttl=1)
+    assert (await store.get("lasting"))[0] == b"kept"
+    assert await store.incr("forever") == 2
+    assert sum(_sizes(store)) <= 2 + 3000 + 2048
+
+
+async def test_memory_store_sweep_keeps_live_entries_and_versions() -> None:
+    clock = _Clock()
+    store = MemoryStore(clock)
+    await store.set("live", b"a", ttl=100)
+    _, version = await store.get("live")
+    for i in range(5000):
+        await store.set(f"short-{i}", b"x", ttl=0.5)
+        clock.now += 0.01
+    assert await store.get("live") == (b"a", version)
+    assert await store.set("live", b"b", cas=version)
+    keys, _ = _sizes(store)
+    assert keys < 5000 // 2

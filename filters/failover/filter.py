@@ -12,8 +12,9 @@ Place it right after ``routing`` in the chain. Per exchange:
   towards ``failure_threshold``) and, while attempts and the deadline allow,
   retry on the next usable key, then the next provider (a same-key retry
   waits an exponential backoff with jitter). Successful streams are held
-  (head and events) until their first content delta, so a stream that
-  fails or ends before it is retried invisibly;
+  (head and events) until their first content event (decided on the parsed
+  event, per protocol: :mod:`.stream`), so a stream that fails or ends
+  before it is retried invisibly;
 * ``on_exchange_complete``: a response that failed after content reached
   the client (the core ended a stream with an SSE error event) counts
   against its key; only a response that completed counts as its key's
@@ -48,7 +49,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -63,18 +63,30 @@ from filters.routing.table import Provider
 from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, ServiceUnavailable
 from proxy.config import ConfigError, Section
 from proxy.errors import UpstreamError
+from proxy.sse import SseFramer
 from proxy.store import StoreUnavailable
 from proxy.upstream import Timeouts, UpstreamPool
 
 from .health import EJECTED, HealthBook
+from .stream import Kind, classify
 
 __all__ = ["FailoverFactory", "FailoverFilter"]
 
 log = logging.getLogger("llmproxy.failover")
 
-_CONTENT = re.compile(rb'"(?:content|text|partial_json|arguments)":"[^"]|"tool_calls"|"content_block_delta"')
-_TERMINATED = (b"[DONE]", b"message_stop")
-_STREAM_ERROR = re.compile(rb'^data: \{"error"|^event: error', re.MULTILINE)
+
+def _held_events(new: bytes) -> list[bytes]:
+    """The raw events in ``new`` (the held data not examined yet); usually exactly one."""
+    if not new:
+        return []
+    if new.endswith(b"\n\n") and new.count(b"\n\n") == 1 and b"\r" not in new:
+        return [new]
+    framer = SseFramer(max_event=len(new) + 1)
+    events = framer.feed(new)
+    rest = framer.flush()
+    if rest:
+        events.append(rest)
+    return events
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -108,13 +120,17 @@ def _classify(status: int, error: UpstreamError | None) -> str:
 class FailoverFilter(Filter):
     factory: FailoverFactory
 
-    __slots__ = ("_holding", "_ok", "_routing", "_same_key_retries", "_tried")
+    __slots__ = ("_ended", "_holding", "_ok", "_routing", "_same_key_retries", "_seen", "_tried")
 
     def __init__(self, factory: FilterFactory) -> None:
         super().__init__(factory)
         self._routing: RoutingFilter | None = None
         self._tried: set[tuple[str, int]] = set()
         self._holding = False
+        #: While holding: how many bytes of the held data were classified already.
+        self._seen = 0
+        #: While holding: an end-of-stream event ([DONE], message_stop ...) was seen.
+        self._ended = False
         #: The current attempt's response was accepted (counted as a success if it completes).
         self._ok = False
         self._same_key_retries = 0
@@ -159,6 +175,8 @@ class FailoverFilter(Filter):
             return Action.CONTINUE
         response.headers.set("x-llmproxy-attempts", str(exchange.attempts))
         self._holding = False
+        self._seen = 0
+        self._ended = False
         self._ok = False
         kind = _classify(response.status, exchange.upstream_error)
         if kind == "ok" and exchange.is_sse:
@@ -198,20 +216,39 @@ class FailoverFilter(Filter):
         return True
 
     async def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        """While holding: classify the events not seen yet (see :mod:`.stream`).
+
+        ``data`` is everything held so far (the core re-delivers it with each
+        new event while this returns ``PAUSE``), so only ``data[_seen:]`` is
+        new. An error event fails the attempt (retried if possible) even next
+        to content in the same read, since nothing reached the client yet;
+        otherwise the first content releases the stream; a stream that ends
+        without content is accepted only after an end event.
+        """
         if not self._holding:
             return Action.CONTINUE
-        if _STREAM_ERROR.search(data) is None and _CONTENT.search(data) is not None:
+        new = data[self._seen :] if self._seen else data
+        self._seen = len(data)
+        content = failed = False
+        for event in _held_events(new):
+            kind = classify(event)
+            if kind is Kind.ERROR:
+                failed = True
+                break
+            if kind is Kind.CONTENT:
+                content = True
+            elif kind is Kind.END:
+                self._ended = True
+        if content and not failed:
             self._holding = False
             self._ok = True
             exchange.skip_response_body(self)  # content flows: nothing more to decide here
             return Action.CONTINUE
-        failed = _STREAM_ERROR.search(data) is not None or (end_of_stream and not any(t in data for t in _TERMINATED))
-        if failed:
+        if failed or (end_of_stream and not self._ended):
             self._holding = False
             await self.factory.book.failure(self._record(), "server")
-            if await self._retry(exchange):
-                return Action.CONTINUE
-            return Action.CONTINUE  # nothing left to try: release what came
+            await self._retry(exchange)  # nothing left to try: CONTINUE releases what came
+            return Action.CONTINUE
         if end_of_stream:
             self._holding = False
             self._ok = True
