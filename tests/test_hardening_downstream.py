@@ -210,6 +210,48 @@ def test_chunks_up_to_the_limit_are_accepted(strict: RunningProxy, mock: MockSer
     assert len(mock.requests) == 1
 
 
+# -- 3. a client that never reads frees its upstream connection ---------------------------
+
+
+def test_client_that_never_reads_releases_the_upstream_slot(
+    mock: MockServer, make_proxy: Callable[[dict[str, Any]], RunningProxy]
+) -> None:
+    proxy = make_proxy(
+        {
+            "upstream": {"url": f"http://127.0.0.1:{mock.port}", "timeouts": {"idle": 0.4}},
+            "server": {"access_log": "off"},
+            "pool": {"max_per_origin": 1},
+        }
+    )
+    body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)  # before connect: no autotuning
+    stalled.settimeout(5)
+    stalled.connect(("127.0.0.1", proxy.port))
+    with stalled:
+        stalled.sendall(HEAD + b"X-Mock-Tokens: 100000\r\n" + _cl(body) + b"\r\n" + body)
+        time.sleep(0.2)
+        pool = proxy.runtime.pool
+        assert any(p.active for p in pool._pools.values()), repr(pool)  # the stream holds the only slot
+        # never read; after the idle timeout the slot is free for someone else
+        response, _, elapsed = _talk(proxy.port, _good(), timeout=4)
+        assert status_of(response) == 200, response[:300]
+        assert elapsed < 3.0
+        # the stalled client's connection was closed: reading drains what was queued, then EOF/reset
+        deadline = time.monotonic() + 4
+        closed = False
+        while time.monotonic() < deadline:
+            try:
+                if not stalled.recv(1 << 20):
+                    closed = True
+                    break
+            except ConnectionResetError:
+                closed = True
+                break
+        assert closed, "the stalled client's connection was left open"
+    assert len(mock.requests) == 2
+
+
 # -- 4. EOF with a request unfinished: answered and closed at once -------------------------
 
 HALF_CLOSED: list[tuple[str, bytes]] = [
