@@ -398,6 +398,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_request = method == b"HEAD"
         self._http11 = event.http_version == b"1.1"
         self._keep_alive = self._http11 and not info.connection_close
+        self._continue_pending = info.expect_continue
         if info.content_length is not None and info.content_length > limits.max_body_bytes:
             self._reject(BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes"))
             return
@@ -422,7 +423,6 @@ class HttpConnection(asyncio.Protocol):
             self._client,
         )
         self._exchange = ex
-        self._continue_pending = info.expect_continue
         # the task first: a body error found in ``rest`` is then its to answer
         self._task = self._loop.create_task(run_exchange(self._rt, self, ex))
         self._begin_body(info, rest)
@@ -451,7 +451,8 @@ class HttpConnection(asyncio.Protocol):
         if not self._body_done:
             if self._eof:
                 self._fail_body(BadRequest("client closed the connection mid-request", code="incomplete_request"))
-            else:
+            elif not (self._continue_pending and not self._body_seen):
+                # a client waiting for 100 Continue is timed from when it gets it (read_body)
                 self._arm(self._limits.body_timeout, self._on_body_timeout)
 
     def _take_body(self, data: bytes) -> None:
@@ -527,6 +528,7 @@ class HttpConnection(asyncio.Protocol):
                 # the client waits for it until it has sent a body byte
                 if not self._body_seen:
                     self._transport.write(CONTINUE_100)
+                    self._arm(self._limits.body_timeout, self._on_body_timeout)
             self._body_waiter = self._loop.create_future()
             try:
                 await self._body_waiter

@@ -9,6 +9,7 @@ the client sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from proxy import Action, Exchange, Filter, FilterFactory
 from proxy.config import ConfigError, parse_config
 from proxy.mock_upstream import MockServer
 
@@ -158,6 +160,51 @@ def test_body_timeout_leaves_room_for_other_clients(
     finally:
         for sock in stalled:
             sock.close()
+
+
+class _SlowHeadersFilter(Filter):
+    """Takes longer than the test's body_timeout in its request-headers hook."""
+
+    async def on_request_headers(self, exchange: Exchange) -> Action:
+        await asyncio.sleep(0.5)
+        return Action.CONTINUE
+
+
+class SlowHeadersFactory(FilterFactory):
+    filter_class = _SlowHeadersFilter
+
+
+def test_client_waiting_for_100_continue_is_timed_from_the_100(
+    mock: MockServer, make_proxy: Callable[[dict[str, Any]], RunningProxy]
+) -> None:
+    proxy = make_proxy(
+        {
+            "upstream": {"url": f"http://127.0.0.1:{mock.port}"},
+            "server": {"access_log": "off"},
+            "limits": {"body_timeout": 0.3},
+            "filters": [{"name": "tests.test_hardening_downstream:SlowHeadersFactory"}],
+        }
+    )
+    head = HEAD + b"Expect: 100-continue\r\nConnection: close\r\n" + _cl() + b"\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(head)
+        interim = sock.recv(65536)  # after the slow hook: longer than body_timeout
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        sock.sendall(BODY)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert status_of(data) == 200, data[:300]
+    # and one that gets its 100 Continue and then sends nothing is timed out
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        started = time.monotonic()
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert status_of(data) == 408
+    assert time.monotonic() - started < 2.0
 
 
 @pytest.mark.parametrize("value", [0, -1, "soon"])
