@@ -43,13 +43,13 @@ never here.
 Flow control: the transport's ``pause_writing``/``resume_writing`` drive
 :meth:`HttpConnection.drain`, which the exchange task awaits after writing,
 so a slow client stops the task reading from the upstream (whose connection
-then stops reading its socket). ``drain(stall_timeout)`` bounds that wait: a client
-that reads nothing for ``timeout`` seconds makes it raise
-:class:`~proxy.errors.ClientDisconnected` (code ``client_stalled``), nothing
-more is written, and the connection is aborted when the exchange ends, so
-the upstream connection it held is closed and its pool slot freed. While a response is being written, reading
-from the client is paused once a pipelined request's bytes exceed the head
-limit.
+then stops reading its socket). ``drain(stall_timeout)`` bounds that wait:
+a client that has not read enough within ``stall_timeout`` seconds makes it
+raise :class:`~proxy.errors.ClientDisconnected` (code ``client_stalled``),
+nothing more is written, and the connection is aborted when the exchange
+ends, so the upstream connection it held is closed and its pool slot freed.
+While a response is being written, reading from the client is paused once a
+pipelined request's bytes exceed the head limit.
 """
 
 from __future__ import annotations
