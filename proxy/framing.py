@@ -68,7 +68,9 @@ _FRAMING_FIELD = re.compile(
 )
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 #: Control characters other than HTAB; CR and LF are in the head only as CRLF (find_head_end).
-_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Found by deleting them (bytes.translate: a C loop, several times faster than a regex search).
+_CTL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_CTL = re.compile(b"[" + re.escape(_CTL_BYTES) + b"]")
 #: RFC 3986 host (IP-literal, or reg-name, which covers IPv4address) with an optional port.
 _AUTHORITY = re.compile(
     rb"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
@@ -138,7 +140,7 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
     """Apply the module's rules to a complete head (request line + fields + CRLFCRLF).
 
     The head was already found free of bare CR and LF (:func:`find_head_end`),
-    so every line ends in CRLF. One regex search finds any control character,
+    so every line ends in CRLF. One ``translate`` finds any control character,
     one regex pass picks out the framing fields and Host; the rest of the
     grammar of every field line (a token name, no whitespace before the
     colon) is h11's to check when it parses the head right after. The
@@ -147,8 +149,9 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
     # the request line and the final empty line end in CRLF too
     if head.count(b"\r\n") - 2 > max_count:
         raise HeadersTooLarge(f"more than {max_count} header fields")
-    ctl = _CTL.search(head)
-    if ctl is not None:
+    if len(head.translate(None, _CTL_BYTES)) != len(head):
+        ctl = _CTL.search(head)
+        assert ctl is not None
         if ctl.start() < head.find(b"\r\n"):
             raise BadRequest("control character in request line", code="invalid_request_line")
         raise BadRequest("control character in header field", code="invalid_header")
