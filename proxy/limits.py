@@ -22,6 +22,10 @@ class Limits:
     #: Seconds to receive a whole request head (408 then close; slowloris).
     #: nginx client_header_timeout: 60 s; we are stricter.
     header_timeout: float = 10.0
+    #: Seconds without a byte of a started request body (408 then close; a
+    #: client that sends a head and then nothing, or dribbles). nginx
+    #: client_body_timeout: 60 s (also "between two successive reads"); we are stricter.
+    body_timeout: float = 30.0
     #: Seconds an idle keep-alive connection is kept open. nginx: 75 s.
     keepalive_timeout: float = 75.0
     #: Concurrent client connections per worker (503 then close past it).

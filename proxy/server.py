@@ -5,14 +5,27 @@ Theory of operation. A connection loops over request/response cycles::
     HEAD ──head complete──> BODY ──body complete──> RESPONDING ──response done──> HEAD
       │  (strict checks,        (counted to its         (bytes of a pipelined
       │   then h11 parses)       Content-Length, or      next request wait here)
-      │                          chunks h11 decodes)
-      └── error / timeout / Connection: close ──> CLOSED
+      │                          chunks decoded here)
+      └── error / timeout / EOF mid-request / Connection: close ──> CLOSED
+
+Timeouts (one :class:`~proxy.timers.LazyTimer`): ``header_timeout`` for a
+whole head, ``body_timeout`` between two bytes of a request body (re-armed
+per read, which costs no timer operation), ``keepalive_timeout`` between
+requests; each of the first two is a 408, then close. A client that half-closes
+(FIN) with a head or body unfinished is answered 400 and closed at once.
 
 Each cycle gets a fresh h11 server connection, so the proxy's own strict
 head checks (:mod:`proxy.framing`) see every request head before h11 does,
 pipelined ones included: h11 is given the head alone, and the bytes past a
-request's end (counted off a Content-Length body, or taken back from h11's
-``trailing_data`` after a chunked one) are checked as the next head.
+request's end (counted off a Content-Length body, or left over by the
+chunked decoder) are checked as the next head. A chunked request body is
+decoded by :class:`~proxy.chunked.ChunkedDecoder`, after :class:`_ChunkLines`
+checked its size lines (:func:`proxy.framing.chunk_size`: extension grammar,
+and each chunk against the body limit as its size line arrives).
+
+Nothing a client sent is ever quoted in a rejection's message or log line:
+messages name the rule (h11's messages quote the bytes, so they are mapped
+to fixed ones here).
 
 h11 parses the request; the response is serialised here
 (:mod:`proxy.response_head`): the proxy knows its framing (a length, or
@@ -30,9 +43,13 @@ never here.
 Flow control: the transport's ``pause_writing``/``resume_writing`` drive
 :meth:`HttpConnection.drain`, which the exchange task awaits after writing,
 so a slow client stops the task reading from the upstream (whose connection
-then stops reading its socket). While a response is being written, reading
-from the client is paused once a pipelined request's bytes exceed the head
-limit.
+then stops reading its socket). ``drain(stall_timeout)`` bounds that wait:
+a client that has not read enough within ``stall_timeout`` seconds makes it
+raise :class:`~proxy.errors.ClientDisconnected` (code ``client_stalled``),
+nothing more is written, and the connection is aborted when the exchange
+ends, so the upstream connection it held is closed and its pool slot freed.
+While a response is being written, reading from the client is paused once a
+pipelined request's bytes exceed the head limit.
 """
 
 from __future__ import annotations
@@ -48,10 +65,12 @@ from typing import TYPE_CHECKING
 
 import h11
 
+from .chunked import ChunkedDecoder, ChunkedError
 from .cycle import run_exchange
 from .errors import (
     BadRequest,
     BodyTooLarge,
+    ClientDisconnected,
     HeaderTimeout,
     HttpVersionNotSupported,
     ProxyError,
@@ -59,7 +78,7 @@ from .errors import (
     render_error,
 )
 from .exchange import Exchange, Request
-from .framing import HeadInfo, check_head, find_head_end
+from .framing import MAX_CHUNK_LINE, HeadInfo, check_head, chunk_size, find_head_end, request_target
 from .headers import Headers, fields_of
 from .response_head import CHUNKED_END, CONTINUE_100, chunk_prefix, response_head
 from .timers import LazyTimer
@@ -73,6 +92,31 @@ log = logging.getLogger("llmproxy.server")
 
 _REQUEST_ID_MAX = 128
 _HEALTHZ_BODY = b'{"status":"ok"}'
+
+#: h11's error messages quote the offending bytes: each known one becomes a fixed message.
+_H11_MESSAGES = (
+    ("illegal request line", "invalid request line"),
+    ("illegal header line", "invalid header field"),
+    ("Missing mandatory Host", "missing Host header"),
+    ("Found multiple Host", "more than one Host header field"),
+)
+#: ChunkedDecoder's messages that quote nothing (the others do, and become a generic one).
+_CHUNKED_MESSAGES = frozenset(
+    {
+        "chunk-size line too long",
+        "chunk data not followed by CRLF",
+        "trailer section too large",
+        "invalid trailer field line",
+    }
+)
+
+
+def _h11_message(exc: h11.RemoteProtocolError) -> str:
+    text = str(exc)
+    for prefix, message in _H11_MESSAGES:
+        if text.startswith(prefix):
+            return message
+    return "malformed request head"
 
 
 class _State(enum.Enum):
@@ -109,6 +153,68 @@ class _RequestIds:
 REQUEST_IDS = _RequestIds()
 
 
+class _ChunkLines:
+    """Follows a chunked request body as it arrives, to check what the decoder does not.
+
+    Fed the same bytes as the :class:`~proxy.chunked.ChunkedDecoder`, before
+    it, it finds each chunk-size line and checks it with
+    :func:`~proxy.framing.chunk_size` (extension grammar, digit bound), checks
+    the CRLF after each chunk's data, and refuses a chunk larger than what is
+    left of ``budget`` (413) as soon as its size line is complete. It stops at
+    the last chunk: the trailer section is the decoder's to check and bound.
+    Raises :class:`BadRequest` or :class:`BodyTooLarge`.
+    """
+
+    __slots__ = ("_budget", "_crlf", "_left", "_limit", "_line", "done")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._budget = limit  # body bytes still allowed
+        self._left = 0  # data bytes of the current chunk still to come
+        self._crlf = 0  # bytes of the CRLF after the chunk's data still to come
+        self._line = b""  # an unfinished size line
+        #: The last chunk's size line was read.
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        if self._line:
+            data = self._line + data
+            self._line = b""
+        pos = 0
+        size = len(data)
+        while pos < size:
+            left = self._left
+            if left:
+                if left > size - pos:
+                    self._left = left - (size - pos)
+                    return
+                pos += left
+                self._left = 0
+                self._crlf = 2
+            if self._crlf:
+                take = min(self._crlf, size - pos)
+                if data[pos : pos + take] != b"\r\n"[2 - self._crlf : 2 - self._crlf + take]:
+                    raise BadRequest("chunk data not followed by CRLF", code="invalid_framing")
+                pos += take
+                self._crlf -= take
+                continue
+            end = data.find(b"\r\n", pos)
+            if end < 0:
+                if size - pos > MAX_CHUNK_LINE:
+                    raise BadRequest("chunk-size line too long", code="invalid_framing")
+                self._line = data[pos:]
+                return
+            length = chunk_size(data, pos, end)
+            if length > self._budget:
+                raise BodyTooLarge(f"request body larger than {self._limit} bytes")
+            self._budget -= length
+            pos = end + 2
+            if not length:
+                self.done = True
+                return
+            self._left = length
+
+
 class HttpConnection(asyncio.Protocol):
     """One client socket: parsing, body buffering, response writing, timers."""
 
@@ -121,7 +227,7 @@ class HttpConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._h11: h11.Connection | None = None
         self._client = "-"
-        #: The head-read and keep-alive timeouts (one at a time).
+        #: The head-read, body-read and keep-alive timeouts (one at a time).
         self._timer = LazyTimer(self._loop)
         #: True while the timer is the keep-alive idle timer (no byte of a next request yet).
         self._keepalive_wait = False
@@ -130,8 +236,12 @@ class HttpConnection(asyncio.Protocol):
         # request body of the current cycle
         self._body = bytearray()
         self._body_done = False
-        #: Body bytes still to come (Content-Length), or -1 while h11 decodes a chunked body.
+        #: Body bytes still to come (Content-Length), or -1 while a chunked body is decoded.
         self._body_left = 0
+        self._body_seen = False  # a body byte was received (no 100 Continue then)
+        self._chunks: _ChunkLines | None = None
+        self._decoder: ChunkedDecoder | None = None
+        self._eof = False  # the client half-closed: no more request bytes will come
         self._body_error: ProxyError | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self._continue_pending = False
@@ -145,6 +255,7 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._stalled = False  # the client stopped reading: write nothing more, abort at the end
         self._out: list[bytes] = []  # serialised bytes ready to send
         self._pending: list[bytes] = []  # body bytes not framed yet (one chunk per flush)
         self._pending_size = 0
@@ -192,12 +303,12 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state is _State.BODY:
+            # moves the deadline only: no timer operation per read
+            self._timer.arm(self._loop.time() + self._limits.body_timeout, self._on_body_timeout)
             if self._body_left >= 0:
                 self._take_body(data)
             else:
-                assert self._h11 is not None
-                self._h11.receive_data(data)
-                self._pump_body()
+                self._take_chunked(data)
         elif state is _State.HEAD:
             self._buf += data
             self._parse_head()
@@ -209,15 +320,16 @@ class HttpConnection(asyncio.Protocol):
                 self._transport.pause_reading()
 
     def eof_received(self) -> bool | None:
-        # A half-closed client still gets its response (keep the write side open).
-        if self._state is _State.HEAD and not self._buf and self._task is None:
-            return False
-        if self._state is _State.BODY:
-            if self._body_left >= 0:
-                self._fail_body(BadRequest("client closed the connection mid-request"))
-            elif self._h11 is not None:
-                self._h11.receive_data(b"")
-                self._pump_body()
+        # A half-closed client still gets its response (keep the write side open),
+        # but an unfinished head or body will never be finished: answer it now.
+        self._eof = True
+        state = self._state
+        if state is _State.HEAD:
+            if not self._buf and self._task is None:
+                return False
+            self._reject(BadRequest("client closed the connection mid-request", code="incomplete_request"))
+        elif state is _State.BODY:
+            self._fail_body(BadRequest("client closed the connection mid-request", code="incomplete_request"))
         return True
 
     # -- timers --------------------------------------------------------------
@@ -231,6 +343,10 @@ class HttpConnection(asyncio.Protocol):
             self._reject(HeaderTimeout("request head not received in time"))
         else:
             self._close()
+
+    def _on_body_timeout(self) -> None:
+        if self._state is _State.BODY:
+            self._fail_body(HeaderTimeout("request body not received in time"))
 
     def _on_keepalive_timeout(self) -> None:
         if self._state is _State.HEAD and not self._buf:
@@ -247,6 +363,8 @@ class HttpConnection(asyncio.Protocol):
         try:
             end = find_head_end(buf, limits.max_header_bytes)
             if end < 0:
+                if self._eof:
+                    raise BadRequest("client closed the connection mid-request", code="incomplete_request")
                 return
             head = bytes(buf[:end])
             info = check_head(head, limits.max_header_count)
@@ -257,7 +375,7 @@ class HttpConnection(asyncio.Protocol):
             self._reject(exc)
             return
         except h11.RemoteProtocolError as exc:
-            self._reject(BadRequest(f"malformed request: {exc}", code="invalid_framing"))
+            self._reject(BadRequest(_h11_message(exc), code="invalid_framing"))
             return
         if type(event) is not h11.Request:  # pragma: no cover - a complete head always parses to one
             self._reject(BadRequest("malformed request", code="invalid_framing"))
@@ -268,6 +386,11 @@ class HttpConnection(asyncio.Protocol):
         if event.http_version not in (b"1.1", b"1.0"):
             self._reject(HttpVersionNotSupported(f"HTTP/{event.http_version.decode()} is not supported; use HTTP/1.1"))
             return
+        try:
+            target, authority = request_target(event.target, info.host)
+        except ProxyError as exc:
+            self._reject(exc)
+            return
         self._h11 = conn
         self._body_done = False
         self._response_done = False
@@ -275,10 +398,10 @@ class HttpConnection(asyncio.Protocol):
         self._head_request = method == b"HEAD"
         self._http11 = event.http_version == b"1.1"
         self._keep_alive = self._http11 and not info.connection_close
+        self._continue_pending = info.expect_continue
         if info.content_length is not None and info.content_length > limits.max_body_bytes:
             self._reject(BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes"))
             return
-        target = event.target
         if method == b"GET" and target in self._rt.admin.paths and self._admin(target, info, rest):
             return
         if target == b"/healthz" and method == b"GET":
@@ -286,6 +409,8 @@ class HttpConnection(asyncio.Protocol):
             self._healthz()
             return
         headers = Headers(fields_of(event.headers))
+        if authority is not None:
+            headers.set_raw(b"host", authority.lower())
         request_id = headers.get_raw(b"x-request-id")
         rid = (
             request_id.decode("ascii")
@@ -298,34 +423,43 @@ class HttpConnection(asyncio.Protocol):
             self._client,
         )
         self._exchange = ex
-        self._continue_pending = info.expect_continue
-        self._begin_body(info, rest)
+        # the task first: a body error found in ``rest`` is then its to answer
         self._task = self._loop.create_task(run_exchange(self._rt, self, ex))
+        self._begin_body(info, rest)
 
     # -- request body ------------------------------------------------------------
     # A Content-Length body is counted off the socket here: its framing is a
     # byte count already checked by check_head, and h11 would spend two of its
     # state-machine events (Data, EndOfMessage) to say the same. A chunked body
-    # is decoded by h11.
+    # is checked by _ChunkLines and decoded by ChunkedDecoder (strict, bounded).
     def _begin_body(self, info: HeadInfo, rest: bytes) -> None:
         """Start receiving the body; ``rest`` is what followed the head in the buffer."""
         self._body = bytearray()
         self._body_done = False
         self._body_error = None
+        self._body_seen = False
         self._state = _State.BODY
         if info.chunked:
             self._body_left = -1
-            assert self._h11 is not None
+            self._chunks = _ChunkLines(self._limits.max_body_bytes)
+            self._decoder = ChunkedDecoder(max_trailers=self._limits.max_header_bytes)
             if rest:
-                self._h11.receive_data(rest)
-            self._pump_body()
+                self._take_chunked(rest)
         else:
             self._body_left = info.content_length or 0
             self._take_body(rest)
+        if not self._body_done:
+            if self._eof:
+                self._fail_body(BadRequest("client closed the connection mid-request", code="incomplete_request"))
+            elif not (self._continue_pending and not self._body_seen):
+                # a client waiting for 100 Continue is timed from when it gets it (read_body)
+                self._arm(self._limits.body_timeout, self._on_body_timeout)
 
     def _take_body(self, data: bytes) -> None:
         """Counted (Content-Length) body bytes; what follows the body is the next request's."""
         left = self._body_left
+        if data:
+            self._body_seen = True
         if len(data) <= left:
             self._body += data
             left -= len(data)
@@ -335,44 +469,49 @@ class HttpConnection(asyncio.Protocol):
             left = 0
         self._body_left = left
         if left == 0:
-            self._body_done = True
-            self._state = _State.RESPONDING
-            self._wake_body()
+            self._end_body()
 
-    def _pump_body(self) -> None:
-        conn = self._h11
-        assert conn is not None
-        while not self._body_done:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._fail_body(BadRequest(f"malformed request body: {exc}", code="invalid_framing"))
-                return
-            kind = type(event)
-            if kind is h11.Data:
-                self._body += event.data  # type: ignore[union-attr]
-                if len(self._body) > self._limits.max_body_bytes:
-                    self._fail_body(BodyTooLarge(f"request body larger than {self._limits.max_body_bytes} bytes"))
-                    return
-            elif kind is h11.EndOfMessage:
-                self._body_done = True
-                trailing, _ = conn.trailing_data
-                if trailing:
-                    self._buf += trailing
-                self._state = _State.RESPONDING
-                self._wake_body()
-            elif event is h11.NEED_DATA:
-                return
-            elif kind is h11.ConnectionClosed:
-                self._fail_body(BadRequest("client closed the connection mid-request"))
-                return
-            else:  # pragma: no cover - h11 yields nothing else on a server mid-request
-                return
+    def _take_chunked(self, data: bytes) -> None:
+        """Chunked body bytes: checked, decoded; what follows the body is the next request's."""
+        chunks = self._chunks
+        decoder = self._decoder
+        assert chunks is not None and decoder is not None
+        self._body_seen = True
+        try:
+            if not chunks.done:
+                chunks.feed(data)
+            self._body += decoder.feed(data)
+        except ProxyError as exc:
+            self._fail_body(exc)
+            return
+        except ChunkedError as exc:
+            message = str(exc)
+            if message not in _CHUNKED_MESSAGES:
+                message = "invalid chunked request body"
+            self._fail_body(BadRequest(message, code="invalid_framing"))
+            return
+        if decoder.done:
+            if decoder.trailing:
+                self._buf += decoder.trailing
+            self._chunks = self._decoder = None
+            self._end_body()
+
+    def _end_body(self) -> None:
+        self._body_done = True
+        self._state = _State.RESPONDING
+        self._timer.disarm()
+        self._wake_body()
 
     def _fail_body(self, error: ProxyError) -> None:
+        """The body cannot be read: the exchange task answers ``error``, then the connection closes."""
+        self._chunks = self._decoder = None
+        if self._task is None:  # nobody will read the body: answer here
+            self._reject(error)
+            return
         self._body_error = error
         self._body_done = True
         self._state = _State.RESPONDING
+        self._timer.disarm()
         self._wake_body()
 
     def _wake_body(self) -> None:
@@ -385,11 +524,11 @@ class HttpConnection(asyncio.Protocol):
         if not self._body_done:
             if self._continue_pending:
                 self._continue_pending = False
-                assert self._h11 is not None and self._transport is not None
+                assert self._transport is not None
                 # the client waits for it until it has sent a body byte
-                counted = self._body_left >= 0
-                if (counted and not self._body) or (not counted and self._h11.they_are_waiting_for_100_continue):
+                if not self._body_seen:
                     self._transport.write(CONTINUE_100)
+                    self._arm(self._limits.body_timeout, self._on_body_timeout)
             self._body_waiter = self._loop.create_future()
             try:
                 await self._body_waiter
@@ -453,7 +592,7 @@ class HttpConnection(asyncio.Protocol):
         if out:
             self._out = []
             transport = self._transport
-            if transport is not None and not transport.is_closing():
+            if transport is not None and not transport.is_closing() and not self._stalled:
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def end_response(self) -> None:
@@ -469,15 +608,36 @@ class HttpConnection(asyncio.Protocol):
     def write_paused(self) -> bool:
         return self._write_paused
 
-    async def drain(self) -> None:
-        """Wait until the client has read enough of what was written."""
+    async def drain(self, stall_timeout: float | None = None) -> None:
+        """Wait until the client has read enough of what was written.
+
+        With a ``stall_timeout`` (seconds), a client that has not read enough by then
+        is given up on: :class:`~proxy.errors.ClientDisconnected` (code
+        ``client_stalled``) is raised, nothing more is written to it, and the
+        connection is aborted when the exchange finishes. One timer per wait,
+        and a wait happens only when the transport paused writing.
+        """
         self.flush()
-        if self._write_paused:
-            self._drain_waiter = self._loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
+        if not self._write_paused:
+            return
+        waiter = self._drain_waiter = self._loop.create_future()
+        expiry = None
+        if stall_timeout is not None:
+            expiry = self._loop.call_later(max(stall_timeout, 0.0), self._drain_expired, waiter)
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+            if expiry is not None:
+                expiry.cancel()
+
+    def _drain_expired(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            return
+        self._stalled = True
+        self._keep_alive = False
+        log.info("client %s stopped reading the response; giving up on it", self._client)
+        waiter.set_exception(ClientDisconnected("client stopped reading the response", code="client_stalled"))
 
     def abort(self) -> None:
         """Close the connection at once (a response that cannot be finished)."""
@@ -492,6 +652,9 @@ class HttpConnection(asyncio.Protocol):
         self._served += 1
         if self._state is _State.CLOSED or self._h11 is None or self._transport is None or self._transport.is_closing():
             return
+        if self._stalled:  # close() would wait for the client to read what is queued
+            self.abort()
+            return
         request_read = self._body_done and self._body_error is None
         if not (self._response_done and self._keep_alive and request_read) or self._rt.draining:
             self._close()
@@ -505,6 +668,8 @@ class HttpConnection(asyncio.Protocol):
         if self._buf:
             self._arm(self._limits.header_timeout, self._on_head_timeout)
             self._parse_head()
+        elif self._eof:
+            self._close()
         else:
             self._keepalive_wait = True
             self._arm(self._limits.keepalive_timeout, self._on_keepalive_timeout)
