@@ -59,7 +59,10 @@ async def make_store(url: str, file: str = "<config>") -> SharedStore:
         ) from None
     from .store import StoreUnavailable
 
-    store = RedisStore(url)
+    try:
+        store = RedisStore(url)
+    except ValueError as exc:  # a malformed URL or option (probe_interval=...)
+        raise ConfigError(file, "store", str(exc)) from None
     try:
         await store.ping()
     except StoreUnavailable as exc:

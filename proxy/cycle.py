@@ -525,9 +525,7 @@ async def _relay(
         if conn.write_paused:
             # a client that stops reading holds the upstream connection: wait for it as
             # long as for the upstream (its idle timeout, within the total deadline)
-            await conn.drain(
-                None if resp is None else min(resp._idle, resp._deadline - asyncio.get_running_loop().time())
-            )
+            await conn.drain(None if resp is None else resp.stall_timeout())
         elif resp is None or not resp.buffered:
             # about to wait for the upstream: send what is queued now. Chunks that
             # arrived together go out together (one write), never held back.

@@ -52,6 +52,7 @@ __all__ = [
     "UpstreamResponseTooLarge",
     "UpstreamTimeout",
     "anthropic_type_for_status",
+    "protocol_of_path",
     "render_error",
     "render_sse_error",
 ]
@@ -74,6 +75,17 @@ ANTHROPIC_TYPE_BY_STATUS: dict[int, str] = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+
+
+def protocol_of_path(path: str) -> ClientProtocol:
+    """``anthropic`` for Anthropic's API (``/v1/messages`` and below it), else ``openai``.
+
+    ``path`` may carry a query string, or be the start of a request line's
+    target followed by a space.
+    """
+    if path.startswith("/v1/messages") and path[12:13] in ("", "/", "?", " "):
+        return "anthropic"
+    return "openai"
 
 
 def anthropic_type_for_status(status: int) -> str:

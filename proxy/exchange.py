@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import ClientProtocol, InvalidJSON, ProxyError, UpstreamError
+from .errors import ClientProtocol, InvalidJSON, ProxyError, UpstreamError, protocol_of_path
 from .headers import Headers, check_field
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ class Exchange:
 
         Errors the proxy makes itself are rendered in it.
         """
-        return "anthropic" if self.client_path.startswith("/v1/messages") else "openai"
+        return protocol_of_path(self.client_path)
 
     @property
     def elapsed(self) -> float:

@@ -59,6 +59,7 @@ import contextlib
 import enum
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -71,10 +72,12 @@ from .errors import (
     BadRequest,
     BodyTooLarge,
     ClientDisconnected,
+    ClientProtocol,
     HeaderTimeout,
     HttpVersionNotSupported,
     ProxyError,
     ServiceUnavailable,
+    protocol_of_path,
     render_error,
 )
 from .exchange import Exchange, Request
@@ -117,6 +120,23 @@ def _h11_message(exc: h11.RemoteProtocolError) -> str:
         if text.startswith(prefix):
             return message
     return "malformed request head"
+
+
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/ ]*")
+
+
+def _protocol_of(head: bytes | bytearray) -> ClientProtocol:
+    """The API protocol a (possibly malformed, partial) request line names; ``openai`` when unsure.
+
+    Only for choosing an error's shape: nothing of the bytes is kept or echoed.
+    """
+    start = head.find(b" ", 0, 32) + 1
+    if start <= 0:
+        return "openai"
+    absolute = _ABSOLUTE_FORM.match(head, start)
+    if absolute is not None:
+        start = absolute.end()
+    return protocol_of_path(head[start : start + 13].decode("latin-1"))
 
 
 class _State(enum.Enum):
@@ -260,6 +280,8 @@ class HttpConnection(asyncio.Protocol):
         self._pending: list[bytes] = []  # body bytes not framed yet (one chunk per flush)
         self._pending_size = 0
         self._served = 0
+        #: The protocol of the current request's API, once its target is known (errors are rendered in it).
+        self._protocol: ClientProtocol | None = None
 
     def __repr__(self) -> str:
         return f"<HttpConnection {self._client} {self._state.value} served={self._served}>"
@@ -391,6 +413,7 @@ class HttpConnection(asyncio.Protocol):
         except ProxyError as exc:
             self._reject(exc)
             return
+        self._protocol = protocol_of_path(target[:13].decode("latin-1"))
         self._h11 = conn
         self._body_done = False
         self._response_done = False
@@ -649,6 +672,7 @@ class HttpConnection(asyncio.Protocol):
         """Called by the exchange task when its cycle ends: next cycle or close."""
         self._task = None
         self._exchange = None
+        self._protocol = None
         self._served += 1
         if self._state is _State.CLOSED or self._h11 is None or self._transport is None or self._transport.is_closing():
             return
@@ -700,7 +724,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        body = render_error(error)
+        body = render_error(error, self._protocol or _protocol_of(self._buf))
         transport.writelines([response_head(error.status, error.head_fields(), len(body), False, False), body])
         log.info("rejected %s from %s: %s", error.status, self._client, error.message)
         self._close()

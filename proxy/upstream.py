@@ -639,6 +639,14 @@ class UpstreamResponse:
         """
         return self._conn.body_length
 
+    def stall_timeout(self) -> float:
+        """Seconds a reader may wait now: the idle timeout, within what is left of the total deadline.
+
+        For waits on the other side of the relay (a client that does not read)
+        that must not hold this response's connection longer than the upstream could.
+        """
+        return min(self._idle, self._deadline - self._conn._loop.time())
+
     @property
     def buffered(self) -> bool:
         """A next chunk (or the end) is already here: :meth:`read` returns without waiting."""

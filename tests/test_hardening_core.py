@@ -501,3 +501,52 @@ def test_async_end_hooks_finish_before_the_store_closes(mock: MockServer, loop_t
         running.stop(0.1)  # the stream is cut at once: its end hook still runs to its end
     assert factory.finished == 1
     assert factory.finished_at_close == 1
+
+
+# -- the connection's own rejections speak the client's protocol too -----------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"POST /v1/messages HTTP/1.1\r\nHost: p\r\nContent-Length: 999999999\r\n\r\n", 413),
+        (b"POST /v1/messages HTTP/1.1\r\nHost: p\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST /v1/messages HTTP/1.1\r\nHost: p\r\nX-Bad: a\x7fb\r\nContent-Length: 0\r\n\r\n", 400),
+        (b"POST /v1/messages/count_tokens HTTP/1.1\r\nHost: p\nX: y\r\n\r\n", 400),
+        (b"POST http://p/v1/messages HTTP/1.1\r\nHost: p\r\nContent-Length: 999999999\r\n\r\n", 413),
+        (b"POST /v1/messages HTTP/1.1\r\nHost: p\r\n" + b"X-F: v\r\n" * 200 + b"\r\n", 431),
+    ],
+)
+def test_rejections_of_anthropic_requests_are_anthropic_shaped(
+    mock: MockServer, make_proxy: Any, head: bytes, status: int
+) -> None:
+    proxy = make_proxy({"server": {"access_log": "off"}, "upstream": {"url": f"http://127.0.0.1:{mock.port}"}})
+    raw = raw_exchange(proxy.port, head)
+    assert status_of(raw) == status
+    body = json.loads(raw.partition(b"\r\n\r\n")[2])
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 999999999\r\n\r\n",
+        b"POST /v1/messagesX HTTP/1.1\r\nHost: p\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+    ],
+)
+def test_other_rejections_stay_openai_shaped(mock: MockServer, make_proxy: Any, head: bytes) -> None:
+    proxy = make_proxy({"server": {"access_log": "off"}, "upstream": {"url": f"http://127.0.0.1:{mock.port}"}})
+    raw = raw_exchange(proxy.port, head)
+    body = json.loads(raw.partition(b"\r\n\r\n")[2])
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+
+
+@pytest.mark.parametrize("option", ["probe_interval=abc", "probe_interval=-1"])
+def test_a_bad_store_option_is_a_config_error_naming_the_field(loop_thread: LoopThread, option: str) -> None:
+    from proxy.app import make_store
+    from proxy.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        loop_thread.call(make_store(f"redis://127.0.0.1:1/0?{option}", "conf.yaml"))
+    assert "conf.yaml: store:" in str(info.value) and "probe_interval" in str(info.value)
