@@ -1,8 +1,8 @@
 """The filter chain runner.
 
 Order rule (as Envoy's HTTP filter chain): request hooks run in chain order,
-response hooks in reverse chain order, ``on_exchange_complete`` in chain
-order. The chain order is the order of ``filters:`` in the config, never
+response hooks in reverse chain order, ``on_attempt_complete`` and
+``on_exchange_complete`` in chain order. The chain order is the order of ``filters:`` in the config, never
 discovery order.
 
 When the chain is built, the runner looks at each factory's
@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from .attempt import Attempt
 from .errors import FilterFailed, ProxyError, UpstreamResponseTooLarge
 from .exchange import Exchange
 from .filter import Action, Filter, FilterFactory
@@ -72,6 +73,7 @@ class Chain:
         self.response_headers_plan = _plan(self.factories, "on_response_headers", True)
         self.response_body_plan = _plan(self.factories, "on_response_body", True, mutates_response_body=True)
         self.response_observer_plan = _plan(self.factories, "on_response_body", True, mutates_response_body=False)
+        self.attempt_plan = _plan(self.factories, "on_attempt_complete", False)
         self.complete_plan = _plan(self.factories, "on_exchange_complete", False)
 
     def __repr__(self) -> str:
@@ -98,7 +100,8 @@ class Chain:
                     log.exception("fail-open filter %s failed; skipped", step.name)
                     continue
                 raise _failure(step, ex, exc) from exc
-            if ex._local_reply is not None or ex._retry:
+            control = ex.control
+            if control.local_reply is not None or control.retry:
                 return paused
             if action is Action.PAUSE:
                 paused = True
@@ -127,15 +130,16 @@ class Chain:
                     log.exception("fail-open filter %s failed; skipped", step.name)
                     continue
                 raise _failure(step, ex, exc) from exc
-            if ex._local_reply is not None:
+            if ex.control.local_reply is not None:
                 return
 
     async def observe_response(self, ex: Exchange, data: bytes, end_of_stream: bool) -> None:
-        """Call observing (non-mutating) response-body hooks after ``data`` was written."""
+        """Call observing (non-mutating) response-body hooks with ``data``, which was just written
+        to the client: the bytes it received, after every mutating filter, in order."""
         filters = ex.filters
-        skip = ex._skip_body
+        control = ex.control
         for step in self.response_observer_plan:
-            if skip and id(filters[step.slot]) in skip:
+            if control.skips(id(filters[step.slot])):
                 continue
             try:
                 result = step.hook(filters[step.slot], ex, data, end_of_stream)
@@ -143,6 +147,17 @@ class Chain:
                     await result
             except Exception:
                 log.exception("observer %s failed in exchange %s; ignored", step.name, ex.id)
+
+    async def attempt_complete(self, ex: Exchange, attempt: Attempt) -> None:
+        """Run ``on_attempt_complete`` for every filter, in chain order; exceptions are logged, never raised."""
+        filters = ex.filters
+        for step in self.attempt_plan:
+            try:
+                result = step.hook(filters[step.slot], ex, attempt)
+                if step.is_async:
+                    await result
+            except Exception:
+                log.exception("on_attempt_complete of %s failed in %s", step.name, ex.id)
 
     async def complete(self, ex: Exchange) -> None:
         """Run ``on_exchange_complete`` for every filter; exceptions are logged, never raised."""
@@ -190,13 +205,13 @@ class ResponseBodyStage:
     async def push_all(self, ex: Exchange, pieces: list[bytes]) -> bytes | None:
         """:meth:`push` each of ``pieces`` (none at end of stream); the released bytes joined.
 
-        Stops early when a hook asked for a retry (``ex._retry``). One call
+        Stops early when a hook asked for a retry (``ex.control.retry``). One call
         per upstream read instead of one per SSE event.
         """
         out: list[bytes] = []
         for piece in pieces:
             released = await self._run(ex, piece, False, 0)
-            if ex._retry:
+            if ex.control.retry:
                 return None
             if released:
                 out.append(released)
@@ -204,6 +219,7 @@ class ResponseBodyStage:
 
     async def _run(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
         filters = ex.filters
+        control = ex.control
         plan = self._plan
         last = len(plan) - 1
         # ``data`` enters as one event (SSE); it may hold several only after a
@@ -211,8 +227,8 @@ class ResponseBodyStage:
         one_event = True
         for position in range(start, len(plan)):
             step = plan[position]
-            skip = ex._skip_body  # a hook may have opted out of the rest of the body
-            if skip is not None and id(filters[step.slot]) in skip and position != self._paused_at:
+            # a hook may have opted out of the rest of the body
+            if control.skips(id(filters[step.slot])) and position != self._paused_at:
                 continue
             if position == self._paused_at:
                 self._buffer += data
@@ -220,7 +236,7 @@ class ResponseBodyStage:
                     raise UpstreamResponseTooLarge(f"response held by a filter exceeds {self._cap} bytes")
                 data = bytes(self._buffer)
                 one_event = False
-            ex._response_data = None
+            control.response_data = None
             try:
                 action = step.hook(filters[step.slot], ex, data, end_of_stream)
                 if step.is_async:
@@ -232,11 +248,11 @@ class ResponseBodyStage:
                     log.exception("fail-open filter %s failed; skipped", step.name)
                     continue
                 raise _failure(step, ex, exc) from exc
-            if ex._response_data is not None:
-                data = ex._response_data
-                ex._response_data = None
+            if control.response_data is not None:
+                data = control.response_data
+                control.response_data = None
                 one_event = False
-            if ex._retry:
+            if control.retry:
                 return None
             if action is Action.PAUSE and not end_of_stream:
                 if position != self._paused_at:
@@ -261,7 +277,7 @@ class ResponseBodyStage:
         out = bytearray()
         for i, event in enumerate(events):
             released = await self._run(ex, event, end_of_stream and i == len(events) - 1, start)
-            if ex._retry:
+            if ex.control.retry:
                 return None
             if released:
                 out += released

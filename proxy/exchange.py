@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .control import HookControl
 from .errors import ClientProtocol, InvalidJSON, ProxyError, UpstreamError, protocol_of_path
 from .headers import Headers, check_field
 
 if TYPE_CHECKING:
+    from .attempt import Attempt
     from .filter import Filter
     from .upstream import UpstreamTarget
 
@@ -97,15 +99,14 @@ class Exchange:
     __slots__ = (
         "_json",
         "_json_dirty",
-        "_local_reply",
-        "_response_data",
-        "_retry",
-        "_skip_body",
+        "attempt",
+        "attempt_history",
         "attempts",
         "bytes_received",
         "bytes_sent",
         "client_addr",
         "client_path",
+        "control",
         "error",
         "filters",
         "id",
@@ -135,6 +136,10 @@ class Exchange:
         self.error: ProxyError | None = None
         #: Attempts made to the upstream (1 unless a filter asked for retries).
         self.attempts = 0
+        #: The current (or last) upstream attempt; None before the first is sent.
+        self.attempt: Attempt | None = None
+        #: Every attempt of this exchange, in order (the last is ``attempt``).
+        self.attempt_history: list[Attempt] = []
         self.is_sse = False
         #: True once any response byte (the head included) was written downstream.
         self.response_started = False
@@ -144,11 +149,8 @@ class Exchange:
         self.filters: list[Filter] = []
         self._json: Any = _UNPARSED
         self._json_dirty = False
-        self._local_reply: LocalReply | None = None
-        self._retry = False
-        self._response_data: bytes | None = None
-        #: Filters (by object id) whose response-body hook sits out the current response.
-        self._skip_body: set[int] | None = None
+        #: What the hooks asked of the core (read by the chain runner and the driver only).
+        self.control = HookControl()
 
     def __repr__(self) -> str:
         return f"<Exchange {self.id} {self.request.method} {self.request.path}>"
@@ -225,7 +227,7 @@ class Exchange:
             raw.append((b"content-type", content_type.encode("latin-1")))
         for name, value in raw:
             check_field(name, value)
-        self._local_reply = LocalReply(status, raw, payload)
+        self.control.local_reply = LocalReply(status, raw, payload)
 
     def retry(self) -> None:
         """Ask the core to send the (possibly changed) request again.
@@ -237,11 +239,11 @@ class Exchange:
         """
         if self.response_started:
             raise RuntimeError("retry after the response started")
-        self._retry = True
+        self.control.retry = True
 
     def set_response_data(self, data: bytes) -> None:
         """In ``on_response_body``: replace the data passed on to the next filter."""
-        self._response_data = data
+        self.control.response_data = data
 
     def skip_response_body(self, filter_: Filter) -> None:
         """``filter_`` has nothing (more) to do with this response's body.
@@ -255,9 +257,10 @@ class Exchange:
         it needed). Say it whenever you can: it keeps a full chain close to an
         empty one.
         """
-        if self._skip_body is None:
-            self._skip_body = set()
-        self._skip_body.add(id(filter_))
+        control = self.control
+        if control.skipped is None:
+            control.skipped = set()
+        control.skipped.add(id(filter_))
 
     @property
     def client_protocol(self) -> ClientProtocol:

@@ -16,9 +16,14 @@ chain order, like Envoy's decoder and encoder filters::
     on_request_headers   f1 -> f2 -> f3
     on_request_body      f1 -> f2 -> f3        (request bodies arrive whole)
                  ... upstream ...
-    on_response_headers  f3 -> f2 -> f1
-    on_response_body     f3 -> f2 -> f1        (per chunk, or per SSE event)
+    on_response_headers  f3 -> f2 -> f1        (once per attempt)
+    on_response_body     f3 -> f2 -> f1        (per chunk, or per SSE event; per attempt)
+    on_attempt_complete  f1 -> f2 -> f3        (exactly once per attempt, every path)
     on_exchange_complete f1 -> f2 -> f3        (exactly once, every path)
+
+Every upstream try is an :class:`~proxy.attempt.Attempt`: the response hooks
+run once per attempt (a retry runs them again on the next attempt's
+response), and ``on_attempt_complete`` tells how each one ended.
 
 Every hook has a no-op default and returns :class:`Action`. Hooks may be
 plain methods or coroutines; the runner checks which once, when the chain is
@@ -50,6 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from .admin import AdminPages
 
 if TYPE_CHECKING:
+    from .attempt import Attempt
     from .exchange import Exchange
     from .store import SharedStore
 
@@ -114,7 +120,8 @@ class Filter:
     def on_response_headers(self, exchange: Exchange) -> Action | Awaitable[Action]:
         """Called when the response head is known (from the upstream, or a
         synthesized 502/504 when the upstream failed: ``exchange.upstream_error``
-        is then set).
+        is then set). Runs once per attempt (``exchange.attempt``): again for
+        each retry's response.
 
         May change status and headers, call :meth:`Exchange.retry`, or raise.
         ``PAUSE`` holds the head back until the body stage releases its first
@@ -135,9 +142,25 @@ class Filter:
         empty; ``PAUSE`` then counts as ``CONTINUE``.
 
         Not called for a response whose ``on_response_headers`` called
-        :meth:`Exchange.skip_response_body` for this filter.
+        :meth:`Exchange.skip_response_body` for this filter. Runs for the
+        current attempt's body only; a held body of an attempt that is then
+        retried never reaches the client.
+
+        An observer (``mutates_response_body = False``) is called with exactly
+        the bytes the client received, after they were written: released by
+        every mutating filter (translated, rewritten, stripped), in order, one
+        or more whole SSE events per call, and never with data of an
+        abandoned attempt.
         """
         return Action.CONTINUE
+
+    def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> Awaitable[None] | None:
+        """Called exactly once per upstream attempt when it ends, on every path:
+        completed, failed, retried or abandoned (``attempt.outcome``), in chain
+        order. Release what the attempt held (a reservation, a span) here.
+        Exceptions are logged and swallowed.
+        """
+        return None
 
     def on_exchange_complete(self, exchange: Exchange) -> Awaitable[None] | None:
         """Called exactly once when the exchange ends, on every path: success,

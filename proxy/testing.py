@@ -106,11 +106,11 @@ class FilterHarness:
 
     def local_reply(self, ex: Exchange) -> LocalReply | None:
         """The local reply the filter asked for, if any."""
-        return ex._local_reply
+        return ex.control.local_reply
 
     def retry_requested(self, ex: Exchange) -> bool:
         """True if the filter asked for the request to be sent again."""
-        return ex._retry
+        return ex.control.retry
 
     # -- hooks ---------------------------------------------------------------
     def request_headers(self, ex: Exchange) -> Action:
@@ -133,10 +133,11 @@ class FilterHarness:
 
     def response_body(self, ex: Exchange, data: bytes, end_of_stream: bool = False) -> tuple[Action, bytes]:
         """Call ``on_response_body`` once; return the action and the data passed on."""
-        ex._response_data = None
+        control = ex.control
+        control.response_data = None
         action: Action = self.run(self.filter(ex).on_response_body(ex, data, end_of_stream))
-        out = ex._response_data if ex._response_data is not None else data
-        ex._response_data = None
+        out = control.response_data if control.response_data is not None else data
+        control.response_data = None
         return action, out
 
     def response_stream(self, ex: Exchange, raw: bytes) -> bytes:

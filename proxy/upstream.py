@@ -160,6 +160,9 @@ class UpstreamTarget:
     verify: bool = True
     ca_file: str | None = None
     host_header: bytes = b""
+    #: A short, non-reversible id of the credential in ``headers`` (logs, metrics,
+    #: :class:`~proxy.attempt.Attempt`); "" when the target carries none.
+    key_id: str = ""
 
     @classmethod
     def from_url(cls, name: str, url: str, **kwargs: Any) -> UpstreamTarget:

@@ -137,20 +137,21 @@ async def test_incr_ttl_applies_on_creation_only(store: SharedStore) -> None:
 
 
 async def test_lease_lifecycle(store: SharedStore) -> None:
-    assert await store.acquire_lease("leader", "a", ttl=0.15)
-    assert await store.acquire_lease("leader", "a", ttl=0.15)  # renew
-    assert not await store.acquire_lease("leader", "b", ttl=0.15)
+    TTL = 1.0  # margins of 0.4 s: a loaded CI machine stalls a few hundred ms
+    assert await store.acquire_lease("leader", "a", ttl=TTL)
+    assert await store.acquire_lease("leader", "a", ttl=TTL)  # renew
+    assert not await store.acquire_lease("leader", "b", ttl=TTL)
     await store.release_lease("leader", "b")  # not b's: no effect
-    assert not await store.acquire_lease("leader", "b", ttl=0.15)
-    await asyncio.sleep(0.1)
-    assert await store.acquire_lease("leader", "a", ttl=0.15)  # renewal extends
-    await asyncio.sleep(0.1)
-    assert not await store.acquire_lease("leader", "b", ttl=0.15)
-    await asyncio.sleep(0.1)  # a stopped renewing: b takes over
-    assert await store.acquire_lease("leader", "b", ttl=0.15)
-    assert not await store.acquire_lease("leader", "a", ttl=0.15)
+    assert not await store.acquire_lease("leader", "b", ttl=TTL)
+    await asyncio.sleep(0.6 * TTL)
+    assert await store.acquire_lease("leader", "a", ttl=TTL)  # renewal extends
+    await asyncio.sleep(0.6 * TTL)
+    assert not await store.acquire_lease("leader", "b", ttl=TTL)
+    await asyncio.sleep(0.6 * TTL)  # a stopped renewing: b takes over
+    assert await store.acquire_lease("leader", "b", ttl=TTL)
+    assert not await store.acquire_lease("leader", "a", ttl=TTL)
     await store.release_lease("leader", "b")
-    assert await store.acquire_lease("leader", "a", ttl=0.15)
+    assert await store.acquire_lease("leader", "a", ttl=TTL)
 
 
 async def test_concurrent_cas_increments_lose_no_update(store: SharedStore) -> None:

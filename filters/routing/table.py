@@ -290,6 +290,7 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
             verify=base.verify,
             ca_file=base.ca_file,
             host_header=base.host_header,
+            key_id=key_id(k),
         )
         for k in keys
     )
