@@ -4,6 +4,7 @@ The public API for filter authors is re-exported here; everything else is
 an implementation detail of its module.
 """
 
+from .context import FactoryContext
 from .errors import (
     BadRequest,
     ClientDisconnected,
@@ -19,7 +20,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .exchange import Exchange, Request, Response
-from .filter import Action, FactoryContext, Filter, FilterFactory
+from .filter import Action, Filter, FilterFactory
 from .headers import Headers
 from .sse import SseEvent, format_event, parse_event
 from .store import MemoryStore, SharedStore, StoreUnavailable

@@ -31,9 +31,10 @@ import uvloop
 
 from .accesslog import AccessLog
 from .admin import AdminPages
+from .client import UpstreamClient
 from .config import Config, ConfigError, MockSpec
+from .context import FactoryContext
 from .cycle import Runtime
-from .filter import FactoryContext
 from .plugins import build_chain
 from .server import HttpConnection
 from .store import MemoryStore, SharedStore
@@ -95,17 +96,18 @@ class Proxy:
         if not self.mock_ports:
             await self._start_mocks(cfg.mock_upstreams)
         admin = AdminPages(cfg.server.admin_allow)
-        self.context = FactoryContext(self.store, self.worker_id, self.mock_ports, admin)
+        pool = UpstreamPool(
+            cfg.pool.max_per_origin,
+            cfg.pool.keepalive_expiry,
+            max_head_bytes=cfg.limits.max_upstream_header_bytes,
+            max_head_fields=cfg.limits.max_upstream_header_count,
+        )
+        self.context = FactoryContext(self.store, self.worker_id, self.mock_ports, admin, UpstreamClient(pool))
         chain = build_chain(cfg.filters, self.context, cfg.file)
         default_upstream = cfg.upstream.target("default", self.mock_ports) if cfg.upstream else None
         self.runtime = Runtime(
             chain=chain,
-            pool=UpstreamPool(
-                cfg.pool.max_per_origin,
-                cfg.pool.keepalive_expiry,
-                max_head_bytes=cfg.limits.max_upstream_header_bytes,
-                max_head_fields=cfg.limits.max_upstream_header_count,
-            ),
+            pool=pool,
             limits=cfg.limits,
             default_upstream=default_upstream,
             validate_json=cfg.server.validate_json,

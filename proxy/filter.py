@@ -45,25 +45,16 @@ A hook can:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
-import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-
-from .admin import AdminPages
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from .attempt import Attempt
+    from .context import FactoryContext
     from .exchange import Exchange
-    from .store import SharedStore
 
-__all__ = ["Action", "FactoryContext", "Filter", "FilterFactory"]
-
-F = TypeVar("F", bound="FilterFactory")
-
-log = logging.getLogger("llmproxy.filter")
+__all__ = ["Action", "Filter", "FilterFactory"]
 
 
 class Action(enum.Enum):
@@ -169,66 +160,6 @@ class Filter:
         Exceptions are logged and swallowed.
         """
         return None
-
-
-class FactoryContext:
-    """What the runtime hands a factory: the shared store and task helpers."""
-
-    def __init__(
-        self,
-        store: SharedStore,
-        worker_id: int = 0,
-        mock_ports: Mapping[str, tuple[str, int]] | None = None,
-        admin: AdminPages | None = None,
-    ) -> None:
-        self.store = store
-        self.worker_id = worker_id
-        self._admin = admin or AdminPages()
-        #: The worker's Prometheus registry: register collectors here.
-        self.metrics = self._admin.registry
-        #: The factories built so far, in chain order (a factory sees those before it).
-        self.factories: list[FilterFactory] = []
-        #: Where each configured mock upstream listens, to resolve ``mock://NAME`` URLs.
-        self.mock_ports: Mapping[str, tuple[str, int]] = mock_ports or {}
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def find_factory(self, kind: type[F]) -> F | None:
-        """The first factory of type ``kind`` earlier in the chain, if any."""
-        for factory in self.factories:
-            if isinstance(factory, kind):
-                return factory
-        return None
-
-    def add_admin_page(self, path: str, page: Callable[[], Any]) -> None:
-        """Serve ``page()`` as JSON at ``GET path`` (under ``/admin/``, admin clients only)."""
-        self._admin.add_page(path, page)
-
-    def every(self, interval: float, tick: Callable[[], Awaitable[None]], name: str) -> None:
-        """Run ``tick`` every ``interval`` seconds until shutdown (proxy-wasm's on_tick).
-
-        Exceptions are logged; the next tick still runs.
-        """
-
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    await tick()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("tick %s failed", name)
-
-        self._tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
-
-    async def cancel_tasks(self) -> None:
-        """Stop every background task started through :meth:`every`."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
 
 
 class FilterFactory:

@@ -14,7 +14,8 @@ from importlib.metadata import EntryPoint, entry_points
 
 from .chain import Chain
 from .config import ConfigError, FilterSpec
-from .filter import FactoryContext, FilterFactory
+from .context import FactoryContext
+from .filter import FilterFactory
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "build_chain", "installed_filters", "load_factory_class"]
 

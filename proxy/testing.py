@@ -27,8 +27,9 @@ from typing import Any, TypeVar
 
 import orjson
 
+from .context import FactoryContext
 from .exchange import Exchange, LocalReply, Request, Response
-from .filter import Action, FactoryContext, Filter, FilterFactory
+from .filter import Action, Filter, FilterFactory
 from .headers import Headers
 from .sse import SseFramer
 from .store import MemoryStore, SharedStore

@@ -24,10 +24,10 @@ import yaml
 
 from filters.routing import ModelMap, RoutingFactory, RoutingFilter, RoutingTable, Target, key_id
 from filters.routing.table import NoProvider, build_table
+from proxy import Action, FactoryContext
 from proxy.chain import Chain
 from proxy.config import ConfigError, parse_config
 from proxy.exchange import Exchange
-from proxy.filter import Action, FactoryContext
 from proxy.plugins import build_chain
 from proxy.store import MemoryStore
 from proxy.testing import FilterHarness
@@ -530,7 +530,8 @@ def test_apply_again_keeps_the_clients_query() -> None:
         flt.apply(ex, target_of(flt, "oa", "chat"), 1)
         assert ex.request.path == "/chat/completions?trace=1"  # not Azure's api-version
         assert ex.upstream is flt.factory.table.providers["oa"].targets[1]
-        assert ex.vars["provider"] == "oa" and ex.vars["key_id"] == key_id("sk-oa-2")
+        route = ex.vars["routing.route"]
+        assert route.provider == "oa" and route.key_id == key_id("sk-oa-2") and route.key_index == 1
         assert flt.attempted == [("az", 0), ("oa", 1)]
         assert flt.current is not None and flt.current.provider.name == "oa"
 
@@ -582,5 +583,5 @@ def test_translated_reply_leaves_openai_shaped_usage(path: str, pin: str, reply:
         assert h.response_headers(ex, 200, {"content-type": "application/json"}) is Action.PAUSE
         _, out = h.response_body(ex, json.dumps(reply).encode(), True)
         assert json.loads(out)["usage"]["total_tokens" if pin == "an" else "output_tokens"] > 0
-        usage = ex.vars["usage"]
+        usage = ex.vars["routing.usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3, 2)

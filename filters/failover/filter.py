@@ -58,14 +58,15 @@ from typing import Any
 import orjson
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from filters.routing import RoutingFactory, RoutingFilter, Target
+from filters.names import ROUTE
+from filters.routing import RouteDecision, RoutingFactory, Target
 from filters.routing.table import Provider
 from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, ServiceUnavailable
 from proxy.config import ConfigError, Section
 from proxy.errors import UpstreamError
 from proxy.sse import SseFramer
 from proxy.store import StoreUnavailable
-from proxy.upstream import Timeouts, UpstreamPool
+from proxy.upstream import Timeouts
 
 from .health import EJECTED, HealthBook
 from .stream import Kind, classify
@@ -124,7 +125,7 @@ class FailoverFilter(Filter):
 
     def __init__(self, factory: FilterFactory) -> None:
         super().__init__(factory)
-        self._routing: RoutingFilter | None = None
+        self._routing: RouteDecision | None = None
         self._tried: set[tuple[str, int]] = set()
         self._holding = False
         #: While holding: how many bytes of the held data were classified already.
@@ -137,20 +138,19 @@ class FailoverFilter(Filter):
 
     def _record(self) -> str:
         routing = self._routing
-        assert routing is not None and routing.current is not None
-        provider = routing.current.provider
-        return HealthBook.record_key(provider.name, provider.key_ids[routing.key_index])
+        assert routing is not None and routing.target is not None
+        return HealthBook.record_key(routing.provider, routing.key_id)
 
     async def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
-        routing = exchange.vars.get("routing")
-        if not isinstance(routing, RoutingFilter) or not routing.candidates:
+        routing = exchange.vars.get(ROUTE)
+        if not isinstance(routing, RouteDecision) or not routing.candidates:
             return Action.CONTINUE
         self._routing = routing
         factory = self.factory
         await factory.book.refresh(
             [factory.record(t.provider, i) for t in routing.candidates for i in range(len(t.provider.targets))]
         )
-        current = routing.current
+        current = routing.target
         if current is not None and factory.book.usable(factory.record(current.provider, routing.key_index)):
             choice: tuple[Target, int] | None = (current, routing.key_index)
         else:
@@ -163,15 +163,15 @@ class FailoverFilter(Filter):
                 headers=[("retry-after", str(max(1, math.ceil(wait))))],
             )
         target, key_index = choice
-        if target is not routing.current or key_index != routing.key_index:
-            routing.apply(exchange, target, key_index)
+        if target is not routing.target or key_index != routing.key_index:
+            routing.repoint(target, key_index)
         self._tried.add((target.provider.name, key_index))
         return Action.CONTINUE
 
     async def on_response_headers(self, exchange: Exchange) -> Action:
         routing = self._routing
         response = exchange.response
-        if routing is None or routing.current is None or response is None:
+        if routing is None or routing.target is None or response is None:
             return Action.CONTINUE
         response.headers.set("x-llmproxy-attempts", str(exchange.attempts))
         self._holding = False
@@ -196,7 +196,7 @@ class FailoverFilter(Filter):
         """Point the exchange at the next usable key and ask for a retry; False if none."""
         routing = self._routing
         factory = self.factory
-        assert routing is not None and routing.current is not None
+        assert routing is not None and routing.target is not None
         if exchange.attempts >= factory.max_attempts or exchange.elapsed >= factory.deadline:
             return False
         choice = factory.choose(routing, self._tried)
@@ -208,9 +208,9 @@ class FailoverFilter(Filter):
             self._same_key_retries += 1
             delay = min(factory.backoff_max, factory.backoff_base * 2 ** (self._same_key_retries - 1))
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
-            choice = (routing.current, routing.key_index)
+            choice = (routing.target, routing.key_index)
         target, key_index = choice
-        routing.apply(exchange, target, key_index)
+        routing.repoint(target, key_index)
         self._tried.add((target.provider.name, key_index))
         exchange.retry()
         return True
@@ -260,7 +260,7 @@ class FailoverFilter(Filter):
         failed_mid_stream = (
             isinstance(error, UpstreamError) and exchange.response_started and exchange.upstream_error is None
         )
-        if self._routing is None or self._routing.current is None:
+        if self._routing is None or self._routing.target is None:
             return
         if failed_mid_stream:
             # content had reached the client, so there was no retry: count it against the key
@@ -323,7 +323,6 @@ class FailoverFactory(FilterFactory):
         )
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.probes_sent = 0
-        self._pool: UpstreamPool | None = None
         context.metrics.register(_HealthCollector(self))
         context.add_admin_page("/admin/failover", self.admin_page)
 
@@ -332,7 +331,7 @@ class FailoverFactory(FilterFactory):
         return HealthBook.record_key(provider.name, provider.key_ids[key_index])
 
     # -- choosing ---------------------------------------------------------------
-    def choose(self, routing: RoutingFilter, tried: set[tuple[str, int]]) -> tuple[Target, int] | None:
+    def choose(self, routing: RouteDecision, tried: set[tuple[str, int]]) -> tuple[Target, int] | None:
         """The first usable, untried (target, key index) in routing's preference order."""
         now = time.time()
         for target in routing.candidates:
@@ -360,12 +359,9 @@ class FailoverFactory(FilterFactory):
     async def start(self) -> None:
         await self._forget_removed_keys()
         if self.health_checks:
-            self._pool = UpstreamPool(max_per_origin=4, keepalive_expiry=self.interval * 2)
             self.context.every(self.interval, self.probe_tick, name="failover-health-check")
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
         for provider in self.table.providers.values():
             with contextlib.suppress(StoreUnavailable):
                 await self.context.store.release_lease(f"failover-probe:{provider.name}", self.instance_id)
@@ -412,32 +408,19 @@ class FailoverFactory(FilterFactory):
             await asyncio.gather(*(self._probe(provider, i, model) for i in due))
 
     async def _probe(self, provider: Provider, key_index: int, model: str) -> None:
-        assert self._pool is not None
+        """One one-token request on a provider key, through the core's upstream client."""
         adapter = provider.adapter
         target = replace(provider.targets[key_index], timeouts=Timeouts(*(self.probe_timeout,) * 4))
         api = "chat" if "chat" in adapter.native_apis else "messages"
         body = orjson.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
-        headers = [
-            (b"host", target.host_header),
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body)),
-            (b"x-llmproxy-probe", b"1"),
-            *adapter.static_headers(),
-            *target.headers,
-        ]
+        headers = [(b"content-type", b"application/json"), (b"x-llmproxy-probe", b"1"), *adapter.static_headers()]
         ok = False
         self.probes_sent += 1
         try:
-            response = await self._pool.send(
-                target, b"POST", (target.base_path + adapter.path(api, model, "")).encode(), headers, body
+            reply = await self.context.upstream.request(
+                target, "POST", adapter.path(api, model, ""), headers=headers, body=body
             )
-            try:
-                while await response.read():
-                    pass
-                response.release()
-            finally:
-                response.close()
-            ok = 200 <= response.status < 300
+            ok = 200 <= reply.status < 300
         except UpstreamError as exc:
             log.info("health check of %s key %s failed: %s", provider.name, provider.key_ids[key_index], exc.message)
         await self.book.probe_result(self.record(provider, key_index), ok, self.interval)

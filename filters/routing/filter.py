@@ -7,8 +7,10 @@ Per exchange, on the request side:
 2. ``on_request_body``: validate ``model`` (and ``messages``), ask the table
    for candidates in weighted order, and :meth:`RoutingFilter.apply` the
    first: upstream target (with the key's credential), path, model name,
-   protocol translation. The candidates stay on ``exchange.vars["routing"]``
-   (this filter) so that a failover filter can apply another one and retry.
+   protocol translation. The decision is published as a
+   :class:`~filters.routing.decision.RouteDecision` at
+   ``exchange.vars["routing.route"]`` (:mod:`filters.names`), which a
+   failover filter re-points before it retries.
 
 On the response side the filter works in one of a few modes, chosen in
 ``on_response_headers`` from the client's and the provider's protocols:
@@ -20,8 +22,8 @@ On the response side the filter works in one of a few modes, chosen in
 * JSON translation: the body is held (PAUSE) and translated at its end;
   errors likewise become the client's error envelope.
 
-Usage reported by the provider is left on ``exchange.vars["usage"]`` as
-``{"prompt_tokens", "completion_tokens"}`` when it is seen.
+Usage reported by the provider is left on ``exchange.vars["routing.usage"]``
+as ``{"prompt_tokens", "completion_tokens"}`` when it is seen.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from filters.names import ROUTE, USAGE
 from filters.translate import (
     ChatStreamToMessagesStream,
     MessagesStreamToChatStream,
@@ -47,6 +50,7 @@ from proxy import Action, BadRequest, Exchange, FactoryContext, Filter, FilterFa
 from proxy.errors import ModelNotFound, UpstreamProtocolError
 from proxy.sse import parse_event
 
+from .decision import RouteDecision
 from .table import NoProvider, RoutingTable, Target, build_table
 
 __all__ = ["HINT_HEADER", "RoutingFactory", "RoutingFilter"]
@@ -99,6 +103,7 @@ class RoutingFilter(Filter):
         "current",
         "hint",
         "key_index",
+        "route",
     )
 
     def __init__(self, factory: FilterFactory) -> None:
@@ -113,6 +118,8 @@ class RoutingFilter(Filter):
         self.key_index = 0
         #: (provider name, key index) pairs tried so far.
         self.attempted: list[tuple[str, int]] = []
+        #: The published decision (None until the request body named a served model).
+        self.route: RouteDecision | None = None
         self._body: dict[str, Any] = {}
         #: The client's query string ("" or "?..."), kept because apply() rewrites the path.
         self._query = ""
@@ -174,7 +181,10 @@ class RoutingFilter(Filter):
                 ) from None
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model") from None
         self._body = payload
-        exchange.vars["routing"] = self
+        self.route = RouteDecision(
+            self.api, self.client_protocol, self.candidates, lambda target, key: self.apply(exchange, target, key)
+        )
+        exchange.vars[ROUTE] = self.route
         self._stream = payload.get("stream") is True
         options = payload.get("stream_options")
         self._include_usage_asked = isinstance(options, dict) and options.get("include_usage") is True
@@ -193,6 +203,10 @@ class RoutingFilter(Filter):
         self.current = target
         self.key_index = key_index
         self.attempted.append((provider.name, key_index))
+        route = self.route
+        if route is not None:
+            route.target, route.key_index = target, key_index
+            route.attempted.append((provider.name, key_index))
         request = exchange.request
         headers = request.headers
         exchange.upstream = provider.targets[key_index]
@@ -227,9 +241,6 @@ class RoutingFilter(Filter):
         except TranslationError as exc:
             raise BadRequest(str(exc), param=exc.param, code="invalid_request") from None
         exchange.set_request_json(out)
-        exchange.vars["provider"] = provider.name
-        exchange.vars["provider_model"] = target.model
-        exchange.vars["key_id"] = provider.key_ids[key_index]
 
     # -- response -------------------------------------------------------------------
     def on_response_headers(self, exchange: Exchange) -> Action:
@@ -321,7 +332,7 @@ class RoutingFilter(Filter):
         # the OpenAI-shaped side of the pair: {"prompt_tokens", "completion_tokens", ...}
         usage = (out if self.client_protocol == "openai" else parsed).get("usage")
         if isinstance(usage, dict):
-            exchange.vars["usage"] = usage
+            exchange.vars[USAGE] = usage
         exchange.set_response_data(translated)
         return Action.CONTINUE
 
@@ -332,7 +343,7 @@ class RoutingFilter(Filter):
         except (orjson.JSONDecodeError, AttributeError):
             return
         if isinstance(usage, dict):
-            exchange.vars["usage"] = usage
+            exchange.vars[USAGE] = usage
 
     def _models_reply(self, exchange: Exchange) -> None:
         data = [

@@ -1,0 +1,27 @@
+"""Every ``exchange.vars`` key a builtin filter sets: one place, namespaced by filter.
+
+Builtin filters pass facts to each other (and to third-party filters) as
+typed objects under these keys, never as filter objects. A plugin reads
+them; only the filter named in the key writes them.
+
+===================  ==============================================  ===========
+key                  value                                           set by
+===================  ==============================================  ===========
+``routing.route``    :class:`filters.routing.RouteDecision`: the      routing
+                     API, protocols, candidates, and the current
+                     attempt's provider, upstream model and key id;
+                     failover re-points it with ``repoint()``
+``routing.usage``    the provider's usage, OpenAI-shaped             routing
+                     (``prompt_tokens``, ``completion_tokens``, ...)
+                     when the response carried it
+===================  ==============================================  ===========
+"""
+
+from __future__ import annotations
+
+__all__ = ["ROUTE", "USAGE"]
+
+#: :class:`filters.routing.RouteDecision` of the exchange.
+ROUTE = "routing.route"
+#: The provider-reported usage (a dict, OpenAI-shaped).
+USAGE = "routing.usage"

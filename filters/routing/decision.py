@@ -1,0 +1,78 @@
+"""The routing decision, published for the filters after routing (``vars["routing.route"]``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .table import Target
+
+__all__ = ["RouteDecision"]
+
+
+class RouteDecision:
+    """Where routing sent the current attempt, and what else could serve it.
+
+    ``candidates`` are the targets able to serve the request, in preference
+    order; ``target`` and ``key_index`` the current attempt's choice (with
+    ``provider``, ``model`` - the upstream model name - and ``key_id``, the
+    key's short hash). ``attempted`` lists the (provider, key index) pairs
+    chosen so far. A filter that moves the request elsewhere (failover)
+    calls :meth:`repoint`: routing rewrites the upstream, path, headers and
+    body for the new choice, translating when its protocol differs.
+    """
+
+    __slots__ = (
+        "_repoint",
+        "api",
+        "attempted",
+        "candidates",
+        "client_protocol",
+        "key_index",
+        "target",
+    )
+
+    def __init__(
+        self,
+        api: str,
+        client_protocol: str,
+        candidates: list[Target],
+        repoint: Callable[[Target, int], None],
+    ) -> None:
+        self.api = api
+        self.client_protocol = client_protocol
+        self.candidates = candidates
+        self.target: Target | None = None
+        self.key_index = 0
+        self.attempted: list[tuple[str, int]] = []
+        self._repoint = repoint
+
+    @property
+    def provider(self) -> str:
+        return self.target.provider.name if self.target is not None else ""
+
+    @property
+    def provider_protocol(self) -> str:
+        return self.target.provider.protocol if self.target is not None else ""
+
+    @property
+    def model(self) -> str:
+        """The model name sent to the provider."""
+        return self.target.model if self.target is not None else ""
+
+    @property
+    def key_id(self) -> str:
+        return self.target.provider.key_ids[self.key_index] if self.target is not None else ""
+
+    @property
+    def translated(self) -> bool:
+        """The provider speaks another protocol than the client (requests and responses are translated)."""
+        return self.target is not None and self.provider_protocol != self.client_protocol
+
+    def repoint(self, target: Target, key_index: int) -> None:
+        """Send the next attempt to ``target`` with its ``key_index``-th key."""
+        self._repoint(target, key_index)
+
+    def __repr__(self) -> str:
+        return f"<RouteDecision {self.api} -> {self.provider}/{self.model} key={self.key_id or '-'}>"

@@ -1,0 +1,92 @@
+"""What the runtime hands every filter factory (:class:`FactoryContext`).
+
+The filter API (:mod:`proxy.filter`) only names this type; the runtime
+builds one per worker with its store, upstream client, metrics registry
+and admin pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .admin import AdminPages
+from .client import UpstreamClient
+from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from .filter import FilterFactory
+    from .store import SharedStore
+
+__all__ = ["FactoryContext"]
+
+F = TypeVar("F", bound="FilterFactory")
+
+log = logging.getLogger("llmproxy.filter")
+
+
+class FactoryContext:
+    """What the runtime hands a factory: the shared store, the upstream client, metrics, admin pages, ticks."""
+
+    def __init__(
+        self,
+        store: SharedStore,
+        worker_id: int = 0,
+        mock_ports: Mapping[str, tuple[str, int]] | None = None,
+        admin: AdminPages | None = None,
+        upstream: UpstreamClient | None = None,
+    ) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        #: The core's upstream client (the worker's pool, timeouts, TLS): for a filter that
+        #: must call a provider itself (health probes, remote checks).
+        self.upstream = upstream or UpstreamClient(UpstreamPool())
+        self._admin = admin or AdminPages()
+        #: The worker's Prometheus registry: register collectors here.
+        self.metrics = self._admin.registry
+        #: The factories built so far, in chain order (a factory sees those before it).
+        self.factories: list[FilterFactory] = []
+        #: Where each configured mock upstream listens, to resolve ``mock://NAME`` URLs.
+        self.mock_ports: Mapping[str, tuple[str, int]] = mock_ports or {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def find_factory(self, kind: type[F]) -> F | None:
+        """The first factory of type ``kind`` earlier in the chain, if any."""
+        for factory in self.factories:
+            if isinstance(factory, kind):
+                return factory
+        return None
+
+    def add_admin_page(self, path: str, page: Callable[[], Any]) -> None:
+        """Serve ``page()`` as JSON at ``GET path`` (under ``/admin/``, admin clients only)."""
+        self._admin.add_page(path, page)
+
+    def every(self, interval: float, tick: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``tick`` every ``interval`` seconds until shutdown (proxy-wasm's on_tick).
+
+        Exceptions are logged; the next tick still runs.
+        """
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("tick %s failed", name)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop(), name=name))
+
+    async def cancel_tasks(self) -> None:
+        """Stop every background task started through :meth:`every`."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
