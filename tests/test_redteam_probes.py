@@ -464,7 +464,7 @@ def hostile(loop_thread: LoopThread) -> Iterator[int]:
 
 
 def _hostile_proxy(make_proxy: Proxies, port: int, routed: bool = False) -> RunningProxy:
-    limits = {"header_timeout": 2}
+    limits = {"header_timeout": 2, "max_sse_event_bytes": 65536}
     timeouts = {"connect": 1, "headers": 1, "idle": 0.4, "total": 3}
     if routed:
         provider = {
@@ -761,3 +761,40 @@ def test_bad_json_is_a_shaped_4xx_never_a_500(
     assert _Hostile.heads == []
     time.sleep(0.05)
     assert not any(r.exc_info for r in caplog.records), [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+# -- 7. late additions: logs of upstream protocol errors, SSE events past the cap --------------------
+
+
+def test_a_bad_upstream_status_line_quoting_the_key_is_not_logged(
+    hostile: int, make_proxy: Proxies, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    proxy = _hostile_proxy(make_proxy, hostile, routed=True)
+    response, _ = _ask(proxy.port, b"status-line-quotes-key")
+    assert status_of(response) == 502
+    time.sleep(0.05)
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert PROVIDER_KEY not in logged, logged
+
+
+SCRIPTS[b"sse-huge-event"] = (
+    SSE_HEAD + b"connection: close\r\n\r\n" + _sse_chunk("hel") + b"data: " + b"a" * 1024 * 1024 + b"\n\n",
+    True,
+)
+
+
+@pytest.mark.parametrize("routed", [True])  # pass-through with no filter relays events unframed, by design
+def test_an_sse_event_past_the_cap_raises_in_the_openai_sdk(routed: bool, hostile: int, make_proxy: Proxies) -> None:
+    proxy = _hostile_proxy(make_proxy, hostile, routed)
+    client = openai.OpenAI(
+        base_url=proxy.url + "/v1",
+        api_key=CLIENT_KEY,
+        max_retries=0,
+        timeout=5,
+        default_headers={"x-script": "sse-huge-event"},
+    )
+    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
