@@ -990,7 +990,7 @@ def test_probe_tick_probes_only_keys_whose_time_has_come() -> None:
         probed.append(key_index)
         await factory.book.probe_result(factory.record(p, key_index), False, factory.interval)
 
-    factory._probe = fake_probe  # type: ignore[method-assign]
+    factory._probe = fake_probe  # type: ignore[method-assign,assignment]
 
     async def run() -> list[list[int]]:
         await factory.book.failure(records[0], "auth")  # until T0 + 10
