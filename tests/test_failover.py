@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,15 @@ import redis
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from filters.failover import HealthBook
+from filters.failover import FailoverFactory, HealthBook, KeyHealth
+from filters.failover.filter import _retry_after
+from filters.routing import RouteDecision, RoutingFactory, Target
+from filters.routing.table import Provider
 from proxy.app import check_config
 from proxy.config import ConfigError, parse_config
+from proxy.context import FactoryContext
 from proxy.mock_upstream import KeyBehaviour, MockConfig, MockServer, start_mock
+from proxy.store import MemoryStore
 from proxy.store_redis import RedisStore
 
 from .redis_server import free_port, redis_url
@@ -341,7 +347,7 @@ def test_bad_keys_are_left_within_their_threshold_and_the_flaky_one_is_restored_
 
 @pytest.mark.parametrize(
     ("retry_after", "cooldown"),
-    [(0.8, 30.0), (None, 0.8)],
+    [(0.4, 30.0), (None, 0.4)],
     ids=["retry-after", "cooldown-without-retry-after"],
 )
 def test_429_cools_the_key_for_its_retry_after_then_it_returns_by_itself(
@@ -358,12 +364,14 @@ def test_429_cools_the_key_for_its_retry_after_then_it_returns_by_itself(
     row = key_state(proxy.port, K429)
     assert (row["state"], row["reason"], row["failures"]) == ("cooling", "rate_limited", 0)
 
-    while time.monotonic() - started < 0.55:  # well inside the cool-down: only the good key
+    # The state machine's timing is pinned on a fake clock (test_usable_follows_the_clock);
+    # here, end to end, a short cool-down: inside it only the good key, after it both.
+    while time.monotonic() - started < 0.25:  # well inside the cool-down: only the good key
         reply = chat(proxy.port)
         assert (reply.status, reply.attempts) == (200, "1")
     assert hits(mock, K429) == 1
 
-    time.sleep(max(0.0, started + 0.8 + 0.15 - time.monotonic()))
+    time.sleep(max(0.0, started + 0.4 + 0.15 - time.monotonic()))
     after = [chat(proxy.port) for _ in range(2)]
     assert [(r.status, r.attempts) for r in after] == [(200, "1")] * 2
     assert hits(mock, K429) == 2  # back in the rotation, and the mock now serves it
@@ -744,3 +752,259 @@ def test_cli_check_names_the_bad_field_and_an_unreachable_redis_store(tmp_path: 
 
     out = _cli("check", "-c", str(ROOT / "conf" / "failover-demo.yaml"))
     assert out.returncode == 0, out.stderr
+
+
+# -- the key health state machine, on a fake clock ------------------------------------------
+#
+# These drive HealthBook and FailoverFactory directly (MemoryStore, no sockets)
+# with an injected clock, so cooling, ejection, trials and probe thresholds are
+# checked at exact instants instead of by sleeping and polling.
+
+T0 = 1_700_000_000.0
+REC = "failover:p:k"
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when a test says so."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _fake_book(
+    clock: FakeClock, *, trial: bool = True, failure_threshold: int = 3, success_threshold: int = 1
+) -> HealthBook:
+    return HealthBook(
+        MemoryStore(),
+        failure_threshold=failure_threshold,
+        success_threshold=success_threshold,
+        cooldown=30.0,
+        eject_for=10.0,
+        trial_after_ejection=trial,
+        clock=clock,
+    )
+
+
+# (events, then (state, failures, until - T0, reason)); an event is
+# ("auth" | "rate" | "server", retry_after), ("ok", None) or ("wait", seconds)
+TRANSITIONS: list[tuple[str, list[tuple[str, float | None]], tuple[str, int, float, str]]] = [
+    ("auth-ejects-at-once", [("auth", None)], ("ejected", 1, 10.0, "auth")),
+    ("rate-cools-for-retry-after", [("rate", 4.0)], ("cooling", 0, 4.0, "rate_limited")),
+    ("rate-without-retry-after-cools-for-cooldown", [("rate", None)], ("cooling", 0, 30.0, "rate_limited")),
+    ("rate-zero-retry-after", [("rate", 0.0)], ("cooling", 0, 0.0, "rate_limited")),
+    ("server-below-threshold-counts", [("server", None)] * 2, ("healthy", 2, 0.0, "")),
+    ("server-at-threshold-ejects", [("server", None)] * 3, ("ejected", 3, 10.0, "failures")),
+    ("success-resets-the-count", [("server", None), ("server", None), ("ok", None)], ("healthy", 0, 0.0, "")),
+    (
+        "not-consecutive-not-ejected",
+        [("server", None), ("server", None), ("ok", None), ("server", None), ("server", None)],
+        ("healthy", 2, 0.0, ""),
+    ),
+    ("rate-does-not-shorten-an-ejection", [("auth", None), ("rate", 1.0)], ("ejected", 1, 10.0, "auth")),
+    (
+        "ejected-failure-pushes-eject-for",
+        [("auth", None), ("wait", 4.0), ("server", None)],
+        ("ejected", 2, 14.0, "failures"),
+    ),
+    ("cooling-then-ejected-by-auth", [("rate", 4.0), ("auth", None)], ("ejected", 1, 10.0, "auth")),
+    ("time-is-taken-at-the-failure", [("wait", 7.0), ("rate", 2.0)], ("cooling", 0, 9.0, "rate_limited")),
+    ("trial-success-restores", [("auth", None), ("wait", 10.0), ("ok", None)], ("healthy", 0, 0.0, "")),
+]
+
+
+async def _drive(book: HealthBook, clock: FakeClock, events: list[tuple[str, float | None]]) -> None:
+    for kind, value in events:
+        if kind == "wait":
+            assert value is not None
+            clock.advance(value)
+        elif kind == "ok":
+            await book.success(REC)
+        else:
+            await book.failure(REC, kind, value)
+
+
+@pytest.mark.parametrize(("events", "expected"), [row[1:] for row in TRANSITIONS], ids=[row[0] for row in TRANSITIONS])
+def test_health_transitions_on_a_fake_clock(
+    events: list[tuple[str, float | None]], expected: tuple[str, int, float, str]
+) -> None:
+    clock = FakeClock()
+    book = _fake_book(clock)
+    asyncio.run(_drive(book, clock, events))
+    health = book.health(REC)
+    assert (health.state, health.failures, health.until - T0 if health.until else 0.0, health.reason) == expected
+    # the view and the shared record agree
+    raw, _ = asyncio.run(_read(book, REC))
+    assert KeyHealth.from_bytes(raw) == health or (raw is None and health == KeyHealth())
+
+
+async def _read(book: HealthBook, key: str) -> tuple[bytes | None, Any]:
+    return await book.store.get(key)
+
+
+@pytest.mark.parametrize(
+    ("events", "trial", "usable_at"),
+    [
+        ([("rate", 4.0)], True, [(3.999, False), (4.0, True), (100.0, True)]),
+        ([("rate", 4.0)], False, [(3.999, False), (4.0, True)]),  # cooling ends by itself, health checks or not
+        ([("auth", None)], True, [(9.999, False), (10.0, True)]),  # the trial after eject_for
+        ([("auth", None)], False, [(10.0, False), (1e6, False)]),  # with health checks: only probes restore it
+        ([("server", None)] * 2, True, [(0.0, True)]),
+    ],
+    ids=["cooling", "cooling-with-health-checks", "ejected-trial", "ejected-waits-for-probes", "below-threshold"],
+)
+def test_usable_follows_the_clock(
+    events: list[tuple[str, float | None]], trial: bool, usable_at: list[tuple[float, bool]]
+) -> None:
+    clock = FakeClock()
+    book = _fake_book(clock, trial=trial)
+    asyncio.run(_drive(book, clock, events))
+    start = clock.now
+    seen = []
+    for offset, _ in usable_at:
+        clock.now = start + offset
+        seen.append((offset, book.usable(REC)))
+        assert book.usable(REC, now=start) is book.health(REC).usable(start, trial)  # an explicit now wins
+    assert seen == usable_at
+
+
+def test_a_failed_trial_ejects_again_for_eject_for_from_then() -> None:
+    clock = FakeClock()
+    book = _fake_book(clock)
+    asyncio.run(book.failure(REC, "auth"))
+    clock.advance(10.0)
+    assert book.usable(REC)
+    asyncio.run(book.failure(REC, "server"))
+    assert not book.usable(REC)
+    assert book.health(REC).until == clock.now + 10.0
+
+
+@pytest.mark.parametrize(
+    ("success_threshold", "probes", "expected"),
+    [
+        (1, [True], ("healthy", 0)),
+        (2, [True], ("ejected", 1)),
+        (2, [True, True], ("healthy", 0)),
+        (2, [True, False], ("ejected", 0)),  # a failed probe starts the count again
+        (2, [True, False, True], ("ejected", 1)),
+        (2, [True, False, True, True], ("healthy", 0)),
+        (3, [False, False], ("ejected", 0)),
+    ],
+)
+def test_probe_results_restore_after_success_threshold_consecutive_successes(
+    success_threshold: int, probes: list[bool], expected: tuple[str, int]
+) -> None:
+    clock = FakeClock()
+    book = _fake_book(clock, trial=False, success_threshold=success_threshold)
+
+    async def run() -> None:
+        await book.failure(REC, "auth")
+        for ok in probes:
+            clock.advance(5.0)
+            await book.probe_result(REC, ok, interval=2.0)
+
+    asyncio.run(run())
+    health = book.health(REC)
+    assert (health.state, health.probe_successes) == expected
+    if health.state == "ejected":
+        assert health.until == clock.now + 2.0  # next probe one interval after this one
+
+
+def test_a_probe_result_for_a_key_not_ejected_changes_nothing() -> None:
+    clock = FakeClock()
+    book = _fake_book(clock)
+    asyncio.run(book.failure(REC, "rate", 3.0))
+    before = book.health(REC)
+    asyncio.run(book.probe_result(REC, True, interval=2.0))
+    assert book.health(REC) == before
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("5", 5.0),
+        ("0.25", 0.25),
+        ("-3", 0.0),
+        ("soon", None),
+        (formatdate(T0 + 120, usegmt=True), 120.0),  # an HTTP date, relative to the injected now
+        (formatdate(T0 - 60, usegmt=True), 0.0),  # in the past
+    ],
+    ids=["absent", "empty", "seconds", "fraction", "negative", "garbage", "http-date", "http-date-past"],
+)
+def test_retry_after_is_parsed_against_the_clock(value: str | None, expected: float | None) -> None:
+    assert _retry_after(value, T0) == expected
+
+
+def _fake_factory(clock: FakeClock, keys: int, **failover: Any) -> FailoverFactory:
+    context = FactoryContext(MemoryStore())
+    routing = RoutingFactory("routing", {"providers": [provider(9, [f"sk-clock-{i}" for i in range(keys)])]}, context)
+    context.factories.append(routing)
+    return FailoverFactory("failover", {"eject_for": 10, **failover}, context, clock=clock)
+
+
+def test_choose_and_soonest_recovery_follow_the_clock() -> None:
+    clock = FakeClock()
+    factory = _fake_factory(clock, 3)
+    prov = factory.table.providers["p"]
+    records = [factory.record(prov, i) for i in range(3)]
+    target = Target(prov, MODEL, 1.0)
+    routing = RouteDecision("chat", "openai", [target], lambda _target, _index: None)
+
+    async def fail() -> None:
+        await factory.book.failure(records[0], "rate", 4.0)
+        await factory.book.failure(records[1], "auth")
+        await factory.book.failure(records[2], "rate", 7.0)
+
+    asyncio.run(fail())
+    assert factory.choose(routing, set()) is None
+    assert factory.soonest_recovery([target]) == 4.0
+    clock.advance(3.0)
+    assert factory.soonest_recovery([target]) == 1.0
+    clock.advance(1.0)
+    choice = factory.choose(routing, set())
+    assert choice is not None and choice[1] == 0
+    assert factory.choose(routing, {("p", 0)}) is None  # the others still wait
+    clock.advance(3.0)
+    assert factory.choose(routing, {("p", 0)}) == (target, 2)
+    clock.advance(3.0)  # eject_for passed: a trial (no health checks)
+    assert factory.choose(routing, {("p", 0), ("p", 2)}) == (target, 1)
+    states = {row["key_id"]: row["state"] for row in factory.key_states()}
+    assert states == {prov.key_ids[0]: "healthy", prov.key_ids[1]: "trial", prov.key_ids[2]: "healthy"}
+
+
+def test_probe_tick_probes_only_keys_whose_time_has_come() -> None:
+    clock = FakeClock()
+    factory = _fake_factory(clock, 3, health_check={"interval": 2, "model": MODEL})
+    prov = factory.table.providers["p"]
+    records = [factory.record(prov, i) for i in range(3)]
+    probed: list[int] = []
+
+    async def fake_probe(p: Provider, key_index: int, model: str) -> None:
+        probed.append(key_index)
+        await factory.book.probe_result(factory.record(p, key_index), False, factory.interval)
+
+    factory._probe = fake_probe  # type: ignore[method-assign,assignment]
+
+    async def run() -> list[list[int]]:
+        await factory.book.failure(records[0], "auth")  # until T0 + 10
+        clock.advance(5.0)
+        await factory.book.failure(records[1], "auth")  # until T0 + 15
+        await factory.book.failure(records[2], "rate", 1.0)  # cooling: never probed
+        rounds = []
+        for step in (4.0, 1.0, 1.0, 4.0):
+            clock.advance(step)
+            probed.clear()
+            await factory.probe_tick()
+            rounds.append(sorted(probed))
+        return rounds
+
+    # T0+9: nothing due; T0+10: key 0 (next at +12); T0+11: nothing; T0+15: both
+    assert asyncio.run(run()) == [[], [0], [], [0, 1]]
+    assert factory.book.health(records[2]).state == "cooling"

@@ -50,7 +50,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -90,7 +90,8 @@ def _held_events(new: bytes) -> list[bytes]:
     return events
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``retry-after`` value (delta seconds or an HTTP date), or None."""
     if not value:
         return None
     try:
@@ -98,7 +99,7 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
     except (TypeError, ValueError):
         return None
 
@@ -188,7 +189,8 @@ class FailoverFilter(Filter):
             return Action.CONTINUE
         if kind == "client":
             return Action.CONTINUE
-        await self.factory.book.failure(self._record(), kind, _retry_after(response.headers.get("retry-after")))
+        book = self.factory.book
+        await book.failure(self._record(), kind, _retry_after(response.headers.get("retry-after"), book.clock()))
         await self._retry(exchange)
         return Action.CONTINUE
 
@@ -274,7 +276,10 @@ class FailoverFactory(FilterFactory):
 
     filter_class = FailoverFilter
 
-    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+    def __init__(
+        self, name: str, config: Mapping[str, Any], context: FactoryContext, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        """``clock`` gives wall-clock seconds for key health (a fake one in tests)."""
         super().__init__(name, config, context)
         routing = context.find_factory(RoutingFactory)
         if routing is None:
@@ -320,6 +325,7 @@ class FailoverFactory(FilterFactory):
             cooldown=cooldown,
             eject_for=eject_for,
             trial_after_ejection=not self.health_checks,
+            clock=clock,
         )
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.probes_sent = 0
@@ -333,7 +339,7 @@ class FailoverFactory(FilterFactory):
     # -- choosing ---------------------------------------------------------------
     def choose(self, routing: RouteDecision, tried: set[tuple[str, int]]) -> tuple[Target, int] | None:
         """The first usable, untried (target, key index) in routing's preference order."""
-        now = time.time()
+        now = self.book.clock()
         for target in routing.candidates:
             provider = target.provider
             count = len(provider.targets)
@@ -347,7 +353,7 @@ class FailoverFactory(FilterFactory):
         return None
 
     def soonest_recovery(self, candidates: list[Target]) -> float:
-        now = time.time()
+        now = self.book.clock()
         waits = [
             max(0.0, self.book.health(self.record(t.provider, i)).until - now)
             for t in candidates
@@ -399,7 +405,7 @@ class FailoverFactory(FilterFactory):
                 continue
             records = [self.record(provider, i) for i in range(len(provider.targets))]
             await self.book.refresh(records)
-            now = time.time()
+            now = self.book.clock()
             due = [
                 i
                 for i, r in enumerate(records)
@@ -427,7 +433,7 @@ class FailoverFactory(FilterFactory):
 
     # -- visibility ---------------------------------------------------------------
     def key_states(self) -> Iterator[dict[str, Any]]:
-        now = time.time()
+        now = self.book.clock()
         for provider in self.table.providers.values():
             for index, key_id in enumerate(provider.key_ids):
                 health = self.book.health(self.record(provider, index))

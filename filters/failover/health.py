@@ -17,7 +17,9 @@ unreachable they keep serving from the view and apply their own updates to
 it, then write through again once the store answers.
 
 Times are wall-clock seconds (``time.time()``) because they are shared
-between machines.
+between machines. The book reads them from its ``clock`` (``time.time``
+unless given), so tests drive the state machine with a fake clock instead of
+sleeping.
 """
 
 from __future__ import annotations
@@ -90,8 +92,11 @@ class HealthBook:
         cooldown: float,
         eject_for: float,
         trial_after_ejection: bool,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        #: Wall-clock seconds now; every time the book compares or stores comes from it.
+        self.clock = clock
         self.failure_threshold = failure_threshold
         self.success_threshold = success_threshold
         self.cooldown = cooldown
@@ -109,7 +114,7 @@ class HealthBook:
         return self.view.get(key, _HEALTHY)
 
     def usable(self, key: str, now: float | None = None) -> bool:
-        return self.health(key).usable(time.time() if now is None else now, self.trial_after_ejection)
+        return self.health(key).usable(self.clock() if now is None else now, self.trial_after_ejection)
 
     def _store_down(self, exc: StoreUnavailable) -> None:
         self.store_errors += 1
@@ -164,7 +169,7 @@ class HealthBook:
 
     async def failure(self, key: str, kind: str, retry_after: float | None = None) -> KeyHealth:
         """Count a failure of ``kind`` (``auth``, ``rate``, ``server``) against ``key``."""
-        now = time.time()
+        now = self.clock()
 
         def change(old: KeyHealth) -> KeyHealth:
             if kind == "auth":
@@ -183,7 +188,7 @@ class HealthBook:
 
     async def probe_result(self, key: str, ok: bool, interval: float) -> KeyHealth:
         """Record an active health-check result for an ejected key."""
-        now = time.time()
+        now = self.clock()
 
         def change(old: KeyHealth) -> KeyHealth:
             if old.state != EJECTED:
