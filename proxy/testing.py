@@ -17,14 +17,15 @@ server (``tests/test_harness_vs_server.py`` checks it)::
     from proxy.testing import ChainHarness, ScriptedReply
 
     def test_retries_elsewhere_then_streams():
-        with ChainHarness([(RetryElsewhereFactory, {"fallback_url": "http://b.test"}), StampFactory]) as h:
+        chain = [(RetryElsewhereFactory, {"fallback_url": "http://b.test"}), (StampFactory, {"value": "x"})]
+        with ChainHarness(chain) as h:
             h.reply(
                 ScriptedReply(503, json={"error": {"message": "busy"}}),
                 ScriptedReply(events=[{"choices": [{"delta": {"content": "hi"}}]}, "[DONE]"]),
             )
             r = h.send("POST", "/v1/chat/completions", json={"model": "m", "stream": True})
             assert r.status == 200 and r.headers.get("x-stamp") == "x"
-            assert [e.data for e in r.events][-1] == b"[DONE]"
+            assert r.events[-1].data == b"[DONE]"
             assert r.outcomes == [Outcome.RETRIED, Outcome.COMPLETED]
             assert r.upstream_requests[1].target.name == "fallback"
 

@@ -240,3 +240,33 @@ def test_chain_errors_and_misuse() -> None:
         assert h.send("GET", "/nope").status == 404
         with pytest.raises(HarnessError, match="no scripted upstream reply"):
             h.send(json=CHAT)
+
+
+class _StampFilter(Filter):
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        assert exchange.response is not None
+        exchange.response.headers.set("x-stamp", str(self.factory.config.get("value", "stamped")))
+        return Action.CONTINUE
+
+
+class _StampFactory(FilterFactory):
+    filter_class = _StampFilter
+
+
+def test_the_documented_example() -> None:
+    """The example of proxy/testing.py's docstring and README's "Writing a filter", as written there."""
+    chain = [(tf.RetryElsewhereFactory, {"fallback_url": "http://b.test"}), (_StampFactory, {"value": "x"})]
+    with ChainHarness(chain) as h:
+        h.reply(
+            ScriptedReply(503, json={"error": {"message": "busy"}}),
+            ScriptedReply(events=[{"choices": [{"delta": {"content": "hi"}}]}, "[DONE]"]),
+        )
+        r = h.send("POST", "/v1/chat/completions", json={"model": "m", "stream": True})
+        assert r.status == 200 and r.headers.get("x-stamp") == "x"
+        assert r.events[-1].data == b"[DONE]"
+        assert r.outcomes == [Outcome.RETRIED, Outcome.COMPLETED]
+        assert r.upstream_requests[1].target.name == "fallback"
+
+        h.reply(ScriptedReply(events=["one", UpstreamProtocolError("reset")]))
+        r = h.send(json={"model": "m", "stream": True})
+        assert b"upstream_protocol_error" in r.events[-1].data
