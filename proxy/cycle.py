@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from .accesslog import AccessLog
 from .admin import AdminPages
 from .chain import Chain
-from .errors import ClientDisconnected, FilterFailed, MethodNotAllowed, NotFound, ProxyError
+from .errors import BadRequest, ClientDisconnected, FilterFailed, MethodNotAllowed, NotFound, ProxyError
 from .exchange import Exchange
 from .limits import Limits
 from .relay import forward
@@ -101,8 +101,8 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             if control.local_reply is None:
                 ex.request.body = await conn.read_body()
                 ex.bytes_received = len(ex.request.body)
-                if rt.validate_json and ex.request.body and ex.request.method == "POST":
-                    ex.request_json()
+                if rt.validate_json and ex.request.method == "POST":
+                    _check_json_object(ex)
                 if chain.request_body_plan:
                     await chain.request_body(ex)
             if control.local_reply is not None:
@@ -137,6 +137,14 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
         finally:
             if task is not None:
                 rt.tasks.discard(task)
+
+
+def _check_json_object(ex: Exchange) -> None:
+    """Every POST API served takes a JSON object: refuse anything else before any filter sees it."""
+    if not ex.request.body:
+        raise BadRequest("the request body is empty; a JSON object is required", code="invalid_json")
+    if not isinstance(ex.request_json(), dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_json")
 
 
 def _check_route(rt: Runtime, ex: Exchange) -> None:

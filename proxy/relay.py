@@ -242,6 +242,8 @@ class _Relay:
                 self.known_length = resp.content_length  # counted off the socket, never the upstream's header
         response = ex.response
         assert response is not None
+        #: The target's credentials, when this body must be checked for them (an error body);
+        #: a stream's error events are checked on their own, see _emit.
         self.secrets = target_secrets(attempt.target) if resp is not None and response.status >= 400 else None
         self.hold_limit = self._hold_limit(response)
         self.held: list[bytes] = []
@@ -376,6 +378,9 @@ class _Relay:
             self.send_head(self.known_length if self.secrets is None else None)
         if self.secrets is not None:
             out = redact(out, self.secrets)
+        elif self.ex.is_sse and b"error" in out and self.resp is not None:
+            # a provider's error event may quote the key it got (a byte check first: rare)
+            out = redact(out, target_secrets(self.attempt.target))
         self._write(out)
         if self.observers:
             self.conn.flush()  # observers never delay a chunk: it is on the wire before they run

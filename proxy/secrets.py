@@ -48,12 +48,17 @@ def strip_query_credentials(target: str) -> str:
     path, sep, query = target.partition("?")
     if not sep:
         return target
-    kept = [
-        part
-        for part in query.split("&")
-        if part and unquote_plus(part.partition("=")[0]).strip().lower() not in _CREDENTIAL_PARAMS
-    ]
+    kept = []
+    for part in query.split("&"):
+        # some servers split on ";" too: a credential behind one is dropped as well
+        pieces = [p for p in part.split(";") if p and not _is_credential(p)]
+        if pieces:
+            kept.append(";".join(pieces))
     return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def _is_credential(parameter: str) -> bool:
+    return unquote_plus(parameter.partition("=")[0]).strip().lower() in _CREDENTIAL_PARAMS
 
 
 def target_secrets(target: UpstreamTarget) -> list[bytes]:
