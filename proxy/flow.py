@@ -72,6 +72,13 @@ class FlowControl:
         self.read_paused = False
         self._wake(True)
 
+    def wake_drain(self) -> None:
+        """End a waiting :meth:`drain` now (it returns True) as if writing resumed; no-op if none waits.
+
+        For a writer with a reason to stop waiting: the peer answered already.
+        """
+        self._wake(True)
+
     @property
     def closed(self) -> bool:
         return self._closed
