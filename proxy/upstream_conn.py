@@ -38,6 +38,10 @@ __all__ = ["READ_HIGH_WATER", "ConnState", "UpstreamConnection"]
 
 #: Body bytes buffered per upstream connection before reading is paused.
 READ_HIGH_WATER = 256 * 1024
+#: A request body larger than this is written in pieces of this size, each
+#: after the transport accepts writes again: asyncio's and uvloop's default
+#: write high-water mark is 64 KiB, and a chat request is far smaller (one write).
+_BODY_PIECE = 64 * 1024
 
 _METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token, as h11 checks it
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII, as h11 checks it
@@ -225,10 +229,12 @@ class UpstreamConnection(asyncio.Protocol):
         checked here against h11's grammar. A request that breaks the contract
         raises :class:`UpstreamProtocolError` before a byte is written.
 
-        When the transport pauses writing (a body larger than its buffer, an
-        upstream reading slowly), this waits until it resumes, the upstream
-        answers or closes, or ``deadline`` (loop time; the headers deadline):
-        :class:`UpstreamTimeout` (phase ``headers``) then.
+        A body over ``_BODY_PIECE`` bytes is written in pieces; while the
+        transport has paused writing (an upstream reading slowly), this waits
+        until it resumes, the upstream answers or closes (the rest of the body
+        is then not sent, and the connection is not reused), or ``deadline``
+        (loop time; the headers deadline): :class:`UpstreamTimeout` (phase
+        ``headers``) then.
 
         h11 parses the response. All it needs to know of the request is its
         method (a HEAD response has no body), so it is sent a header-less
@@ -249,19 +255,53 @@ class UpstreamConnection(asyncio.Protocol):
         parts = [b"%s %s HTTP/1.1\r\n" % (method, target)]
         parts += [b"%s: %s\r\n" % field for field in headers]
         parts.append(b"\r\n")
-        if body:
+        small = len(body) <= _BODY_PIECE
+        if body and small:
             parts.append(body)
         self.transport.write(b"".join(parts))
         reader.request_sent = True
+        if small:
+            reader.request_complete = True
+            if self._flow.write_paused:
+                await self._drain_request(deadline)
+            return
+        await self._send_body(body, deadline)
+
+    async def _send_body(self, body: bytes, deadline: float) -> None:
+        """Write a large body piece by piece, waiting while the transport has paused writing.
+
+        Stops early (the request left incomplete, so the connection is not
+        reused) when the upstream answers or closes first.
+        """
+        transport = self.transport
+        assert transport is not None and self._flow is not None
         flow = self._flow
-        if flow.write_paused and reader.head is None:
+        view = memoryview(body)
+        for start in range(0, len(body), _BODY_PIECE):
+            if flow.write_paused and not await self._drain_request(deadline):
+                return
+            if transport.is_closing():
+                return
+            transport.write(view[start : start + _BODY_PIECE])
+        self.reader.request_complete = True
+        if flow.write_paused:
+            await self._drain_request(deadline)
+
+    async def _drain_request(self, deadline: float) -> bool:
+        """Wait while writing is paused; False when the upstream answered or closed meanwhile.
+
+        Raises :class:`UpstreamTimeout` (phase ``headers``) at ``deadline``.
+        """
+        assert self._flow is not None and self.transport is not None
+        if self.reader.head is None:
             self._sending = True
             try:
-                drained = await flow.drain(deadline - self._loop.time())
+                drained = await self._flow.drain(deadline - self._loop.time())
             finally:
                 self._sending = False
             if not drained:
                 raise UpstreamTimeout("upstream timed out (headers): it did not read the request", phase="headers")
+        return self.reader.head is None and not self.transport.is_closing()
 
     async def read_head(self, deadline: float) -> h11.Response:
         reader = self.reader

@@ -79,6 +79,7 @@ class ResponseReader:
         "head_fields",
         "keep_alive",
         "method",
+        "request_complete",
         "request_sent",
     )
 
@@ -87,8 +88,10 @@ class ResponseReader:
         self._max_fields = max_head_fields
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
         self.method = b""
-        #: The whole request (head and body) was handed to the transport.
+        #: The request head was handed to the transport (a response may come from now on).
         self.request_sent = False
+        #: The whole request, body included, was handed to the transport.
+        self.request_complete = False
         self.head: h11.Response | None = None
         #: Bytes received before the final response head was complete.
         self.head_bytes = 0
@@ -277,7 +280,7 @@ class ResponseReader:
 
     def reusable(self) -> bool:
         """This response finished cleanly and lets its connection carry another request."""
-        if not self.request_sent:
+        if not self.request_complete:
             return False
         if self.in_body:
             return self.eom and self.keep_alive
