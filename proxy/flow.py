@@ -19,8 +19,18 @@ method is idempotent, so callers never track what was paused themselves:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
-__all__ = ["FlowControl"]
+__all__ = ["FlowControl", "set_nodelay"]
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Disable Nagle on a TCP transport: writes are whole messages, so coalescing only adds latency."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class FlowControl:

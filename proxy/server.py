@@ -14,26 +14,11 @@ per read, which costs no timer operation), ``keepalive_timeout`` between
 requests; each of the first two is a 408, then close. A client that half-closes
 (FIN) with a head or body unfinished is answered 400 and closed at once.
 
-Each cycle gets a fresh h11 server connection, so the proxy's own strict
-head checks (:mod:`proxy.framing`) see every request head before h11 does,
-pipelined ones included: h11 is given the head alone, and the bytes past a
-request's end (counted off a Content-Length body, or left over by the
-chunked decoder) are checked as the next head. A chunked request body is
-decoded by :class:`~proxy.chunked.ChunkedDecoder`, after :class:`~proxy.request_body.ChunkLines`
-checked its size lines (:func:`proxy.framing.chunk_size`: extension grammar,
-and each chunk against the body limit as its size line arrives).
-
-Nothing a client sent is ever quoted in a rejection's message or log line:
-messages name the rule (h11's messages quote the bytes, so they are mapped
-to fixed ones here).
-
-h11 parses the request; the response is serialised here
-(:mod:`proxy.response_head`): the proxy knows its framing (a length, or
-chunked) and every field it writes was validated when parsed or added, so
-h11's send-side state machine would only repeat that work on the hot path.
-Keep-alive follows RFC 9112 9.3, as h11 would decide it: HTTP/1.1 without
-``Connection: close``; a close-delimited body or an unread request body
-closes the connection after the response.
+Heads are parsed by :func:`proxy.request_head.parse_head` (strict checks,
+then a fresh h11 state machine per head, pipelined ones included), bodies by
+:class:`~proxy.request_body.RequestBody`; the bytes past a request's end are
+checked as the next head. Nothing a client sent is ever quoted in a
+rejection's message or log line: messages name the rule.
 
 The exchange itself runs in a task (:func:`proxy.cycle.run_exchange`); the
 connection only parses, buffers the request body (bounded) and writes what
@@ -42,25 +27,14 @@ the cycle's (request body, response framing, queued output) on a
 :class:`~proxy.request_cycle.Cycle` made per head and dropped when the cycle
 ends; the connection keeps only per-socket state, and every change of its
 state is checked against :data:`~proxy.request_cycle.TRANSITIONS`.
-
-Flow control (one :class:`~proxy.flow.FlowControl`): the transport's
-``pause_writing``/``resume_writing`` drive :meth:`HttpConnection.drain`, which the exchange task awaits after writing,
-so a slow client stops the task reading from the upstream (whose connection
-then stops reading its socket). ``drain(stall_timeout)`` bounds that wait:
-a client that has not read enough within ``stall_timeout`` seconds makes it
-raise :class:`~proxy.errors.ClientDisconnected` (code ``client_stalled``),
-nothing more is written, and the connection is aborted when the exchange
-ends, so the upstream connection it held is closed and its pool slot freed.
-While a response is being written, reading from the client is paused once a
-pipelined request's bytes exceed the head limit.
+Responses are written through :class:`~proxy.responding.ResponseWriting`
+(serialisation, keep-alive, flow control towards the client).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -68,23 +42,21 @@ import h11
 
 from .cycle import run_exchange
 from .errors import (
-    BadRequest,
     BodyTooLarge,
-    ClientDisconnected,
     HeaderTimeout,
-    HttpVersionNotSupported,
     ProxyError,
     ServiceUnavailable,
     protocol_of_path,
     render_error,
 )
 from .exchange import Exchange, Request
-from .flow import FlowControl
-from .framing import HeadInfo, check_head, find_head_end, request_target
+from .flow import FlowControl, set_nodelay
+from .framing import HeadInfo, request_target
 from .headers import Headers, fields_of
 from .request_body import RequestBody
 from .request_cycle import Cycle, State, check_transition
-from .request_head import h11_message, protocol_of, request_id
+from .request_head import incomplete, parse_head, protocol_of, request_id
+from .responding import ResponseWriting
 from .response_head import CONTINUE_100, response_head
 from .timers import LazyTimer
 
@@ -98,19 +70,7 @@ log = logging.getLogger("llmproxy.server")
 _HEALTHZ_BODY = b'{"status":"ok"}'
 
 
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    """Disable Nagle: responses are written whole, so coalescing only adds latency."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _incomplete() -> BadRequest:
-    return BadRequest("client closed the connection mid-request", code="incomplete_request")
-
-
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(ResponseWriting, asyncio.Protocol):
     """One client socket: parsing, timers, flow control; the current :class:`Cycle` does the rest."""
 
     def __init__(self, runtime: Runtime) -> None:
@@ -143,7 +103,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._flow = FlowControl(self._transport, self._loop)  # type: ignore[arg-type]
-        _nodelay(transport)
+        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client = str(peer[0])
@@ -200,9 +160,9 @@ class HttpConnection(asyncio.Protocol):
         if state is State.HEAD:
             if not self._buf and self._task is None:
                 return False
-            self._reject(_incomplete())
+            self._reject(incomplete())
         elif state is State.BODY:
-            self._fail_body(_incomplete())
+            self._fail_body(incomplete())
         return True
 
     # -- timers --------------------------------------------------------------
@@ -232,41 +192,16 @@ class HttpConnection(asyncio.Protocol):
             self._keepalive_wait = False
             self._arm(self._limits.header_timeout, self._on_head_timeout)
         try:
-            parsed = self._read_head()
+            parsed = parse_head(self._buf, self._limits, self._eof)
             if parsed is None:
                 return
+            self._timer.disarm()
             event, info, rest = parsed
             target, authority = request_target(event.target, info.host)
         except ProxyError as exc:
             self._reject(exc)
             return
         self._start_cycle(event, info, target, authority, rest)
-
-    def _read_head(self) -> tuple[h11.Request, HeadInfo, bytes] | None:
-        """The complete head in the buffer, checked and parsed (None: not complete yet); raises ProxyError."""
-        limits = self._limits
-        buf = self._buf
-        try:
-            end = find_head_end(buf, limits.max_header_bytes)
-            if end < 0:
-                if self._eof:
-                    raise _incomplete()
-                return None
-            head = bytes(buf[:end])
-            info = check_head(head, limits.max_header_count)
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-            conn.receive_data(head)
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise BadRequest(h11_message(exc), code="invalid_framing") from None
-        if type(event) is not h11.Request:  # pragma: no cover - a complete head always parses to one
-            raise BadRequest("malformed request", code="invalid_framing")
-        rest = bytes(buf[end:])
-        buf.clear()
-        self._timer.disarm()
-        if event.http_version not in (b"1.1", b"1.0"):
-            raise HttpVersionNotSupported(f"HTTP/{event.http_version.decode()} is not supported; use HTTP/1.1")
-        return event, info, rest
 
     def _start_cycle(
         self, event: h11.Request, info: HeadInfo, target: bytes, authority: bytes | None, rest: bytes
@@ -314,7 +249,7 @@ class HttpConnection(asyncio.Protocol):
         cycle = self._cycle
         if self._state is State.BODY and cycle is not None:
             if self._eof:
-                self._fail_body(_incomplete())
+                self._fail_body(incomplete())
             elif not (cycle.continue_pending and not cycle.body.seen):
                 # a client waiting for 100 Continue is timed from when it gets it (read_body)
                 self._arm(self._limits.body_timeout, self._on_body_timeout)
@@ -368,58 +303,6 @@ class HttpConnection(asyncio.Protocol):
         if cycle.body_error is not None:
             raise cycle.body_error
         return bytes(cycle.body.data)
-
-    # -- response writing (used by the exchange task; see Cycle) --------------------
-    def start_response(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None) -> None:
-        """Queue the response head.
-
-        ``headers`` must hold no framing or hop-by-hop field (Content-Length,
-        Transfer-Encoding, Connection ...): the framing is chosen here from
-        ``content_length`` (None: chunked for an HTTP/1.1 client, else
-        delimited by closing the connection).
-        """
-        assert self._cycle is not None
-        self._cycle.start(status, headers, content_length, self._rt.draining)
-
-    def write(self, data: bytes) -> None:
-        """Queue body bytes; everything queued between two flushes goes out as one chunk."""
-        cycle = self._cycle
-        assert cycle is not None
-        cycle.write(data)
-
-    def flush(self) -> None:
-        """Send what was queued (call before waiting for more upstream data)."""
-        cycle = self._cycle
-        assert cycle is not None
-        cycle.flush()
-
-    def end_response(self) -> None:
-        """Finish the response body and send everything queued."""
-        assert self._cycle is not None
-        self._cycle.end()
-
-    @property
-    def write_paused(self) -> bool:
-        return self._flow is not None and self._flow.write_paused
-
-    async def drain(self, stall_timeout: float | None = None) -> None:
-        """Wait until the client has read enough of what was written.
-
-        With a ``stall_timeout`` (seconds), a client that has not read enough by then
-        is given up on: :class:`~proxy.errors.ClientDisconnected` (code
-        ``client_stalled``) is raised, nothing more is written to it, and the
-        connection is aborted when the exchange finishes. One timer per wait,
-        and a wait happens only when the transport paused writing.
-        """
-        cycle = self._cycle
-        assert cycle is not None and self._flow is not None
-        cycle.flush()
-        if await self._flow.drain(stall_timeout):
-            return
-        cycle.stalled = True
-        cycle.keep_alive = False
-        log.info("client %s stopped reading the response; giving up on it", self._client)
-        raise ClientDisconnected("client stopped reading the response", code="client_stalled")
 
     def abort(self) -> None:
         """Close the connection at once (a response that cannot be finished)."""

@@ -18,16 +18,14 @@ high-water mark.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import re
-import socket
 from typing import TYPE_CHECKING, Any
 
 import h11
 
 from .errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .flow import FlowControl
+from .flow import FlowControl, set_nodelay
 from .timers import LazyTimer
 from .upstream_reader import MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, ResponseReader
 
@@ -135,10 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._flow = FlowControl(self.transport, self._loop)  # type: ignore[arg-type]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
