@@ -121,6 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.state.value} reused={self.reused} flow={self._flow!r}>"
 
+    # read by tests/test_proxy_http.py (a slow client throttles the upstream)
     @property
     def _reading_paused(self) -> bool:
         return self._flow is not None and self._flow.read_paused
@@ -354,6 +355,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer.close()
         self.reader = ResponseReader(self._max_head_bytes, self._max_head_fields)
         self.reused = True
+        if self._flow is not None:
+            self._flow.resume_reading()  # the next response must be read (idempotent)
 
     def abort(self) -> None:
         self.state = ConnState.CLOSED
