@@ -79,6 +79,9 @@ class ChunkedDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """Decode ``data``; return the body bytes it completed (b"" if none)."""
+        # One loop over the states, longer than ~60 lines on purpose: a method
+        # per state would add a Python call per chunk on the hottest path (a
+        # provider sends one chunk per SSE event).
         if self._state == _DONE:
             self.trailing += data
             return b""

@@ -185,20 +185,23 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
             host = value
         else:  # connection
             connection_close = connection_close or b"close" in comma_tokens(value.lower())
-    chunked = False
-    if transfer_encoding:
-        if content_length is not None:
-            raise BadRequest("both Content-Length and Transfer-Encoding in request", code="invalid_framing")
-        if head[: head.find(b"\r\n")].endswith(b" HTTP/1.0"):
-            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request", code="invalid_framing")
-        if transfer_encoding != [b"chunked"]:
-            raise BadRequest(
-                "unsupported Transfer-Encoding (only a single 'chunked' is accepted)",
-                code="invalid_framing",
-            )
-        chunked = True
+    chunked = bool(transfer_encoding) and _check_chunked(head, transfer_encoding, content_length)
     length = int(content_length) if content_length is not None else None
     return HeadInfo(length, chunked, expect_continue, connection_close, host)
+
+
+def _check_chunked(head: bytes | bytearray, transfer_encoding: list[bytes], content_length: bytes | None) -> bool:
+    """True for a request framed by a single ``chunked`` coding; raise BadRequest for any other framing."""
+    if content_length is not None:
+        raise BadRequest("both Content-Length and Transfer-Encoding in request", code="invalid_framing")
+    if head[: head.find(b"\r\n")].endswith(b" HTTP/1.0"):
+        raise BadRequest("Transfer-Encoding in an HTTP/1.0 request", code="invalid_framing")
+    if transfer_encoding != [b"chunked"]:
+        raise BadRequest(
+            "unsupported Transfer-Encoding (only a single 'chunked' is accepted)",
+            code="invalid_framing",
+        )
+    return True
 
 
 def request_target(target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:

@@ -235,3 +235,28 @@ def test_a_chunked_response_framed_ambiguously_is_read_but_its_connection_never_
     results, idle = loop_thread.call(_get_all([reply], requests=1))
     assert results == [(200, b"ok")]
     assert idle == 0
+
+
+def test_each_response_gets_a_fresh_reader(loop_thread: LoopThread, mock: MockServer) -> None:
+    """Nothing of one response (head, counters, chunks, end, error) is left for the next on a reused connection."""
+
+    async def run() -> None:
+        pool = UpstreamPool()
+        target = UpstreamTarget.from_url("mock", f"http://127.0.0.1:{mock.port}")
+        readers = []
+        for _ in range(3):
+            response = await pool.send(target, b"POST", b"/v1/chat/completions", _headers(target, len(BODY)), BODY)
+            (origin,) = pool._pools.values()
+            (conn,) = origin.active
+            readers.append(conn.reader)
+            while await response.read():
+                pass
+            response.release()
+            assert conn.reader is not readers[-1]
+            fresh = conn.reader
+            assert fresh.head is None and not fresh.chunks and not fresh.eom and fresh.error is None
+            assert not fresh.request_sent and fresh.body_length is None and fresh.keep_alive
+        assert len({id(r) for r in readers}) == 3
+        await pool.close()
+
+    loop_thread.call(run())
