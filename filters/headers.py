@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, Headers
-from proxy.headers import check_field
+from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, Headers, check_field
 
 __all__ = ["HeadersFilter", "HeadersFilterFactory"]
 

@@ -1,15 +1,35 @@
-"""llmproxy core: an asyncio HTTP/1.1 + SSE proxy with a proxy-wasm-style filter chain.
+"""llmproxy: an asyncio HTTP/1.1 + SSE LLM gateway with a proxy-wasm-style filter chain.
 
-The public API for filter authors is re-exported here; everything else is
-an implementation detail of its module.
+This module is the public API, for builtin and third-party filters alike::
+
+    from llmproxy import Action, Exchange, Filter, FilterFactory
+
+Everything a filter may use is re-exported here; every other module of the
+package (``llmproxy.engine``, ``llmproxy.http``, ``llmproxy.upstream``,
+``llmproxy.state``, ``llmproxy.runtime``, ``llmproxy.mock``) is private and
+may change without notice. An import-linter contract (``.importlinter``)
+keeps the builtin filters on this API.
+
+Layout (the data path, from the client to the provider and back):
+
+* ``http``: the downstream HTTP/1.1 connection, strict framing, response
+  heads, the SSE framer;
+* ``engine``: the exchange driver (chain runner, request/attempt/relay);
+* ``upstream``: the provider-side client (pool, connections, chunked decoder);
+* ``state``: the shared store (memory, Redis);
+* ``runtime``: config, CLI, workers, admin pages, access log;
+* ``mock``: the offline mock provider, started only through its hook.
 """
 
+from .attempt import Attempt, Outcome
+from .config import ConfigError, Section, read_upstream
 from .context import FactoryContext
 from .errors import (
     BadRequest,
     ClientDisconnected,
     FilterFailed,
     InvalidJSON,
+    ModelNotFound,
     NotFound,
     ProxyError,
     RateLimited,
@@ -18,11 +38,12 @@ from .errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    anthropic_type_for_status,
 )
 from .exchange import Exchange, Request, Response
 from .filter import Action, Filter, FilterFactory
-from .headers import Headers
-from .sse import SseEvent, format_event, parse_event
+from .headers import Headers, check_field
+from .sse import SseEvent, SseFramer, format_event, parse_event
 from .store import MemoryStore, SharedStore, StoreUnavailable
 from .upstream import Timeouts, UpstreamTarget
 
@@ -30,8 +51,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action",
+    "Attempt",
     "BadRequest",
     "ClientDisconnected",
+    "ConfigError",
     "Exchange",
     "FactoryContext",
     "Filter",
@@ -40,14 +63,18 @@ __all__ = [
     "Headers",
     "InvalidJSON",
     "MemoryStore",
+    "ModelNotFound",
     "NotFound",
+    "Outcome",
     "ProxyError",
     "RateLimited",
     "Request",
     "Response",
+    "Section",
     "ServiceUnavailable",
     "SharedStore",
     "SseEvent",
+    "SseFramer",
     "StoreUnavailable",
     "Timeouts",
     "UpstreamConnectError",
@@ -56,6 +83,9 @@ __all__ = [
     "UpstreamTarget",
     "UpstreamTimeout",
     "__version__",
+    "anthropic_type_for_status",
+    "check_field",
     "format_event",
     "parse_event",
+    "read_upstream",
 ]

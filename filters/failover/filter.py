@@ -61,12 +61,20 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from filters.names import ROUTE
 from filters.routing import RouteDecision, RoutingFactory, Target
 from filters.routing.table import Provider
-from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, ServiceUnavailable
-from proxy.config import ConfigError, Section
-from proxy.errors import UpstreamError
-from proxy.sse import SseFramer
-from proxy.store import StoreUnavailable
-from proxy.upstream import Timeouts
+from proxy import (
+    Action,
+    ConfigError,
+    Exchange,
+    FactoryContext,
+    Filter,
+    FilterFactory,
+    Section,
+    ServiceUnavailable,
+    SseFramer,
+    StoreUnavailable,
+    Timeouts,
+    UpstreamError,
+)
 
 from .health import EJECTED, HealthBook
 from .stream import Kind, classify

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from proxy.store import SharedStore, StoreUnavailable
+from proxy import SharedStore, StoreUnavailable
 
 __all__ = ["HealthBook", "KeyHealth"]
 

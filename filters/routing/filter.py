@@ -46,9 +46,18 @@ from filters.translate import (
     messages_response_to_chat,
     openai_error_to_anthropic,
 )
-from proxy import Action, BadRequest, Exchange, FactoryContext, Filter, FilterFactory, ServiceUnavailable
-from proxy.errors import ModelNotFound, UpstreamProtocolError
-from proxy.sse import parse_event
+from proxy import (
+    Action,
+    BadRequest,
+    Exchange,
+    FactoryContext,
+    Filter,
+    FilterFactory,
+    ModelNotFound,
+    ServiceUnavailable,
+    UpstreamProtocolError,
+    parse_event,
+)
 
 from .decision import RouteDecision
 from .table import NoProvider, RoutingTable, Target, build_table

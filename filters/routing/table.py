@@ -36,8 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import ConfigError, Section, read_upstream
-from proxy.upstream import UpstreamTarget
+from proxy import ConfigError, Section, UpstreamTarget, read_upstream
 
 from .adapters import ADAPTERS, Adapter
 

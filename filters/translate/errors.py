@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from proxy.errors import anthropic_type_for_status
+from proxy import anthropic_type_for_status
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
