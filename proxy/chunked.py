@@ -111,7 +111,7 @@ class ChunkedDecoder:
                     raise ChunkedError("chunk-size line too long")
                 match = _SIZE_LINE.fullmatch(data, pos, end)
                 if match is None:
-                    raise ChunkedError(f"invalid chunk-size line {data[pos : min(end, pos + 40)]!r}")
+                    raise ChunkedError("invalid chunk-size line")  # never quote peer bytes: they may hold secrets
                 pos = end + 2
                 length = int(match.group(1), 16)
                 if not length:

@@ -144,7 +144,7 @@ def _check_json_object(ex: Exchange) -> None:
     if not ex.request.body:
         raise BadRequest("the request body is empty; a JSON object is required", code="invalid_json")
     if not isinstance(ex.request_json(), dict):
-        raise BadRequest("the request body must be a JSON object", code="invalid_json")
+        raise BadRequest("the request body must be a JSON object", code="invalid_request")
 
 
 def _check_route(rt: Runtime, ex: Exchange) -> None:

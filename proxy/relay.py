@@ -34,7 +34,7 @@ from .exchange import Exchange, Response
 from .forwarded import head_for_client, upstream_headers, upstream_response_headers
 from .headers import Headers
 from .replies import send_local
-from .secrets import redact, target_secrets
+from .secrets import redact, redact_fields, target_secrets
 from .sse import SseFramer
 from .upstream import UpstreamResponse, UpstreamTarget
 
@@ -87,7 +87,8 @@ async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
                 resp = await rt.pool.send(
                     target, request.method.encode("ascii"), path, upstream_headers(ex, target, body), body
                 )
-                ex.response = Response(resp.status, upstream_response_headers(resp.headers))
+                fields = redact_fields(resp.headers, target.secrets)  # a provider echoing our key
+                ex.response = Response(resp.status, upstream_response_headers(fields))
             except UpstreamError as err:
                 _synthesize(ex, err)
             retry = await _respond(rt, conn, ex, attempt, resp)

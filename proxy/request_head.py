@@ -14,7 +14,15 @@ from .framing import HeadInfo, check_head, find_head_end
 if TYPE_CHECKING:
     from .limits import Limits
 
-__all__ = ["REQUEST_IDS", "h11_message", "incomplete", "parse_head", "protocol_of", "request_id"]
+__all__ = [
+    "REQUEST_IDS",
+    "h11_message",
+    "incomplete",
+    "parse_head",
+    "protocol_of",
+    "request_id",
+    "valid_request_id",
+]
 
 #: Longest client-supplied X-Request-Id kept (longer ones are replaced by our own).
 _REQUEST_ID_MAX = 128
@@ -106,8 +114,13 @@ class _RequestIds:
 REQUEST_IDS = _RequestIds()
 
 
+def valid_request_id(value: bytes) -> bool:
+    """A client's X-Request-Id is adopted when it is visible ASCII of a sane length."""
+    return 0 < len(value) <= _REQUEST_ID_MAX and all(0x21 <= b <= 0x7E for b in value)
+
+
 def request_id(value: bytes | None) -> str:
-    """The client's X-Request-Id when it is visible ASCII of a sane length, else a fresh one."""
-    if value is not None and 0 < len(value) <= _REQUEST_ID_MAX and all(0x21 <= b <= 0x7E for b in value):
+    """The client's X-Request-Id when :func:`valid_request_id`, else a fresh one."""
+    if value is not None and valid_request_id(value):
         return value.decode("ascii")
     return REQUEST_IDS.next()

@@ -18,11 +18,13 @@ Two directions, one module:
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
-from .upstream import UpstreamTarget
+if TYPE_CHECKING:
+    from .upstream import UpstreamTarget
 
-__all__ = ["REDACTED", "redact", "strip_query_credentials", "target_secrets"]
+__all__ = ["REDACTED", "credential_values", "redact", "redact_fields", "strip_query_credentials", "target_secrets"]
 
 REDACTED = b"[redacted]"
 
@@ -61,10 +63,10 @@ def _is_credential(parameter: str) -> bool:
     return unquote_plus(parameter.partition("=")[0]).strip().lower() in _CREDENTIAL_PARAMS
 
 
-def target_secrets(target: UpstreamTarget) -> list[bytes]:
-    """The credential values a target sends (``Bearer`` stripped), longest first."""
+def credential_values(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[bytes, ...]:
+    """The credential values among ``headers`` (``Bearer`` stripped), longest first."""
     secrets: list[bytes] = []
-    for name, value in target.headers:
+    for name, value in headers:
         if _CREDENTIAL_FIELD.fullmatch(name) is None:
             continue
         scheme, _, rest = value.partition(b" ")
@@ -72,7 +74,27 @@ def target_secrets(target: UpstreamTarget) -> list[bytes]:
             candidate = candidate.strip()
             if len(candidate) >= _MIN_SECRET:
                 secrets.append(candidate)
-    return sorted(set(secrets), key=len, reverse=True)
+    return tuple(sorted(set(secrets), key=len, reverse=True))
+
+
+def target_secrets(target: UpstreamTarget) -> list[bytes]:
+    """The credential values a target sends (computed once, when the target is built)."""
+    return list(target.secrets)
+
+
+def redact_fields(fields: list[tuple[bytes, bytes]], secrets: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    """``fields`` with every value quoting one of ``secrets`` (or a masked key) redacted; the same list
+    object when nothing needed it (the common case costs one scan)."""
+    if not secrets:
+        return fields
+    hit = False
+    for _, value in fields:
+        if len(value) >= _MIN_SECRET and (b"***" in value or any(secret in value for secret in secrets)):
+            hit = True
+            break
+    if not hit:
+        return fields
+    return [(name, redact(value, list(secrets))) for name, value in fields]
 
 
 def redact(body: bytes, secrets: list[bytes]) -> bytes:

@@ -79,7 +79,7 @@ from .exchange import Exchange, LocalReply, Request, Response
 from .filter import Action, Filter, FilterFactory
 from .headers import Headers
 from .limits import Limits
-from .server import _valid_request_id
+from .request_head import valid_request_id
 from .sse import SseEvent, SseFramer, format_event, parse_event
 from .store import MemoryStore, SharedStore
 from .upstream import UpstreamPool, UpstreamTarget
@@ -616,7 +616,7 @@ class ChainHarness:
             pairs.append(("content-length", str(len(body))))
         self._served += 1
         given = Headers.from_pairs(pairs).get_raw(b"x-request-id")
-        if request_id is None and given is not None and _valid_request_id(given):
+        if request_id is None and given is not None and valid_request_id(given):
             request_id = given.decode("ascii")  # as the server adopts a client's valid id
         rid = request_id or f"harness-{self._served}"
         ex = Exchange(rid, Request(method, path, Headers.from_pairs(pairs), b""), client)

@@ -58,6 +58,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .pool import Grant, OriginPool
+from .secrets import credential_values
 from .upstream_conn import READ_HIGH_WATER, ConnState, UpstreamConnection
 from .upstream_reader import MAX_CONTENT_LENGTH, MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD
 
@@ -110,6 +111,13 @@ class UpstreamTarget:
     #: A short, non-reversible id of the credential in ``headers`` (logs, metrics,
     #: :class:`~proxy.attempt.Attempt`); "" when the target carries none.
     key_id: str = ""
+    #: The credential values in ``headers`` (``Bearer`` stripped), longest first: what must
+    #: never reach a client (see :mod:`proxy.secrets`). Derived; not compared.
+    secrets: tuple[bytes, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.headers and not self.secrets:
+            object.__setattr__(self, "secrets", credential_values(self.headers))
 
     @classmethod
     def from_url(cls, name: str, url: str, **kwargs: Any) -> UpstreamTarget:

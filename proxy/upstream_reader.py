@@ -54,6 +54,32 @@ MAX_RESPONSE_FIELDS = 256
 MAX_CONTENT_LENGTH = 2**63 - 1
 
 
+#: h11's messages quote the upstream's bytes (which may hold our key, echoed back): fixed ones instead.
+_H11_MESSAGES = (
+    ("illegal status line", "upstream sent an invalid status line"),
+    ("illegal header line", "upstream sent an invalid header field"),
+    ("Response status_code", "upstream sent an invalid status code"),
+    ("InformationalResponse status_code", "upstream sent an invalid status code"),
+    ("status code must be integer", "upstream sent an invalid status code"),
+    ("Only Transfer-Encoding: chunked", "upstream sent an unsupported Transfer-Encoding"),
+    ("multiple Transfer-Encoding", "upstream sent more than one Transfer-Encoding field"),
+    ("bad Content-Length", "upstream sent an invalid Content-Length"),
+    ("conflicting Content-Length", "upstream sent conflicting Content-Length values"),
+    ("peer closed connection", "upstream closed the connection mid-response"),
+    ("continuation line", "upstream sent an obsolete line folding"),
+    ("no response line", "upstream sent no status line"),
+    ("Receive buffer too long", "upstream response head too large"),
+)
+
+
+def _h11_message(exc: h11.RemoteProtocolError) -> str:
+    text = str(exc)
+    for prefix, message in _H11_MESSAGES:
+        if text.startswith(prefix):
+            return message
+    return "upstream sent invalid HTTP"
+
+
 class ResponseReader:
     """State of one response on an upstream connection (see the module docstring).
 
@@ -132,7 +158,7 @@ class ResponseReader:
         try:
             self.h11.receive_data(data)
         except h11.RemoteProtocolError as exc:  # receive after close
-            raise UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}") from None
+            raise UpstreamProtocolError(_h11_message(exc)) from None
         self._pump()
         if self.head is None and self.head_bytes > self._max_head and self.error is None:
             raise self._head_too_large()
@@ -165,7 +191,7 @@ class ResponseReader:
             except h11.RemoteProtocolError as exc:
                 if self.head is None and self.head_bytes > self._max_head:  # h11's own bound
                     raise self._head_too_large() from None
-                raise UpstreamProtocolError(f"upstream sent invalid HTTP: {exc}") from None
+                raise UpstreamProtocolError(_h11_message(exc)) from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             kind = type(event)

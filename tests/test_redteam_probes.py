@@ -530,16 +530,13 @@ def test_hostile_upstream_reply_is_one_clean_status_and_the_next_request_is_clea
     assert status_of(again) == 200 and _body(again)["choices"][0]["message"]["content"] == "hi", again[:600]
 
 
-QUOTES = "the 502 message quotes the upstream's bytes as a Python repr (bytearray(b'...'), b'...')"
-
-
 @pytest.mark.parametrize("routed", [False, True])
 @pytest.mark.parametrize(
     "script",
     [
-        _xf(QUOTES, b"bad-status-line"),
-        _xf(QUOTES, b"no-reason-junk"),
-        _xf(QUOTES, b"chunk-0x"),
+        b"bad-status-line",
+        b"no-reason-junk",
+        b"chunk-0x",
         b"cl-plus",
         b"101",
     ],
@@ -577,11 +574,11 @@ def test_duplicate_equal_upstream_content_length_is_either_relayed_or_refused(
 @pytest.mark.parametrize(
     "script",
     [
-        _xf("a provider response header quoting the key is relayed verbatim", b"header-quotes-key"),
+        b"header-quotes-key",
         b"500-text-quotes-key",
         b"429-quotes-masked",
-        _xf("the 502 for a bad upstream status line quotes it, key included", b"status-line-quotes-key"),
-        _xf("the 502 for a bad upstream chunk-size line quotes it, key included", b"chunk-line-quotes-key"),
+        b"status-line-quotes-key",
+        b"chunk-line-quotes-key",
     ],
 )
 def test_provider_replies_never_show_the_provider_key(
