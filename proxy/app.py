@@ -131,7 +131,7 @@ class Proxy:
     async def _start_mocks(self, specs: tuple[MockSpec, ...]) -> None:
         if not specs:
             return
-        from .mock_upstream import mock_config_from_dict, start_mock
+        from .mock import mock_config_from_dict, start_mock
 
         for spec in specs:
             mock = await start_mock(spec.host, spec.port, mock_config_from_dict(dict(spec.options)))
@@ -261,7 +261,7 @@ def _free_port(host: str) -> int:
 
 
 def _run_mock_process(specs: tuple[MockSpec, ...], ports: dict[str, tuple[str, int]]) -> None:
-    from .mock_upstream import mock_config_from_dict, start_mock
+    from .mock import mock_config_from_dict, start_mock
 
     async def main() -> None:
         mocks = [

@@ -106,7 +106,7 @@ def mock_upstream(host: str, port: int, tokens: int, ttft_ms: float, itl_ms: flo
     x-mock-fault (reset | stall | drop | malformed), x-mock-tokens, x-mock-ttft-ms,
     x-mock-itl-ms, x-mock-tool-calls. GET /_mock/requests lists what it received.
     """
-    from .mock_upstream import MockConfig, serve_mock
+    from .mock import MockConfig, serve_mock
 
     _setup_logging("info")
     click.echo(f"mock upstream on http://{host}:{port}", err=True)

@@ -358,7 +358,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
         port = options.pop("port", 0)
         if not isinstance(port, int) or _port(port):
             raise ConfigError(file, _join(path, "port"), "must be a port number (0 picks a free one)")
-        from .mock_upstream import mock_config_from_dict
+        from .mock import mock_config_from_dict
 
         try:
             mock_config_from_dict(options)
