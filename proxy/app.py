@@ -131,10 +131,11 @@ class Proxy:
     async def _start_mocks(self, specs: tuple[MockSpec, ...]) -> None:
         if not specs:
             return
-        from .mock_upstream import mock_config_from_dict, start_mock
+        from .mock_hook import load_mock_hook  # never the mock itself: see proxy.mock_hook
 
+        hook = load_mock_hook()
         for spec in specs:
-            mock = await start_mock(spec.host, spec.port, mock_config_from_dict(dict(spec.options)))
+            mock = await hook.start(spec.host, spec.port, spec.options)
             self.mocks.append(mock)
             self.mock_ports[spec.name] = (spec.host, mock.port)
             log.info("mock upstream %r listening on http://%s:%d", spec.name, spec.host, mock.port)
@@ -261,14 +262,12 @@ def _free_port(host: str) -> int:
 
 
 def _run_mock_process(specs: tuple[MockSpec, ...], ports: dict[str, tuple[str, int]]) -> None:
-    from .mock_upstream import mock_config_from_dict, start_mock
+    from .mock_hook import load_mock_hook  # never the mock itself: see proxy.mock_hook
+
+    hook = load_mock_hook()
 
     async def main() -> None:
-        mocks = [
-            await start_mock(host, port, mock_config_from_dict(dict(spec.options)))
-            for spec in specs
-            for host, port in [ports[spec.name]]
-        ]
+        mocks = [await hook.start(host, port, spec.options) for spec in specs for host, port in [ports[spec.name]]]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -106,9 +106,14 @@ def mock_upstream(host: str, port: int, tokens: int, ttft_ms: float, itl_ms: flo
     x-mock-fault (reset | stall | drop | malformed), x-mock-tokens, x-mock-ttft-ms,
     x-mock-itl-ms, x-mock-tool-calls. GET /_mock/requests lists what it received.
     """
-    from .mock_upstream import MockConfig, serve_mock
+    from .mock_hook import MockHookError, load_mock_hook  # never the mock itself: see proxy.mock_hook
 
+    options = {"tokens": tokens, "ttft": ttft_ms / 1000, "itl": itl_ms / 1000, "provider_headers": provider_headers}
+    try:
+        hook = load_mock_hook()
+        hook.validate(options)
+    except (MockHookError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
     _setup_logging("info")
     click.echo(f"mock upstream on http://{host}:{port}", err=True)
-    config = MockConfig(tokens=tokens, ttft=ttft_ms / 1000, itl=itl_ms / 1000, provider_headers=provider_headers)
-    serve_mock(host, port, config)
+    hook.serve(host, port, options)

@@ -358,11 +358,11 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
         port = options.pop("port", 0)
         if not isinstance(port, int) or _port(port):
             raise ConfigError(file, _join(path, "port"), "must be a port number (0 picks a free one)")
-        from .mock_upstream import mock_config_from_dict
+        from .mock_hook import MockHookError, load_mock_hook  # the mock itself is never imported here
 
         try:
-            mock_config_from_dict(options)
-        except ValueError as exc:
+            load_mock_hook().validate(options)
+        except (MockHookError, ValueError) as exc:
             raise ConfigError(file, path, str(exc)) from None
         mocks.append(MockSpec(name=name, host=str(host), port=port, options=options))
 

@@ -17,7 +17,7 @@ import pytest
 
 from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory
 from proxy.attempt import Attempt, Outcome
-from proxy.mock_upstream import KeyBehaviour, MockConfig, MockServer, start_mock
+from proxy.mock import KeyBehaviour, MockConfig, MockServer, start_mock
 
 from .support import LoopThread
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from . import filters_for_tests as tf
 from .support import LoopThread, RunningProxy, raw_exchange, status_of
@@ -163,7 +163,7 @@ def test_fail_open_filter_is_skipped(mock: MockServer, make_proxy: Make) -> None
 
 
 def test_retry_to_another_upstream(mock: MockServer, loop_thread: LoopThread, make_proxy: Make) -> None:
-    from proxy.mock_upstream import MockConfig, start_mock
+    from proxy.mock import MockConfig, start_mock
 
     backup = loop_thread.call(start_mock("127.0.0.1", 0, MockConfig()))
     try:

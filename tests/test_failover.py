@@ -1,7 +1,7 @@
 """The failover filter end to end: the proxy, the mock provider and real sockets.
 
 Every scenario runs against the mock provider with per-key behaviour
-(:class:`~proxy.mock_upstream.KeyBehaviour`) and counts, at the mock, the
+(:class:`~proxy.mock.KeyBehaviour`) and counts, at the mock, the
 requests each credential received, health-check probes (header
 ``x-llmproxy-probe``) apart. The behavioural tests run once with
 ``store: memory`` and once with ``store: redis://...`` (a real
@@ -40,7 +40,7 @@ from filters.routing.table import Provider
 from proxy.app import check_config
 from proxy.config import ConfigError, parse_config
 from proxy.context import FactoryContext
-from proxy.mock_upstream import KeyBehaviour, MockConfig, MockServer, start_mock
+from proxy.mock import KeyBehaviour, MockConfig, MockServer, start_mock
 from proxy.store import MemoryStore
 from proxy.store_redis import RedisStore
 

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from filters.failover import HealthBook, KeyHealth
-from proxy.mock_upstream import KeyBehaviour
+from proxy.mock import KeyBehaviour
 from proxy.store_redis import RedisStore
 
 from .redis_server import REDIS_SERVER, SKIP_REASON, free_port, start_redis_server, stop_redis_server

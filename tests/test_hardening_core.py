@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, ProxyError
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import LoopThread, RunningProxy, raw_exchange, start_proxy, status_of
 

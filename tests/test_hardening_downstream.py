@@ -21,7 +21,7 @@ import pytest
 
 from proxy import Action, Exchange, Filter, FilterFactory
 from proxy.config import ConfigError, parse_config
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import RunningProxy, status_of
 

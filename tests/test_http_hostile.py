@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import RunningProxy, raw_exchange, status_of
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`proxy.mock_upstream`, driven by the official SDKs and raw sockets.
+"""Tests for :mod:`proxy.mock`, driven by the official SDKs and raw sockets.
 
 The SDK tests prove the mock is wire-compatible with real clients; the raw
 socket tests cover HTTP framing (pipelining, chunked bodies, errors) that the
@@ -23,7 +23,7 @@ import anthropic
 import openai
 import pytest
 
-from proxy.mock_upstream import (
+from proxy.mock import (
     MAX_LOG,
     KeyBehaviour,
     MockConfig,
@@ -701,7 +701,7 @@ async def test_close_aborts_stalled_and_paced_connections(mock: MockServer) -> N
 
 
 def test_serve_mock_runs_on_uvloop_until_sigterm() -> None:
-    code = "from proxy.mock_upstream import serve_mock; serve_mock('127.0.0.1', 0)"
+    code = "from proxy.mock import serve_mock; serve_mock('127.0.0.1', 0)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) as proc:
         try:

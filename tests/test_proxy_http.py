@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import LoopThread, RunningProxy, raw_exchange, status_of
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import RunningProxy
 

@@ -20,7 +20,7 @@ import anthropic
 import openai
 import pytest
 
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import LoopThread, RunningProxy, status_of
 

@@ -34,7 +34,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from filters.routing import RoutingFactory, RoutingTable
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import LoopThread, RunningProxy
 
@@ -44,7 +44,7 @@ OPENAI_CLIENT_KEY = "sk-client-openai-0000"
 ANTHROPIC_CLIENT_KEY = "sk-client-anthropic-0000"
 PROVIDER_KEYS = ("sk-oa-1", "sk-oa-2", "sk-an-1")
 
-# What the mock generates (see proxy/mock_upstream.py): reply text is these
+# What the mock generates (see proxy/mock/): reply text is these
 # words in order, each followed by a space; tool call i (0-based) has the
 # compact JSON arguments {"q":"call i","n":i} and cycles through the
 # request's tool names.

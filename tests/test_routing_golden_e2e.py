@@ -28,7 +28,7 @@ import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 
 from .support import RunningProxy
 from .test_routing import Reply, Scripted, routing

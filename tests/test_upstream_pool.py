@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.errors import UpstreamProtocolError
-from proxy.mock_upstream import MockServer
+from proxy.mock import MockServer
 from proxy.upstream import UpstreamPool, UpstreamTarget
 
 from .support import LoopThread

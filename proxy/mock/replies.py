@@ -1,0 +1,117 @@
+"""What a provider handler returns, and the error envelopes of both providers.
+
+A handler (:mod:`.openai`, :mod:`.anthropic`) turns a :class:`Call` into a
+:class:`Whole` reply or a :class:`Stream` of SSE events; :mod:`.delivery`
+then frames it and applies the request's :class:`~.plans.Plan`. A
+:class:`Route` binds a handler to its error :class:`Flavour`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+if TYPE_CHECKING:
+    from .server import MockServer
+
+__all__ = ["Call", "Flavour", "Route", "Stream", "Whole", "error_body", "error_reply"]
+
+
+class Flavour(enum.Enum):
+    """Which provider's error envelope a route answers with."""
+
+    OPENAI = enum.auto()
+    ANTHROPIC = enum.auto()
+
+
+@dataclass(slots=True)
+class Whole:
+    """A complete non-streaming reply. ``steps`` is the number of generation
+    steps it stands for (tokens), used for pacing."""
+
+    status: int
+    body: bytes
+    content_type: bytes = b"application/json"
+    extra_headers: bytes = b""  # preformatted "name: value\r\n" lines
+    steps: int = 0
+
+
+@dataclass(slots=True)
+class Stream:
+    """A streaming reply as whole SSE events (each ending in a blank line)."""
+
+    preamble: list[bytes]
+    content: list[bytes]
+    tail: list[bytes]
+
+
+@dataclass(slots=True)
+class Call:
+    """What a provider handler needs: the parsed body and the plan's content knobs."""
+
+    server: MockServer
+    body: dict[str, Any]
+    model: str  # echoed model name (model_prefix applied)
+    model_json: bytes
+    stream: bool
+    tokens: int
+    tool_calls: int
+
+
+# status -> (OpenAI type, OpenAI code); others fall back by class (4xx/5xx).
+_OPENAI_KINDS: Final[dict[int, tuple[str, str | None]]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", None),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    503: ("server_error", "service_unavailable"),
+}
+_ANTHROPIC_KINDS: Final[dict[int, str]] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(flavour: Flavour, status: int, message: str) -> bytes:
+    """The error envelope for ``status`` in the provider form ``flavour``."""
+    if flavour is Flavour.ANTHROPIC:
+        kind = _ANTHROPIC_KINDS.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+    etype, code = _OPENAI_KINDS.get(status, ("invalid_request_error" if status < 500 else "server_error", None))
+    return orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}})
+
+
+def error_reply(flavour: Flavour, status: int, message: str, retry_after: float | None = None) -> Whole:
+    """An error reply, with ``retry-after`` (integral seconds printed without a fraction) if given."""
+    extra = b""
+    if retry_after is not None:
+        text = str(int(retry_after)) if retry_after == int(retry_after) else repr(retry_after)
+        extra = b"retry-after: %b\r\n" % text.encode()
+    return Whole(status, error_body(flavour, status, message), extra_headers=extra)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A provider endpoint: its handler, error flavour, and whether it can stream."""
+
+    handler: Callable[[Call], Whole | Stream]
+    flavour: Flavour
+    streams: bool = False
+    needs_body: bool = True
