@@ -148,7 +148,7 @@ def start_mock(
 ) -> Service:
     """The mock provider in its fastest mode (no pacing, no faults), ready to serve."""
     port = port or free_port(host)
-    cmd = [*pin_prefix(cpus), sys.executable, "-m", "proxy", "mock-upstream"]
+    cmd = [*pin_prefix(cpus), sys.executable, "-m", "llmproxy", "mock-upstream"]
     cmd += ["--host", host, "--port", str(port), "--tokens", str(tokens)]
     if provider_headers:
         cmd.append("--provider-headers")
@@ -168,7 +168,7 @@ def start_proxy(
 ) -> Service:
     """``llmproxy serve -c config`` with ``$LLMPROXY_BENCH_UPSTREAM`` set to ``upstream``, ready to serve."""
     port = free_port(host)
-    cmd = [*pin_prefix(cpus), sys.executable, "-m", "proxy", "serve", "-c", str(config)]
+    cmd = [*pin_prefix(cpus), sys.executable, "-m", "llmproxy", "serve", "-c", str(config)]
     cmd += ["--host", host, "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     env = {**os.environ, UPSTREAM_ENV: upstream}
     svc = _spawn(name, cmd, host, port, logdir, env)

@@ -28,8 +28,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from filters.translate import ChatStreamToMessagesStream, MessagesStreamToChatStream
-from proxy.sse import parse_event
+from llmproxy.filters.translate import ChatStreamToMessagesStream, MessagesStreamToChatStream
+from llmproxy.http.sse import parse_event
 
 WORDS = [
     "Hello",

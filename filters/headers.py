@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, Headers, check_field
+from llmproxy import Action, Exchange, FactoryContext, Filter, FilterFactory, Headers, check_field
 
 __all__ = ["HeadersFilter", "HeadersFilterFactory"]
 

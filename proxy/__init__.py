@@ -21,10 +21,9 @@ Layout (the data path, from the client to the provider and back):
 * ``mock``: the offline mock provider, started only through its hook.
 """
 
-from .attempt import Attempt, Outcome
-from .config import ConfigError, Section, read_upstream
-from .context import FactoryContext
-from .errors import (
+from llmproxy.attempt import Attempt, Outcome
+from llmproxy.context import FactoryContext
+from llmproxy.errors import (
     BadRequest,
     ClientDisconnected,
     FilterFailed,
@@ -40,12 +39,13 @@ from .errors import (
     UpstreamTimeout,
     anthropic_type_for_status,
 )
-from .exchange import Exchange, Request, Response
-from .filter import Action, Filter, FilterFactory
-from .headers import Headers, check_field
-from .sse import SseEvent, SseFramer, format_event, parse_event
-from .store import MemoryStore, SharedStore, StoreUnavailable
-from .upstream import Timeouts, UpstreamTarget
+from llmproxy.exchange import Exchange, Request, Response
+from llmproxy.filter import Action, Filter, FilterFactory
+from llmproxy.headers import Headers, check_field
+from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event
+from llmproxy.runtime.config import ConfigError, Section, read_upstream
+from llmproxy.state.store import MemoryStore, SharedStore, StoreUnavailable
+from llmproxy.upstream import Timeouts, UpstreamTarget
 
 __version__ = "0.1.0"
 

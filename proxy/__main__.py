@@ -1,5 +1,5 @@
 """python -m proxy: the llmproxy command line."""
 
-from .cli import main
+from llmproxy.runtime.cli import main
 
 main()

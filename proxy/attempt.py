@@ -24,9 +24,9 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .errors import ProxyError
-    from .exchange import Response
-    from .upstream import UpstreamTarget
+    from llmproxy.errors import ProxyError
+    from llmproxy.exchange import Response
+    from llmproxy.upstream import UpstreamTarget
 
 __all__ = ["Attempt", "Outcome"]
 

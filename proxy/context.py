@@ -13,13 +13,13 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .admin import AdminPages
-from .client import UpstreamClient
-from .upstream import UpstreamPool
+from llmproxy.runtime.admin import AdminPages
+from llmproxy.upstream import UpstreamPool
+from llmproxy.upstream.client import UpstreamClient
 
 if TYPE_CHECKING:
-    from .filter import FilterFactory
-    from .store import SharedStore
+    from llmproxy.filter import FilterFactory
+    from llmproxy.state.store import SharedStore
 
 __all__ = ["FactoryContext"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .exchange import LocalReply
+    from llmproxy.exchange import LocalReply
 
 __all__ = ["HookControl"]
 

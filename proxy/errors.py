@@ -26,7 +26,7 @@ from typing import ClassVar, Literal
 
 import orjson
 
-from .headers import check_field
+from llmproxy.headers import check_field
 
 __all__ = [
     "ANTHROPIC_TYPE_BY_STATUS",

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .control import HookControl
-from .errors import ClientProtocol, InvalidJSON, ProxyError, UpstreamError, protocol_of_path
-from .headers import Headers, check_field
+from llmproxy.control import HookControl
+from llmproxy.errors import ClientProtocol, InvalidJSON, ProxyError, UpstreamError, protocol_of_path
+from llmproxy.headers import Headers, check_field
 
 if TYPE_CHECKING:
-    from .attempt import Attempt
-    from .filter import Filter
-    from .upstream import UpstreamTarget
+    from llmproxy.attempt import Attempt
+    from llmproxy.filter import Filter
+    from llmproxy.upstream import UpstreamTarget
 
 __all__ = ["Exchange", "LocalReply", "Request", "Response"]
 

@@ -50,9 +50,9 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from .attempt import Attempt
-    from .context import FactoryContext
-    from .exchange import Exchange
+    from llmproxy.attempt import Attempt
+    from llmproxy.context import FactoryContext
+    from llmproxy.exchange import Exchange
 
 __all__ = ["Action", "Filter", "FilterFactory"]
 

@@ -12,9 +12,9 @@ at once, retries, ``skip_response_body``, PAUSE, local replies, observers,
 core's own code, so a filter that passes here behaves the same in the
 server (``tests/test_harness_vs_server.py`` checks it)::
 
-    from proxy.attempt import Outcome
-    from proxy.errors import UpstreamProtocolError
-    from proxy.testing import ChainHarness, ScriptedReply
+    from llmproxy.attempt import Outcome
+    from llmproxy.errors import UpstreamProtocolError
+    from llmproxy.testing import ChainHarness, ScriptedReply
 
     def test_retries_elsewhere_then_streams():
         chain = [(RetryElsewhereFactory, {"fallback_url": "http://b.test"}), (StampFactory, {"value": "x"})]
@@ -46,7 +46,7 @@ exchanges, call hooks one at a time and assert on the returned
 replies. Sync and coroutine hooks are both handled: the harness runs
 coroutines on its own event loop, so tests stay plain functions::
 
-    from proxy.testing import FilterHarness
+    from llmproxy.testing import FilterHarness
 
     def test_blocks_unknown_team():
         h = FilterHarness(MyFactory, {"teams": ["a"]})
@@ -69,23 +69,23 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 
-from .accesslog import AccessLog
-from .attempt import Attempt, Outcome
-from .chain import Chain
-from .context import FactoryContext
-from .cycle import Runtime, run_exchange
-from .errors import UpstreamError
-from .exchange import Exchange, LocalReply, Request, Response
-from .filter import Action, Filter, FilterFactory
-from .headers import Headers
-from .limits import Limits
-from .request_head import valid_request_id
-from .sse import SseEvent, SseFramer, format_event, parse_event
-from .store import MemoryStore, SharedStore
-from .upstream import UpstreamPool, UpstreamTarget
+from llmproxy.attempt import Attempt, Outcome
+from llmproxy.context import FactoryContext
+from llmproxy.engine.chain import Chain
+from llmproxy.engine.cycle import Runtime, run_exchange
+from llmproxy.errors import UpstreamError
+from llmproxy.exchange import Exchange, LocalReply, Request, Response
+from llmproxy.filter import Action, Filter, FilterFactory
+from llmproxy.headers import Headers
+from llmproxy.http.request_head import valid_request_id
+from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event
+from llmproxy.limits import Limits
+from llmproxy.runtime.accesslog import AccessLog
+from llmproxy.state.store import MemoryStore, SharedStore
+from llmproxy.upstream import UpstreamPool, UpstreamTarget
 
 if TYPE_CHECKING:
-    from .server import HttpConnection
+    from llmproxy.http.server import HttpConnection
 
 __all__ = [
     "ChainHarness",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from proxy.mock import MockConfig, MockServer, start_mock
+from llmproxy.mock import MockConfig, MockServer, start_mock
 
 from .support import LoopThread, RunningProxy, start_proxy
 

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from proxy import Action, Exchange, FactoryContext, Filter, FilterFactory, UpstreamTarget
-from proxy.sse import parse_event
+from llmproxy import Action, Exchange, FactoryContext, Filter, FilterFactory, UpstreamTarget
+from llmproxy.http.sse import parse_event
 
 #: What hooks ran, across every exchange, as (tag, hook, request id).
 CALLS: list[tuple[str, str, str]] = []

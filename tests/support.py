@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from proxy.app import Proxy
-from proxy.config import parse_config
+from llmproxy.runtime.app import Proxy
+from llmproxy.runtime.config import parse_config
 
 T = TypeVar("T")
 

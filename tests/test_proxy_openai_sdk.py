@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from proxy.mock import MockServer
+from llmproxy.mock import MockServer
 
 from .support import RunningProxy
 

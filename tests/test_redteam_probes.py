@@ -20,7 +20,7 @@ import anthropic
 import openai
 import pytest
 
-from proxy.mock import MockServer
+from llmproxy.mock import MockServer
 
 from .support import LoopThread, RunningProxy, status_of
 

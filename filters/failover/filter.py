@@ -58,10 +58,7 @@ from typing import Any
 import orjson
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from filters.names import ROUTE
-from filters.routing import RouteDecision, RoutingFactory, Target
-from filters.routing.table import Provider
-from proxy import (
+from llmproxy import (
     Action,
     ConfigError,
     Exchange,
@@ -75,9 +72,11 @@ from proxy import (
     Timeouts,
     UpstreamError,
 )
-
-from .health import EJECTED, HealthBook
-from .stream import Kind, classify
+from llmproxy.filters.failover.health import EJECTED, HealthBook
+from llmproxy.filters.failover.stream import Kind, classify
+from llmproxy.filters.names import ROUTE
+from llmproxy.filters.routing import RouteDecision, RoutingFactory, Target
+from llmproxy.filters.routing.table import Provider
 
 __all__ = ["FailoverFactory", "FailoverFilter"]
 
@@ -173,7 +172,7 @@ class FailoverFilter(Filter):
             )
         target, key_index = choice
         if target is not routing.target or key_index != routing.key_index:
-            routing.repoint(target, key_index)
+            routing.repoint(exchange, target, key_index)
         self._tried.add((target.provider.name, key_index))
         return Action.CONTINUE
 
@@ -220,7 +219,7 @@ class FailoverFilter(Filter):
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             choice = (routing.target, routing.key_index)
         target, key_index = choice
-        routing.repoint(target, key_index)
+        routing.repoint(exchange, target, key_index)
         self._tried.add((target.provider.name, key_index))
         exchange.retry()
         return True

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from proxy import SharedStore, StoreUnavailable
+from llmproxy import SharedStore, StoreUnavailable
 
 __all__ = ["HealthBook", "KeyHealth"]
 

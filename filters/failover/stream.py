@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from proxy import parse_event
+from llmproxy import parse_event
 
 __all__ = ["Kind", "classify"]
 

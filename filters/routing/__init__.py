@@ -2,9 +2,9 @@
 OpenAI <-> Anthropic translation. See :mod:`filters.routing.table` for the
 config and :mod:`filters.routing.filter` for the per-exchange behaviour."""
 
-from .decision import RouteDecision
-from .filter import HINT_HEADER, RoutingFactory, RoutingFilter
-from .table import ModelMap, Provider, RoutingTable, Target, key_id
+from llmproxy.filters.routing.decision import RouteDecision
+from llmproxy.filters.routing.filter import HINT_HEADER, RoutingFactory, RoutingFilter
+from llmproxy.filters.routing.table import ModelMap, Provider, RoutingTable, Target, key_id
 
 __all__ = [
     "HINT_HEADER",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .table import Target
+    from llmproxy import Exchange
+    from llmproxy.filters.routing.filter import RoutingFilter
+    from llmproxy.filters.routing.table import Target
 
 __all__ = ["RouteDecision"]
 
@@ -24,7 +25,7 @@ class RouteDecision:
     """
 
     __slots__ = (
-        "_repoint",
+        "_slot",
         "api",
         "attempted",
         "candidates",
@@ -38,7 +39,7 @@ class RouteDecision:
         api: str,
         client_protocol: str,
         candidates: list[Target],
-        repoint: Callable[[Target, int], None],
+        slot: int,
     ) -> None:
         self.api = api
         self.client_protocol = client_protocol
@@ -46,7 +47,9 @@ class RouteDecision:
         self.target: Target | None = None
         self.key_index = 0
         self.attempted: list[tuple[str, int]] = []
-        self._repoint = repoint
+        #: Where routing's filter sits in ``exchange.filters`` (an index, not the object:
+        #: no reference cycle, so an exchange is freed by reference counting alone).
+        self._slot = slot
 
     @property
     def provider(self) -> str:
@@ -70,9 +73,10 @@ class RouteDecision:
         """The provider speaks another protocol than the client (requests and responses are translated)."""
         return self.target is not None and self.provider_protocol != self.client_protocol
 
-    def repoint(self, target: Target, key_index: int) -> None:
-        """Send the next attempt to ``target`` with its ``key_index``-th key."""
-        self._repoint(target, key_index)
+    def repoint(self, exchange: Exchange, target: Target, key_index: int) -> None:
+        """Send ``exchange``'s next attempt to ``target`` with its ``key_index``-th key."""
+        routing: RoutingFilter = exchange.filters[self._slot]  # type: ignore[assignment]
+        routing.apply(exchange, target, key_index)
 
     def __repr__(self) -> str:
         return f"<RouteDecision {self.api} -> {self.provider}/{self.model} key={self.key_id or '-'}>"

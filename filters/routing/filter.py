@@ -34,19 +34,7 @@ from typing import Any
 
 import orjson
 
-from filters.names import ROUTE, USAGE
-from filters.translate import (
-    ChatStreamToMessagesStream,
-    MessagesStreamToChatStream,
-    TranslationError,
-    anthropic_error_to_openai,
-    chat_request_to_messages,
-    chat_response_to_messages,
-    messages_request_to_chat,
-    messages_response_to_chat,
-    openai_error_to_anthropic,
-)
-from proxy import (
+from llmproxy import (
     Action,
     BadRequest,
     Exchange,
@@ -58,9 +46,20 @@ from proxy import (
     UpstreamProtocolError,
     parse_event,
 )
-
-from .decision import RouteDecision
-from .table import NoProvider, RoutingTable, Target, build_table
+from llmproxy.filters.names import ROUTE, USAGE
+from llmproxy.filters.routing.decision import RouteDecision
+from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
+from llmproxy.filters.translate import (
+    ChatStreamToMessagesStream,
+    MessagesStreamToChatStream,
+    TranslationError,
+    anthropic_error_to_openai,
+    chat_request_to_messages,
+    chat_response_to_messages,
+    messages_request_to_chat,
+    messages_response_to_chat,
+    openai_error_to_anthropic,
+)
 
 __all__ = ["HINT_HEADER", "RoutingFactory", "RoutingFilter"]
 
@@ -190,9 +189,7 @@ class RoutingFilter(Filter):
                 ) from None
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model") from None
         self._body = payload
-        self.route = RouteDecision(
-            self.api, self.client_protocol, self.candidates, lambda target, key: self.apply(exchange, target, key)
-        )
+        self.route = RouteDecision(self.api, self.client_protocol, self.candidates, exchange.filters.index(self))
         exchange.vars[ROUTE] = self.route
         self._stream = payload.get("stream") is True
         options = payload.get("stream_options")

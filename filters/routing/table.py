@@ -36,9 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import ConfigError, Section, UpstreamTarget, read_upstream
-
-from .adapters import ADAPTERS, Adapter
+from llmproxy import ConfigError, Section, UpstreamTarget, read_upstream
+from llmproxy.filters.routing.adapters import ADAPTERS, Adapter
 
 __all__ = ["ModelMap", "Provider", "RoutingTable", "Target", "key_id"]
 

@@ -21,19 +21,19 @@ be sent when the upstream body ends. Malformed input raises
 :class:`TranslationError`, which carries the offending ``param``.
 """
 
-from .chat_to_messages import (
+from llmproxy.filters.translate.chat_to_messages import (
     MessagesStreamToChatStream,
     chat_request_to_messages,
     messages_response_to_chat,
 )
-from .errors import (
+from llmproxy.filters.translate.errors import (
     TranslationError,
     anthropic_envelope_from_openai,
     anthropic_error_to_openai,
     openai_envelope_from_anthropic,
     openai_error_to_anthropic,
 )
-from .messages_to_chat import (
+from llmproxy.filters.translate.messages_to_chat import (
     ChatStreamToMessagesStream,
     chat_response_to_messages,
     messages_request_to_chat,

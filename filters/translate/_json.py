@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from .errors import TranslationError
+from llmproxy.filters.translate.errors import TranslationError
 
 __all__ = ["dumps_str", "loads_object"]
 

@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from ._json import dumps_str, loads_object
-from .errors import TranslationError, openai_envelope_from_anthropic
+from llmproxy.filters.translate._json import dumps_str, loads_object
+from llmproxy.filters.translate.errors import TranslationError, openai_envelope_from_anthropic
 
 __all__ = [
     "MessagesStreamToChatStream",

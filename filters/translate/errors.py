@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from proxy import anthropic_type_for_status
+from llmproxy import anthropic_type_for_status
 
 __all__ = [
     "MAX_MESSAGE_CHARS",

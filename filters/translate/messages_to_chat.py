@@ -30,8 +30,8 @@ from typing import Any
 
 import orjson
 
-from ._json import dumps_str, loads_object
-from .errors import TranslationError, anthropic_envelope_from_openai
+from llmproxy.filters.translate._json import dumps_str, loads_object
+from llmproxy.filters.translate.errors import TranslationError, anthropic_envelope_from_openai
 
 __all__ = [
     "ChatStreamToMessagesStream",

@@ -86,9 +86,9 @@ Control endpoints, neither recorded nor faulted: ``GET /_mock/requests``
 /_mock/health``.
 """
 
-from .config import FAULTS, KeyBehaviour, MockConfig, ReceivedRequest, mock_config_from_dict
-from .hook import MockHook
-from .server import MAX_LOG, MockServer, serve_mock, start_mock
+from llmproxy.mock.config import FAULTS, KeyBehaviour, MockConfig, ReceivedRequest, mock_config_from_dict
+from llmproxy.mock.hook import MockHook
+from llmproxy.mock.server import MAX_LOG, MockServer, serve_mock, start_mock
 
 __all__ = [
     "FAULTS",

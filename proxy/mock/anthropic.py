@@ -12,8 +12,8 @@ from typing import Any, Final
 
 import orjson
 
-from .content import WORD_JSON, budget, prompt_tokens, reply_text, split3, tool_plan, tool_tokens
-from .replies import Call, Flavour, Route, Stream, Whole
+from llmproxy.mock.content import WORD_JSON, budget, prompt_tokens, reply_text, split3, tool_plan, tool_tokens
+from llmproxy.mock.replies import Call, Flavour, Route, Stream, Whole
 
 __all__ = ["ROUTES"]
 

@@ -21,12 +21,12 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
-from .delivery import Delivery, End
-from .replies import Flavour, error_reply
-from .wire import HttpError, RawRequest, RequestParser
+from llmproxy.mock.delivery import Delivery, End
+from llmproxy.mock.replies import Flavour, error_reply
+from llmproxy.mock.wire import HttpError, RawRequest, RequestParser
 
 if TYPE_CHECKING:
-    from .server import MockServer
+    from llmproxy.mock.server import MockServer
 
 __all__ = ["Connection"]
 

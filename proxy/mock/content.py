@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 
-from .replies import Call
+from llmproxy.mock.replies import Call
 
 __all__ = [
     "VOCAB",

@@ -18,10 +18,10 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
 
-from .config import MockConfig
-from .plans import Plan
-from .replies import Flavour, Stream, Whole
-from .wire import RawRequest
+from llmproxy.mock.config import MockConfig
+from llmproxy.mock.plans import Plan
+from llmproxy.mock.replies import Flavour, Stream, Whole
+from llmproxy.mock.wire import RawRequest
 
 __all__ = ["Delivery", "End", "Framer"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .config import mock_config_from_dict
-from .server import MockServer, serve_mock, start_mock
+from llmproxy.mock.config import mock_config_from_dict
+from llmproxy.mock.server import MockServer, serve_mock, start_mock
 
 __all__ = ["MockHook"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from .config import FAULTS, MAX_TOKENS, MockConfig
+from llmproxy.mock.config import FAULTS, MAX_TOKENS, MockConfig
 
 __all__ = ["BadHeader", "Plan", "Planner", "credential_of"]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 if TYPE_CHECKING:
-    from .server import MockServer
+    from llmproxy.mock.server import MockServer
 
 __all__ = ["Call", "Flavour", "Route", "Stream", "Whole", "error_body", "error_reply"]
 

@@ -18,13 +18,13 @@ from typing import Any, Final
 
 import orjson
 
-from . import anthropic, openai
-from .config import MockConfig, ReceivedRequest
-from .connection import Connection
-from .delivery import Delivery, End, Framer
-from .plans import BadHeader, Planner, credential_of
-from .replies import Call, Flavour, Route, Stream, Whole, error_reply
-from .wire import RawRequest
+from llmproxy.mock import anthropic, openai
+from llmproxy.mock.config import MockConfig, ReceivedRequest
+from llmproxy.mock.connection import Connection
+from llmproxy.mock.delivery import Delivery, End, Framer
+from llmproxy.mock.plans import BadHeader, Planner, credential_of
+from llmproxy.mock.replies import Call, Flavour, Route, Stream, Whole, error_reply
+from llmproxy.mock.wire import RawRequest
 
 __all__ = ["MAX_LOG", "MockServer", "serve_mock", "start_mock"]
 

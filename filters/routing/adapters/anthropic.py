@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Adapter, register
+from llmproxy.filters.routing.adapters.base import Adapter, register
 
 __all__ = ["AnthropicAdapter"]
 

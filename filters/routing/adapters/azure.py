@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from .base import Adapter, register
+from llmproxy.filters.routing.adapters.base import Adapter, register
 
 __all__ = ["AzureAdapter"]
 

@@ -7,7 +7,7 @@ in ``base_url`` (which includes the ``/v1`` part, as in the OpenAI SDK's
 
 from __future__ import annotations
 
-from .base import Adapter, register
+from llmproxy.filters.routing.adapters.base import Adapter, register
 
 __all__ = ["OpenAIAdapter"]
 

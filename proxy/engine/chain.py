@@ -1,0 +1,288 @@
+"""The filter chain runner.
+
+Order rule (as Envoy's HTTP filter chain): request hooks run in chain order,
+response hooks in reverse chain order, ``on_attempt_complete`` and
+``on_exchange_complete`` in chain order. The chain order is the order of ``filters:`` in the config, never
+discovery order.
+
+When the chain is built, the runner looks at each factory's
+``filter_class`` once and keeps, per hook, only the filters that override it
+(with a flag saying whether the hook is a coroutine function). Running a
+hook nobody implements is an empty loop; the exchange driver skips it
+altogether by checking the plan first.
+
+Failures: a :class:`~proxy.errors.ProxyError` raised by a hook propagates
+(it is the filter's answer). Any other exception is a bug in the filter: a
+fail-open filter is logged and skipped, a fail-closed one fails the exchange
+with :class:`~proxy.errors.FilterFailed` (500, request id in the message).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from llmproxy.attempt import Attempt
+from llmproxy.errors import FilterFailed, ProxyError, UpstreamResponseTooLarge
+from llmproxy.exchange import Exchange
+from llmproxy.filter import Action, Filter, FilterFactory
+from llmproxy.http.sse import SseFramer
+
+__all__ = ["Chain", "ResponseBodyStage"]
+
+log = logging.getLogger("llmproxy.chain")
+
+
+class _Step(NamedTuple):
+    slot: int  # the filter's position in the chain
+    hook: Any  # the unbound function from the filter class
+    is_async: bool
+    fail_open: bool
+    name: str
+
+
+def _plan(factories: Sequence[FilterFactory], hook: str, reverse: bool, **where: bool) -> tuple[_Step, ...]:
+    steps: list[_Step] = []
+    for index, factory in enumerate(factories):
+        cls = factory.filter_class
+        fn = getattr(cls, hook)
+        if fn is getattr(Filter, hook):
+            continue
+        if any(getattr(cls, attr) != value for attr, value in where.items()):
+            continue
+        steps.append(_Step(index, fn, inspect.iscoroutinefunction(fn), factory.fail_open, factory.name))
+    if reverse:
+        steps.reverse()
+    return tuple(steps)
+
+
+def _failure(step: _Step, ex: Exchange, exc: BaseException) -> FilterFailed:
+    log.error("filter %s failed in exchange %s", step.name, ex.id, exc_info=exc)
+    return FilterFailed(f"internal error in filter '{step.name}' (request id {ex.id})")
+
+
+class Chain:
+    """An ordered list of filter factories with precomputed per-hook plans."""
+
+    def __init__(self, factories: Sequence[FilterFactory]) -> None:
+        self.factories = tuple(factories)
+        self.request_headers_plan = _plan(self.factories, "on_request_headers", False)
+        self.request_body_plan = _plan(self.factories, "on_request_body", False)
+        self.response_headers_plan = _plan(self.factories, "on_response_headers", True)
+        self.response_body_plan = _plan(self.factories, "on_response_body", True, mutates_response_body=True)
+        self.response_observer_plan = _plan(self.factories, "on_response_body", True, mutates_response_body=False)
+        self.attempt_plan = _plan(self.factories, "on_attempt_complete", False)
+        self.complete_plan = _plan(self.factories, "on_exchange_complete", False)
+
+    def __repr__(self) -> str:
+        return f"<Chain {[f.name for f in self.factories]}>"
+
+    def start(self, ex: Exchange) -> None:
+        """Create the per-exchange filters."""
+        if self.factories:
+            ex.filters = [factory.create(ex) for factory in self.factories]
+
+    async def _headers(self, plan: tuple[_Step, ...], ex: Exchange) -> bool:
+        """Run a header plan; return True if a hook asked to PAUSE. Stops on a local reply."""
+        paused = False
+        filters = ex.filters
+        for step in plan:
+            try:
+                action = step.hook(filters[step.slot], ex)
+                if step.is_async:
+                    action = await action
+            except ProxyError:
+                raise
+            except Exception as exc:
+                if step.fail_open:
+                    log.exception("fail-open filter %s failed; skipped", step.name)
+                    continue
+                raise _failure(step, ex, exc) from exc
+            control = ex.control
+            if control.local_reply is not None or control.retry:
+                return paused
+            if action is Action.PAUSE:
+                paused = True
+        return paused
+
+    async def request_headers(self, ex: Exchange) -> None:
+        """Run ``on_request_headers`` in chain order."""
+        await self._headers(self.request_headers_plan, ex)
+
+    async def response_headers(self, ex: Exchange) -> bool:
+        """Run ``on_response_headers`` in reverse order; True if the head must be held."""
+        return await self._headers(self.response_headers_plan, ex)
+
+    async def request_body(self, ex: Exchange) -> None:
+        """Run ``on_request_body`` once per filter with the whole body, in chain order."""
+        filters = ex.filters
+        for step in self.request_body_plan:
+            try:
+                result = step.hook(filters[step.slot], ex, ex.request.body, True)
+                if step.is_async:
+                    await result
+            except ProxyError:
+                raise
+            except Exception as exc:
+                if step.fail_open:
+                    log.exception("fail-open filter %s failed; skipped", step.name)
+                    continue
+                raise _failure(step, ex, exc) from exc
+            if ex.control.local_reply is not None:
+                return
+
+    async def observe_response(self, ex: Exchange, data: bytes, end_of_stream: bool) -> None:
+        """Call observing (non-mutating) response-body hooks with ``data``, which was just written
+        to the client: the bytes it received, after every mutating filter, in order."""
+        filters = ex.filters
+        control = ex.control
+        for step in self.response_observer_plan:
+            if control.skips(id(filters[step.slot])):
+                continue
+            try:
+                result = step.hook(filters[step.slot], ex, data, end_of_stream)
+                if step.is_async:
+                    await result
+            except Exception:
+                log.exception("observer %s failed in exchange %s; ignored", step.name, ex.id)
+
+    async def attempt_complete(self, ex: Exchange, attempt: Attempt) -> None:
+        """Run ``on_attempt_complete`` for every filter, in chain order; exceptions are logged, never raised."""
+        filters = ex.filters
+        for step in self.attempt_plan:
+            try:
+                result = step.hook(filters[step.slot], ex, attempt)
+                if step.is_async:
+                    await result
+            except Exception:
+                log.exception("on_attempt_complete of %s failed in %s", step.name, ex.id)
+
+    async def complete(self, ex: Exchange) -> None:
+        """Run ``on_exchange_complete`` for every filter; exceptions are logged, never raised."""
+        filters = ex.filters
+        for step in self.complete_plan:
+            try:
+                result = step.hook(filters[step.slot], ex)
+                if step.is_async:
+                    await result
+            except Exception:
+                log.exception("on_exchange_complete of %s failed in %s", step.name, ex.id)
+
+
+class ResponseBodyStage:
+    """Runs mutating response-body hooks with proxy-wasm pause semantics.
+
+    Data (a chunk, or one whole SSE event) enters at the first step. A step
+    that returns PAUSE before end of stream holds it: the data is appended to
+    a bounded buffer and the same step is called again with everything held
+    when more arrives. What passes the last step is released downstream.
+
+    For SSE (``sse=True``) the promise that a hook sees one whole event at a
+    time holds after a release or an injection too: when a step passes on
+    several events at once, the steps after it get them one by one.
+    """
+
+    __slots__ = ("_buffer", "_cap", "_paused_at", "_plan", "_sse")
+
+    def __init__(self, plan: tuple[_Step, ...], cap: int, sse: bool = False) -> None:
+        self._plan = plan
+        self._cap = cap
+        self._sse = sse
+        self._paused_at = -1
+        self._buffer = bytearray()
+
+    async def push(self, ex: Exchange, data: bytes, end_of_stream: bool) -> bytes | None:
+        """Feed ``data``; return the bytes released downstream, or None when held.
+
+        New data passes the steps before a paused one first, exactly as it
+        would if nothing were paused; only one step can be paused at a time
+        because nothing passes beyond it.
+        """
+        return await self._run(ex, data, end_of_stream, 0)
+
+    async def push_all(self, ex: Exchange, pieces: list[bytes]) -> bytes | None:
+        """:meth:`push` each of ``pieces`` (none at end of stream); the released bytes joined.
+
+        Stops early when a hook asked for a retry (``ex.control.retry``). One call
+        per upstream read instead of one per SSE event.
+        """
+        out: list[bytes] = []
+        for piece in pieces:
+            released = await self._run(ex, piece, False, 0)
+            if ex.control.retry:
+                return None
+            if released:
+                out.append(released)
+        return b"".join(out) if out else None
+
+    async def _run(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
+        filters = ex.filters
+        control = ex.control
+        plan = self._plan
+        last = len(plan) - 1
+        # ``data`` enters as one event (SSE); it may hold several only after a
+        # step released what it held or replaced the data.
+        one_event = True
+        for position in range(start, len(plan)):
+            step = plan[position]
+            # a hook may have opted out of the rest of the body
+            if control.skips(id(filters[step.slot])) and position != self._paused_at:
+                continue
+            if position == self._paused_at:
+                self._buffer += data
+                if len(self._buffer) > self._cap:
+                    raise UpstreamResponseTooLarge(f"response held by a filter exceeds {self._cap} bytes")
+                data = bytes(self._buffer)
+                one_event = False
+            control.response_data = None
+            try:
+                action = step.hook(filters[step.slot], ex, data, end_of_stream)
+                if step.is_async:
+                    action = await action
+            except ProxyError:
+                raise
+            except Exception as exc:
+                if step.fail_open:
+                    log.exception("fail-open filter %s failed; skipped", step.name)
+                    continue
+                raise _failure(step, ex, exc) from exc
+            if control.response_data is not None:
+                data = control.response_data
+                control.response_data = None
+                one_event = False
+            if control.retry:
+                return None
+            if action is Action.PAUSE and not end_of_stream:
+                if position != self._paused_at:
+                    self._paused_at = position
+                    self._buffer = bytearray(data)
+                return None
+            if position == self._paused_at:
+                self._paused_at = -1
+                self._buffer = bytearray()
+            if not one_event and self._sse and position < last:
+                if _several_events(data):
+                    return await self._fan_out(ex, data, end_of_stream, position + 1)
+                one_event = True
+        return data
+
+    async def _fan_out(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
+        framer = SseFramer(max_event=self._cap)
+        events = framer.feed(data)
+        rest = framer.flush()
+        if rest:
+            events.append(rest)
+        out = bytearray()
+        for i, event in enumerate(events):
+            released = await self._run(ex, event, end_of_stream and i == len(events) - 1, start)
+            if ex.control.retry:
+                return None
+            if released:
+                out += released
+        return bytes(out) if out or not events else None
+
+
+def _several_events(data: bytes) -> bool:
+    return data.count(b"\n\n") + data.count(b"\r\n\r\n") > 1

@@ -1,0 +1,161 @@
+"""Running one exchange: request hooks, then the attempt loop (:mod:`proxy.relay`).
+
+:func:`run_exchange` is the task behind every request (``/healthz`` aside).
+Its guarantees:
+
+* ``on_exchange_complete`` runs exactly once, whatever happens (success,
+  local reply, error, timeout, client disconnect: the task is cancelled by
+  the connection, and the ``finally`` still runs);
+* an upstream response is always either read to its end and released to the
+  pool, or closed (never reused) - a client disconnect closes it at once;
+* before the response has started, an error becomes its envelope with its
+  status, in the client's protocol; after a ``text/event-stream`` response
+  started, it becomes a final SSE error event of that protocol and the
+  stream ends; after any other response started, the connection is closed
+  (HTTP cannot say more);
+* nothing but a :class:`~proxy.errors.ProxyError`'s message reaches the
+  client: unexpected exceptions become a 500 with the request id.
+
+Retries: a response hook (or a response-body hook, while nothing has gone
+downstream) may call :meth:`~proxy.exchange.Exchange.retry`; the current
+upstream response is closed and the request is sent again to
+``exchange.upstream``, up to ``limits.max_attempts``. An upstream failure
+before any response byte is presented to the response hooks as a
+synthesized response with the error's status and envelope
+(``exchange.upstream_error`` set), so a failover filter decides with one
+mechanism whether to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llmproxy.engine.chain import Chain
+from llmproxy.engine.relay import forward
+from llmproxy.engine.replies import send_error, send_local
+from llmproxy.engine.secrets import strip_query_credentials
+from llmproxy.errors import BadRequest, ClientDisconnected, FilterFailed, MethodNotAllowed, NotFound, ProxyError
+from llmproxy.exchange import Exchange
+from llmproxy.limits import Limits
+from llmproxy.runtime.accesslog import AccessLog
+from llmproxy.runtime.admin import AdminPages
+from llmproxy.upstream import UpstreamPool, UpstreamTarget
+
+if TYPE_CHECKING:
+    from llmproxy.http.server import HttpConnection
+
+__all__ = ["DEFAULT_ROUTES", "Runtime", "run_exchange"]
+
+log = logging.getLogger("llmproxy.cycle")
+
+#: Paths the proxy serves by default and the methods each accepts.
+DEFAULT_ROUTES: dict[str, frozenset[str]] = {
+    "/v1/chat/completions": frozenset({"POST"}),
+    "/v1/completions": frozenset({"POST"}),
+    "/v1/embeddings": frozenset({"POST"}),
+    "/v1/responses": frozenset({"POST"}),
+    "/v1/messages": frozenset({"POST"}),
+    "/v1/messages/count_tokens": frozenset({"POST"}),
+    "/v1/models": frozenset({"GET", "HEAD"}),
+}
+
+
+@dataclass(eq=False)
+class Runtime:
+    """What every exchange of one worker shares (built once by :mod:`proxy.app`)."""
+
+    chain: Chain
+    pool: UpstreamPool
+    limits: Limits = field(default_factory=Limits)
+    default_upstream: UpstreamTarget | None = None
+    routes: dict[str, frozenset[str]] = field(default_factory=lambda: dict(DEFAULT_ROUTES))
+    validate_json: bool = True
+    access_log: AccessLog = field(default_factory=AccessLog)
+    admin: AdminPages = field(default_factory=AdminPages)
+    connections: set[HttpConnection] = field(default_factory=set)
+    #: The tasks of the exchanges in flight (shutdown waits for their end hooks).
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    draining: bool = False
+
+
+async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
+    """Drive ``ex`` from parsed head to finished response (see the module docstring)."""
+    chain = rt.chain
+    stats = rt.admin.stats
+    stats.in_flight += 1
+    task = asyncio.current_task()
+    if task is not None:
+        rt.tasks.add(task)
+    try:
+        try:
+            if "?" in ex.request.path:
+                ex.request.path = ex.client_path = strip_query_credentials(ex.request.path)
+            chain.start(ex)
+            _check_route(rt, ex)
+            if chain.request_headers_plan:
+                await chain.request_headers(ex)
+            control = ex.control
+            if control.local_reply is None:
+                ex.request.body = await conn.read_body()
+                ex.bytes_received = len(ex.request.body)
+                if rt.validate_json and ex.request.method == "POST":
+                    _check_json_object(ex)
+                if chain.request_body_plan:
+                    await chain.request_body(ex)
+            if control.local_reply is not None:
+                send_local(conn, ex, control.local_reply)
+            else:
+                await forward(rt, conn, ex)
+        except ProxyError as err:
+            ex.error = err
+            send_error(conn, ex, err)
+        except asyncio.CancelledError:
+            ex.error = ClientDisconnected("client disconnected")
+            raise
+        except Exception as exc:
+            log.error("exchange %s failed", ex.id, exc_info=exc)
+            internal = FilterFailed(f"internal error (request id {ex.id})", code="internal_error")
+            ex.error = internal
+            send_error(conn, ex, internal)
+    finally:
+        stats.in_flight -= 1
+        stats.responses[ex.response.status if ex.response is not None and ex.response_started else 499] += 1
+        if ex.error is not None:
+            stats.errors[ex.error.code or "error"] += 1
+        stats.attempts += ex.attempts
+        stats.bytes_in += ex.bytes_received
+        stats.bytes_out += ex.bytes_sent
+        stats.seconds += ex.elapsed
+        try:
+            if chain.complete_plan:
+                await chain.complete(ex)
+            rt.access_log.record(ex)
+            conn.exchange_finished()
+        finally:
+            if task is not None:
+                rt.tasks.discard(task)
+
+
+def _check_json_object(ex: Exchange) -> None:
+    """Every POST API served takes a JSON object: refuse anything else before any filter sees it."""
+    if not ex.request.body:
+        raise BadRequest("the request body is empty; a JSON object is required", code="invalid_json")
+    if not isinstance(ex.request_json(), dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_request")
+
+
+def _check_route(rt: Runtime, ex: Exchange) -> None:
+    path = ex.request.path
+    query = path.find("?")
+    if query >= 0:
+        path = path[:query]
+    methods = rt.routes.get(path)
+    if methods is None:
+        raise NotFound(f"unknown path: {path}", code="unknown_url")
+    if ex.request.method not in methods:
+        raise MethodNotAllowed(
+            f"{ex.request.method} is not allowed on {path}", headers=[("allow", ", ".join(sorted(methods)))]
+        )

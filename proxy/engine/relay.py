@@ -1,0 +1,443 @@
+"""The attempt loop and the response relay of one exchange.
+
+:func:`forward` sends the request upstream, one :class:`~proxy.attempt.Attempt`
+per try, and relays the chosen response downstream. Per attempt:
+
+1. **send**: the pool sends the request; an upstream failure before the
+   response head is *synthesized* into a response with the error's status and
+   envelope (``exchange.upstream_error`` set), so one mechanism (the response
+   hooks) decides whether to retry;
+2. **head**: the response hooks run (reverse chain order); they may retry,
+   reply locally, or hold the head (PAUSE);
+3. **pump**: body reads go through the SSE framer and the mutating body
+   stage; what they release is written (or held: see :class:`_Relay`), then
+   shown to the observers;
+4. **finish**: the stage's tail, the held bytes with their exact length, the
+   upstream connection back to the pool.
+
+An upstream failure while nothing of the response went downstream (a held
+JSON reply cut short, a stream failing while a filter held it) goes back to
+step 2 as a synthesized response. Every attempt is finished exactly once
+(completed, failed, retried or abandoned) and then ``on_attempt_complete``
+runs for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from llmproxy.attempt import Attempt, Outcome
+from llmproxy.engine.chain import ResponseBodyStage
+from llmproxy.engine.forwarded import head_for_client, upstream_headers, upstream_response_headers
+from llmproxy.engine.replies import send_local
+from llmproxy.engine.secrets import redact, redact_fields, target_secrets
+from llmproxy.errors import FilterFailed, NotFound, ProxyError, UpstreamError, render_error
+from llmproxy.exchange import Exchange, Response
+from llmproxy.headers import Headers
+from llmproxy.http.sse import SseFramer
+from llmproxy.upstream import UpstreamResponse, UpstreamTarget
+
+if TYPE_CHECKING:
+    from llmproxy.engine.cycle import Runtime
+    from llmproxy.http.server import HttpConnection
+
+__all__ = ["forward"]
+
+_EVENT_STREAM = b"text/event-stream"
+_JSON_TYPE = b"application/json"
+
+
+class _FailedBeforeHead(Exception):
+    """An upstream failure while nothing of the response had gone downstream (it can still be retried)."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _synthesize(ex: Exchange, err: UpstreamError) -> None:
+    """Present a failed attempt to the response hooks as a response with the error's status."""
+    ex.upstream_error = err
+    ex.response = Response(err.status, Headers(err.head_fields()))
+
+
+async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
+    """Send ``ex`` upstream until an attempt's response was relayed (see the module docstring)."""
+    chain = rt.chain
+    request = ex.request
+    while True:
+        target = ex.upstream or rt.default_upstream
+        if target is None:
+            raise NotFound("no upstream is configured for this request", code="no_upstream")
+        ex.attempts += 1
+        attempt = Attempt(ex.attempts, target)
+        ex.attempt = attempt
+        ex.attempt_history.append(attempt)
+        ex.control.new_attempt()
+        ex.upstream_error = None
+        resp: UpstreamResponse | None = None
+        retry = False
+        try:
+            body = ex.final_request_body()
+            path = request.path.encode("latin-1")
+            if target.base_path:
+                path = target.base_path.encode("latin-1") + path
+            try:
+                resp = await rt.pool.send(
+                    target, request.method.encode("ascii"), path, upstream_headers(ex, target, body), body
+                )
+                fields = redact_fields(resp.headers, target.secrets)  # a provider echoing our key
+                ex.response = Response(resp.status, upstream_response_headers(fields))
+            except UpstreamError as err:
+                _synthesize(ex, err)
+            retry = await _respond(rt, conn, ex, attempt, resp)
+        except asyncio.CancelledError:
+            attempt.finish(Outcome.ABANDONED)
+            raise
+        except ProxyError as err:
+            attempt.finish(Outcome.FAILED, err)
+            raise
+        except BaseException:
+            attempt.finish(Outcome.FAILED)
+            raise
+        finally:
+            if resp is not None:
+                resp.close()  # no-op when the relay already released it
+            attempt.finish(Outcome.ABANDONED)  # no-op when an outcome was recorded
+            if chain.attempt_plan:
+                await chain.attempt_complete(ex, attempt)
+        if not retry:
+            return
+
+
+async def _respond(
+    rt: Runtime,
+    conn: HttpConnection,
+    ex: Exchange,
+    attempt: Attempt,
+    resp: UpstreamResponse | None,
+) -> bool:
+    """Run the response hooks on this attempt's response and relay it; True to retry."""
+    chain = rt.chain
+    control = ex.control
+    assert ex.response is not None
+    attempt.response = ex.response
+    ctype = ex.response.headers.get_raw(b"content-type")
+    ex.is_sse = attempt.is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
+    control.skipped = None  # each response's hooks decide again
+    hold = await chain.response_headers(ex) if chain.response_headers_plan else False
+    if control.local_reply is not None:
+        attempt.finish(Outcome.ABANDONED)
+        send_local(conn, ex, control.local_reply)
+        return False
+    if control.retry and ex.attempts < rt.limits.max_attempts:
+        attempt.finish(Outcome.RETRIED, ex.upstream_error)
+        return True
+    control.retry = False
+    try:
+        retry = await _Relay(rt, conn, ex, attempt, resp, hold).run()
+    except _FailedBeforeHead as failed:
+        if resp is None:  # a synthesized body cannot fail twice
+            raise failed.error from None
+        resp.close()
+        _synthesize(ex, failed.error)
+        return await _respond(rt, conn, ex, attempt, None)
+    if retry:
+        attempt.finish(Outcome.RETRIED, ex.upstream_error)
+    elif ex.upstream_error is not None:
+        attempt.finish(Outcome.FAILED, ex.upstream_error)
+    else:
+        attempt.finish(Outcome.COMPLETED)
+    return retry
+
+
+def _auth_failure(ex: Exchange, target: UpstreamTarget) -> ProxyError | None:
+    """The proxy's own error for a provider that refused the proxy's credential, else None.
+
+    The provider's text is never relayed for it: it names (or quotes part of)
+    a key that is the operator's, not the client's.
+    """
+    assert ex.response is not None
+    status = ex.response.status
+    if status not in (401, 403) or ex.upstream_error is not None or not target_secrets(target):
+        return None
+    which = f" (key id {target.key_id})" if target.key_id else ""
+    return ProxyError(
+        f"the provider '{target.name}' refused the credential the proxy holds for it{which}; "
+        "this is a proxy configuration problem, not a problem with your request",
+        code="provider_auth_failed",
+        status=status,
+    )
+
+
+class _Relay:
+    """One attempt's response on its way downstream: head, pump, finish.
+
+    Small JSON replies and error bodies are *held* (``limits.json_hold_bytes``
+    at most) until their end, so that an upstream that stalls or resets in
+    the middle of one still turns into a clean error envelope (or a retry)
+    instead of a half-written 200. Past the bound the head goes out and the
+    rest streams. Observers see held bytes only once they were written.
+
+    The head's framing comes from what the proxy writes: the upstream's
+    counted length when the body passes untouched, the exact length of a
+    held body, else chunked.
+    """
+
+    __slots__ = (
+        "attempt",
+        "conn",
+        "ex",
+        "framer",
+        "held",
+        "held_size",
+        "hold_head",
+        "hold_limit",
+        "known_length",
+        "observers",
+        "resp",
+        "rt",
+        "secrets",
+        "stage",
+        "synthesized",
+    )
+
+    def __init__(
+        self,
+        rt: Runtime,
+        conn: HttpConnection,
+        ex: Exchange,
+        attempt: Attempt,
+        resp: UpstreamResponse | None,
+        hold_head: bool,
+    ) -> None:
+        self.rt = rt
+        self.conn = conn
+        self.ex = ex
+        self.attempt = attempt
+        self.resp = resp
+        #: A response hook asked to hold the head until the body stage releases bytes.
+        self.hold_head = hold_head
+        chain = rt.chain
+        body_plan = chain.response_body_plan
+        observers = bool(chain.response_observer_plan)
+        skipped = ex.control.skipped
+        if skipped and (body_plan or observers):
+            body_plan = tuple(step for step in body_plan if id(ex.filters[step.slot]) not in skipped)
+            observers = any(id(ex.filters[step.slot]) not in skipped for step in chain.response_observer_plan)
+        self.observers = observers
+        limits = rt.limits
+        is_sse = ex.is_sse
+        self.stage = ResponseBodyStage(body_plan, limits.max_response_buffer_bytes, is_sse) if body_plan else None
+        want_events = is_sse and (self.stage is not None or observers)
+        self.framer = SseFramer(limits.max_sse_event_bytes) if want_events else None
+        error = ex.upstream_error
+        self.synthesized = render_error(error, ex.client_protocol) if error is not None else None
+        # The length the client may be told up front: only when no filter can change the body.
+        self.known_length: int | None = None
+        if self.stage is None:
+            if self.synthesized is not None:
+                self.known_length = len(self.synthesized)
+            elif resp is not None:
+                self.known_length = resp.content_length  # counted off the socket, never the upstream's header
+        response = ex.response
+        assert response is not None
+        #: The target's credentials, when this body must be checked for them (an error body);
+        #: a stream's error events are checked on their own, see _emit.
+        self.secrets = target_secrets(attempt.target) if resp is not None and response.status >= 400 else None
+        self.hold_limit = self._hold_limit(response)
+        self.held: list[bytes] = []
+        self.held_size = 0
+
+    def _hold_limit(self, response: Response) -> int:
+        """How many body bytes to hold before the head goes out (-1: none)."""
+        if self.resp is None or self.ex.is_sse or self.ex.request.method == "HEAD":
+            return -1
+        ctype = response.headers.get_raw(b"content-type")
+        if response.status >= 400 or (ctype is not None and ctype.startswith(_JSON_TYPE)):
+            return self.rt.limits.json_hold_bytes
+        return -1
+
+    # -- head ---------------------------------------------------------------------
+    def send_head(self, content_length: int | None) -> None:
+        """Write the head; ``content_length`` None means chunked (or close-delimited)."""
+        ex = self.ex
+        assert ex.response is not None
+        self.attempt.head_sent = True
+        ex.response_started = True
+        self.conn.start_response(ex.response.status, head_for_client(ex, ex.response.headers), content_length)
+
+    def _write(self, data: bytes) -> None:
+        self.ex.bytes_sent += len(data)
+        self.conn.write(data)
+
+    # -- the whole relay ----------------------------------------------------------
+    async def run(self) -> bool:
+        """Relay the response body; True when a filter asked for a retry in time.
+
+        Raises :class:`_FailedBeforeHead` for an upstream failure while nothing
+        had gone downstream.
+        """
+        resp = self.resp
+        if resp is not None:
+            auth_failure = _auth_failure(self.ex, self.attempt.target)
+            if auth_failure is not None:
+                await _discard_body(resp, self.rt.limits.json_hold_bytes)
+                raise auth_failure
+        if not self.hold_head and self.hold_limit < 0:
+            self.send_head(self.known_length)
+        try:
+            if await self._pump():
+                return True
+            return await self._finish()
+        except UpstreamError as err:
+            if not self.attempt.head_sent:
+                raise _FailedBeforeHead(err) from None
+            raise
+
+    # -- pump -----------------------------------------------------------------------
+    async def _next_chunk(self) -> bytes:
+        if self.synthesized is not None:
+            chunk, self.synthesized = self.synthesized, None
+            return chunk
+        resp = self.resp
+        return b"" if resp is None else await resp.read()
+
+    async def _pump(self) -> bool:
+        """Read and relay until the body's end; True when a retry was asked for in time."""
+        conn = self.conn
+        resp = self.resp
+        framer = self.framer
+        while True:
+            chunk = await self._next_chunk()
+            end = not chunk
+            pieces = framer.feed(chunk) if framer is not None else ([chunk] if chunk else [])
+            if end and framer is not None:
+                rest = framer.flush()
+                if rest:
+                    pieces.append(rest)
+            # Without observers every piece of this read goes through the stage in one
+            # call and out in one write; observers see what each piece released.
+            if not self.observers:
+                if await self._relay_pieces(pieces):
+                    return True
+            else:
+                for piece in pieces:
+                    if await self._relay_pieces([piece]):
+                        return True
+            if end:
+                return False
+            if conn.write_paused:
+                # a client that stops reading holds the upstream connection: wait for it as
+                # long as for the upstream (its idle timeout, within the total deadline)
+                await conn.drain(None if resp is None else resp.stall_timeout())
+            elif resp is None or not resp.buffered:
+                # about to wait for the upstream: send what is queued now. Chunks that
+                # arrived together go out together (one write), never held back.
+                conn.flush()
+
+    async def _relay_pieces(self, pieces: list[bytes]) -> bool:
+        """Pass ``pieces`` through the stage and emit what it releases; True to retry."""
+        stage = self.stage
+        if stage is None:
+            out = b"".join(pieces)  # a one-piece join returns the piece itself, uncopied
+        else:
+            released = await stage.push_all(self.ex, pieces)
+            if self._retry_asked():
+                return True
+            out = released or b""
+        if out:
+            await self._emit(out)
+        return False
+
+    def _retry_asked(self) -> bool:
+        """A body hook asked for a retry: True when it may happen (nothing went downstream)."""
+        ex = self.ex
+        control = ex.control
+        if not control.retry:
+            return False
+        if self.attempt.head_sent:
+            raise FilterFailed(f"retry requested after the response started (request id {ex.id})")
+        if ex.attempts < self.rt.limits.max_attempts:
+            return True
+        control.retry = False
+        return False
+
+    async def _emit(self, out: bytes) -> None:
+        """Write (or hold) released bytes, then show what was written to the observers."""
+        if self.hold_limit >= 0:
+            self.held.append(out)
+            self.held_size += len(out)
+            if self.held_size <= self.hold_limit:
+                return
+            # past the bound: the head goes out and the rest streams
+            out = self._take_held()
+            exact = self.stage is None and self.secrets is None
+            self.send_head(self.known_length if exact else None)
+        elif not self.attempt.head_sent:
+            self.send_head(self.known_length if self.secrets is None else None)
+        if self.secrets is not None:
+            out = redact(out, self.secrets)
+        elif self.ex.is_sse and b"error" in out and self.resp is not None:
+            # a provider's error event may quote the key it got (a byte check first: rare)
+            out = redact(out, target_secrets(self.attempt.target))
+        self._write(out)
+        if self.observers:
+            self.conn.flush()  # observers never delay a chunk: it is on the wire before they run
+            await self.rt.chain.observe_response(self.ex, out, False)
+
+    def _take_held(self) -> bytes:
+        held = b"".join(self.held)
+        self.hold_limit = -1
+        self.held, self.held_size = [], 0
+        return held
+
+    # -- finish -----------------------------------------------------------------------
+    async def _finish(self) -> bool:
+        """End the body: the stage's tail, held bytes, the connection back to the pool."""
+        ex = self.ex
+        stage = self.stage
+        tail = b""
+        if stage is not None:
+            tail = await stage.push(ex, b"", True) or b""
+            if self._retry_asked():
+                return True
+        if self.hold_limit >= 0:
+            body = self._take_held() + tail
+            if self.secrets is not None:
+                body = redact(body, self.secrets)
+            self.send_head(len(body))
+            tail = body
+        elif not self.attempt.head_sent:
+            self.send_head(len(tail) if stage is not None else (self.known_length or 0))
+        elif self.secrets is not None and tail:
+            tail = redact(tail, self.secrets)
+        if tail:
+            self._write(tail)
+        if self.observers:
+            if tail:
+                self.conn.flush()
+                await self.rt.chain.observe_response(ex, tail, False)
+            await self.rt.chain.observe_response(ex, b"", True)
+        if self.resp is not None:
+            self.resp.release()
+        if ex.upstream_error is not None:
+            ex.error = ex.upstream_error
+        self.conn.end_response()
+        return False
+
+
+async def _discard_body(resp: UpstreamResponse, limit: int) -> None:
+    """Read a body nobody will see to its end (up to ``limit`` bytes) so the connection can be reused."""
+    seen = 0
+    try:
+        while seen <= limit:
+            chunk = await resp.read()
+            if not chunk:
+                resp.release()
+                return
+            seen += len(chunk)
+    except UpstreamError:
+        pass
+    resp.close()

@@ -1,0 +1,119 @@
+"""The ``llmproxy`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import uvloop
+
+from llmproxy import __version__
+from llmproxy.runtime.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmproxy")
+def main() -> None:
+    """llmproxy: a fast LLM gateway for the OpenAI and Anthropic APIs."""
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+@click.option("--host", default=None, help="Address to listen on (overrides server.host).")
+@click.option(
+    "--port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (overrides server.port; 0 picks one).",
+)
+@click.option(
+    "--workers", default=None, type=click.IntRange(1, 256), help="Worker processes (overrides server.workers)."
+)
+@click.option("--log-level", default=None, type=click.Choice(_LEVELS), help="Log level (overrides server.log_level).")
+def serve(config_path: str, host: str | None, port: int | None, workers: int | None, log_level: str | None) -> None:
+    """Run the proxy with the config in FILE until SIGTERM or SIGINT."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if workers is not None:
+        from dataclasses import replace
+
+        config = replace(config, server=replace(config.server, workers=workers))
+    _setup_logging(log_level or config.server.log_level)
+    from llmproxy.runtime.app import run
+
+    sys.exit(run(config, host, port))
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
+def check(config_path: str) -> None:
+    """Validate a config file (and its filters' sections); exit non-zero on error."""
+    from llmproxy.runtime.app import check_config
+
+    try:
+        config = load_config(config_path)
+        names = uvloop.run(check_config(config))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{config_path}: ok ({len(names)} filter{'s' if len(names) != 1 else ''}: {', '.join(names) or 'none'})")
+
+
+@main.command("filters")
+def list_filters() -> None:
+    """List installed filters (entry-point group llmproxy.filters) and where they come from."""
+    from llmproxy.runtime.plugins import installed_filters
+
+    found = installed_filters()
+    if not found:
+        click.echo("no filters installed")
+        return
+    width = max(len(name) for name in found)
+    for name, ep in sorted(found.items()):
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "?"
+        click.echo(f"{name.ljust(width)}  {ep.value}  ({dist})")
+
+
+@main.command("mock-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9009, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--tokens", default=16, show_default=True, type=click.IntRange(1), help="Content tokens per reply.")
+@click.option("--ttft-ms", default=0.0, show_default=True, type=float, help="Delay before the first token.")
+@click.option("--itl-ms", default=0.0, show_default=True, type=float, help="Delay between stream events.")
+@click.option(
+    "--provider-headers",
+    is_flag=True,
+    help="Send the ~20 informational header fields a hosted provider sends (rate limits, request id, CDN).",
+)
+def mock_upstream(host: str, port: int, tokens: int, ttft_ms: float, itl_ms: float, provider_headers: bool) -> None:
+    """Serve a fake OpenAI + Anthropic provider (offline; for quickstart, tests and bench).
+
+    Faults are chosen per request with headers: x-mock-status (+ x-mock-retry-after),
+    x-mock-fault (reset | stall | drop | malformed), x-mock-tokens, x-mock-ttft-ms,
+    x-mock-itl-ms, x-mock-tool-calls. GET /_mock/requests lists what it received.
+    """
+    from llmproxy.runtime.mock_hook import MockHookError, load_mock_hook  # never the mock itself: see proxy.mock_hook
+
+    options = {"tokens": tokens, "ttft": ttft_ms / 1000, "itl": itl_ms / 1000, "provider_headers": provider_headers}
+    try:
+        hook = load_mock_hook()
+        hook.validate(options)
+    except (MockHookError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _setup_logging("info")
+    click.echo(f"mock upstream on http://{host}:{port}", err=True)
+    hook.serve(host, port, options)

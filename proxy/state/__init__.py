@@ -1,0 +1,1 @@
+"""state: see the package docstring of llmproxy."""

@@ -1,0 +1,74 @@
+"""The core's upstream client, for filters that must call a provider themselves.
+
+Health probes and remote checks go through the worker's own
+:class:`~proxy.upstream.UpstreamPool` (its connections, timeouts, TLS and
+strict response parsing), never through a pool or request heads of their
+own: :meth:`UpstreamClient.request` builds the head the way the core does
+for proxied requests (one Host, an exact Content-Length, the target's
+provider headers last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llmproxy.errors import UpstreamProtocolError
+from llmproxy.upstream import UpstreamPool, UpstreamTarget
+
+__all__ = ["UpstreamClient", "UpstreamReply"]
+
+#: Largest reply body :meth:`UpstreamClient.request` reads (probes and checks answer small bodies).
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    """A whole reply: status, fields (lowercase names) and body."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class UpstreamClient:
+    """Sends whole requests to upstream targets through the worker's pool."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    async def request(
+        self,
+        target: UpstreamTarget,
+        method: str,
+        path: str,
+        *,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        body: bytes = b"",
+        max_body: int = MAX_REPLY_BYTES,
+    ) -> UpstreamReply:
+        """Send one request below ``target``'s base path and read the whole reply.
+
+        Raises :class:`~proxy.errors.UpstreamError` subclasses (connect,
+        protocol, timeout), and :class:`UpstreamProtocolError` for a body
+        over ``max_body`` bytes. ``headers`` must be validated fields without
+        Host, Content-Length or the target's own headers (added here).
+        """
+        fields = [(b"host", target.host_header), *headers]
+        if body or method not in ("GET", "HEAD"):
+            fields.append((b"content-length", b"%d" % len(body)))
+        fields.extend(target.headers)
+        wire_path = (target.base_path + path).encode("latin-1")
+        response = await self.pool.send(target, method.encode("ascii"), wire_path, fields, body)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := await response.read():
+                size += len(chunk)
+                if size > max_body:
+                    raise UpstreamProtocolError(f"reply from upstream '{target.name}' larger than {max_body} bytes")
+                chunks.append(chunk)
+            response.release()
+        finally:
+            response.close()  # no-op after release
+        return UpstreamReply(response.status, response.headers, b"".join(chunks))
