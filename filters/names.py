@@ -7,7 +7,7 @@ them; only the filter named in the key writes them.
 ===================  ==============================================  ===========
 key                  value                                           set by
 ===================  ==============================================  ===========
-``routing.route``    :class:`filters.routing.RouteDecision`: the      routing
+``routing.route``    :class:`llmproxy.filters.routing.RouteDecision`: the      routing
                      API, protocols, candidates, and the current
                      attempt's provider, upstream model and key id;
                      failover re-points it with ``repoint()``
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 __all__ = ["ROUTE", "USAGE"]
 
-#: :class:`filters.routing.RouteDecision` of the exchange.
+#: :class:`llmproxy.filters.routing.RouteDecision` of the exchange.
 ROUTE = "routing.route"
 #: The provider-reported usage (a dict, OpenAI-shaped).
 USAGE = "routing.usage"

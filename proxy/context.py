@@ -1,6 +1,6 @@
 """What the runtime hands every filter factory (:class:`FactoryContext`).
 
-The filter API (:mod:`proxy.filter`) only names this type; the runtime
+The filter API (:mod:`llmproxy.filter`) only names this type; the runtime
 builds one per worker with its store, upstream client, metrics registry
 and admin pages.
 """

@@ -1,6 +1,6 @@
 """What filter hooks ask of the core, in one chain-owned object per exchange.
 
-Filters never touch this directly: they call the :class:`~proxy.exchange.Exchange`
+Filters never touch this directly: they call the :class:`~llmproxy.exchange.Exchange`
 methods (``send_local_reply``, ``retry``, ``set_response_data``,
 ``skip_response_body``), which record the request here; the chain runner and
 the exchange driver read it. Per-attempt requests (a retry, the filters that

@@ -4,7 +4,7 @@ Every error a client can see is raised (or created) as a :class:`ProxyError`
 subclass and rendered by exactly one function, :func:`render_error`, into the
 OpenAI-style envelope ``{"error": {"message", "type", "param", "code"}}``.
 Socket, TLS and h11 exceptions from the upstream side are mapped into
-:class:`UpstreamError` subclasses once, in :mod:`proxy.upstream`, so filters
+:class:`UpstreamError` subclasses once, in :mod:`llmproxy.upstream`, so filters
 match on types and never on message strings.
 
 Errors are rendered in the client's protocol: the OpenAI envelope for
@@ -225,7 +225,7 @@ class ServiceUnavailable(ProxyError):
 
 
 class UpstreamError(ProxyError):
-    """Base of failures talking to the upstream; raised only by :mod:`proxy.upstream`.
+    """Base of failures talking to the upstream; raised only by :mod:`llmproxy.upstream`.
 
     ``retryable`` tells a failover policy whether the request may be sent
     again (nothing of the response reached the client when it is raised
@@ -323,7 +323,7 @@ class ModelNotFound(NotFound):
 class UpstreamEventTooLarge(UpstreamError, ValueError):
     """502: a server-sent event from the upstream is larger than ``limits.max_sse_event_bytes``.
 
-    Raised by :class:`proxy.sse.SseFramer`; also a ``ValueError``, which the
+    Raised by :class:`llmproxy.http.sse.SseFramer`; also a ``ValueError``, which the
     framer raised before it was typed.
     """
 

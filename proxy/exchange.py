@@ -1,7 +1,7 @@
 """One request/response cycle: what filters see and change.
 
 An :class:`Exchange` lives exactly one cycle; the connection it arrived on
-is a separate object (:mod:`proxy.server`) that filters never touch. Fields
+is a separate object (:mod:`llmproxy.http.server`) that filters never touch. Fields
 that are not per-request never live here.
 """
 

@@ -9,7 +9,7 @@ Two lifetimes, as in proxy-wasm's root context and HTTP context::
                 holds per-exchange state; never shared between exchanges,
                 so it never races
 
-Hooks and their order (the rule the chain runner in :mod:`proxy.chain`
+Hooks and their order (the rule the chain runner in :mod:`llmproxy.engine.chain`
 follows): request hooks run in chain order, response hooks in reverse
 chain order, like Envoy's decoder and encoder filters::
 
@@ -21,7 +21,7 @@ chain order, like Envoy's decoder and encoder filters::
     on_attempt_complete  f1 -> f2 -> f3        (exactly once per attempt, every path)
     on_exchange_complete f1 -> f2 -> f3        (exactly once, every path)
 
-Every upstream try is an :class:`~proxy.attempt.Attempt`: the response hooks
+Every upstream try is an :class:`~llmproxy.attempt.Attempt`: the response hooks
 run once per attempt (a retry runs them again on the next attempt's
 response), and ``on_attempt_complete`` tells how each one ended.
 
@@ -34,11 +34,11 @@ A hook can:
 
 * read and change ``exchange.request`` (method, path, headers, body) or
   ``exchange.response`` (status, headers);
-* raise a :class:`proxy.errors.ProxyError` subclass, which becomes that
+* raise a :class:`llmproxy.errors.ProxyError` subclass, which becomes that
   error's status and envelope;
-* call :meth:`proxy.exchange.Exchange.send_local_reply` (before the response
+* call :meth:`llmproxy.exchange.Exchange.send_local_reply` (before the response
   has started) to answer without the upstream;
-* call :meth:`proxy.exchange.Exchange.retry` (in a response hook, before any
+* call :meth:`llmproxy.exchange.Exchange.retry` (in a response hook, before any
   response byte went downstream) to send the request again, typically after
   changing ``exchange.upstream``.
 """

@@ -1,11 +1,15 @@
 """Test harnesses for filter authors: the real chain without sockets.
 
+(One module, over the core's ~400-line guide, on purpose: it is public API,
+imported by plugin test suites as ``llmproxy.testing``, and its two harnesses
+share the fake connection and scripted upstream below.)
+
 :class:`ChainHarness` runs whole exchanges through the real
-:class:`~proxy.chain.Chain`, the response body stage, the SSE framer and the
-attempt loop (:func:`proxy.cycle.run_exchange`, the code the server runs);
+:class:`~llmproxy.engine.chain.Chain`, the response body stage, the SSE framer and the
+attempt loop (:func:`llmproxy.engine.cycle.run_exchange`, the code the server runs);
 only the two sockets are fakes. The upstream is a script of
 :class:`ScriptedReply` objects, one per attempt (a whole body, chunks, SSE
-events, or an :class:`~proxy.errors.UpstreamError` at send or mid-body); the
+events, or an :class:`~llmproxy.errors.UpstreamError` at send or mid-body); the
 client side records exactly what the client would receive. Several filters
 at once, retries, ``skip_response_body``, PAUSE, local replies, observers,
 ``on_attempt_complete`` and ``on_exchange_complete`` all go through the
@@ -35,14 +39,14 @@ server (``tests/test_harness_vs_server.py`` checks it)::
 
 Filters are given as factory classes, ``(class, config)`` or ``(class,
 config, name)``, in chain order. ``limits=`` takes a
-:class:`~proxy.limits.Limits` (``dataclasses.replace(Limits(),
+:class:`~llmproxy.limits.Limits` (``dataclasses.replace(Limits(),
 max_attempts=2)``); ``upstream=`` the default target's URL. The factories'
 ``context.upstream`` (health probes) is a real client, not the script.
 
 :class:`FilterHarness` drives one filter hook by hook instead, for unit
 tests of a single decision: build the factory from a config mapping, make
 exchanges, call hooks one at a time and assert on the returned
-:class:`~proxy.filter.Action`, on headers, bodies, ``vars`` and local
+:class:`~llmproxy.filter.Action`, on headers, bodies, ``vars`` and local
 replies. Sync and coroutine hooks are both handled: the harness runs
 coroutines on its own event loop, so tests stay plain functions::
 
@@ -55,7 +59,7 @@ coroutines on its own event loop, so tests stay plain functions::
         h.request_body(ex)
         assert h.local_reply(ex).status == 403
 
-Hooks that raise :class:`~proxy.errors.ProxyError` raise it to the test
+Hooks that raise :class:`~llmproxy.errors.ProxyError` raise it to the test
 (:class:`ChainHarness` instead answers them as the server does).
 """
 
@@ -251,10 +255,10 @@ class ScriptedReply:
     """One scripted upstream answer, consumed by one attempt.
 
     The body is ``json`` (serialised), ``body`` (one piece), ``chunks`` (one
-    :meth:`~proxy.upstream.UpstreamResponse.read` each) or ``events`` (SSE:
+    :meth:`~llmproxy.upstream.UpstreamResponse.read` each) or ``events`` (SSE:
     each a whole event as bytes, or a ``str``/mapping for a ``data:`` line;
     ``content-type: text/event-stream`` is added). A chunk or event may be an
-    :class:`~proxy.errors.UpstreamError`: the read that reaches it raises it
+    :class:`~llmproxy.errors.UpstreamError`: the read that reaches it raises it
     (a failure mid-body). ``error`` is raised by the send itself (connect
     refused, timeout before the head). The body is counted
     (``content_length``) when given as ``json`` or ``body`` unless
@@ -330,7 +334,7 @@ class UpstreamRequest:
 
 
 class _ScriptedResponse:
-    """The :class:`~proxy.upstream.UpstreamResponse` interface over a :class:`ScriptedReply`."""
+    """The :class:`~llmproxy.upstream.UpstreamResponse` interface over a :class:`ScriptedReply`."""
 
     def __init__(self, reply: ScriptedReply) -> None:
         self.status = reply.status
@@ -369,7 +373,7 @@ class _ScriptedResponse:
 
 
 class ScriptedUpstream:
-    """A duck-typed :class:`~proxy.upstream.UpstreamPool`: answers each send with the next scripted reply.
+    """A duck-typed :class:`~llmproxy.upstream.UpstreamPool`: answers each send with the next scripted reply.
 
     Replies scripted for a target name (``add(..., target="openai")``) are
     used for that target first; the others for any target, in order.
@@ -407,7 +411,7 @@ class ScriptedUpstream:
 
 
 class RecordingConnection:
-    """The :class:`~proxy.server.HttpConnection` methods the core calls, recording what the client would get."""
+    """The :class:`~llmproxy.http.server.HttpConnection` methods the core calls, recording what the client would get."""
 
     def __init__(self, body: bytes, head_request: bool) -> None:
         self._request_body = body
@@ -522,7 +526,7 @@ class ChainHarness:
 
     Only the two sockets are fakes: a :class:`ScriptedUpstream` stands in for
     the upstream pool and a :class:`RecordingConnection` for the client
-    connection; :func:`proxy.cycle.run_exchange` runs between them, exactly as
+    connection; :func:`llmproxy.engine.cycle.run_exchange` runs between them, exactly as
     in the server (see the module docstring for an example).
     """
 

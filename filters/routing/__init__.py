@@ -1,6 +1,6 @@
 """The ``routing`` builtin filter: providers, model mapping, weighted routing,
-OpenAI <-> Anthropic translation. See :mod:`filters.routing.table` for the
-config and :mod:`filters.routing.filter` for the per-exchange behaviour."""
+OpenAI <-> Anthropic translation. See :mod:`llmproxy.filters.routing.table` for the
+config and :mod:`llmproxy.filters.routing.filter` for the per-exchange behaviour."""
 
 from llmproxy.filters.routing.decision import RouteDecision
 from llmproxy.filters.routing.filter import HINT_HEADER, RoutingFactory, RoutingFilter

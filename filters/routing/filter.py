@@ -8,8 +8,8 @@ Per exchange, on the request side:
    for candidates in weighted order, and :meth:`RoutingFilter.apply` the
    first: upstream target (with the key's credential), path, model name,
    protocol translation. The decision is published as a
-   :class:`~filters.routing.decision.RouteDecision` at
-   ``exchange.vars["routing.route"]`` (:mod:`filters.names`), which a
+   :class:`~llmproxy.filters.routing.decision.RouteDecision` at
+   ``exchange.vars["routing.route"]`` (:mod:`llmproxy.filters.names`), which a
    failover filter re-points before it retries.
 
 On the response side the filter works in one of a few modes, chosen in
@@ -360,7 +360,7 @@ class RoutingFilter(Filter):
 
 
 class RoutingFactory(FilterFactory):
-    """Builds the routing table once from config (see :mod:`filters.routing.table`)."""
+    """Builds the routing table once from config (see :mod:`llmproxy.filters.routing.table`)."""
 
     filter_class = RoutingFilter
     fail_open = False

@@ -21,7 +21,7 @@ dropped too. ``temperature`` is passed through unchanged: OpenAI allows up to
 2, Anthropic up to 1, and the provider's 400 says so.
 
 Content the provider cannot take (audio parts, ``file_id`` files, non-base64
-``data:`` URLs) raises :class:`~filters.translate.errors.TranslationError`
+``data:`` URLs) raises :class:`~llmproxy.filters.translate.errors.TranslationError`
 rather than being silently lost.
 """
 

@@ -7,7 +7,7 @@ bodies are ``{"type": "error", "error": {"type", "message"}}``.
 The HTTP status is authoritative for the *kind* of error: OpenAI-compatible
 servers disagree on ``type`` strings, so the Anthropic type is chosen from the
 status. Going the other way the Anthropic type is kept in ``code`` (lossless)
-and ``type`` is the OpenAI-side family used by :mod:`proxy.errors`.
+and ``type`` is the OpenAI-side family used by :mod:`llmproxy.errors`.
 
 A body that is not a JSON error envelope (an HTML page from a load balancer,
 plain text, an empty body) is wrapped: its text, decoded as UTF-8 with

@@ -16,7 +16,7 @@ Request fields with no Chat Completions equivalent are dropped: ``top_k``,
 and every other tool with a versioned ``type``). Thinking blocks in the
 history are dropped as well. Content the provider cannot take (documents
 other than base64 PDF or plain text, unknown block types) raises
-:class:`~filters.translate.errors.TranslationError`.
+:class:`~llmproxy.filters.translate.errors.TranslationError`.
 
 Text joins: several system blocks are joined with ``"\\n"`` into one system
 message; several text blocks of one tool result are joined with ``"\\n"``; an

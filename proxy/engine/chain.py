@@ -11,10 +11,10 @@ When the chain is built, the runner looks at each factory's
 hook nobody implements is an empty loop; the exchange driver skips it
 altogether by checking the plan first.
 
-Failures: a :class:`~proxy.errors.ProxyError` raised by a hook propagates
+Failures: a :class:`~llmproxy.errors.ProxyError` raised by a hook propagates
 (it is the filter's answer). Any other exception is a bug in the filter: a
 fail-open filter is logged and skipped, a fail-closed one fails the exchange
-with :class:`~proxy.errors.FilterFailed` (500, request id in the message).
+with :class:`~llmproxy.errors.FilterFailed` (500, request id in the message).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Running one exchange: request hooks, then the attempt loop (:mod:`proxy.relay`).
+"""Running one exchange: request hooks, then the attempt loop (:mod:`llmproxy.engine.attempts`).
 
 :func:`run_exchange` is the task behind every request (``/healthz`` aside).
 Its guarantees:
@@ -13,11 +13,11 @@ Its guarantees:
   started, it becomes a final SSE error event of that protocol and the
   stream ends; after any other response started, the connection is closed
   (HTTP cannot say more);
-* nothing but a :class:`~proxy.errors.ProxyError`'s message reaches the
+* nothing but a :class:`~llmproxy.errors.ProxyError`'s message reaches the
   client: unexpected exceptions become a 500 with the request id.
 
 Retries: a response hook (or a response-body hook, while nothing has gone
-downstream) may call :meth:`~proxy.exchange.Exchange.retry`; the current
+downstream) may call :meth:`~llmproxy.exchange.Exchange.retry`; the current
 upstream response is closed and the request is sent again to
 ``exchange.upstream``, up to ``limits.max_attempts``. An upstream failure
 before any response byte is presented to the response hooks as a
@@ -33,8 +33,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from llmproxy.engine.attempts import forward
 from llmproxy.engine.chain import Chain
-from llmproxy.engine.relay import forward
 from llmproxy.engine.replies import send_error, send_local
 from llmproxy.engine.secrets import strip_query_credentials
 from llmproxy.errors import BadRequest, ClientDisconnected, FilterFailed, MethodNotAllowed, NotFound, ProxyError
@@ -65,7 +65,7 @@ DEFAULT_ROUTES: dict[str, frozenset[str]] = {
 
 @dataclass(eq=False)
 class Runtime:
-    """What every exchange of one worker shares (built once by :mod:`proxy.app`)."""
+    """What every exchange of one worker shares (built once by :mod:`llmproxy.runtime.app`)."""
 
     chain: Chain
     pool: UpstreamPool

@@ -3,7 +3,7 @@
 Towards the upstream (:func:`upstream_headers`): hop-by-hop fields and the
 fields the proxy rebuilds itself go; the client's own credentials never go
 (they are for the proxy, not the provider: provider credentials come from
-the :class:`~proxy.upstream.UpstreamTarget`); ``x-forwarded-for`` is
+the :class:`~llmproxy.upstream.UpstreamTarget`); ``x-forwarded-for`` is
 appended, ``x-request-id`` set, ``Content-Length`` recomputed.
 
 Towards the client (:func:`upstream_response_headers`, then

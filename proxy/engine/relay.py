@@ -1,40 +1,24 @@
-"""The attempt loop and the response relay of one exchange.
+"""The relay of one attempt's response: head, pump, finish (:class:`Relay`).
 
-:func:`forward` sends the request upstream, one :class:`~proxy.attempt.Attempt`
-per try, and relays the chosen response downstream. Per attempt:
-
-1. **send**: the pool sends the request; an upstream failure before the
-   response head is *synthesized* into a response with the error's status and
-   envelope (``exchange.upstream_error`` set), so one mechanism (the response
-   hooks) decides whether to retry;
-2. **head**: the response hooks run (reverse chain order); they may retry,
-   reply locally, or hold the head (PAUSE);
-3. **pump**: body reads go through the SSE framer and the mutating body
-   stage; what they release is written (or held: see :class:`_Relay`), then
-   shown to the observers;
-4. **finish**: the stage's tail, the held bytes with their exact length, the
-   upstream connection back to the pool.
-
-An upstream failure while nothing of the response went downstream (a held
-JSON reply cut short, a stream failing while a filter held it) goes back to
-step 2 as a synthesized response. Every attempt is finished exactly once
-(completed, failed, retried or abandoned) and then ``on_attempt_complete``
-runs for it.
+The attempt loop around it is :mod:`llmproxy.engine.attempts`. The relay
+passes body reads through the SSE framer and the mutating body stage,
+writes (or holds) what they release, shows it to the observers, and ends
+with the stage's tail, the held bytes with their exact length and the
+upstream connection back to the pool. An upstream failure while nothing of
+the response went downstream raises :class:`FailedBeforeHead`, which the
+attempt loop presents to the response hooks again.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
-from llmproxy.attempt import Attempt, Outcome
+from llmproxy.attempt import Attempt
 from llmproxy.engine.chain import ResponseBodyStage
-from llmproxy.engine.forwarded import head_for_client, upstream_headers, upstream_response_headers
-from llmproxy.engine.replies import send_local
-from llmproxy.engine.secrets import redact, redact_fields, target_secrets
-from llmproxy.errors import FilterFailed, NotFound, ProxyError, UpstreamError, render_error
+from llmproxy.engine.forwarded import head_for_client
+from llmproxy.engine.secrets import redact, target_secrets
+from llmproxy.errors import FilterFailed, ProxyError, UpstreamError, render_error
 from llmproxy.exchange import Exchange, Response
-from llmproxy.headers import Headers
 from llmproxy.http.sse import SseFramer
 from llmproxy.upstream import UpstreamResponse, UpstreamTarget
 
@@ -42,114 +26,17 @@ if TYPE_CHECKING:
     from llmproxy.engine.cycle import Runtime
     from llmproxy.http.server import HttpConnection
 
-__all__ = ["forward"]
+__all__ = ["FailedBeforeHead", "Relay"]
 
-_EVENT_STREAM = b"text/event-stream"
 _JSON_TYPE = b"application/json"
 
 
-class _FailedBeforeHead(Exception):
+class FailedBeforeHead(Exception):
     """An upstream failure while nothing of the response had gone downstream (it can still be retried)."""
 
     def __init__(self, error: UpstreamError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-def _synthesize(ex: Exchange, err: UpstreamError) -> None:
-    """Present a failed attempt to the response hooks as a response with the error's status."""
-    ex.upstream_error = err
-    ex.response = Response(err.status, Headers(err.head_fields()))
-
-
-async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
-    """Send ``ex`` upstream until an attempt's response was relayed (see the module docstring)."""
-    chain = rt.chain
-    request = ex.request
-    while True:
-        target = ex.upstream or rt.default_upstream
-        if target is None:
-            raise NotFound("no upstream is configured for this request", code="no_upstream")
-        ex.attempts += 1
-        attempt = Attempt(ex.attempts, target)
-        ex.attempt = attempt
-        ex.attempt_history.append(attempt)
-        ex.control.new_attempt()
-        ex.upstream_error = None
-        resp: UpstreamResponse | None = None
-        retry = False
-        try:
-            body = ex.final_request_body()
-            path = request.path.encode("latin-1")
-            if target.base_path:
-                path = target.base_path.encode("latin-1") + path
-            try:
-                resp = await rt.pool.send(
-                    target, request.method.encode("ascii"), path, upstream_headers(ex, target, body), body
-                )
-                fields = redact_fields(resp.headers, target.secrets)  # a provider echoing our key
-                ex.response = Response(resp.status, upstream_response_headers(fields))
-            except UpstreamError as err:
-                _synthesize(ex, err)
-            retry = await _respond(rt, conn, ex, attempt, resp)
-        except asyncio.CancelledError:
-            attempt.finish(Outcome.ABANDONED)
-            raise
-        except ProxyError as err:
-            attempt.finish(Outcome.FAILED, err)
-            raise
-        except BaseException:
-            attempt.finish(Outcome.FAILED)
-            raise
-        finally:
-            if resp is not None:
-                resp.close()  # no-op when the relay already released it
-            attempt.finish(Outcome.ABANDONED)  # no-op when an outcome was recorded
-            if chain.attempt_plan:
-                await chain.attempt_complete(ex, attempt)
-        if not retry:
-            return
-
-
-async def _respond(
-    rt: Runtime,
-    conn: HttpConnection,
-    ex: Exchange,
-    attempt: Attempt,
-    resp: UpstreamResponse | None,
-) -> bool:
-    """Run the response hooks on this attempt's response and relay it; True to retry."""
-    chain = rt.chain
-    control = ex.control
-    assert ex.response is not None
-    attempt.response = ex.response
-    ctype = ex.response.headers.get_raw(b"content-type")
-    ex.is_sse = attempt.is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
-    control.skipped = None  # each response's hooks decide again
-    hold = await chain.response_headers(ex) if chain.response_headers_plan else False
-    if control.local_reply is not None:
-        attempt.finish(Outcome.ABANDONED)
-        send_local(conn, ex, control.local_reply)
-        return False
-    if control.retry and ex.attempts < rt.limits.max_attempts:
-        attempt.finish(Outcome.RETRIED, ex.upstream_error)
-        return True
-    control.retry = False
-    try:
-        retry = await _Relay(rt, conn, ex, attempt, resp, hold).run()
-    except _FailedBeforeHead as failed:
-        if resp is None:  # a synthesized body cannot fail twice
-            raise failed.error from None
-        resp.close()
-        _synthesize(ex, failed.error)
-        return await _respond(rt, conn, ex, attempt, None)
-    if retry:
-        attempt.finish(Outcome.RETRIED, ex.upstream_error)
-    elif ex.upstream_error is not None:
-        attempt.finish(Outcome.FAILED, ex.upstream_error)
-    else:
-        attempt.finish(Outcome.COMPLETED)
-    return retry
 
 
 def _auth_failure(ex: Exchange, target: UpstreamTarget) -> ProxyError | None:
@@ -171,7 +58,7 @@ def _auth_failure(ex: Exchange, target: UpstreamTarget) -> ProxyError | None:
     )
 
 
-class _Relay:
+class Relay:
     """One attempt's response on its way downstream: head, pump, finish.
 
     Small JSON replies and error bodies are *held* (``limits.json_hold_bytes``
@@ -276,7 +163,7 @@ class _Relay:
     async def run(self) -> bool:
         """Relay the response body; True when a filter asked for a retry in time.
 
-        Raises :class:`_FailedBeforeHead` for an upstream failure while nothing
+        Raises :class:`FailedBeforeHead` for an upstream failure while nothing
         had gone downstream.
         """
         resp = self.resp
@@ -293,7 +180,7 @@ class _Relay:
             return await self._finish()
         except UpstreamError as err:
             if not self.attempt.head_sent:
-                raise _FailedBeforeHead(err) from None
+                raise FailedBeforeHead(err) from None
             raise
 
     # -- pump -----------------------------------------------------------------------

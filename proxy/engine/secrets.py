@@ -4,7 +4,7 @@ Two directions, one module:
 
 * a client's credentials are for the proxy: the core drops its
   ``Authorization``/``x-api-key``/``api-key`` headers before anything goes
-  upstream (:mod:`proxy.cycle`), and :func:`strip_query_credentials` drops
+  upstream (:mod:`llmproxy.engine.cycle`), and :func:`strip_query_credentials` drops
   the query parameters that SDKs and browsers use for keys (``?key=`` as in
   Google's APIs, ``?api_key=``, ``?api-key=``, ``?access_token=``...), so no
   client key reaches a provider, a log line or a trace in any form;

@@ -1,10 +1,10 @@
 """A request body as it arrives on the client socket: counted, or chunked and decoded.
 
 A Content-Length body is counted off the socket here: its framing is a byte
-count already checked by :func:`~proxy.framing.check_head`, and h11 would
+count already checked by :func:`~llmproxy.http.framing.check_head`, and h11 would
 spend two of its state-machine events (Data, EndOfMessage) to say the same.
 A chunked body is checked by :class:`ChunkLines` and decoded by
-:class:`~proxy.chunked.ChunkedDecoder` (strict, bounded).
+:class:`~llmproxy.upstream.chunked.ChunkedDecoder` (strict, bounded).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class RequestBody:
     """One request's body, fed the socket's bytes until :attr:`done`.
 
     :meth:`feed` returns the bytes past the body's end (the next request's)
-    and raises :class:`~proxy.errors.ProxyError` (:class:`BadRequest` for bad
+    and raises :class:`~llmproxy.errors.ProxyError` (:class:`BadRequest` for bad
     framing, :class:`BodyTooLarge` past ``limit``); nothing a client sent is
     quoted in its message.
     """
@@ -100,9 +100,9 @@ class RequestBody:
 class ChunkLines:
     """Follows a chunked request body as it arrives, to check what the decoder does not.
 
-    Fed the same bytes as the :class:`~proxy.chunked.ChunkedDecoder`, before
+    Fed the same bytes as the :class:`~llmproxy.upstream.chunked.ChunkedDecoder`, before
     it, it finds each chunk-size line and checks it with
-    :func:`~proxy.framing.chunk_size` (extension grammar, digit bound), checks
+    :func:`~llmproxy.http.framing.chunk_size` (extension grammar, digit bound), checks
     the CRLF after each chunk's data, and refuses a chunk larger than what is
     left of ``budget`` (413) as soon as its size line is complete. It stops at
     the last chunk: the trailer section is the decoder's to check and bound.

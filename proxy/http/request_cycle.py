@@ -3,7 +3,7 @@
 A :class:`Cycle` is created when a request head is parsed and dropped when
 the exchange ends (as uvicorn's ``RequestResponseCycle``): the request body
 being read, whether a ``100 Continue`` is owed, and the response's framing
-and queued output. The connection (:class:`~proxy.server.HttpConnection`)
+and queued output. The connection (:class:`~llmproxy.http.server.HttpConnection`)
 keeps only per-socket state.
 
 Every change of the connection's :class:`State` is checked against
@@ -128,7 +128,7 @@ class Cycle:
     def start(
         self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None, draining: bool
     ) -> None:
-        """Queue the response head (see :meth:`proxy.server.HttpConnection.start_response`)."""
+        """Queue the response head (see :meth:`llmproxy.http.server.HttpConnection.start_response`)."""
         no_body_status = status < 200 or status in (204, 304)  # no body and no framing field
         bodiless = self.head_request or no_body_status
         if bodiless or content_length is not None:

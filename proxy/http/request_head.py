@@ -53,11 +53,11 @@ def incomplete() -> BadRequest:
 def parse_head(buf: bytearray, limits: Limits, eof: bool) -> tuple[h11.Request, HeadInfo, bytes] | None:
     """The complete head at the start of ``buf``, checked and parsed; None while it is incomplete.
 
-    The proxy's strict checks (:func:`~proxy.framing.check_head`) see the head
+    The proxy's strict checks (:func:`~llmproxy.http.framing.check_head`) see the head
     before h11 does; h11 is given the head alone, a fresh state machine per
     head. On success ``buf`` is cleared and the bytes after the head are
     returned. ``eof``: no more bytes will come (an incomplete head is an
-    error). Raises :class:`~proxy.errors.ProxyError`; h11's messages, which
+    error). Raises :class:`~llmproxy.errors.ProxyError`; h11's messages, which
     quote the client's bytes, become fixed ones.
     """
     try:

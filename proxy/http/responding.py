@@ -1,13 +1,13 @@
 """The exchange task's side of a client connection: writing the response.
 
-:class:`ResponseWriting` is a part of :class:`~proxy.server.HttpConnection`
+:class:`ResponseWriting` is a part of :class:`~llmproxy.http.server.HttpConnection`
 (a base class of it, kept in its own module for size): the calls the
 exchange task makes to answer (``start_response``, ``write``, ``flush``,
 ``end_response``, ``drain``, ``write_paused``), each going to the current
-:class:`~proxy.request_cycle.Cycle`.
+:class:`~llmproxy.http.request_cycle.Cycle`.
 
 h11 parses the request; the response is serialised by the
-:class:`~proxy.request_cycle.Cycle` (:mod:`proxy.response_head`): the proxy
+:class:`~llmproxy.http.request_cycle.Cycle` (:mod:`llmproxy.http.response_head`): the proxy
 knows its framing (a length, or chunked) and every field it writes was
 validated when parsed or added, so h11's send-side state machine would only
 repeat that work on the hot path.
@@ -15,12 +15,12 @@ Keep-alive follows RFC 9112 9.3, as h11 would decide it: HTTP/1.1 without
 ``Connection: close``; a close-delimited body or an unread request body
 closes the connection after the response.
 
-Flow control (one :class:`~proxy.flow.FlowControl`): the transport's
+Flow control (one :class:`~llmproxy.io.flow.FlowControl`): the transport's
 ``pause_writing``/``resume_writing`` drive :meth:`ResponseWriting.drain`,
 which the exchange task awaits after writing, so a slow client stops the task
 reading from the upstream (whose connection then stops reading its socket). ``drain(stall_timeout)`` bounds that wait:
 a client that has not read enough within ``stall_timeout`` seconds makes it
-raise :class:`~proxy.errors.ClientDisconnected` (code ``client_stalled``),
+raise :class:`~llmproxy.errors.ClientDisconnected` (code ``client_stalled``),
 nothing more is written, and the connection is aborted when the exchange
 ends, so the upstream connection it held is closed and its pool slot freed.
 While a response is being written, reading from the client is paused once a
@@ -45,7 +45,7 @@ log = logging.getLogger("llmproxy.server")
 
 
 class ResponseWriting:
-    """The response-writing methods of :class:`~proxy.server.HttpConnection` (see the module docstring)."""
+    """The response-writing methods of :class:`~llmproxy.http.server.HttpConnection` (see the module docstring)."""
 
     # set by HttpConnection
     _rt: Runtime
@@ -89,7 +89,7 @@ class ResponseWriting:
         """Wait until the client has read enough of what was written.
 
         With a ``stall_timeout`` (seconds), a client that has not read enough by then
-        is given up on: :class:`~proxy.errors.ClientDisconnected` (code
+        is given up on: :class:`~llmproxy.errors.ClientDisconnected` (code
         ``client_stalled``) is raised, nothing more is written to it, and the
         connection is aborted when the exchange finishes. One timer per wait,
         and a wait happens only when the transport paused writing.

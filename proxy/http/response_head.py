@@ -2,7 +2,7 @@
 
 The proxy writes responses itself rather than through h11's send side: it
 already knows the framing (a length, or chunked) and every field was
-validated when it was parsed (by h11) or added (:func:`proxy.headers.check_field`),
+validated when it was parsed (by h11) or added (:func:`llmproxy.headers.check_field`),
 so h11's per-event state machine and field checks would repeat work on the
 hottest path for nothing. Request parsing stays with h11.
 

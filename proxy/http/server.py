@@ -8,26 +8,26 @@ Theory of operation. A connection loops over request/response cycles::
       │                          chunks decoded here)
       └── error / timeout / EOF mid-request / Connection: close ──> CLOSED
 
-Timeouts (one :class:`~proxy.timers.LazyTimer`): ``header_timeout`` for a
+Timeouts (one :class:`~llmproxy.io.timers.LazyTimer`): ``header_timeout`` for a
 whole head, ``body_timeout`` between two bytes of a request body (re-armed
 per read, which costs no timer operation), ``keepalive_timeout`` between
 requests; each of the first two is a 408, then close. A client that half-closes
 (FIN) with a head or body unfinished is answered 400 and closed at once.
 
-Heads are parsed by :func:`proxy.request_head.parse_head` (strict checks,
+Heads are parsed by :func:`llmproxy.http.request_head.parse_head` (strict checks,
 then a fresh h11 state machine per head, pipelined ones included), bodies by
-:class:`~proxy.request_body.RequestBody`; the bytes past a request's end are
+:class:`~llmproxy.http.request_body.RequestBody`; the bytes past a request's end are
 checked as the next head. Nothing a client sent is ever quoted in a
 rejection's message or log line: messages name the rule.
 
-The exchange itself runs in a task (:func:`proxy.cycle.run_exchange`); the
+The exchange itself runs in a task (:func:`llmproxy.engine.cycle.run_exchange`); the
 connection only parses, buffers the request body (bounded) and writes what
-the task gives it. The exchange's state lives on the :class:`~proxy.exchange.Exchange`,
+the task gives it. The exchange's state lives on the :class:`~llmproxy.exchange.Exchange`,
 the cycle's (request body, response framing, queued output) on a
-:class:`~proxy.request_cycle.Cycle` made per head and dropped when the cycle
+:class:`~llmproxy.http.request_cycle.Cycle` made per head and dropped when the cycle
 ends; the connection keeps only per-socket state, and every change of its
-state is checked against :data:`~proxy.request_cycle.TRANSITIONS`.
-Responses are written through :class:`~proxy.responding.ResponseWriting`
+state is checked against :data:`~llmproxy.http.request_cycle.TRANSITIONS`.
+Responses are written through :class:`~llmproxy.http.responding.ResponseWriting`
 (serialisation, keep-alive, flow control towards the client).
 """
 
@@ -96,7 +96,7 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
         return f"<HttpConnection {self._client} {self._state.value} served={self._served}>"
 
     def _set_state(self, new: State) -> None:
-        """The one place the state changes: checked against :data:`~proxy.request_cycle.TRANSITIONS`."""
+        """The one place the state changes: checked against :data:`~llmproxy.http.request_cycle.TRANSITIONS`."""
         self._state = check_transition(self._state, new)
 
     # -- asyncio.Protocol ----------------------------------------------------

@@ -32,7 +32,7 @@ class SseFramer:
     ``feed(data)`` returns the complete events found so far (possibly none);
     the bytes of an unfinished event are kept until more arrive. ``max_event``
     bounds every event, whole or partial: an event (or unfinished rest) larger
-    than it raises :class:`~proxy.errors.UpstreamEventTooLarge` (a
+    than it raises :class:`~llmproxy.errors.UpstreamEventTooLarge` (a
     ``ValueError`` too), so filters never see a larger event.
 
     Linear in the bytes fed, however an event is split: an unfinished event is

@@ -8,7 +8,7 @@ proxy's own HTTP layer, so the two cannot hide the same framing bug.
 
 The proxy never imports this package: it reaches it only through the
 ``llmproxy.mock_upstream`` entry point (:class:`MockHook`, loaded by
-:mod:`proxy.mock_hook` when a config has ``mock_upstreams``). Modules, by
+:mod:`llmproxy.runtime.mock_hook` when a config has ``mock_upstreams``). Modules, by
 job and protocol: ``config`` (what may be set), ``wire`` (request parsing),
 ``plans`` (status, fault and pacing per request), ``replies`` and
 ``content`` (what handlers build), ``openai`` and ``anthropic`` (the

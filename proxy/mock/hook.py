@@ -1,7 +1,7 @@
 """The mock-upstream hook: how the proxy validates and starts mock providers without importing them.
 
 Registered as entry point ``mock`` in the group ``llmproxy.mock_upstream``
-(see :mod:`proxy.mock_hook`, which loads it only when a config has
+(see :mod:`llmproxy.runtime.mock_hook`, which loads it only when a config has
 ``mock_upstreams``). ``options`` is one ``mock_upstreams[i]`` mapping
 without ``name``, ``host`` and ``port``: the fields of
 :func:`~.config.mock_config_from_dict`.

@@ -1,4 +1,4 @@
-"""Assembling and running a proxy from a :class:`~proxy.config.Config`.
+"""Assembling and running a proxy from a :class:`~llmproxy.runtime.config.Config`.
 
 Lifecycle of one worker (:class:`Proxy`)::
 

@@ -6,7 +6,7 @@ stay in the environment. Validation is strict: an unknown key, a wrong type
 or an impossible value stops startup with a :class:`ConfigError` naming the
 file, the field path (``limits.max_body_bytes``, ``filters[1].config.x``)
 and the reason. Filter sections are validated by the filters' own factories
-when the chain is built (:mod:`proxy.app`), with the same error format.
+when the chain is built (:mod:`llmproxy.runtime.app`), with the same error format.
 
 Top-level sections: ``server``, ``limits``, ``upstream``, ``pool``,
 ``store``, ``mock_upstreams``, ``filters`` (the README has the reference).
@@ -296,55 +296,77 @@ def read_upstream(data: Any, path: str, file: str) -> UpstreamSettings:
 
 
 def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-loaded YAML document into a :class:`Config`."""
+    """Validate an already-loaded YAML document into a :class:`Config` (one reader per section)."""
     data = _interpolate(raw if raw is not None else {}, "", file, os.environ if env is None else env)
     top = Section(data, "", file)
-
-    server_sec = Section(top.get("server", dict, None), "server", file)
-    server = ServerSettings(
-        host=server_sec.get("host", str, "127.0.0.1"),
-        port=server_sec.get("port", int, 8080, _port),
-        workers=server_sec.get("workers", int, 1, lambda v: None if 1 <= v <= 256 else "must be between 1 and 256"),
-        access_log=_access_log_mode(server_sec),
-        log_level=server_sec.get("log_level", str, "info", _one_of("debug", "info", "warning", "error")),
-        validate_json=server_sec.get("validate_json", bool, True),
-        admin_allow=tuple(str(a) for a in server_sec.get("admin_allow", list, ["127.0.0.1", "::1"])),
-    )
-    server_sec.finish()
-
-    limits_sec = Section(top.get("limits", dict, None), "limits", file)
-    defaults = Limits()
-    limit_values: dict[str, Any] = {}
-    for f in fields(Limits):
-        kind = type(getattr(defaults, f.name))
-        limit_values[f.name] = limits_sec.get(f.name, kind, getattr(defaults, f.name), _positive)
-    limits_sec.finish()
-    limits = Limits(**limit_values)
-
+    server = _read_server(Section(top.get("server", dict, None), "server", file))
+    limits = _read_limits(Section(top.get("limits", dict, None), "limits", file))
     upstream_raw = top.get("upstream", dict, None)
     upstream = read_upstream(upstream_raw, "upstream", file) if upstream_raw is not None else None
+    pool = _read_pool(Section(top.get("pool", dict, None), "pool", file))
+    store = top.get("store", str, "memory", _store_url)
+    mocks = _read_mocks(top.get("mock_upstreams", list, []), file)
+    filters = _read_filters(top.get("filters", list, []), file)
+    top.finish()
+    if upstream is not None and upstream.url.startswith("mock://"):
+        mock_name = upstream.url[len("mock://") :].split("/", 1)[0]
+        if not any(m.name == mock_name for m in mocks):
+            raise ConfigError(file, "upstream.url", f"no mock_upstreams entry named {mock_name!r}")
+    return Config(
+        file=file,
+        server=server,
+        limits=limits,
+        upstream=upstream,
+        pool=pool,
+        store=store,
+        mock_upstreams=tuple(mocks),
+        filters=tuple(filters),
+    )
 
-    pool_sec = Section(top.get("pool", dict, None), "pool", file)
+
+def _read_server(sec: Section) -> ServerSettings:
+    server = ServerSettings(
+        host=sec.get("host", str, "127.0.0.1"),
+        port=sec.get("port", int, 8080, _port),
+        workers=sec.get("workers", int, 1, lambda v: None if 1 <= v <= 256 else "must be between 1 and 256"),
+        access_log=_access_log_mode(sec),
+        log_level=sec.get("log_level", str, "info", _one_of("debug", "info", "warning", "error")),
+        validate_json=sec.get("validate_json", bool, True),
+        admin_allow=tuple(str(a) for a in sec.get("admin_allow", list, ["127.0.0.1", "::1"])),
+    )
+    sec.finish()
+    return server
+
+
+def _read_limits(sec: Section) -> Limits:
+    """Every :class:`Limits` field is a ``limits.<name>`` key of the same type, positive."""
+    defaults = Limits()
+    values: dict[str, Any] = {}
+    for f in fields(Limits):
+        kind = type(getattr(defaults, f.name))
+        values[f.name] = sec.get(f.name, kind, getattr(defaults, f.name), _positive)
+    sec.finish()
+    return Limits(**values)
+
+
+def _read_pool(sec: Section) -> PoolSettings:
     pool = PoolSettings(
-        max_per_origin=pool_sec.get("max_per_origin", int, 256, _positive),
-        keepalive_expiry=pool_sec.get("keepalive_expiry", float, 30.0, _positive),
+        max_per_origin=sec.get("max_per_origin", int, 256, _positive),
+        keepalive_expiry=sec.get("keepalive_expiry", float, 30.0, _positive),
     )
-    pool_sec.finish()
+    sec.finish()
+    return pool
 
-    store = top.get(
-        "store",
-        str,
-        "memory",
-        lambda v: (
-            None
-            if v == "memory" or v.startswith(("redis://", "rediss://", "unix://"))
-            else "must be 'memory' or a redis:// URL"
-        ),
-    )
 
+def _store_url(value: str) -> str | None:
+    if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "must be 'memory' or a redis:// URL"
+
+
+def _read_mocks(items: list[Any], file: str) -> list[MockSpec]:
     mocks: list[MockSpec] = []
-    mock_list = top.get("mock_upstreams", list, [])
-    for i, item in enumerate(mock_list):
+    for i, item in enumerate(items):
         path = f"mock_upstreams[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(file, path, "must be a mapping")
@@ -365,9 +387,12 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
         except (MockHookError, ValueError) as exc:
             raise ConfigError(file, path, str(exc)) from None
         mocks.append(MockSpec(name=name, host=str(host), port=port, options=options))
+    return mocks
 
+
+def _read_filters(items: list[Any], file: str) -> list[FilterSpec]:
     filters: list[FilterSpec] = []
-    for i, item in enumerate(top.get("filters", list, [])):
+    for i, item in enumerate(items):
         path = f"filters[{i}]"
         sec = Section(item, path, file)
         name = sec.get("name", str, None)
@@ -376,22 +401,7 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
         config = sec.get("config", dict, {})
         sec.finish()
         filters.append(FilterSpec(name=name, config=config, path=path))
-
-    top.finish()
-    if upstream is not None and upstream.url.startswith("mock://"):
-        mock_name = upstream.url[len("mock://") :].split("/", 1)[0]
-        if not any(m.name == mock_name for m in mocks):
-            raise ConfigError(file, "upstream.url", f"no mock_upstreams entry named {mock_name!r}")
-    return Config(
-        file=file,
-        server=server,
-        limits=limits,
-        upstream=upstream,
-        pool=pool,
-        store=store,
-        mock_upstreams=tuple(mocks),
-        filters=tuple(filters),
-    )
+    return filters
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

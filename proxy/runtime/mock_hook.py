@@ -1,6 +1,6 @@
 """Finding the mock-upstream hook: the only way the runtime reaches the offline mock provider.
 
-The runtime (:mod:`proxy.config`, :mod:`proxy.app`, :mod:`proxy.cli`) never
+The runtime (:mod:`llmproxy.runtime.config`, :mod:`llmproxy.runtime.app`, :mod:`llmproxy.runtime.cli`) never
 imports the mock package. When, and only when, a config has
 ``mock_upstreams``, :func:`load_mock_hook` loads the entry point ``mock``
 of the group ``llmproxy.mock_upstream`` (this project registers

@@ -3,7 +3,7 @@
 Builtin filters are registered in this project's own ``setup.cfg`` exactly
 like third-party ones, so one loader serves both. The chain order is the
 order of ``filters:`` in the config, never discovery order. A filter that is
-missing, fails to import, is not a :class:`~proxy.filter.FilterFactory`, or
+missing, fails to import, is not a :class:`~llmproxy.filter.FilterFactory`, or
 rejects its config stops startup with its name and the reason.
 """
 

@@ -1,4 +1,4 @@
-"""A :class:`~proxy.store.SharedStore` on Redis, shared by every proxy instance.
+"""A :class:`~llmproxy.state.store.SharedStore` on Redis, shared by every proxy instance.
 
 Theory of operation
 -------------------
@@ -15,7 +15,7 @@ Key layout (``ns`` is the ``namespace`` argument, ``key`` the filter's key)::
     <ns>:n:<key>   integer string         incr
 
 Values and counters are separate key spaces, as in
-:class:`~proxy.store.MemoryStore` (``incr("k")`` never touches ``get("k")``),
+:class:`~llmproxy.state.store.MemoryStore` (``incr("k")`` never touches ``get("k")``),
 and a Redis key holds a single type, hence the one-letter kind tag. Since no
 script needs a second key, no Redis Cluster hash tag is needed. A lease
 ``name`` lives at the value key ``lease:<name>`` (again as in
@@ -49,7 +49,7 @@ Float seconds become whole milliseconds, rounded up, at least 1.
 Errors
 ------
 Connection failures, timeouts, a loading or read-only (failed-over) server
-and a full pool become :class:`~proxy.store.StoreUnavailable` in one place,
+and a full pool become :class:`~llmproxy.state.store.StoreUnavailable` in one place,
 :func:`_guarded`; messages name the URL with its password replaced by
 ``***``. redis-py's own retries are off: an ambiguous failure (command sent,
 reply lost) must not apply a CAS write or an ``incr`` twice. Idle
@@ -62,8 +62,8 @@ A Redis that accepts connections but does not answer (frozen, ``DEBUG
 SLEEP``, a black-holed route) would make every operation wait its
 ``socket_timeout``: at 0.5 s per request, 320 req/s become 16. So a failure
 that cost a timeout (reply, connect, or waiting for a pooled connection)
-opens a :class:`~proxy.store.CircuitBreaker`: from then on every operation
-raises :class:`~proxy.store.StoreUnavailable` at once, with no round trip,
+opens a :class:`~llmproxy.state.store.CircuitBreaker`: from then on every operation
+raises :class:`~llmproxy.state.store.StoreUnavailable` at once, with no round trip,
 and callers serve from their last view. One background task sends a
 ``PING`` (bounded by the same timeouts) every ``probe_interval`` seconds and
 closes the breaker when Redis answers; an explicit :meth:`RedisStore.ping`
@@ -89,6 +89,15 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from llmproxy.state.redis_scripts import (
+    LUA_ACQUIRE,
+    LUA_DELETE,
+    LUA_GET,
+    LUA_INCR_TTL,
+    LUA_PRELUDE,
+    LUA_RELEASE,
+    LUA_SET,
+)
 from llmproxy.state.store import BreakerState, CircuitBreaker, SharedStore, StoreUnavailable
 
 __all__ = ["RedisStore"]
@@ -142,88 +151,6 @@ def _store_options(url: str) -> tuple[str, dict[str, str]]:
         return url, {}
     rest = [(name, value) for name, value in pairs if name not in _STORE_OPTIONS]
     return (head + "?" + urlencode(rest) if rest else head), ours
-
-
-# Shared Lua helpers, prepended to each script. ``live`` reads a value hash
-# and returns (val or false, ver string or false); val is false when the key
-# is absent, deleted (tombstone) or past ``exp``.
-_LUA_PRELUDE = """
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-
-local function live(key)
-  local f = redis.call('HMGET', key, 'val', 'ver', 'exp')
-  if f[1] and f[3] and tonumber(f[3]) <= now_ms then
-    return false, f[2]
-  end
-  return f[1], f[2]
-end
-
-local function write(key, val, ver, ttl_ms, tomb_ms)
-  local new = string.format('%.0f', math.max((tonumber(ver) or 0) + 1, now_us))
-  if ttl_ms then
-    redis.call('HSET', key, 'val', val, 'ver', new,
-               'exp', string.format('%.0f', now_ms + ttl_ms))
-    redis.call('PEXPIRE', key, ttl_ms + tomb_ms)
-  else
-    redis.call('HSET', key, 'val', val, 'ver', new)
-    redis.call('HDEL', key, 'exp')
-    redis.call('PERSIST', key)
-  end
-end
-
-local function bury(key, tomb_ms)
-  redis.call('HDEL', key, 'val', 'exp')
-  redis.call('PEXPIRE', key, tomb_ms)
-end
-"""
-
-# KEYS[1] value hash -> {val, ver} or nil
-_LUA_GET = """
-local val, ver = live(KEYS[1])
-if not val then return false end
-return {val, ver}
-"""
-
-# KEYS[1] value hash; ARGV: val, cas ('' = none), ttl_ms ('' = none), tomb_ms
-_LUA_SET = """
-local val, ver = live(KEYS[1])
-if ARGV[2] ~= '' and ARGV[2] ~= (val and ver or '0') then return 0 end
-write(KEYS[1], ARGV[1], ver, tonumber(ARGV[3]), tonumber(ARGV[4]))
-return 1
-"""
-
-# KEYS[1] value hash; ARGV: cas ('' = none), tomb_ms
-_LUA_DELETE = """
-local val, ver = live(KEYS[1])
-if not val or (ARGV[1] ~= '' and ARGV[1] ~= ver) then return 0 end
-bury(KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
-
-# KEYS[1] lease's value hash; ARGV: holder, ttl_ms, tomb_ms
-_LUA_ACQUIRE = """
-local val, ver = live(KEYS[1])
-if val and val ~= ARGV[1] then return 0 end
-write(KEYS[1], ARGV[1], ver, tonumber(ARGV[2]), tonumber(ARGV[3]))
-return 1
-"""
-
-# KEYS[1] lease's value hash; ARGV: holder, tomb_ms
-_LUA_RELEASE = """
-local val, ver = live(KEYS[1])
-if val == ARGV[1] then bury(KEYS[1], tonumber(ARGV[2])) end
-return 0
-"""
-
-# KEYS[1] counter; ARGV: amount, ttl_ms. Create at 0 with the ttl, then add:
-# INCRBY keeps the expiry, so the ttl applies on creation only.
-_LUA_INCR_TTL = """
-redis.call('SET', KEYS[1], 0, 'PX', ARGV[2], 'NX')
-return redis.call('INCRBY', KEYS[1], ARGV[1])
-"""
 
 
 def _millis(seconds: float) -> int:
@@ -348,12 +275,12 @@ class RedisStore(SharedStore):
             retry=Retry(NoBackoff(), 0),
         )
         self._redis = Redis.from_pool(pool)
-        self._get = self._redis.register_script(_LUA_PRELUDE + _LUA_GET)
-        self._set = self._redis.register_script(_LUA_PRELUDE + _LUA_SET)
-        self._delete = self._redis.register_script(_LUA_PRELUDE + _LUA_DELETE)
-        self._acquire = self._redis.register_script(_LUA_PRELUDE + _LUA_ACQUIRE)
-        self._release = self._redis.register_script(_LUA_PRELUDE + _LUA_RELEASE)
-        self._incr_ttl = self._redis.register_script(_LUA_INCR_TTL)
+        self._get = self._redis.register_script(LUA_PRELUDE + LUA_GET)
+        self._set = self._redis.register_script(LUA_PRELUDE + LUA_SET)
+        self._delete = self._redis.register_script(LUA_PRELUDE + LUA_DELETE)
+        self._acquire = self._redis.register_script(LUA_PRELUDE + LUA_ACQUIRE)
+        self._release = self._redis.register_script(LUA_PRELUDE + LUA_RELEASE)
+        self._incr_ttl = self._redis.register_script(LUA_INCR_TTL)
 
     def __repr__(self) -> str:
         return f"<RedisStore {self._url} namespace={self._prefix[:-1]!r} breaker={self.breaker.state.value}>"

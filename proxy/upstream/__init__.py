@@ -1,10 +1,10 @@
 """The upstream client: h11 connections in a pool per origin.
 
 This module is the one boundary where socket, TLS and h11 exceptions are
-mapped into the project's own :class:`~proxy.errors.UpstreamError` types;
+mapped into the project's own :class:`~llmproxy.errors.UpstreamError` types;
 nothing above it ever sees an ``OSError``, ``ssl.SSLError`` or h11 error.
 
-Timeouts (each a typed :class:`~proxy.errors.UpstreamTimeout` with its
+Timeouts (each a typed :class:`~llmproxy.errors.UpstreamTimeout` with its
 ``phase``):
 
 * ``connect``: TCP connect plus TLS handshake, and waiting for a free pool slot;
@@ -25,7 +25,7 @@ Response heads are strict: a head whose framing could be read two ways
 (both Content-Length and Transfer-Encoding, differing lengths, a coding other
 than a single ``chunked``, an invalid length), a status outside 100-599, or a
 head over ``max_head_bytes`` or ``max_head_fields`` (whatever the read
-boundaries) is an :class:`~proxy.errors.UpstreamProtocolError`, and the
+boundaries) is an :class:`~llmproxy.errors.UpstreamProtocolError`, and the
 connection is closed. Bytes an upstream sends while no request is
 outstanding close the connection too: they could only be a response planted
 for the next request.
@@ -36,9 +36,9 @@ throttles the upstream instead of making the proxy buffer without bound; a
 request body is sent respecting the transport's ``pause_writing``.
 
 Layout: this module holds the public API (targets, :class:`UpstreamPool`,
-:class:`UpstreamResponse`); the pool policy is :mod:`proxy.pool`, one
-connection :mod:`proxy.upstream_conn`, one response's parsing state
-:mod:`proxy.upstream_reader`.
+:class:`UpstreamResponse`); the pool policy is :mod:`llmproxy.upstream.pool`, one
+connection :mod:`llmproxy.upstream.connection`, one response's parsing state
+:mod:`llmproxy.upstream.reader`.
 """
 
 from __future__ import annotations
@@ -109,10 +109,10 @@ class UpstreamTarget:
     ca_file: str | None = None
     host_header: bytes = b""
     #: A short, non-reversible id of the credential in ``headers`` (logs, metrics,
-    #: :class:`~proxy.attempt.Attempt`); "" when the target carries none.
+    #: :class:`~llmproxy.attempt.Attempt`); "" when the target carries none.
     key_id: str = ""
     #: The credential values in ``headers`` (``Bearer`` stripped), longest first: what must
-    #: never reach a client (see :mod:`proxy.secrets`). Derived; not compared.
+    #: never reach a client (see :mod:`llmproxy.engine.secrets`). Derived; not compared.
     secrets: tuple[bytes, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:

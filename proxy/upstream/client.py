@@ -1,7 +1,7 @@
 """The core's upstream client, for filters that must call a provider themselves.
 
 Health probes and remote checks go through the worker's own
-:class:`~proxy.upstream.UpstreamPool` (its connections, timeouts, TLS and
+:class:`~llmproxy.upstream.UpstreamPool` (its connections, timeouts, TLS and
 strict response parsing), never through a pool or request heads of their
 own: :meth:`UpstreamClient.request` builds the head the way the core does
 for proxied requests (one Host, an exact Content-Length, the target's
@@ -49,7 +49,7 @@ class UpstreamClient:
     ) -> UpstreamReply:
         """Send one request below ``target``'s base path and read the whole reply.
 
-        Raises :class:`~proxy.errors.UpstreamError` subclasses (connect,
+        Raises :class:`~llmproxy.errors.UpstreamError` subclasses (connect,
         protocol, timeout), and :class:`UpstreamProtocolError` for a body
         over ``max_body`` bytes. ``headers`` must be validated fields without
         Host, Content-Length or the target's own headers (added here).

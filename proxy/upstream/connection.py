@@ -1,9 +1,9 @@
 """One upstream connection: an asyncio Protocol carrying one request at a time.
 
 The connection owns the socket's state only: its transport and
-:class:`~proxy.flow.FlowControl`, the timer, its pool state; everything
+:class:`~llmproxy.io.flow.FlowControl`, the timer, its pool state; everything
 about the response in flight is on a
-:class:`~proxy.upstream_reader.ResponseReader`, replaced when the connection
+:class:`~llmproxy.upstream.reader.ResponseReader`, replaced when the connection
 is reused.
 
 Flow control: the connection pauses reading from its socket while more than
@@ -193,7 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
     async def _wait(self, deadline: float, phase: str) -> None:
         """Wait for any progress; raise UpstreamTimeout(phase) at ``deadline`` (loop time).
 
-        The timer is lazy (:class:`~proxy.timers.LazyTimer`), so a stream of
+        The timer is lazy (:class:`~llmproxy.io.timers.LazyTimer`), so a stream of
         many chunks costs no timer operation per chunk.
         """
         waiter = self._loop.create_future()
@@ -221,7 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
         Contract: ``headers`` hold exactly one ``host`` and, unless the request
         is a bodiless GET or HEAD, a ``content-length`` equal to ``len(body)``;
         every field was validated when it was parsed (h11) or added
-        (:func:`proxy.headers.check_field`). ``method`` and ``target`` are
+        (:func:`llmproxy.headers.check_field`). ``method`` and ``target`` are
         checked here against h11's grammar. A request that breaks the contract
         raises :class:`UpstreamProtocolError` before a byte is written.
 

@@ -9,11 +9,11 @@ acts on what it says (wake the reader task, pause the socket, fail).
 Bodies are read off the socket here, not by h11 (which parses every head):
 a Content-Length body is a byte count, for which h11 would spend two
 state-machine events (Data, EndOfMessage); a chunked body goes through
-:mod:`proxy.chunked`, as h11 spends about fifty Python calls per chunk, and a
+:mod:`llmproxy.upstream.chunked`, as h11 spends about fifty Python calls per chunk, and a
 provider sends one chunk per SSE event. Close-delimited bodies (HTTP/1.0
 upstreams) stay with h11.
 
-A head is refused (:class:`~proxy.errors.UpstreamProtocolError`, the
+A head is refused (:class:`~llmproxy.errors.UpstreamProtocolError`, the
 connection closed) when its framing could be read two ways - the one way
 request smuggling and response injection work. h11 already refuses
 differing Content-Length values, one that is not 1-20 digits, a

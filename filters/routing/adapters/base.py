@@ -4,7 +4,7 @@ An adapter knows, for its kind of provider, which wire protocol it speaks
 (``openai`` chat-completions style or ``anthropic`` messages style), how a
 credential is sent, and where each API lives under the provider's base URL.
 Request and response *translation* between protocols is not the adapter's
-job (see :mod:`filters.translate`); the routing filter applies it whenever a
+job (see :mod:`llmproxy.filters.translate`); the routing filter applies it whenever a
 client's protocol differs from the adapter's.
 
 Adding a provider kind is one module: subclass :class:`Adapter`, decorate it
