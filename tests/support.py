@@ -85,6 +85,31 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close:
         return b"".join(chunks)
 
 
+def talk(port: int, data: bytes, shut: bool = False, timeout: float = 3.0) -> tuple[bytes, bool, float]:
+    """Send ``data`` (then FIN if ``shut``); return what came back, whether the peer
+    closed the connection within ``timeout``, and how long that took."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        closed = False
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+    return b"".join(chunks), closed, time.monotonic() - started
+
+
 def status_of(response: bytes) -> int:
     """The status code of a raw HTTP/1.1 response."""
     return int(response.split(b" ", 2)[1])

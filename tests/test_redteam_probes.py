@@ -22,7 +22,7 @@ import pytest
 
 from llmproxy.mock import MockServer
 
-from .support import LoopThread, RunningProxy, status_of
+from .support import LoopThread, RunningProxy, status_of, talk
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
@@ -42,25 +42,8 @@ def _cl(body: bytes = BODY) -> bytes:
 
 def _talk(port: int, data: bytes, shut: bool = False, timeout: float = 3.0) -> tuple[bytes, bool]:
     """Send ``data``; return what came back and whether the proxy closed within ``timeout``."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        if shut:
-            sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        closed = False
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            except ConnectionResetError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            chunks.append(chunk)
-    return b"".join(chunks), closed
+    response, closed, _ = talk(port, data, shut, timeout)
+    return response, closed
 
 
 def _body(response: bytes) -> Any:

@@ -23,7 +23,7 @@ from llmproxy import Action, Exchange, Filter, FilterFactory
 from llmproxy.mock import MockServer
 from llmproxy.runtime.config import ConfigError, parse_config
 
-from ..support import RunningProxy, status_of
+from ..support import RunningProxy, status_of, talk
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 PATH = b"/v1/chat/completions"
@@ -47,28 +47,7 @@ def _chunked_body(body: bytes = BODY) -> bytes:
 
 
 def _talk(port: int, data: bytes, shut: bool = False, timeout: float = 3.0) -> tuple[bytes, bool, float]:
-    """Send ``data`` (then FIN if ``shut``); return what came back, whether the proxy
-    closed the connection within ``timeout``, and how long that took."""
-    started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        if shut:
-            sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        closed = False
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            except ConnectionResetError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            chunks.append(chunk)
-    return b"".join(chunks), closed, time.monotonic() - started
+    return talk(port, data, shut, timeout)
 
 
 def _error(response: bytes) -> dict[str, Any]:
