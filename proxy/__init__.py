@@ -46,6 +46,7 @@ from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event
 from llmproxy.runtime.config import ConfigError, Section, read_upstream
 from llmproxy.state.store import MemoryStore, SharedStore, StoreUnavailable
 from llmproxy.upstream import Timeouts, UpstreamTarget
+from llmproxy.usage import Cost, Source, Usage
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "BadRequest",
     "ClientDisconnected",
     "ConfigError",
+    "Cost",
     "Exchange",
     "FactoryContext",
     "Filter",
@@ -73,6 +75,7 @@ __all__ = [
     "Section",
     "ServiceUnavailable",
     "SharedStore",
+    "Source",
     "SseEvent",
     "SseFramer",
     "StoreUnavailable",
@@ -82,6 +85,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamTarget",
     "UpstreamTimeout",
+    "Usage",
     "__version__",
     "anthropic_type_for_status",
     "check_field",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from llmproxy.errors import ProxyError
     from llmproxy.exchange import Response
     from llmproxy.upstream import UpstreamTarget
+    from llmproxy.usage import Usage
 
 __all__ = ["Attempt", "Outcome"]
 
@@ -62,6 +63,7 @@ class Attempt:
         "response",
         "started_at",
         "target",
+        "usage",
     )
 
     def __init__(self, number: int, target: UpstreamTarget) -> None:
@@ -79,6 +81,9 @@ class Attempt:
         #: This attempt's response head was written downstream.
         self.head_sent = False
         self.outcome = Outcome.PENDING
+        #: Tokens spent by this attempt (:class:`~llmproxy.usage.Usage`): set by
+        #: routing from the provider's report, completed by ``metering``.
+        self.usage: Usage | None = None
         self.started_at = time.perf_counter()
         self.ended_at = 0.0
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from llmproxy.attempt import Attempt
     from llmproxy.filter import Filter
     from llmproxy.upstream import UpstreamTarget
+    from llmproxy.usage import Usage
 
 __all__ = ["Exchange", "LocalReply", "Request", "Response"]
 
@@ -117,6 +118,7 @@ class Exchange:
         "started_at",
         "upstream",
         "upstream_error",
+        "usage",
         "vars",
     )
 
@@ -146,6 +148,9 @@ class Exchange:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.vars: dict[str, Any] = {}
+        #: Tokens and cost of the whole exchange (the sum of its attempts'), set by
+        #: the ``metering`` filter before ``on_exchange_complete``; None without it.
+        self.usage: Usage | None = None
         self.filters: list[Filter] = []
         self._json: Any = _UNPARSED
         self._json_dirty = False

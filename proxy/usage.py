@@ -102,11 +102,7 @@ class Usage:
     def merged(self, other: Usage) -> Usage:
         """The sum of two records (an exchange's attempts); a source is the weaker of the two."""
         order = (Source.PROVIDER, Source.TOKENIZER, Source.RESERVATION)
-        cost: Cost | None
-        if self.cost is None or other.cost is None:
-            cost = None
-        else:
-            cost = self.cost + other.cost
+        cost = None if self.cost is None or other.cost is None else self.cost + other.cost
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
