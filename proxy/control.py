@@ -37,10 +37,6 @@ class HookControl:
         self.retry = False
         self.skipped = None
 
-    def skips(self, filter_id: int) -> bool:
-        skipped = self.skipped
-        return skipped is not None and filter_id in skipped
-
     def __repr__(self) -> str:
         return (
             f"<HookControl local_reply={self.local_reply is not None} retry={self.retry}"

@@ -82,6 +82,14 @@ class Filter:
     #: chunk (its return value is ignored).
     mutates_response_body: ClassVar[bool] = True
 
+    #: Whether ``on_response_body`` takes several whole SSE events in one call.
+    #: When every mutating filter of a stream says so, the core hands each
+    #: upstream read's whole events over in one call instead of one call per
+    #: event (cheaper: look at the batch with a byte check, split it only when
+    #: it matters). Otherwise a filter sees one event per call. Observers
+    #: always get batches.
+    sse_batches: ClassVar[bool] = False
+
     __slots__ = ("factory",)
 
     def __init__(self, factory: FilterFactory) -> None:
@@ -123,7 +131,8 @@ class Filter:
 
     def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         """Called for each response chunk; for ``text/event-stream`` responses
-        once per whole SSE event (raw bytes, terminator included).
+        once per whole SSE event (raw bytes, terminator included), or with one
+        or more whole events for a filter that sets ``sse_batches``.
 
         ``CONTINUE`` passes ``data`` on (or its replacement, set with
         :meth:`Exchange.set_response_data`: empty bytes drop it, several events

@@ -155,6 +155,28 @@ class SseRewriteFactory(FilterFactory):
         SseRewriteFactory.instances.append(self)
 
 
+class BatchRecorderFilter(Filter):
+    """Takes batches of whole SSE events (``sse_batches``); records each call's data, passes it on."""
+
+    factory: BatchRecorderFactory
+    sse_batches = True
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        if data:
+            self.factory.calls.append(data)
+        return Action.CONTINUE
+
+
+class BatchRecorderFactory(FilterFactory):
+    filter_class = BatchRecorderFilter
+    instances: ClassVar[list[BatchRecorderFactory]] = []
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.calls: list[bytes] = []
+        BatchRecorderFactory.instances.append(self)
+
+
 class RetryElsewhereFilter(Filter):
     """On an error status or upstream failure, retry once against ``fallback_url``."""
 

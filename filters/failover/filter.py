@@ -129,6 +129,9 @@ def _classify(status: int, error: UpstreamError | None) -> str:
 class FailoverFilter(Filter):
     factory: FailoverFactory
 
+    #: on_response_body looks at every event of what it is given (``_held_events``)
+    sse_batches = True
+
     __slots__ = ("_ended", "_holding", "_ok", "_routing", "_same_key_retries", "_seen", "_tried")
 
     def __init__(self, factory: FilterFactory) -> None:
@@ -240,12 +243,16 @@ class FailoverFilter(Filter):
         self._seen = len(data)
         content = failed = False
         for event in _held_events(new):
+            if content and b"error" not in event:
+                continue  # after the first content only an error event still matters (a byte check)
             kind = classify(event)
             if kind is Kind.ERROR:
                 failed = True
                 break
             if kind is Kind.CONTENT:
                 content = True
+                if b"error" not in new:
+                    break  # the rest cannot hold an error event
             elif kind is Kind.END:
                 self._ended = True
         if content and not failed:

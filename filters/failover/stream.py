@@ -38,6 +38,7 @@ at its first content).
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 import orjson
@@ -73,6 +74,7 @@ _ERROR_TYPES = frozenset(name.decode() for name in _ERROR_NAMES)
 # ``response.``. Anything else (``ping``, ``message_start`` ...) is skipped
 # without parsing.
 _MARKERS = (b"delta", b'"text"', b"error", b"_use", b"_result", b"_call", b"message_stop", b"response.")
+_MARKER_SEARCH = re.compile(b"|".join(re.escape(marker) for marker in _MARKERS)).search
 
 # OpenAI chat ``choices[*].delta`` fields that a client shows.
 _CHAT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning", "tool_calls", "function_call", "audio")
@@ -93,7 +95,7 @@ def classify(raw: bytes) -> Kind:
     data = event.data.strip()
     if data == b"[DONE]":
         return Kind.END
-    if not data.startswith(b"{") or not any(marker in data for marker in _MARKERS):
+    if not data.startswith(b"{") or _MARKER_SEARCH(data) is None:
         return Kind.NOTHING
     try:
         payload = orjson.loads(data)
@@ -137,8 +139,11 @@ def _present(value: Any) -> bool:
 
 
 def _any_field(delta: Any, fields: tuple[str, ...]) -> Kind:
-    if isinstance(delta, dict) and any(_present(delta.get(field)) for field in fields):
-        return Kind.CONTENT
+    if isinstance(delta, dict):
+        for field in fields:
+            value = delta.get(field)
+            if value is not None and value != "" and value != [] and value != {}:  # _present, inlined
+                return Kind.CONTENT
     return Kind.NOTHING
 
 

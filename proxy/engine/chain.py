@@ -41,6 +41,7 @@ class _Step(NamedTuple):
     is_async: bool
     fail_open: bool
     name: str
+    batches: bool  # the hook takes several whole SSE events per call (Filter.sse_batches)
 
 
 def _plan(factories: Sequence[FilterFactory], hook: str, reverse: bool, **where: bool) -> tuple[_Step, ...]:
@@ -52,7 +53,16 @@ def _plan(factories: Sequence[FilterFactory], hook: str, reverse: bool, **where:
             continue
         if any(getattr(cls, attr) != value for attr, value in where.items()):
             continue
-        steps.append(_Step(index, fn, inspect.iscoroutinefunction(fn), factory.fail_open, factory.name))
+        steps.append(
+            _Step(
+                index,
+                fn,
+                inspect.iscoroutinefunction(fn),
+                factory.fail_open,
+                factory.name,
+                bool(getattr(cls, "sse_batches", False)),
+            )
+        )
     if reverse:
         steps.reverse()
     return tuple(steps)
@@ -139,7 +149,8 @@ class Chain:
         filters = ex.filters
         control = ex.control
         for step in self.response_observer_plan:
-            if control.skips(id(filters[step.slot])):
+            skipped = control.skipped
+            if skipped is not None and id(filters[step.slot]) in skipped:
                 continue
             try:
                 result = step.hook(filters[step.slot], ex, data, end_of_stream)
@@ -174,24 +185,30 @@ class Chain:
 class ResponseBodyStage:
     """Runs mutating response-body hooks with proxy-wasm pause semantics.
 
-    Data (a chunk, or one whole SSE event) enters at the first step. A step
-    that returns PAUSE before end of stream holds it: the data is appended to
-    a bounded buffer and the same step is called again with everything held
-    when more arrives. What passes the last step is released downstream.
+    Data (a chunk; for SSE one whole event, or several for a stage whose
+    hooks all take batches) enters at the first step. A step that returns
+    PAUSE before end of stream holds it: the data is appended to a bounded
+    buffer and the same step is called again with everything held when more
+    arrives. What passes the last step is released downstream.
 
-    For SSE (``sse=True``) the promise that a hook sees one whole event at a
-    time holds after a release or an injection too: when a step passes on
-    several events at once, the steps after it get them one by one.
+    For SSE (``sse=True``) a hook that does not declare ``sse_batches`` sees
+    one whole event per call, after a release or an injection too: when the
+    data reaching it holds several events, it (and the steps after it) get
+    them one by one. ``batches`` is True when the first hook takes batches:
+    the relay then feeds each upstream read's whole events in one call, and
+    they are split only before a hook that does not take batches.
     """
 
-    __slots__ = ("_buffer", "_cap", "_paused_at", "_plan", "_sse")
+    __slots__ = ("_buffer", "_cap", "_last", "_paused_at", "_plan", "_sse", "batches")
 
     def __init__(self, plan: tuple[_Step, ...], cap: int, sse: bool = False) -> None:
         self._plan = plan
+        self._last = len(plan) - 1
         self._cap = cap
         self._sse = sse
         self._paused_at = -1
         self._buffer = bytearray()
+        self.batches = sse and bool(plan) and plan[0].batches
 
     async def push(self, ex: Exchange, data: bytes, end_of_stream: bool) -> bytes | None:
         """Feed ``data``; return the bytes released downstream, or None when held.
@@ -200,7 +217,7 @@ class ResponseBodyStage:
         would if nothing were paused; only one step can be paused at a time
         because nothing passes beyond it.
         """
-        return await self._run(ex, data, end_of_stream, 0)
+        return await self._run(ex, data, end_of_stream, 0, not self.batches)
 
     async def push_all(self, ex: Exchange, pieces: list[bytes]) -> bytes | None:
         """:meth:`push` each of ``pieces`` (none at end of stream); the released bytes joined.
@@ -208,27 +225,30 @@ class ResponseBodyStage:
         Stops early when a hook asked for a retry (``ex.control.retry``). One call
         per upstream read instead of one per SSE event.
         """
+        if len(pieces) == 1:
+            released = await self._run(ex, pieces[0], False, 0, not self.batches)
+            return None if ex.control.retry else released
         out: list[bytes] = []
         for piece in pieces:
-            released = await self._run(ex, piece, False, 0)
+            released = await self._run(ex, piece, False, 0, not self.batches)
             if ex.control.retry:
                 return None
             if released:
                 out.append(released)
         return b"".join(out) if out else None
 
-    async def _run(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
+    async def _run(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int, one_event: bool) -> bytes | None:
+        """Run the steps from ``start``; ``one_event``: ``data`` is known to be one SSE event (what
+        the relay pushes is, unless the stage takes batches; after a step released what it held or
+        replaced the data, maybe not)."""
         filters = ex.filters
         control = ex.control
         plan = self._plan
-        last = len(plan) - 1
-        # ``data`` enters as one event (SSE); it may hold several only after a
-        # step released what it held or replaced the data.
-        one_event = True
-        for position in range(start, len(plan)):
+        for position in range(start, self._last + 1):
             step = plan[position]
-            # a hook may have opted out of the rest of the body
-            if control.skips(id(filters[step.slot])) and position != self._paused_at:
+            # a hook may have opted out of the rest of the body (read each time: a hook may opt out now)
+            skipped = control.skipped
+            if skipped is not None and id(filters[step.slot]) in skipped and position != self._paused_at:
                 continue
             if position == self._paused_at:
                 self._buffer += data
@@ -236,6 +256,10 @@ class ResponseBodyStage:
                     raise UpstreamResponseTooLarge(f"response held by a filter exceeds {self._cap} bytes")
                 data = bytes(self._buffer)
                 one_event = False
+            elif not one_event and not step.batches and self._sse:
+                if _several_events(data):
+                    return await self._fan_out(ex, data, end_of_stream, position)
+                one_event = True
             control.response_data = None
             try:
                 action = step.hook(filters[step.slot], ex, data, end_of_stream)
@@ -262,10 +286,6 @@ class ResponseBodyStage:
             if position == self._paused_at:
                 self._paused_at = -1
                 self._buffer = bytearray()
-            if not one_event and self._sse and position < last:
-                if _several_events(data):
-                    return await self._fan_out(ex, data, end_of_stream, position + 1)
-                one_event = True
         return data
 
     async def _fan_out(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
@@ -276,7 +296,7 @@ class ResponseBodyStage:
             events.append(rest)
         out = bytearray()
         for i, event in enumerate(events):
-            released = await self._run(ex, event, end_of_stream and i == len(events) - 1, start)
+            released = await self._run(ex, event, end_of_stream and i == len(events) - 1, start, True)
             if ex.control.retry:
                 return None
             if released:

@@ -196,10 +196,18 @@ class Relay:
         conn = self.conn
         resp = self.resp
         framer = self.framer
+        # every consumer takes batches of whole events: one piece per read, never split
+        batches = self.stage is None or self.stage.batches
         while True:
             chunk = await self._next_chunk()
             end = not chunk
-            pieces = framer.feed(chunk) if framer is not None else ([chunk] if chunk else [])
+            if framer is None:
+                pieces = [chunk] if chunk else []
+            elif batches:
+                whole = framer.feed_whole(chunk)
+                pieces = [whole] if whole else []
+            else:
+                pieces = framer.feed(chunk)
             if end and framer is not None:
                 rest = framer.flush()
                 if rest:

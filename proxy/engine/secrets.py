@@ -87,13 +87,19 @@ def redact_fields(fields: list[tuple[bytes, bytes]], secrets: tuple[bytes, ...])
     object when nothing needed it (the common case costs one scan)."""
     if not secrets:
         return fields
-    hit = False
     for _, value in fields:
-        if len(value) >= _MIN_SECRET and (b"***" in value or any(secret in value for secret in secrets)):
-            hit = True
+        if len(value) < _MIN_SECRET:
+            continue
+        if b"***" in value:
             break
-    if not hit:
-        return fields
+        for secret in secrets:
+            if secret in value:
+                break
+        else:
+            continue
+        break
+    else:
+        return fields  # no value quotes a secret (plain loops: no generator frame per field)
     return [(name, redact(value, list(secrets))) for name, value in fields]
 
 

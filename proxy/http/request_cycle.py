@@ -33,6 +33,10 @@ class State(enum.Enum):
     RESPONDING = "responding"  # the body is read (or failed); the response is being written
     CLOSED = "closed"
 
+    # Members are singletons compared by identity: hash them by identity too (C speed;
+    # Enum's own __hash__ is a Python call, paid on every transition check).
+    __hash__ = object.__hash__
+
 
 #: The moves a connection may make; CLOSED -> CLOSED keeps close/abort/connection_lost idempotent.
 TRANSITIONS: dict[State, frozenset[State]] = {

@@ -53,7 +53,7 @@ from llmproxy.exchange import Exchange, Request
 from llmproxy.headers import Headers, fields_of
 from llmproxy.http.framing import HeadInfo, request_target
 from llmproxy.http.request_body import RequestBody
-from llmproxy.http.request_cycle import Cycle, State, check_transition
+from llmproxy.http.request_cycle import TRANSITIONS, Cycle, State, check_transition
 from llmproxy.http.request_head import incomplete, parse_head, protocol_of, request_id
 from llmproxy.http.responding import ResponseWriting
 from llmproxy.http.response_head import CONTINUE_100, response_head
@@ -97,7 +97,9 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
 
     def _set_state(self, new: State) -> None:
         """The one place the state changes: checked against :data:`~llmproxy.http.request_cycle.TRANSITIONS`."""
-        self._state = check_transition(self._state, new)
+        if new not in TRANSITIONS[self._state]:
+            check_transition(self._state, new)  # raises IllegalTransition
+        self._state = new
 
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -83,6 +83,20 @@ class SseFramer:
         self._scan = size - _OVERLAP if size > _OVERLAP else 0
         return events
 
+    def feed_whole(self, data: bytes) -> bytes:
+        """Like :meth:`feed`, but the complete events come back joined, as one ``bytes``
+        (``b""`` when none): for consumers that take batches of whole events.
+
+        The common read (no partial event pending, ending at a boundary, smaller
+        than ``max_event``) is returned as is, unsplit and uncopied.
+        """
+        if not self._buf and not self._failed and len(data) <= self._max and data.endswith(b"\n\n"):
+            if b"\r" not in data:
+                return data
+            self._crlf = True
+        events = self.feed(data)
+        return events[0] if len(events) == 1 else b"".join(events)
+
     def _split(self, src: bytes | bytearray, scan: int) -> tuple[list[bytes], int]:
         """The events in ``src`` (the first starting at 0, boundaries searched from ``scan``)
         and where the unfinished rest starts."""

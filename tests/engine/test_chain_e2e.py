@@ -279,3 +279,58 @@ def test_end_hook_runs_once_on_every_path(mock: MockServer, make_proxy: Make) ->
         assert completes == [expected], (extra, completes)
     bad = raw_exchange(proxy.port, _request(b"{not json"))
     assert status_of(bad) == 400
+
+
+class _OneWriteUpstream(_FragmentingUpstream):
+    """Writes the whole SSE response in one write (many events in one upstream read)."""
+
+    async def _respond(self) -> None:
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        self.transport.write(head + b"".join(self.EVENTS))
+        self.transport.close()
+
+
+@pytest.fixture
+def one_write_upstream(loop_thread: LoopThread) -> Iterator[int]:
+    async def start() -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(_OneWriteUpstream, "127.0.0.1", 0)
+
+    server = loop_thread.call(start())
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+def test_a_batch_filter_gets_a_read_of_whole_events_in_one_call(one_write_upstream: int, make_proxy: Make) -> None:
+    tf.BatchRecorderFactory.instances.clear()
+    proxy = make_proxy(
+        {"upstream": {"url": f"http://127.0.0.1:{one_write_upstream}"}, "filters": _filters("BatchRecorderFactory")}
+    )
+    status, _, body = _split(raw_exchange(proxy.port, _request(STREAM_BODY)))
+    assert status == 200
+    assert body == b"".join(_OneWriteUpstream.EVENTS)
+    calls = tf.BatchRecorderFactory.instances[-1].calls
+    assert b"".join(calls) == body
+    assert len(calls) < len(_OneWriteUpstream.EVENTS)  # batched, not one call per event
+    assert all(call.endswith(b"\n\n") for call in calls)  # whole events only
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-filter-first", "batch-filter-last"])
+def test_a_per_event_filter_still_sees_one_event_per_call_next_to_a_batch_filter(
+    one_write_upstream: int, make_proxy: Make, batch_first: bool
+) -> None:
+    tf.BatchRecorderFactory.instances.clear()
+    tf.SseRewriteFactory.instances.clear()
+    # response hooks run in reverse chain order: the last filter listed sees the body first
+    names = (
+        ("SseRewriteFactory", "BatchRecorderFactory") if batch_first else ("BatchRecorderFactory", "SseRewriteFactory")
+    )
+    proxy = make_proxy({"upstream": {"url": f"http://127.0.0.1:{one_write_upstream}"}, "filters": _filters(*names)})
+    status, _, body = _split(raw_exchange(proxy.port, _request(STREAM_BODY)))
+    assert status == 200
+    assert tf.SseRewriteFactory.instances[-1].events == _OneWriteUpstream.EVENTS  # one whole event per call
+    assert body.count(b"TOKEN") == 6 and b"[DONE]" not in body
+    calls = tf.BatchRecorderFactory.instances[-1].calls
+    if batch_first:
+        assert len(calls) == 1 and calls[0] == b"".join(_OneWriteUpstream.EVENTS)
+    else:
+        assert b"".join(calls) == body  # what the rewrite released, whole events

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
 
 from llmproxy.http.request_cycle import TRANSITIONS, IllegalTransition, State, check_transition
+from llmproxy.http.server import HttpConnection
 
 from ..support import RunningProxy, raw_exchange, status_of
 
@@ -88,13 +88,16 @@ def test_real_exchanges_make_only_legal_moves(
     made: list[tuple[State, State]] = []
     illegal: list[tuple[State, State]] = []
 
-    def recording(old: State, new: State, real: Callable[[State, State], State] = check_transition) -> State:
+    real = HttpConnection._set_state
+
+    def recording(conn: HttpConnection, new: State) -> None:
+        old = conn._state
         made.append((old, new))
         if (old, new) not in ALLOWED:
             illegal.append((old, new))
-        return real(old, new)
+        real(conn, new)
 
-    monkeypatch.setattr("llmproxy.http.server.check_transition", recording)
+    monkeypatch.setattr(HttpConnection, "_set_state", recording)
     if name == "expect 100-continue":
         head, body = data[: -len(CHAT)], CHAT
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
