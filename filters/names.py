@@ -13,7 +13,9 @@ key                  value                                           set by
                      failover re-points it with ``repoint()``
 ``routing.usage``    the provider's usage, OpenAI-shaped             routing
                      (``prompt_tokens``, ``completion_tokens``, ...)
-                     when the response carried it
+                     when the response carried it (the typed record
+                     is ``exchange.attempt.usage``, see
+                     :class:`llmproxy.Usage`)
 ===================  ==============================================  ===========
 """
 

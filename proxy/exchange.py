@@ -110,6 +110,7 @@ class Exchange:
         "control",
         "error",
         "filters",
+        "first_byte_at",
         "id",
         "is_sse",
         "request",
@@ -147,6 +148,9 @@ class Exchange:
         self.response_started = False
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: ``time.perf_counter()`` when the first response body byte went downstream (0: none yet);
+        #: minus ``started_at`` it is the time to first token of a stream.
+        self.first_byte_at = 0.0
         self.vars: dict[str, Any] = {}
         #: Tokens and cost of the whole exchange (the sum of its attempts'), set by
         #: the ``metering`` filter before ``on_exchange_complete``; None without it.

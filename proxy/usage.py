@@ -78,9 +78,12 @@ class Usage:
     output_source: Source = Source.PROVIDER
     #: The provider's own usage object, as it sent it (None when it sent none).
     provider_usage: dict[str, Any] | None = None
-    #: The upstream model the tokens were spent on, and its provider's name.
+    #: The upstream model the tokens were spent on, its provider's name and the key's id.
     model: str = ""
     provider: str = ""
+    key_id: str = ""
+    #: The model the client asked for (an alias or a pattern routing resolved).
+    requested_model: str = ""
     #: The tokenizer encoding used for counts whose source is TOKENIZER, and
     #: whether it is an approximation (a model with no public tokenizer).
     encoding: str = ""
@@ -114,6 +117,8 @@ class Usage:
             other.provider_usage if other.provider_usage is not None else self.provider_usage,
             other.model or self.model,
             other.provider or self.provider,
+            other.key_id or self.key_id,
+            other.requested_model or self.requested_model,
             other.encoding or self.encoding,
             self.approximate or other.approximate,
             cost,
@@ -132,6 +137,8 @@ class Usage:
             "output_source": self.output_source.value,
             "model": self.model,
             "provider": self.provider,
+            "key_id": self.key_id,
+            "requested_model": self.requested_model,
         }
         if self.encoding:
             out["encoding"] = self.encoding

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from llmproxy import Action, Exchange, FactoryContext, Filter, FilterFactory, UpstreamTarget
+from llmproxy import Action, Attempt, Exchange, FactoryContext, Filter, FilterFactory, UpstreamTarget
 from llmproxy.http.sse import parse_event
 
 #: What hooks ran, across every exchange, as (tag, hook, request id).
@@ -277,3 +277,26 @@ class AsyncModelRewriteFilter(Filter):
 
 class AsyncModelRewriteFactory(FilterFactory):
     filter_class = AsyncModelRewriteFilter
+
+
+class UsageRecorderFilter(Filter):
+    """Records every attempt's ``attempt.usage`` (and outcome) in ``on_attempt_complete``."""
+
+    factory: UsageRecorderFactory
+
+    def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> None:
+        self.factory.attempts.append((attempt.outcome.value, attempt.usage))
+
+    def on_exchange_complete(self, exchange: Exchange) -> None:
+        self.factory.exchanges.append(exchange.usage)
+
+
+class UsageRecorderFactory(FilterFactory):
+    filter_class = UsageRecorderFilter
+    instances: ClassVar[list[UsageRecorderFactory]] = []
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.attempts: list[tuple[str, Any]] = []
+        self.exchanges: list[Any] = []
+        UsageRecorderFactory.instances.append(self)

@@ -15,15 +15,20 @@ Per exchange, on the request side:
 On the response side the filter works in one of a few modes, chosen in
 ``on_response_headers`` from the client's and the provider's protocols:
 
-* pass-through (same protocol): nothing to do, except for OpenAI streams
-  where ``stream_options.include_usage`` was injected: the usage-only chunk
-  is recorded and dropped when the client did not ask for it;
+* watch (same protocol): the body passes unchanged; the provider's usage is
+  read from the events that carry one (a byte check first: the other events
+  are never parsed) or from the JSON body at its end. OpenAI streams get
+  ``stream_options.include_usage``; the usage-only chunk is dropped again
+  when the client did not ask for it;
 * stream translation: each whole SSE event goes through a translator;
 * JSON translation: the body is held (PAUSE) and translated at its end;
   errors likewise become the client's error envelope.
 
-Usage reported by the provider is left on ``exchange.vars["routing.usage"]``
-as ``{"prompt_tokens", "completion_tokens"}`` when it is seen.
+The provider's usage becomes the current attempt's ``attempt.usage`` (a
+:class:`llmproxy.Usage`, read in the provider's protocol by
+:mod:`llmproxy.filters.routing.usage`), for every protocol pair and mode;
+it is also left OpenAI-shaped on ``exchange.vars["routing.usage"]``. The
+``metering`` filter completes what the provider did not report.
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ from llmproxy import (
     FilterFactory,
     ModelNotFound,
     ServiceUnavailable,
+    SseFramer,
     UpstreamProtocolError,
+    Usage,
     parse_event,
 )
 from llmproxy.filters.names import ROUTE, USAGE
 from llmproxy.filters.routing.decision import RouteDecision
 from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
+from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
 from llmproxy.filters.translate import (
     ChatStreamToMessagesStream,
     MessagesStreamToChatStream,
@@ -81,29 +89,35 @@ _TRANSLATED_API = {"chat": "messages", "messages": "chat"}
 
 
 class _Mode(enum.Enum):
-    PASS = "pass"
-    STRIP_USAGE = "strip_usage"
+    PASS = "pass"  # nothing to do (errors, other APIs)
+    WATCH_JSON = "watch_json"  # same protocol, JSON: read the usage at the end, change nothing
+    WATCH_STREAM = "watch_stream"  # same protocol, stream: read usage events (and drop an injected usage chunk)
     STREAM = "stream"
     JSON = "json"
     ERROR = "error"
 
 
-_USAGE_ONLY = b'"choices":[]'
+#: The APIs whose replies carry a usage object.
+_METERED_APIS = frozenset({"chat", "messages", "completions", "embeddings", "responses"})
 
 
 class RoutingFilter(Filter):
     """Per-exchange routing state (also the failover filter's handle on routing)."""
 
     factory: RoutingFactory
+    #: on_response_body handles one or more whole SSE events per call
+    sse_batches = True
 
     __slots__ = (
         "_body",
         "_include_usage_asked",
         "_mode",
+        "_pieces",
         "_query",
         "_set_aside",
         "_stream",
         "_translator",
+        "_usage",
         "api",
         "attempted",
         "candidates",
@@ -137,6 +151,10 @@ class RoutingFilter(Filter):
         self._include_usage_asked = False
         self._mode = _Mode.PASS
         self._translator: MessagesStreamToChatStream | ChatStreamToMessagesStream | None = None
+        #: The usage of the current attempt's stream (provider protocol).
+        self._usage: StreamUsage | None = None
+        #: The current attempt's JSON body so far (WATCH_JSON).
+        self._pieces: list[bytes] = []
 
     # -- request ------------------------------------------------------------------
     def on_request_headers(self, exchange: Exchange) -> Action:
@@ -259,6 +277,8 @@ class RoutingFilter(Filter):
         """Set how this response's body is handled (see _Mode); PAUSE when it is translated whole."""
         self._mode = _Mode.PASS
         self._translator = None
+        self._usage = None
+        self._pieces = []
         target = self.current
         if target is None or exchange.response is None:
             return Action.CONTINUE
@@ -274,6 +294,7 @@ class RoutingFilter(Filter):
                 return Action.PAUSE
             return Action.CONTINUE
         if exchange.is_sse:
+            self._usage = StreamUsage(provider_protocol)
             if translating:
                 self._mode = _Mode.STREAM
                 if self.client_protocol == "openai":
@@ -282,36 +303,36 @@ class RoutingFilter(Filter):
                     )
                 else:
                     self._translator = ChatStreamToMessagesStream(model=target.model)
-            elif self.api == "chat" and self._stream:
-                self._mode = _Mode.STRIP_USAGE
+            elif self.api in _METERED_APIS:
+                self._mode = _Mode.WATCH_STREAM
             return Action.CONTINUE
         if translating:
             self._mode = _Mode.JSON
             return Action.PAUSE
+        if self.api in _METERED_APIS:
+            self._mode = _Mode.WATCH_JSON
         return Action.CONTINUE
 
     def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        """``data`` is one or more whole SSE events for a stream (``sse_batches``), else a piece of the body."""
         mode = self._mode
         if mode is _Mode.PASS:
             return Action.CONTINUE
-        if mode is _Mode.STRIP_USAGE:
-            if _USAGE_ONLY in data and b'"usage"' in data:
-                self._note_usage(exchange, data)
-                if not self._include_usage_asked:
-                    exchange.set_response_data(b"")
+        if mode is _Mode.WATCH_STREAM:
+            if USAGE_OBJECT.search(data) is not None:  # the byte check: most batches stop here
+                self._watch_events(exchange, data)
+            elif end_of_stream:
+                self._publish_stream_usage(exchange)
+            return Action.CONTINUE
+        if mode is _Mode.WATCH_JSON:
+            if data:
+                self._pieces.append(data)
+            if end_of_stream:
+                self._publish_json_usage(exchange, b"".join(self._pieces), target_protocol=self.client_protocol)
+                self._pieces = []
             return Action.CONTINUE
         if mode is _Mode.STREAM:
-            translator = self._translator
-            assert translator is not None
-            if end_of_stream:
-                exchange.set_response_data(translator.finish())
-                return Action.CONTINUE
-            event = parse_event(data)
-            try:
-                exchange.set_response_data(translator.feed(event.event, event.data))
-            except TranslationError as exc:
-                raise UpstreamProtocolError(f"provider sent an event that cannot be translated: {exc}") from None
-            return Action.CONTINUE
+            return self._translate_events(exchange, data, end_of_stream)
         if not end_of_stream:
             return Action.PAUSE
         status = exchange.response.status if exchange.response is not None else 502
@@ -335,21 +356,81 @@ class RoutingFilter(Filter):
             translated = orjson.dumps(out)
         except orjson.JSONEncodeError:
             raise UpstreamProtocolError("provider response is nested too deeply to be translated") from None
-        # the OpenAI-shaped side of the pair: {"prompt_tokens", "completion_tokens", ...}
-        usage = (out if self.client_protocol == "openai" else parsed).get("usage")
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
         if isinstance(usage, dict):
-            exchange.vars[USAGE] = usage
+            self._publish(exchange, from_provider(target.provider.protocol, usage))
         exchange.set_response_data(translated)
         return Action.CONTINUE
 
-    def _note_usage(self, exchange: Exchange, data: bytes) -> None:
-        event = parse_event(data)
-        try:
-            usage = orjson.loads(event.data).get("usage")
-        except (orjson.JSONDecodeError, AttributeError):
+    # -- usage ------------------------------------------------------------------------
+    def _watch_events(self, exchange: Exchange, data: bytes) -> None:
+        """Same-protocol stream: take the usage of the events that carry one; drop the usage-only
+        chunk that routing asked for (``include_usage``) when the client did not."""
+        usage = self._usage
+        assert usage is not None
+        drop = not self._include_usage_asked and self.api == "chat" and self._stream
+        kept: list[bytes] | None = None
+        found = usage_events(data)
+        for event, payload in found:
+            usage.take(payload)
+            if drop and payload.get("choices") == []:
+                if kept is None:
+                    kept = [data]
+                kept[0] = kept[0].replace(event, b"", 1)
+        if kept is not None:
+            exchange.set_response_data(kept[0])
+        if found:
+            self._publish_stream_usage(exchange)
+
+    def _translate_events(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        translator = self._translator
+        usage = self._usage
+        assert translator is not None and usage is not None
+        out: list[bytes] = []
+        if data:
+            if USAGE_OBJECT.search(data) is not None:
+                for _, payload in usage_events(data):
+                    usage.take(payload)
+                self._publish_stream_usage(exchange)
+            for raw in _events(data):
+                event = parse_event(raw)
+                try:
+                    out.append(translator.feed(event.event, event.data))
+                except TranslationError as exc:
+                    raise UpstreamProtocolError(f"provider sent an event that cannot be translated: {exc}") from None
+        if end_of_stream:
+            out.append(translator.finish())
+        exchange.set_response_data(out[0] if len(out) == 1 else b"".join(out))
+        return Action.CONTINUE
+
+    def _publish_stream_usage(self, exchange: Exchange) -> None:
+        if self._usage is not None:
+            record = self._usage.result()
+            if record is not None:
+                self._publish(exchange, record)
+
+    def _publish_json_usage(self, exchange: Exchange, body: bytes, target_protocol: str) -> None:
+        if b'"usage"' not in body:
             return
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
         if isinstance(usage, dict):
-            exchange.vars[USAGE] = usage
+            self._publish(exchange, from_provider(target_protocol, usage))
+
+    def _publish(self, exchange: Exchange, record: Usage) -> None:
+        """Set the current attempt's provider-reported usage (and the ``routing.usage`` var)."""
+        target = self.current
+        if target is not None:
+            record.model = target.model
+            record.provider = target.provider.name
+            record.key_id = target.provider.key_ids[self.key_index] if target.provider.key_ids else ""
+        attempt = exchange.attempt
+        if attempt is not None:
+            attempt.usage = record
+        exchange.vars[USAGE] = openai_shaped(record)
 
     def _models_reply(self, exchange: Exchange) -> None:
         data = [
@@ -368,3 +449,15 @@ class RoutingFactory(FilterFactory):
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         super().__init__(name, config, context)
         self.table: RoutingTable = build_table(config, context.mock_ports)
+
+
+def _events(data: bytes) -> list[bytes]:
+    """The whole SSE events of a batch (``data`` ends at an event boundary, or is the stream's rest)."""
+    if data.endswith(b"\n\n") and data.count(b"\n\n") == 1 and b"\r" not in data:
+        return [data]
+    framer = SseFramer(max_event=len(data) + 1)
+    events = framer.feed(data)
+    rest = framer.flush()
+    if rest:
+        events.append(rest)
+    return events

@@ -11,6 +11,7 @@ attempt loop presents to the response hooks again.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from llmproxy.attempt import Attempt
@@ -156,7 +157,10 @@ class Relay:
         self.conn.start_response(ex.response.status, head_for_client(ex, ex.response.headers), content_length)
 
     def _write(self, data: bytes) -> None:
-        self.ex.bytes_sent += len(data)
+        ex = self.ex
+        if not ex.first_byte_at:
+            ex.first_byte_at = time.perf_counter()
+        ex.bytes_sent += len(data)
         self.conn.write(data)
 
     # -- the whole relay ----------------------------------------------------------

@@ -2,8 +2,11 @@
 
 A line names method, path (query string dropped: it may carry keys),
 status, upstream target name, attempts, duration, bytes in and out, the
-request id and the error code when there was one. Nothing is formatted
-when the ``llmproxy.access`` logger is disabled for INFO.
+request id and the error code when there was one. When the ``metering``
+filter set ``exchange.usage`` it also names the model asked for and the
+upstream model, provider, key id, tokens in/out/cached, cost (``?`` when
+unknown), time to first byte and whether the reply was a stream. Nothing is
+formatted when the ``llmproxy.access`` logger is disabled for INFO.
 """
 
 from __future__ import annotations
@@ -43,37 +46,59 @@ class AccessLog:
         upstream = ex.upstream.name if ex.upstream is not None else ex.vars.get("upstream", "-")
         error = ex.error.code if ex.error is not None else None
         duration_ms = round(ex.elapsed * 1000, 3)
+        usage = ex.usage
+        ttft_ms = round((ex.first_byte_at - ex.started_at) * 1000, 3) if ex.first_byte_at else None
         if self.json_lines:
-            logger.info(
-                "%s",
-                orjson.dumps(
-                    {
-                        "method": request.method,
-                        "path": path,
-                        "status": status,
-                        "upstream": upstream,
-                        "attempts": ex.attempts,
-                        "duration_ms": duration_ms,
-                        "bytes_in": ex.bytes_received,
-                        "bytes_out": ex.bytes_sent,
-                        "request_id": ex.id,
-                        "client": ex.client_addr,
-                        "error": error,
-                    }
-                ).decode(),
+            record: dict[str, object] = {
+                "method": request.method,
+                "path": path,
+                "status": status,
+                "upstream": upstream,
+                "attempts": ex.attempts,
+                "duration_ms": duration_ms,
+                "bytes_in": ex.bytes_received,
+                "bytes_out": ex.bytes_sent,
+                "request_id": ex.id,
+                "client": ex.client_addr,
+                "error": error,
+            }
+            if usage is not None:
+                record.update(
+                    model=usage.requested_model or usage.model,
+                    upstream_model=usage.model,
+                    provider=usage.provider,
+                    key_id=usage.key_id,
+                    tokens_in=usage.input_tokens,
+                    tokens_out=usage.output_tokens,
+                    tokens_cached=usage.cache_read_tokens,
+                    tokens_source=usage.output_source.value,
+                    cost=float(usage.cost.total) if usage.cost is not None else None,
+                    ttft_ms=ttft_ms,
+                    stream=ex.is_sse,
+                )
+            logger.info("%s", orjson.dumps(record).decode())
+            return
+        metered = ""
+        if usage is not None:
+            cost = f"{usage.cost.total:.6f}" if usage.cost is not None else "?"
+            metered = (
+                f" model={usage.requested_model or usage.model or '-'} upstream_model={usage.model or '-'}"
+                f" provider={usage.provider or '-'} key={usage.key_id or '-'} tokens_in={usage.input_tokens}"
+                f" tokens_out={usage.output_tokens} tokens_cached={usage.cache_read_tokens} cost={cost}"
+                f" ttft={'-' if ttft_ms is None else f'{ttft_ms:.3f}ms'} stream={'yes' if ex.is_sse else 'no'}"
             )
-        else:
-            logger.info(
-                '%s "%s %s" %s upstream=%s attempts=%d %.3fms in=%d out=%d id=%s%s',
-                ex.client_addr,
-                request.method,
-                path,
-                status,
-                upstream,
-                ex.attempts,
-                duration_ms,
-                ex.bytes_received,
-                ex.bytes_sent,
-                ex.id,
-                f" error={error}" if error else "",
-            )
+        logger.info(
+            '%s "%s %s" %s upstream=%s attempts=%d %.3fms in=%d out=%d id=%s%s%s',
+            ex.client_addr,
+            request.method,
+            path,
+            status,
+            upstream,
+            ex.attempts,
+            duration_ms,
+            ex.bytes_received,
+            ex.bytes_sent,
+            ex.id,
+            metered,
+            f" error={error}" if error else "",
+        )

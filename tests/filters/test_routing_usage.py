@@ -1,0 +1,323 @@
+"""Provider usage on every path: ``attempt.usage`` for each protocol pair and mode.
+
+A canned upstream answers every request with the bytes a test chose (usage
+present, absent, split across Anthropic's ``message_start`` and
+``message_delta``, with cache and reasoning tokens); a real proxy with the
+routing filter sits in front, and a recorder filter reads ``attempt.usage``
+in ``on_attempt_complete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from llmproxy import Source, Usage
+from llmproxy.filters.routing.usage import StreamUsage, from_anthropic, from_openai
+from tests import filters_for_tests as tf
+from tests.support import LoopThread, RunningProxy, raw_exchange
+
+Make = Callable[[dict[str, Any]], RunningProxy]
+
+
+class _Canned(asyncio.Protocol):
+    """Reads one request (head + Content-Length body) and writes ``reply`` (then closes)."""
+
+    reply: bytes = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        head, sep, body = self.buf.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(body) >= length:
+            self.transport.write(_Canned.reply)
+            self.transport.close()
+
+
+@pytest.fixture
+def canned(loop_thread: LoopThread) -> Iterator[int]:
+    async def start() -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(_Canned, "127.0.0.1", 0)
+
+    server = loop_thread.call(start())
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+def _json_reply(body: dict[str, Any]) -> bytes:
+    data = orjson.dumps(body)
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
+
+
+def _sse_reply(events: list[tuple[str | None, dict[str, Any] | str]]) -> bytes:
+    out = b""
+    for name, data in events:
+        payload = data.encode() if isinstance(data, str) else orjson.dumps(data)
+        out += (b"event: %s\n" % name.encode() if name else b"") + b"data: " + payload + b"\n\n"
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + out
+
+
+OPENAI_USAGE = {
+    "prompt_tokens": 10,
+    "completion_tokens": 5,
+    "total_tokens": 15,
+    "prompt_tokens_details": {"cached_tokens": 4},
+    "completion_tokens_details": {"reasoning_tokens": 2},
+}
+ANTHROPIC_USAGE = {
+    "input_tokens": 10,
+    "output_tokens": 5,
+    "cache_read_input_tokens": 3,
+    "cache_creation_input_tokens": 2,
+}
+
+OPENAI_JSON = {
+    "id": "c1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}],
+    "usage": OPENAI_USAGE,
+}
+ANTHROPIC_JSON = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "m",
+    "content": [{"type": "text", "text": "hi there"}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": ANTHROPIC_USAGE,
+}
+
+
+def _openai_chunks(usage: dict[str, Any] | None) -> list[tuple[str | None, dict[str, Any] | str]]:
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    events: list[tuple[str | None, dict[str, Any] | str]] = [
+        (None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {"content": "hi there"}}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+    ]
+    if usage is not None:
+        events.append((None, {**base, "choices": [], "usage": usage}))
+    events.append((None, "[DONE]"))
+    return events
+
+
+def _anthropic_events(start_usage: dict[str, Any], delta_usage: dict[str, Any] | None) -> list[Any]:
+    message = {**ANTHROPIC_JSON, "content": [], "stop_reason": None, "usage": start_usage}
+    events: list[Any] = [
+        ("message_start", {"type": "message_start", "message": message}),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi there"}},
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ]
+    if delta_usage is not None:
+        events += [
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": delta_usage}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    return events
+
+
+def _proxy(make_proxy: Make, port: int, provider_type: str) -> tf.UsageRecorderFactory:
+    tf.UsageRecorderFactory.instances.clear()
+    base = f"http://127.0.0.1:{port}" + ("/v1" if provider_type == "openai" else "")
+    proxy = make_proxy(
+        {
+            "filters": [
+                {
+                    "name": "routing",
+                    "config": {
+                        "providers": [
+                            {
+                                "name": "p",
+                                "type": provider_type,
+                                "base_url": base,
+                                "keys": ["sk-test-key-123456"],
+                                "models": {"m": "m"},
+                            }
+                        ]
+                    },
+                },
+                {"name": "tests.filters_for_tests:UsageRecorderFactory"},
+            ]
+        }
+    )
+    _proxy.port = proxy.port  # type: ignore[attr-defined]
+    return tf.UsageRecorderFactory.instances[-1]
+
+
+def _ask(port: int, client: str, stream: bool, include_usage: bool = False) -> bytes:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "stream": stream}
+    if client == "anthropic":
+        body["max_tokens"] = 32
+        path = b"/v1/messages"
+    else:
+        path = b"/v1/chat/completions"
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+    data = json.dumps(body).encode()
+    head = b"POST %s HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    head += b"Connection: close\r\n\r\n"
+    return raw_exchange(port, head % (path, len(data)) + data)
+
+
+def _only_usage(rec: tf.UsageRecorderFactory) -> Usage | None:
+    assert len(rec.attempts) == 1, rec.attempts
+    outcome, usage = rec.attempts[0]
+    assert outcome == "completed"
+    return usage  # type: ignore[no-any-return]
+
+
+OPENAI_EXPECTED = (10, 5, 4, 0, 2)  # input, output, cache read, cache write, reasoning
+ANTHROPIC_EXPECTED = (15, 5, 3, 2, 0)
+
+
+def _numbers(u: Usage) -> tuple[int, int, int, int, int]:
+    return (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.reasoning_tokens)
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    ("provider", "reply", "expected"),
+    [
+        ("openai", _json_reply(OPENAI_JSON), OPENAI_EXPECTED),
+        ("anthropic", _json_reply(ANTHROPIC_JSON), ANTHROPIC_EXPECTED),
+        ("openai", _sse_reply(_openai_chunks(OPENAI_USAGE)), OPENAI_EXPECTED),
+        (
+            "anthropic",
+            _sse_reply(
+                _anthropic_events(
+                    {
+                        "input_tokens": 10,
+                        "output_tokens": 1,
+                        "cache_read_input_tokens": 3,
+                        "cache_creation_input_tokens": 2,
+                    },
+                    {"output_tokens": 5},
+                )
+            ),
+            ANTHROPIC_EXPECTED,
+        ),
+    ],
+    ids=["openai-json", "anthropic-json", "openai-stream", "anthropic-stream-split"],
+)
+def test_provider_usage_on_every_pair_and_mode(
+    canned: int, make_proxy: Make, client: str, provider: str, reply: bytes, expected: tuple[int, ...]
+) -> None:
+    _Canned.reply = reply
+    rec = _proxy(make_proxy, canned, provider)
+    stream = b"text/event-stream" in reply[:200]
+    response = _ask(_proxy.port, client, stream)  # type: ignore[attr-defined]
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert b"hi there" in response
+    usage = _only_usage(rec)
+    assert usage is not None
+    assert _numbers(usage) == expected
+    assert usage.input_source is Source.PROVIDER and usage.output_source is Source.PROVIDER
+    assert "partial" not in usage.extra
+    assert (usage.model, usage.provider) == ("m", "p") and usage.key_id
+    assert usage.provider_usage is not None
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    ("provider", "reply"),
+    [
+        ("openai", _json_reply({k: v for k, v in OPENAI_JSON.items() if k != "usage"})),
+        ("anthropic", _json_reply({k: v for k, v in ANTHROPIC_JSON.items() if k != "usage"})),
+        ("openai", _sse_reply(_openai_chunks(None))),
+    ],
+    ids=["openai-json", "anthropic-json", "openai-stream"],
+)
+def test_no_provider_usage_leaves_none(canned: int, make_proxy: Make, client: str, provider: str, reply: bytes) -> None:
+    _Canned.reply = reply
+    rec = _proxy(make_proxy, canned, provider)
+    response = _ask(_proxy.port, client, b"text/event-stream" in reply[:200])  # type: ignore[attr-defined]
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert _only_usage(rec) is None
+
+
+def test_anthropic_stream_cut_before_message_delta_is_partial(canned: int, make_proxy: Make) -> None:
+    _Canned.reply = _sse_reply(_anthropic_events({"input_tokens": 10, "output_tokens": 1}, None))
+    rec = _proxy(make_proxy, canned, "anthropic")
+    _ask(_proxy.port, "anthropic", True)  # type: ignore[attr-defined]
+    _, usage = rec.attempts[0]
+    assert usage is not None and usage.input_tokens == 10
+    assert usage.extra.get("partial") is True  # output is a running figure: metering counts the text
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["not-asked", "asked"])
+def test_the_injected_usage_chunk_reaches_the_client_only_when_asked(
+    canned: int, make_proxy: Make, asked: bool
+) -> None:
+    _Canned.reply = _sse_reply(_openai_chunks(OPENAI_USAGE))
+    rec = _proxy(make_proxy, canned, "openai")
+    response = _ask(_proxy.port, "openai", True, include_usage=asked)  # type: ignore[attr-defined]
+    assert (b'"choices":[],"usage"' in response) is asked
+    assert response.count(b"data: ") == (5 if asked else 4)
+    usage = _only_usage(rec)
+    assert usage is not None and _numbers(usage) == OPENAI_EXPECTED
+
+
+def test_the_openai_usage_chunk_becomes_anthropic_usage_for_an_anthropic_client(canned: int, make_proxy: Make) -> None:
+    _Canned.reply = _sse_reply(_openai_chunks(OPENAI_USAGE))
+    _proxy(make_proxy, canned, "openai")
+    response = _ask(_proxy.port, "anthropic", True)  # type: ignore[attr-defined]
+    delta = [line for line in response.split(b"\n") if line.startswith(b"data: ") and b"message_delta" in line]
+    assert delta, response
+    usage = orjson.loads(delta[-1][6:])["usage"]
+    # the OpenAI prompt count includes its cached part; Anthropic's input_tokens does not
+    assert usage["input_tokens"] + usage.get("cache_read_input_tokens", 0) == 10
+    assert usage["output_tokens"] == 5
+
+
+# -- the readers themselves -----------------------------------------------------------
+def test_readers_follow_the_genai_rule() -> None:
+    u = from_anthropic(ANTHROPIC_USAGE)
+    assert _numbers(u) == ANTHROPIC_EXPECTED
+    o = from_openai(OPENAI_USAGE)
+    assert _numbers(o) == OPENAI_EXPECTED
+    r = from_openai(
+        {
+            "input_tokens": 7,
+            "output_tokens": 3,
+            "input_tokens_details": {"cached_tokens": 1},
+            "output_tokens_details": {"reasoning_tokens": 2},
+        }
+    )  # Responses API shape
+    assert _numbers(r) == (7, 3, 1, 0, 2)
+    e = from_openai({"prompt_tokens": 8, "total_tokens": 8})  # embeddings
+    assert _numbers(e) == (8, 0, 0, 0, 0) and "partial" not in e.extra
+
+
+def test_stream_usage_replaces_cumulative_counts_and_never_adds() -> None:
+    acc = StreamUsage("anthropic")
+    acc.take({"type": "message_start", "message": {"usage": {"input_tokens": 10, "output_tokens": 1}}})
+    acc.take({"type": "message_delta", "usage": {"output_tokens": 4}})
+    acc.take({"type": "message_delta", "usage": {"output_tokens": 9, "input_tokens": None}})
+    result = acc.result()
+    assert result is not None and (result.input_tokens, result.output_tokens) == (10, 9)
+    assert "partial" not in result.extra
