@@ -1,0 +1,1 @@
+"""The ``metering`` filter: tokens and cost of every attempt and exchange."""
