@@ -1,0 +1,195 @@
+"""The ``metering`` filter end to end: real proxy, real mock provider, the official SDKs.
+
+Usage on every exchange (provider counts when given, the tokenizer's when
+not, a client disconnect counted from what was relayed), prices from the
+price book and its overrides, the access log fields, the opt-in header.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from llmproxy import Source, Usage
+from llmproxy.filters.metering.tokenizer import count_text
+from llmproxy.mock import MockServer
+from tests import filters_for_tests as tf
+from tests.filters.test_routing_usage import _Canned, _json_reply, _sse_reply, canned  # noqa: F401 - fixture
+from tests.support import RunningProxy
+
+Make = Callable[[dict[str, Any]], RunningProxy]
+
+PRICES = {"mock-gpt": {"input": 1.0, "output": 2.0, "cache_read": 0.5}}
+
+
+def _config(base: str, provider_type: str = "openai", **metering: Any) -> dict[str, Any]:
+    return {
+        "server": {"access_log": "text"},
+        "filters": [
+            {"name": "metering", "config": {"prices": PRICES, **metering}},
+            {
+                "name": "routing",
+                "config": {
+                    "providers": [
+                        {
+                            "name": "p",
+                            "type": provider_type,
+                            "base_url": base,
+                            "keys": ["sk-test-key-123456"],
+                            "models": {"gpt-x": "mock-gpt", "claude-x": "mock-claude-unpriced"},
+                        }
+                    ]
+                },
+            },
+            {"name": "tests.filters_for_tests:UsageRecorderFactory"},
+        ],
+    }
+
+
+def _exchange_usage(timeout: float = 3.0) -> Usage:
+    rec = tf.UsageRecorderFactory.instances[-1]
+    deadline = time.monotonic() + timeout
+    while not rec.exchanges and time.monotonic() < deadline:
+        time.sleep(0.01)  # on_exchange_complete runs on the proxy's loop
+    assert rec.exchanges, "no exchange completed"
+    usage = rec.exchanges[-1]
+    assert isinstance(usage, Usage)
+    return usage
+
+
+def test_provider_usage_is_priced_and_logged(
+    mock: MockServer, make_proxy: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    tf.UsageRecorderFactory.instances.clear()
+    proxy = make_proxy(_config(f"http://127.0.0.1:{mock.port}/v1"))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    with caplog.at_level(logging.INFO, logger="llmproxy.access"):
+        reply = client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hello"}])
+        usage = _exchange_usage()
+    assert reply.usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    assert usage.input_source is Source.PROVIDER and usage.output_source is Source.PROVIDER
+    assert (usage.requested_model, usage.model, usage.provider) == ("gpt-x", "mock-gpt", "p")
+    expected = (Decimal(usage.input_tokens) * 1 + Decimal(usage.output_tokens) * 2) / Decimal(1_000_000)
+    assert usage.cost is not None and usage.cost.total == expected
+    line = next(r.getMessage() for r in caplog.records if "tokens_in=" in r.getMessage())
+    assert "model=gpt-x upstream_model=mock-gpt provider=p" in line
+    assert f"tokens_in={usage.input_tokens} tokens_out={usage.output_tokens} tokens_cached=0" in line
+    assert f"cost={expected:.6f}" in line and "stream=no" in line and "ttft=" in line
+
+
+def test_unknown_price_is_cost_unknown_never_zero(
+    mock: MockServer, make_proxy: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    tf.UsageRecorderFactory.instances.clear()
+    proxy = make_proxy(_config(f"http://127.0.0.1:{mock.port}/v1"))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    with caplog.at_level(logging.INFO, logger="llmproxy.access"):
+        client.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "hello"}])
+        usage = _exchange_usage()
+    assert usage.output_tokens > 0 and usage.cost is None
+    assert any("cost=?" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stream_without_provider_usage_is_counted_by_the_tokenizer(canned: int, make_proxy: Make) -> None:  # noqa: F811
+    tf.UsageRecorderFactory.instances.clear()
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "mock-gpt"}
+    _Canned.reply = _sse_reply(
+        [
+            (None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello there,"}}]}),
+            (None, {**base, "choices": [{"index": 0, "delta": {"content": " general Kenobi"}}]}),
+            (None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            (None, "[DONE]"),
+        ]
+    )
+    proxy = make_proxy(_config(f"http://127.0.0.1:{canned}/v1"))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    chunks = list(
+        client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "say hello"}], stream=True)
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = _exchange_usage()
+    assert usage.output_source is Source.TOKENIZER and usage.input_source is Source.TOKENIZER
+    assert usage.output_tokens == count_text(text, "mock-gpt").tokens
+    assert usage.input_tokens > 0 and usage.encoding
+    assert usage.cost is not None  # priced from the counts
+
+
+def test_a_client_disconnect_mid_stream_counts_what_was_relayed(mock: MockServer, make_proxy: Make) -> None:
+    tf.UsageRecorderFactory.instances.clear()
+    proxy = make_proxy(_config(f"http://127.0.0.1:{mock.port}/v1"))
+    body = json.dumps({"model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+        b"X-Mock-Tokens: 200\r\nX-Mock-Itl-Ms: 20\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while received.count(b"data: ") < 6:
+            received += sock.recv(65536)
+    usage = _exchange_usage(timeout=5)
+    assert usage.output_source is Source.TOKENIZER  # the provider's usage chunk never came
+    assert usage.input_source is Source.TOKENIZER
+    assert 0 < usage.output_tokens < 200
+    assert usage.input_tokens > 0
+
+
+def test_anthropic_sdk_usage_through_translation(mock: MockServer, make_proxy: Make) -> None:
+    tf.UsageRecorderFactory.instances.clear()
+    proxy = make_proxy(_config(f"http://127.0.0.1:{mock.port}/v1"))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-client", max_retries=0, timeout=10)
+    with client.messages.stream(
+        model="gpt-x", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+    ) as stream:
+        final = stream.get_final_message()
+    usage = _exchange_usage()
+    assert usage.input_tokens > 0  # never 0 when an OpenAI backend serves an Anthropic client
+    assert usage.output_tokens == final.usage.output_tokens
+    assert usage.input_source is Source.PROVIDER
+
+
+def test_the_usage_header_is_opt_in(mock: MockServer, make_proxy: Make) -> None:
+    for enabled in (False, True):
+        tf.UsageRecorderFactory.instances.clear()
+        proxy = make_proxy(_config(f"http://127.0.0.1:{mock.port}/v1", usage_header=enabled))
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hello"}]
+        )
+        header = raw.headers.get("x-llmproxy-usage")
+        if not enabled:
+            assert header is None
+            continue
+        reply = raw.parse()
+        assert reply.usage is not None
+        assert (
+            header is not None
+            and f"input={reply.usage.prompt_tokens}; output={reply.usage.completion_tokens}" in header
+        )
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"prices": {"m": {"input": -1}}}, "prices.m.input"),
+        ({"drift_sample": 2}, "drift_sample"),
+        ({"usage_header": "maybe"}, "usage_header"),
+        ({"nope": 1}, "nope"),
+    ],
+)
+def test_bad_config_names_the_field(make_proxy: Make, config: dict[str, Any], field: str) -> None:
+    from llmproxy import ConfigError
+
+    with pytest.raises((ConfigError, ValueError)) as info:
+        make_proxy({"filters": [{"name": "metering", "config": config}]})
+    assert field in str(info.value)
