@@ -63,6 +63,7 @@ __all__ = [
     "count_prompt",
     "count_prompt_async",
     "count_text",
+    "detect_protocol",
     "warm",
 ]
 
@@ -147,6 +148,27 @@ def count_prompt(body: dict[str, Any], protocol: Protocol | str, model: str) -> 
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     return TokenCount(tally.tokens, name, approximate or tally.approximate)
+
+
+_ANTHROPIC_BLOCKS = frozenset(("tool_use", "tool_result", "thinking", "redacted_thinking", "document"))
+
+
+def detect_protocol(body: dict[str, Any]) -> Protocol:
+    """Guess a request body's protocol: ``responses`` (``input``, no ``messages``), ``anthropic``
+    (a top-level ``system``, or a content block only Anthropic has: tool_use, tool_result,
+    thinking, document, or an image with a ``source``), else ``openai`` chat.
+    """
+    if "messages" not in body and "input" in body:
+        return "responses"
+    if "system" in body:
+        return "anthropic"
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for block in content:
+                if isinstance(block, dict) and (block.get("type") in _ANTHROPIC_BLOCKS or "source" in block):
+                    return "anthropic"
+    return "openai"
 
 
 def _text_size(value: Any, limit: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import BinaryIO
 
 import click
 import uvloop
@@ -117,3 +118,58 @@ def mock_upstream(host: str, port: int, tokens: int, ttft_ms: float, itl_ms: flo
     _setup_logging("info")
     click.echo(f"mock upstream on http://{host}:{port}", err=True)
     hook.serve(host, port, options)
+
+
+@main.command("tokens")
+@click.option("-m", "--model", default=None, help="Model whose tokenizer counts (default: the body's model).")
+@click.option(
+    "--protocol",
+    type=click.Choice(("auto", "openai", "anthropic", "responses")),
+    default="auto",
+    show_default=True,
+    help="Protocol of a JSON request body; auto: responses if it has input, anthropic if it has "
+    "system or Anthropic content blocks, else openai chat.",
+)
+@click.option("--text", "as_text", is_flag=True, help="Count the input as plain text even if it is JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a line.")
+@click.argument("source", type=click.File("rb"), default="-")
+def tokens(model: str | None, protocol: str, as_text: bool, as_json: bool, source: BinaryIO) -> None:
+    """Count the tokens of SOURCE (a file, or - for stdin), offline.
+
+    A JSON object with messages or input is counted as a chat request (the prompt tokens a provider
+    would bill: message framing, tools, images); anything else as plain text. Prints the count,
+    the encoding, and whether it is approximate (models without a public tokenizer).
+    """
+    import orjson
+
+    from llmproxy.filters.metering.encodings import EncodingUnavailable
+    from llmproxy.filters.metering.tokenizer import count_prompt, count_text, detect_protocol
+
+    data = source.read()
+    body: object = None
+    if not as_text and data.lstrip()[:1] == b"{":
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            body = None
+    is_request = isinstance(body, dict) and ("messages" in body or "input" in body)
+    if model is None:
+        model = body.get("model") if isinstance(body, dict) and is_request else None
+        if not isinstance(model, str) or not model:
+            raise click.UsageError("give -m MODEL (the input names no model)")
+    try:
+        if is_request:
+            assert isinstance(body, dict)
+            used = detect_protocol(body) if protocol == "auto" else protocol
+            counted = count_prompt(body, used, model)
+        else:
+            used = "text"
+            counted = count_text(data.decode("utf-8", errors="replace"), model)
+    except EncodingUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        record = {"model": model, "kind": used, **counted._asdict()}
+        click.echo(orjson.dumps(record).decode())
+    else:
+        note = ", approximate" if counted.approximate else ""
+        click.echo(f"{counted.tokens} tokens ({counted.encoding}{note}; {used}, {model})")

@@ -358,3 +358,34 @@ async def test_a_large_prompt_does_not_stall_the_loop() -> None:
     await task
     assert max(gaps) < max(0.5 * took, 0.03), (max(gaps), took)
     assert tokenizer._pool is not None
+
+
+# ---------------------------------------------------------------- count_tokens endpoints
+
+
+def test_count_endpoint_replies() -> None:
+    from llmproxy.filters.metering import count_endpoint as ce
+
+    chat = {"model": "gpt-4-0613", "messages": COOKBOOK_MESSAGES}
+    assert ce.chat_count_tokens(chat, "gpt-4-0613") == {"object": "response.input_tokens", "input_tokens": 129}
+    responses = {"model": "gpt-4o", "input": "hello world"}
+    assert ce.responses_input_tokens(responses, "gpt-4o") == {"object": "response.input_tokens", "input_tokens": 9}
+    anthropic = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello world"}]}
+    reply = ce.anthropic_count_tokens(anthropic, "claude-sonnet-4-5")
+    assert reply == {"input_tokens": count_prompt(anthropic, "anthropic", "claude-sonnet-4-5").tokens}
+    assert set(ce.REPLIES) == set(ce.PROTOCOLS)
+    counted = ce.count_for(ce.ANTHROPIC_COUNT_TOKENS, anthropic, "claude-sonnet-4-5")
+    assert counted is not None and counted.approximate
+    assert ce.count_for("/v1/chat/completions", chat, "gpt-4") is None
+
+
+async def test_count_endpoint_async() -> None:
+    from llmproxy.filters.metering import count_endpoint as ce
+
+    chat = {"messages": COOKBOOK_MESSAGES}
+    assert await ce.reply_async(ce.CHAT_COUNT_TOKENS, chat, "gpt-4-0613") == ce.chat_count_tokens(chat, "gpt-4-0613")
+    big = {"messages": [{"role": "user", "content": "word " * 50000}]}
+    assert await ce.reply_async(ce.ANTHROPIC_COUNT_TOKENS, big, "claude-x") == ce.anthropic_count_tokens(
+        big, "claude-x"
+    )
+    assert await ce.reply_async("/v1/models", chat, "gpt-4") is None
