@@ -58,6 +58,7 @@ from llmproxy import (
     UpstreamConnectError,
     Usage,
 )
+from llmproxy.filters.metering.count_endpoint import ANTHROPIC_COUNT_TOKENS, PROTOCOLS, reply_async
 from llmproxy.filters.metering.pricing import PriceBook, cost
 from llmproxy.filters.metering.relayed import relayed_output
 from llmproxy.filters.metering.tokenizer import count_prompt_async, count_text, warm
@@ -68,6 +69,10 @@ __all__ = ["USAGE_HEADER", "MeteringFactory", "MeteringFilter"]
 log = logging.getLogger("llmproxy.metering")
 
 USAGE_HEADER = "x-llmproxy-usage"
+
+#: Token-counting endpoints answered here when no provider of the model has one
+#: (see :mod:`llmproxy.filters.metering.count_endpoint`).
+COUNT_PATHS = frozenset(PROTOCOLS)
 
 #: Relayed bytes parsed on the loop when the provider gave no usage; above it, in a thread
 #: (relayed_output costs about 16 us per event: 64 KiB of events is about 1 ms).
@@ -88,16 +93,30 @@ class MeteringFilter(Filter):
         self._size = 0
         self._requested_model = ""
 
-    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
-        if body[:1] == b"{":
-            try:
-                payload = exchange.request_json()  # parsed once, for every filter
-            except Exception:
-                return Action.CONTINUE
-            model = payload.get("model") if isinstance(payload, dict) else None
-            if isinstance(model, str):
-                self._requested_model = model
+    async def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+        if body[:1] != b"{":
+            return Action.CONTINUE
+        try:
+            payload = exchange.request_json()  # parsed once, for every filter
+        except Exception:
+            return Action.CONTINUE
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str):
+            return Action.CONTINUE
+        self._requested_model = model
+        path = exchange.client_path.partition("?")[0]
+        if path in COUNT_PATHS:
+            await self._count_locally(exchange, path, payload, model)
         return Action.CONTINUE
+
+    async def _count_locally(self, exchange: Exchange, path: str, payload: dict[str, Any], model: str) -> None:
+        """Answer a token-counting request here, unless a provider of the model counts natively."""
+        served = self.factory.served_model(model, native_count=path == ANTHROPIC_COUNT_TOKENS)
+        if served is None:
+            return  # forwarded to the provider's own endpoint (or routing's 404 for an unknown model)
+        reply = await reply_async(path, payload, served)
+        if reply is not None:
+            exchange.send_local_reply(200, reply)
 
     def on_response_headers(self, exchange: Exchange) -> Action:
         self._chunks = []  # a new attempt: what an earlier one relayed is not this one's
@@ -263,6 +282,7 @@ class MeteringFactory(FilterFactory):
         except ConfigError as exc:
             raise ValueError(f"{exc.path}: {exc.reason}") from None
         self.prices = PriceBook(prices)  # ValueError names the field
+        self._routing: Any = None
         if self.usage_header:
             self.filter_class = MeteringHeaderFilter  # type: ignore[misc]
         registry = context.metrics
@@ -292,7 +312,31 @@ class MeteringFactory(FilterFactory):
 
     async def start(self) -> None:
         """Load the tokenizer's encodings off the loop, so the first count does not pay for it."""
+        from llmproxy.filters.routing import RoutingFactory
+
+        self._routing = next((f for f in self.context.factories if isinstance(f, RoutingFactory)), None)
         await asyncio.to_thread(warm, ())
+
+    def served_model(self, model: str, native_count: bool) -> str | None:
+        """The upstream model to count ``model``'s prompt with locally, or None when the request
+        should go on: a provider of the model has its own counting endpoint (``native_count``),
+        or no provider serves it (routing then answers 404)."""
+        routing = self._routing
+        if routing is None:
+            return model  # no routing: count with the name the client gave
+        table = routing.table
+        if native_count:
+            try:
+                table.candidates(model, "count_tokens", None)
+                return None  # an Anthropic-type provider counts it itself
+            except Exception:
+                pass
+        for api in ("chat", "messages", "responses"):
+            try:
+                return str(table.candidates(model, api, None)[0].model)
+            except Exception:
+                continue
+        return None
 
     def count(self, usage: Usage) -> None:
         """Add one exchange's usage to the metrics."""

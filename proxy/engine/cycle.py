@@ -59,6 +59,9 @@ DEFAULT_ROUTES: dict[str, frozenset[str]] = {
     "/v1/responses": frozenset({"POST"}),
     "/v1/messages": frozenset({"POST"}),
     "/v1/messages/count_tokens": frozenset({"POST"}),
+    # token counts: answered by the metering filter (404 from the upstream without it)
+    "/v1/responses/input_tokens": frozenset({"POST"}),
+    "/v1/chat/completions/count_tokens": frozenset({"POST"}),
     "/v1/models": frozenset({"GET", "HEAD"}),
 }
 

@@ -66,6 +66,17 @@ def _exchange_usage(timeout: float = 3.0) -> Usage:
     return usage
 
 
+def _access_line(caplog: pytest.LogCaptureFixture, timeout: float = 3.0) -> str:
+    """The metered access log line (written on the proxy's loop just after the filters' last hooks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in caplog.records:
+            if "tokens_in=" in record.getMessage():
+                return record.getMessage()
+        time.sleep(0.01)
+    raise AssertionError("no metered access log line")
+
+
 def test_provider_usage_is_priced_and_logged(
     mock: MockServer, make_proxy: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -81,7 +92,7 @@ def test_provider_usage_is_priced_and_logged(
     assert (usage.requested_model, usage.model, usage.provider) == ("gpt-x", "mock-gpt", "p")
     expected = (Decimal(usage.input_tokens) * 1 + Decimal(usage.output_tokens) * 2) / Decimal(1_000_000)
     assert usage.cost is not None and usage.cost.total == expected
-    line = next(r.getMessage() for r in caplog.records if "tokens_in=" in r.getMessage())
+        line = _access_line(caplog)
     assert "model=gpt-x upstream_model=mock-gpt provider=p" in line
     assert f"tokens_in={usage.input_tokens} tokens_out={usage.output_tokens} tokens_cached=0" in line
     assert f"cost={expected:.6f}" in line and "stream=no" in line and "ttft=" in line
@@ -97,7 +108,7 @@ def test_unknown_price_is_cost_unknown_never_zero(
         client.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "hello"}])
         usage = _exchange_usage()
     assert usage.output_tokens > 0 and usage.cost is None
-    assert any("cost=?" in r.getMessage() for r in caplog.records)
+        assert "cost=?" in _access_line(caplog)
 
 
 def test_a_stream_without_provider_usage_is_counted_by_the_tokenizer(canned: int, make_proxy: Make) -> None:  # noqa: F811
@@ -193,3 +204,18 @@ def test_bad_config_names_the_field(make_proxy: Make, config: dict[str, Any], fi
     with pytest.raises((ConfigError, ValueError)) as info:
         make_proxy({"filters": [{"name": "metering", "config": config}]})
     assert field in str(info.value)
+
+
+def test_count_tokens_is_answered_locally_when_no_provider_counts(mock: MockServer, make_proxy: Make) -> None:
+    tf.UsageRecorderFactory.instances.clear()
+    proxy = make_proxy(_config(f"http://127.0.0.1:{mock.port}/v1"))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-client", max_retries=0, timeout=10)
+    messages: Any = [{"role": "user", "content": "hello there, how are you today?"}]
+    counted = client.messages.count_tokens(model="gpt-x", messages=messages)
+    assert counted.input_tokens > 5
+    before = len(mock.requests)
+    raw = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10).post(
+        "/responses/input_tokens", cast_to=object, body={"model": "gpt-x", "input": "hello there, how are you today?"}
+    )
+    assert isinstance(raw, dict) and raw["object"] == "response.input_tokens" and raw["input_tokens"] > 5
+    assert len(mock.requests) == before  # never sent to the provider
