@@ -86,13 +86,13 @@ def test_provider_usage_is_priced_and_logged(
     with caplog.at_level(logging.INFO, logger="llmproxy.access"):
         reply = client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hello"}])
         usage = _exchange_usage()
+        line = _access_line(caplog)
     assert reply.usage is not None
     assert (usage.input_tokens, usage.output_tokens) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
     assert usage.input_source is Source.PROVIDER and usage.output_source is Source.PROVIDER
     assert (usage.requested_model, usage.model, usage.provider) == ("gpt-x", "mock-gpt", "p")
     expected = (Decimal(usage.input_tokens) * 1 + Decimal(usage.output_tokens) * 2) / Decimal(1_000_000)
     assert usage.cost is not None and usage.cost.total == expected
-        line = _access_line(caplog)
     assert "model=gpt-x upstream_model=mock-gpt provider=p" in line
     assert f"tokens_in={usage.input_tokens} tokens_out={usage.output_tokens} tokens_cached=0" in line
     assert f"cost={expected:.6f}" in line and "stream=no" in line and "ttft=" in line
