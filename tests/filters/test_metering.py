@@ -107,8 +107,9 @@ def test_unknown_price_is_cost_unknown_never_zero(
     with caplog.at_level(logging.INFO, logger="llmproxy.access"):
         client.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "hello"}])
         usage = _exchange_usage()
+        line = _access_line(caplog)
     assert usage.output_tokens > 0 and usage.cost is None
-        assert "cost=?" in _access_line(caplog)
+    assert "cost=?" in line
 
 
 def test_a_stream_without_provider_usage_is_counted_by_the_tokenizer(canned: int, make_proxy: Make) -> None:  # noqa: F811
