@@ -389,3 +389,22 @@ async def test_count_endpoint_async() -> None:
         big, "claude-x"
     )
     assert await ce.reply_async("/v1/models", chat, "gpt-4") is None
+
+
+def test_anthropic_image_block() -> None:
+    from llmproxy.filters.metering.images import anthropic_image_tokens
+
+    assert anthropic_image_tokens(1000, 750) == (1000, True)  # 1000 * 750 / 750
+    assert anthropic_image_tokens(3136, 1568) == (1640, True)  # long edge scaled to 1568
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}
+    block["source"]["data"] = base64.b64encode(_png(1000, 750)).decode()
+    body = {"messages": [{"role": "user", "content": [block]}]}
+    counted = count_prompt(body, "anthropic", "claude-sonnet-4-5")
+    assert counted.tokens == 3 + 1 + 1000 + 3 and counted.approximate
+
+
+def test_responses_input_image() -> None:
+    part = {"type": "input_image", "image_url": _url(_jpeg(2048, 4096), "image/jpeg"), "detail": "high"}
+    body = {"input": [{"role": "user", "content": [part]}]}
+    counted = count_prompt(body, "responses", "gpt-4o")
+    assert counted == TokenCount(3 + 1 + 1105 + 3, "o200k_base", False)
