@@ -207,7 +207,7 @@ class MeteringFilter(Filter):
         if not isinstance(payload, dict):
             return None
         try:
-            counted = await count_prompt_async(payload, protocol, model)  # type: ignore[arg-type]
+            counted = await count_prompt_async(payload, protocol, model)
         except Exception:
             log.exception("prompt count failed for model %s", model)
             return None
