@@ -321,3 +321,17 @@ def test_stream_usage_replaces_cumulative_counts_and_never_adds() -> None:
     result = acc.result()
     assert result is not None and (result.input_tokens, result.output_tokens) == (10, 9)
     assert "partial" not in result.extra
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_usage_events_finds_exactly_the_usage_events_of_a_batch(line_end: bytes) -> None:
+    from llmproxy.filters.routing.usage import usage_events
+
+    events = [
+        b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}',
+        b'data: {"choices":[],"usage":{"prompt_tokens":3}}',
+    ]
+    batch = b"".join(e.replace(b"\n", line_end) + line_end * 2 for e in events * 3)
+    found = usage_events(batch)
+    assert [payload["usage"] for _, payload in found] == [{"prompt_tokens": 3}] * 3
+    assert all(event.endswith(line_end * 2) and event in batch for event, _ in found)
