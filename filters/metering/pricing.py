@@ -164,7 +164,8 @@ class PriceBook:
 
     Construction validates ``overrides`` (raises ValueError naming the field,
     e.g. ``prices.my-model.input: must be a number >= 0``) and loads the
-    genai-prices data (about 0.7 s, once per process).
+    genai-prices data (0.4-0.5 s once per process on the dev box;
+    later PriceBooks reuse it).
     """
 
     __slots__ = ("_fixed", "_overrides", "_snapshot", "_timed")

@@ -141,6 +141,34 @@ def test_crlf_cr_and_multiline_data() -> None:
     assert relayed_output(multi, "openai", True) == RelayedOutput("m", complete=True)
 
 
+_TEXT_DELTA = b'{"type":"content_block_delta","delta":{"type":"text_delta","text":"t"}}'
+_HALF = _TEXT_DELTA.index(b'"delta"')
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"event: content_block_delta\ndata: " + _TEXT_DELTA + b"\n\n",
+        b"event: content_block_delta\r\ndata: " + _TEXT_DELTA + b"\r\n\n",
+        b"event: e\ndata: " + _TEXT_DELTA[:_HALF] + b"\ndata: " + _TEXT_DELTA[_HALF:] + b"\n\n",
+        b"data:" + _TEXT_DELTA + b"\n\n",
+        b": keep-alive\ndata: " + _TEXT_DELTA + b"\n\n",
+        b"event: x\rdata: " + _TEXT_DELTA + b"\n\n",
+    ],
+)
+def test_event_shapes(event: bytes) -> None:
+    """Shapes around the one-data-line fast path read the same as through parse_event."""
+    stop = b'data: {"type":"message_stop"}\n\n'
+    assert relayed_output([event, stop], "anthropic", True) == RelayedOutput("t", complete=True)
+
+
+def test_cr_between_data_lines() -> None:
+    """A bare CR ends a data line too: the fast path must not take it for part of the data."""
+    usage = b'data: {"type":"message_delta",\rdata: "usage":{"output_tokens":3}}\n\n'
+    out = relayed_output([usage], "anthropic", True)
+    assert out.provider_usage == {"output_tokens": 3}
+
+
 def test_truncated_streams() -> None:
     cut = b"".join(OPENAI_STREAM[:4])  # no usage chunk, no [DONE]
     out = relayed_output([cut[: cut.rindex(b"ld")]], "openai", True)  # and the last event cut mid-way
