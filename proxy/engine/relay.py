@@ -283,7 +283,9 @@ class Relay:
             out = redact(out, target_secrets(self.attempt.target))
         self._write(out)
         if self.observers:
-            self.conn.flush()  # observers never delay a chunk: it is on the wire before they run
+            if self.ex.is_sse:
+                self.conn.flush()  # observers never delay an event: it is on the wire before they run
+            # (a JSON body goes out with its end, in one send, right after the observers)
             await self.rt.chain.observe_response(self.ex, out, False)
 
     def _take_held(self) -> bytes:
@@ -316,7 +318,8 @@ class Relay:
             self._write(tail)
         if self.observers:
             if tail:
-                self.conn.flush()
+                if ex.is_sse:
+                    self.conn.flush()
                 await self.rt.chain.observe_response(ex, tail, False)
             await self.rt.chain.observe_response(ex, b"", True)
         if self.resp is not None:
