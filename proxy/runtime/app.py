@@ -18,7 +18,6 @@ per process; use ``store: redis://...`` for state every worker shares.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
 import gc
 import logging
@@ -117,10 +116,7 @@ class Proxy:
         )
         for factory in chain.factories:
             await factory.start()
-        # What startup built (config, route tables, price books, tokenizer tables) lives as long
-        # as the worker: keep it out of the cyclic GC's reach, or every full collection walks it.
-        gc.collect()
-        gc.freeze()
+        _freeze_startup_heap()  # after the filters' start(): price books and tokenizer tables too
         loop = asyncio.get_running_loop()
         rt = self.runtime
         self._server = await loop.create_server(
