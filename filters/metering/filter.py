@@ -315,7 +315,19 @@ class MeteringFactory(FilterFactory):
         from llmproxy.filters.routing import RoutingFactory
 
         self._routing = next((f for f in self.context.factories if isinstance(f, RoutingFactory)), None)
-        await asyncio.to_thread(warm, ())
+        await asyncio.to_thread(warm, self._served_models())
+
+    def _served_models(self) -> list[str]:
+        """The upstream models routing lists: only their encodings are loaded at startup (each
+        costs tens of MiB); an encoding for another model loads on its first count, in a thread."""
+        routing = self._routing
+        if routing is None:
+            return []
+        names: list[str] = []
+        for provider in routing.table.providers.values():
+            for listed in provider.models.listed():
+                names.append(provider.models.resolve(listed) or listed)
+        return names
 
     def served_model(self, model: str, native_count: bool) -> str | None:
         """The upstream model to count ``model``'s prompt with locally, or None when the request
