@@ -71,7 +71,7 @@ def _access_line(caplog: pytest.LogCaptureFixture, timeout: float = 3.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for record in caplog.records:
-            if "tokens_in=" in record.getMessage():
+            if "tokens_in" in record.getMessage():
                 return record.getMessage()
         time.sleep(0.01)
     raise AssertionError("no metered access log line")
@@ -220,3 +220,22 @@ def test_count_tokens_is_answered_locally_when_no_provider_counts(mock: MockServ
     )
     assert isinstance(raw, dict) and raw["object"] == "response.input_tokens" and raw["input_tokens"] > 5
     assert len(mock.requests) == before  # never sent to the provider
+
+
+def test_the_json_access_log_carries_the_same_fields(
+    mock: MockServer, make_proxy: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    tf.UsageRecorderFactory.instances.clear()
+    config = _config(f"http://127.0.0.1:{mock.port}/v1")
+    config["server"] = {"access_log": "json"}
+    proxy = make_proxy(config)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    with caplog.at_level(logging.INFO, logger="llmproxy.access"):
+        client.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "hello"}])
+        usage = _exchange_usage()
+        line = _access_line(caplog)
+    record = json.loads(line)
+    assert record["model"] == "claude-x" and record["upstream_model"] == "mock-claude-unpriced"
+    assert (record["tokens_in"], record["tokens_out"]) == (usage.input_tokens, usage.output_tokens)
+    assert record["tokens_cached"] == 0 and record["cost"] is None and record["stream"] is False
+    assert record["provider"] == "p" and record["key_id"] and record["ttft_ms"] is not None
