@@ -42,7 +42,7 @@ from llmproxy.errors import (
 from llmproxy.exchange import Exchange, Request, Response
 from llmproxy.filter import Action, Filter, FilterFactory
 from llmproxy.headers import Headers, check_field
-from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event
+from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event, split_events
 from llmproxy.runtime.config import ConfigError, Section, read_upstream
 from llmproxy.state.store import MemoryStore, SharedStore, StoreUnavailable
 from llmproxy.upstream import Timeouts, UpstreamTarget
@@ -92,4 +92,5 @@ __all__ = [
     "format_event",
     "parse_event",
     "read_upstream",
+    "split_events",
 ]

@@ -67,10 +67,10 @@ from llmproxy import (
     FilterFactory,
     Section,
     ServiceUnavailable,
-    SseFramer,
     StoreUnavailable,
     Timeouts,
     UpstreamError,
+    split_events,
 )
 from llmproxy.filters.failover.health import EJECTED, HealthBook
 from llmproxy.filters.failover.stream import Kind, classify
@@ -81,20 +81,6 @@ from llmproxy.filters.routing.table import Provider
 __all__ = ["FailoverFactory", "FailoverFilter"]
 
 log = logging.getLogger("llmproxy.failover")
-
-
-def _held_events(new: bytes) -> list[bytes]:
-    """The raw events in ``new`` (the held data not examined yet); usually exactly one."""
-    if not new:
-        return []
-    if new.endswith(b"\n\n") and new.count(b"\n\n") == 1 and b"\r" not in new:
-        return [new]
-    framer = SseFramer(max_event=len(new) + 1)
-    events = framer.feed(new)
-    rest = framer.flush()
-    if rest:
-        events.append(rest)
-    return events
 
 
 def _retry_after(value: str | None, now: float) -> float | None:
@@ -129,7 +115,7 @@ def _classify(status: int, error: UpstreamError | None) -> str:
 class FailoverFilter(Filter):
     factory: FailoverFactory
 
-    #: on_response_body looks at every event of what it is given (``_held_events``)
+    #: on_response_body looks at every event of what it is given (``split_events``)
     sse_batches = True
 
     __slots__ = ("_ended", "_holding", "_ok", "_routing", "_same_key_retries", "_seen", "_tried")
@@ -242,7 +228,7 @@ class FailoverFilter(Filter):
         new = data[self._seen :] if self._seen else data
         self._seen = len(data)
         content = failed = False
-        for event in _held_events(new):
+        for event in split_events(new):
             if content and b"error" not in event:
                 continue  # after the first content only an error event still matters (a byte check)
             kind = classify(event)

@@ -53,6 +53,7 @@ from llmproxy import (
     FactoryContext,
     Filter,
     FilterFactory,
+    InvalidJSON,
     Section,
     Source,
     UpstreamConnectError,
@@ -63,6 +64,8 @@ from llmproxy.filters.metering.pricing import PriceBook, cost
 from llmproxy.filters.metering.relayed import relayed_output
 from llmproxy.filters.metering.tokenizer import count_prompt_async, count_text, warm
 from llmproxy.filters.names import ROUTE
+from llmproxy.filters.routing import RoutingFactory
+from llmproxy.filters.routing.table import NoProvider
 
 __all__ = ["USAGE_HEADER", "MeteringFactory", "MeteringFilter"]
 
@@ -98,8 +101,8 @@ class MeteringFilter(Filter):
             return Action.CONTINUE
         try:
             payload = exchange.request_json()  # parsed once, for every filter
-        except Exception:
-            return Action.CONTINUE
+        except InvalidJSON:
+            return Action.CONTINUE  # routing (or the core) reports it
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(model, str):
             return Action.CONTINUE
@@ -202,8 +205,8 @@ class MeteringFilter(Filter):
     async def _count_prompt(self, exchange: Exchange, protocol: str, model: str) -> tuple[int, str, bool] | None:
         try:
             payload = exchange.request_json()
-        except Exception:
-            return None
+        except InvalidJSON:
+            return None  # not JSON: nothing to count
         if not isinstance(payload, dict):
             return None
         try:
@@ -282,7 +285,7 @@ class MeteringFactory(FilterFactory):
         except ConfigError as exc:
             raise ValueError(f"{exc.path}: {exc.reason}") from None
         self.prices = PriceBook(prices)  # ValueError names the field
-        self._routing: Any = None
+        self._routing: RoutingFactory | None = None
         if self.usage_header:
             self.filter_class = MeteringHeaderFilter  # type: ignore[misc]
         registry = context.metrics
@@ -312,8 +315,6 @@ class MeteringFactory(FilterFactory):
 
     async def start(self) -> None:
         """Load the tokenizer's encodings off the loop, so the first count does not pay for it."""
-        from llmproxy.filters.routing import RoutingFactory
-
         self._routing = next((f for f in self.context.factories if isinstance(f, RoutingFactory)), None)
         await asyncio.to_thread(warm, self._served_models())
 
@@ -341,12 +342,12 @@ class MeteringFactory(FilterFactory):
             try:
                 table.candidates(model, "count_tokens", None)
                 return None  # an Anthropic-type provider counts it itself
-            except Exception:
+            except NoProvider:
                 pass
         for api in ("chat", "messages", "responses"):
             try:
-                return str(table.candidates(model, api, None)[0].model)
-            except Exception:
+                return table.candidates(model, api, None)[0].model
+            except NoProvider:
                 continue
         return None
 

@@ -31,7 +31,7 @@ reasoning), the last of which may be cut mid-way; tool names and an
 Anthropic ``tool_use`` ``input`` object are not recovered that way. Such an
 output is never ``complete``. SSE is framed as the spec allows (LF, CRLF or
 CR line ends, multi-line ``data:`` fields, events split across chunks) by
-:class:`llmproxy.SseFramer`; an unterminated last event is read too.
+:func:`llmproxy.split_events`; an unterminated last event is read too.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import orjson
 
-from llmproxy import SseFramer, parse_event
+from llmproxy import parse_event, split_events
 
 __all__ = ["RelayedOutput", "relayed_output"]
 
@@ -275,11 +275,8 @@ def relayed_output(chunks: list[bytes], protocol: Literal["openai", "anthropic"]
             _scan(parts, body)
         return parts.result()
     stream = b"".join(chunks)  # framed in one pass: the split between chunks does not matter
-    framer = SseFramer(max_event=len(stream) + 1)  # no event can be larger than the whole
-    events = framer.feed(stream)
-    rest = framer.flush()
-    if rest:
-        events.append(rest)  # an unterminated last event: the client may have read its data lines
+    # an unterminated last event comes last: the client may have read its data lines
+    events = split_events(stream)
     done = False
     for raw in events:
         data = _data(raw)

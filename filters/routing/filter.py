@@ -48,10 +48,10 @@ from llmproxy import (
     FilterFactory,
     ModelNotFound,
     ServiceUnavailable,
-    SseFramer,
     UpstreamProtocolError,
     Usage,
     parse_event,
+    split_events,
 )
 from llmproxy.filters.names import ROUTE, USAGE
 from llmproxy.filters.routing.decision import RouteDecision
@@ -328,7 +328,8 @@ class RoutingFilter(Filter):
             if data:
                 self._pieces.append(data)
             if end_of_stream:
-                self._publish_json_usage(exchange, b"".join(self._pieces), target_protocol=self.client_protocol)
+                # same protocol: the provider's is the client's
+                self._publish_json_usage(exchange, b"".join(self._pieces), self.client_protocol)
                 self._pieces = []
             return Action.CONTINUE
         if mode is _Mode.STREAM:
@@ -369,16 +370,14 @@ class RoutingFilter(Filter):
         usage = self._usage
         assert usage is not None
         drop = not self._include_usage_asked and self.api == "chat" and self._stream
-        kept: list[bytes] | None = None
+        out = data
         found = usage_events(data)
         for event, payload in found:
             usage.take(payload)
             if drop and payload.get("choices") == []:
-                if kept is None:
-                    kept = [data]
-                kept[0] = kept[0].replace(event, b"", 1)
-        if kept is not None:
-            exchange.set_response_data(kept[0])
+                out = out.replace(event, b"", 1)
+        if out is not data:
+            exchange.set_response_data(out)
         if found:
             self._publish_stream_usage(exchange)
 
@@ -392,7 +391,7 @@ class RoutingFilter(Filter):
                 for _, payload in usage_events(data):
                     usage.take(payload)
                 self._publish_stream_usage(exchange)
-            for raw in _events(data):
+            for raw in split_events(data):
                 event = parse_event(raw)
                 try:
                     out.append(translator.feed(event.event, event.data))
@@ -409,7 +408,7 @@ class RoutingFilter(Filter):
             if record is not None:
                 self._publish(exchange, record)
 
-    def _publish_json_usage(self, exchange: Exchange, body: bytes, target_protocol: str) -> None:
+    def _publish_json_usage(self, exchange: Exchange, body: bytes, protocol: str) -> None:
         if b'"usage"' not in body:
             return
         try:
@@ -418,7 +417,7 @@ class RoutingFilter(Filter):
             return
         usage = parsed.get("usage") if isinstance(parsed, dict) else None
         if isinstance(usage, dict):
-            self._publish(exchange, from_provider(target_protocol, usage))
+            self._publish(exchange, from_provider(protocol, usage))
 
     def _publish(self, exchange: Exchange, record: Usage) -> None:
         """Set the current attempt's provider-reported usage (and the ``routing.usage`` var)."""
@@ -426,9 +425,9 @@ class RoutingFilter(Filter):
         if target is not None:
             record.model = target.model
             record.provider = target.provider.name
-            record.key_id = target.provider.key_ids[self.key_index] if target.provider.key_ids else ""
         attempt = exchange.attempt
         if attempt is not None:
+            record.key_id = attempt.key_id
             attempt.usage = record
         exchange.vars[USAGE] = openai_shaped(record)
 
@@ -449,15 +448,3 @@ class RoutingFactory(FilterFactory):
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         super().__init__(name, config, context)
         self.table: RoutingTable = build_table(config, context.mock_ports)
-
-
-def _events(data: bytes) -> list[bytes]:
-    """The whole SSE events of a batch (``data`` ends at an event boundary, or is the stream's rest)."""
-    if data.endswith(b"\n\n") and data.count(b"\n\n") == 1 and b"\r" not in data:
-        return [data]
-    framer = SseFramer(max_event=len(data) + 1)
-    events = framer.feed(data)
-    rest = framer.flush()
-    if rest:
-        events.append(rest)
-    return events

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy import SseFramer, Usage, parse_event
+from llmproxy import Usage, parse_event, split_events
 
 __all__ = [
     "USAGE_OBJECT",
@@ -113,13 +113,8 @@ def usage_events(data: bytes) -> list[tuple[bytes, dict[str, Any]]]:
 
 
 def _usage_events_split(data: bytes) -> list[tuple[bytes, dict[str, Any]]]:
-    framer = SseFramer(max_event=len(data) + 1)
-    events = framer.feed(data)
-    rest = framer.flush()
-    if rest:
-        events.append(rest)
     found: list[tuple[bytes, dict[str, Any]]] = []
-    for event in events:
+    for event in split_events(data):
         if USAGE_OBJECT.search(event) is not None:
             _take_event(event, found)
     return found

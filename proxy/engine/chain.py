@@ -28,7 +28,7 @@ from llmproxy.attempt import Attempt
 from llmproxy.errors import FilterFailed, ProxyError, UpstreamResponseTooLarge
 from llmproxy.exchange import Exchange
 from llmproxy.filter import Action, Filter, FilterFactory
-from llmproxy.http.sse import SseFramer
+from llmproxy.http.sse import split_events
 
 __all__ = ["Chain", "ResponseBodyStage"]
 
@@ -185,8 +185,8 @@ class Chain:
 class ResponseBodyStage:
     """Runs mutating response-body hooks with proxy-wasm pause semantics.
 
-    Data (a chunk; for SSE one whole event, or several for a stage whose
-    hooks all take batches) enters at the first step. A step that returns
+    Data (a chunk; for SSE one whole event, or several when the first hook
+    takes batches) enters at the first step. A step that returns
     PAUSE before end of stream holds it: the data is appended to a bounded
     buffer and the same step is called again with everything held when more
     arrives. What passes the last step is released downstream.
@@ -289,11 +289,7 @@ class ResponseBodyStage:
         return data
 
     async def _fan_out(self, ex: Exchange, data: bytes, end_of_stream: bool, start: int) -> bytes | None:
-        framer = SseFramer(max_event=self._cap)
-        events = framer.feed(data)
-        rest = framer.flush()
-        if rest:
-            events.append(rest)
+        events = split_events(data, self._cap)
         out = bytearray()
         for i, event in enumerate(events):
             released = await self._run(ex, event, end_of_stream and i == len(events) - 1, start, True)

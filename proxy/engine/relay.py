@@ -200,7 +200,8 @@ class Relay:
         conn = self.conn
         resp = self.resp
         framer = self.framer
-        # every consumer takes batches of whole events: one piece per read, never split
+        # the first consumer takes batches of whole events: one piece per read (the stage
+        # splits it only before a hook that wants one event per call)
         batches = self.stage is None or self.stage.batches
         while True:
             chunk = await self._next_chunk()

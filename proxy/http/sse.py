@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from llmproxy.errors import UpstreamEventTooLarge
 
-__all__ = ["SseEvent", "SseFramer", "format_event", "parse_event"]
+__all__ = ["SseEvent", "SseFramer", "format_event", "parse_event", "split_events"]
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 #: A boundary is at most 4 bytes: a search resumes this far before the end of
@@ -133,6 +133,26 @@ class SseFramer:
         self._buf.clear()
         self._scan = 0
         return rest
+
+
+def split_events(data: bytes, max_event: int | None = None) -> list[bytes]:
+    """The raw events of a buffer of whole events (a batch, a held body), in order.
+
+    Bytes after the last boundary (the unterminated end of a stream) come last,
+    as one more event. ``max_event`` bounds each event as :class:`SseFramer`
+    does (raising :class:`~llmproxy.errors.UpstreamEventTooLarge`); by default
+    no bound applies beyond the buffer itself. A buffer of exactly one
+    LF-terminated event is returned as is, unsplit.
+    """
+    limit = len(data) + 1 if max_event is None else max_event
+    if len(data) <= limit and data.endswith(b"\n\n") and data.count(b"\n\n") == 1 and b"\r" not in data:
+        return [data]
+    framer = SseFramer(max_event=limit)
+    events = framer.feed(data)
+    rest = framer.flush()
+    if rest:
+        events.append(rest)
+    return events
 
 
 class SseEvent(NamedTuple):
