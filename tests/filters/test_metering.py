@@ -23,7 +23,8 @@ from llmproxy import Source, Usage
 from llmproxy.filters.metering.tokenizer import count_text
 from llmproxy.mock import MockServer
 from tests import filters_for_tests as tf
-from tests.filters.test_routing_usage import _Canned, _json_reply, _sse_reply, canned  # noqa: F401 - fixture
+from tests.filters.scripted_provider import Scripted
+from tests.filters.test_routing_usage import _sse_reply
 from tests.support import RunningProxy
 
 Make = Callable[[dict[str, Any]], RunningProxy]
@@ -112,10 +113,10 @@ def test_unknown_price_is_cost_unknown_never_zero(
     assert "cost=?" in line
 
 
-def test_a_stream_without_provider_usage_is_counted_by_the_tokenizer(canned: int, make_proxy: Make) -> None:  # noqa: F811
+def test_a_stream_without_provider_usage_is_counted_by_the_tokenizer(scripted: Scripted, make_proxy: Make) -> None:
     tf.UsageRecorderFactory.instances.clear()
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "mock-gpt"}
-    _Canned.reply = _sse_reply(
+    scripted.default = _sse_reply(
         [
             (None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello there,"}}]}),
             (None, {**base, "choices": [{"index": 0, "delta": {"content": " general Kenobi"}}]}),
@@ -123,7 +124,7 @@ def test_a_stream_without_provider_usage_is_counted_by_the_tokenizer(canned: int
             (None, "[DONE]"),
         ]
     )
-    proxy = make_proxy(_config(f"http://127.0.0.1:{canned}/v1"))
+    proxy = make_proxy(_config(f"{scripted.url}/v1"))
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
     chunks = list(
         client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "say hello"}], stream=True)

@@ -1,6 +1,6 @@
 """Provider usage on every path: ``attempt.usage`` for each protocol pair and mode.
 
-A canned upstream answers every request with the bytes a test chose (usage
+A scripted provider answers every request with the reply a test chose (usage
 present, absent, split across Anthropic's ``message_start`` and
 ``message_delta``, with cache and reasoning tokens); a real proxy with the
 routing filter sits in front, and a recorder filter reads ``attempt.usage``
@@ -9,9 +9,8 @@ in ``on_attempt_complete``.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,56 +19,27 @@ import pytest
 from llmproxy import Source, Usage
 from llmproxy.filters.routing.usage import StreamUsage, from_anthropic, from_openai
 from tests import filters_for_tests as tf
-from tests.support import LoopThread, RunningProxy, raw_exchange
+from tests.filters.scripted_provider import Reply, Scripted
+from tests.support import RunningProxy, raw_exchange
 
 Make = Callable[[dict[str, Any]], RunningProxy]
 
 
-class _Canned(asyncio.Protocol):
-    """Reads one request (head + Content-Length body) and writes ``reply`` (then closes)."""
-
-    reply: bytes = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self.buf = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        head, sep, body = self.buf.partition(b"\r\n\r\n")
-        if not sep:
-            return
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if len(body) >= length:
-            self.transport.write(_Canned.reply)
-            self.transport.close()
+def _json_reply(body: dict[str, Any]) -> Reply:
+    return Reply(200, orjson.dumps(body))
 
 
-@pytest.fixture
-def canned(loop_thread: LoopThread) -> Iterator[int]:
-    async def start() -> asyncio.Server:
-        return await asyncio.get_running_loop().create_server(_Canned, "127.0.0.1", 0)
-
-    server = loop_thread.call(start())
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-
-
-def _json_reply(body: dict[str, Any]) -> bytes:
-    data = orjson.dumps(body)
-    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
-
-
-def _sse_reply(events: list[tuple[str | None, dict[str, Any] | str]]) -> bytes:
-    out = b""
+def _sse_reply(events: list[tuple[str | None, dict[str, Any] | str]]) -> Reply:
+    """A stream, sent chunked in small pieces (the proxy must frame it again)."""
+    out: list[bytes] = []
     for name, data in events:
         payload = data.encode() if isinstance(data, str) else orjson.dumps(data)
-        out += (b"event: %s\n" % name.encode() if name else b"") + b"data: " + payload + b"\n\n"
-    return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + out
+        out.append((b"event: %s\n" % name.encode() if name else b"") + b"data: " + payload + b"\n\n")
+    return Reply(200, out, "text/event-stream")
+
+
+def _is_stream(reply: Reply) -> bool:
+    return reply.content_type == "text/event-stream"
 
 
 OPENAI_USAGE = {
@@ -225,11 +195,11 @@ def _numbers(u: Usage) -> tuple[int, int, int, int, int]:
     ids=["openai-json", "anthropic-json", "openai-stream", "anthropic-stream-split"],
 )
 def test_provider_usage_on_every_pair_and_mode(
-    canned: int, make_proxy: Make, client: str, provider: str, reply: bytes, expected: tuple[int, ...]
+    scripted: Scripted, make_proxy: Make, client: str, provider: str, reply: Reply, expected: tuple[int, ...]
 ) -> None:
-    _Canned.reply = reply
-    rec = _proxy(make_proxy, canned, provider)
-    stream = b"text/event-stream" in reply[:200]
+    scripted.default = reply
+    rec = _proxy(make_proxy, scripted.port, provider)
+    stream = _is_stream(reply)
     response = _ask(_proxy.port, client, stream)  # type: ignore[attr-defined]
     assert response.startswith(b"HTTP/1.1 200"), response[:300]
     assert b"hi there" in response
@@ -252,17 +222,19 @@ def test_provider_usage_on_every_pair_and_mode(
     ],
     ids=["openai-json", "anthropic-json", "openai-stream"],
 )
-def test_no_provider_usage_leaves_none(canned: int, make_proxy: Make, client: str, provider: str, reply: bytes) -> None:
-    _Canned.reply = reply
-    rec = _proxy(make_proxy, canned, provider)
-    response = _ask(_proxy.port, client, b"text/event-stream" in reply[:200])  # type: ignore[attr-defined]
+def test_no_provider_usage_leaves_none(
+    scripted: Scripted, make_proxy: Make, client: str, provider: str, reply: Reply
+) -> None:
+    scripted.default = reply
+    rec = _proxy(make_proxy, scripted.port, provider)
+    response = _ask(_proxy.port, client, _is_stream(reply))  # type: ignore[attr-defined]
     assert response.startswith(b"HTTP/1.1 200"), response[:300]
     assert _only_usage(rec) is None
 
 
-def test_anthropic_stream_cut_before_message_delta_is_partial(canned: int, make_proxy: Make) -> None:
-    _Canned.reply = _sse_reply(_anthropic_events({"input_tokens": 10, "output_tokens": 1}, None))
-    rec = _proxy(make_proxy, canned, "anthropic")
+def test_anthropic_stream_cut_before_message_delta_is_partial(scripted: Scripted, make_proxy: Make) -> None:
+    scripted.default = _sse_reply(_anthropic_events({"input_tokens": 10, "output_tokens": 1}, None))
+    rec = _proxy(make_proxy, scripted.port, "anthropic")
     _ask(_proxy.port, "anthropic", True)  # type: ignore[attr-defined]
     _, usage = rec.attempts[0]
     assert usage is not None and usage.input_tokens == 10
@@ -271,10 +243,10 @@ def test_anthropic_stream_cut_before_message_delta_is_partial(canned: int, make_
 
 @pytest.mark.parametrize("asked", [False, True], ids=["not-asked", "asked"])
 def test_the_injected_usage_chunk_reaches_the_client_only_when_asked(
-    canned: int, make_proxy: Make, asked: bool
+    scripted: Scripted, make_proxy: Make, asked: bool
 ) -> None:
-    _Canned.reply = _sse_reply(_openai_chunks(OPENAI_USAGE))
-    rec = _proxy(make_proxy, canned, "openai")
+    scripted.default = _sse_reply(_openai_chunks(OPENAI_USAGE))
+    rec = _proxy(make_proxy, scripted.port, "openai")
     response = _ask(_proxy.port, "openai", True, include_usage=asked)  # type: ignore[attr-defined]
     assert (b'"choices":[],"usage"' in response) is asked
     assert response.count(b"data: ") == (5 if asked else 4)
@@ -282,9 +254,11 @@ def test_the_injected_usage_chunk_reaches_the_client_only_when_asked(
     assert usage is not None and _numbers(usage) == OPENAI_EXPECTED
 
 
-def test_the_openai_usage_chunk_becomes_anthropic_usage_for_an_anthropic_client(canned: int, make_proxy: Make) -> None:
-    _Canned.reply = _sse_reply(_openai_chunks(OPENAI_USAGE))
-    _proxy(make_proxy, canned, "openai")
+def test_the_openai_usage_chunk_becomes_anthropic_usage_for_an_anthropic_client(
+    scripted: Scripted, make_proxy: Make
+) -> None:
+    scripted.default = _sse_reply(_openai_chunks(OPENAI_USAGE))
+    _proxy(make_proxy, scripted.port, "openai")
     response = _ask(_proxy.port, "anthropic", True)  # type: ignore[attr-defined]
     delta = [line for line in response.split(b"\n") if line.startswith(b"data: ") and b"message_delta" in line]
     assert delta, response
