@@ -49,6 +49,7 @@ from llmproxy import (
     Action,
     Attempt,
     ConfigError,
+    Cost,
     Exchange,
     FactoryContext,
     Filter,
@@ -64,7 +65,7 @@ from llmproxy.filters.metering.pricing import PriceBook, cost
 from llmproxy.filters.metering.relayed import relayed_output
 from llmproxy.filters.metering.tokenizer import count_prompt_async, count_text, warm
 from llmproxy.filters.names import ROUTE
-from llmproxy.filters.routing import RoutingFactory
+from llmproxy.filters.routing import RouteDecision, RoutingFactory
 from llmproxy.filters.routing.table import NoProvider
 
 __all__ = ["USAGE_HEADER", "MeteringFactory", "MeteringFilter"]
@@ -152,13 +153,11 @@ class MeteringFilter(Filter):
     # -- settling one attempt ----------------------------------------------------------
     async def _settle(self, exchange: Exchange, attempt: Attempt) -> Usage:
         factory = self.factory
-        route = exchange.vars.get(ROUTE)
-        target = getattr(route, "target", None)
-        model = str(getattr(route, "model", "") or self._requested_model)
-        provider = str(getattr(route, "provider", "") or attempt.target.name)
-        provider_type = target.provider.adapter.type_name if target is not None else ""
-        client_protocol = str(getattr(route, "client_protocol", "") or exchange.client_protocol)
-        provider_protocol = str(getattr(route, "provider_protocol", "") or client_protocol)
+        route = _route(exchange)
+        model = (route.model if route else "") or self._requested_model
+        provider = (route.provider if route else "") or attempt.target.name
+        client_protocol = (route.client_protocol if route else "") or exchange.client_protocol
+        provider_protocol = (route.provider_protocol if route else "") or client_protocol
         usage = attempt.usage
         status = attempt.status
         spent = usage is not None or (
@@ -199,7 +198,7 @@ class MeteringFilter(Filter):
                 usage.approximate = usage.approximate or counted_out.approximate
         elif need_output:
             usage.output_tokens = 0
-        usage.cost = cost(usage, factory.prices.lookup(provider_type or provider, usage.model))
+        usage.cost = factory.price(usage, route)
         return usage
 
     async def _count_prompt(self, exchange: Exchange, protocol: str, model: str) -> tuple[int, str, bool] | None:
@@ -215,6 +214,12 @@ class MeteringFilter(Filter):
             log.exception("prompt count failed for model %s", model)
             return None
         return counted.tokens, counted.encoding, counted.approximate
+
+
+def _route(exchange: Exchange) -> RouteDecision | None:
+    """Routing's decision for the exchange, when routing runs."""
+    route = exchange.vars.get(ROUTE)
+    return route if isinstance(route, RouteDecision) else None
 
 
 class MeteringHeaderFilter(MeteringFilter):
@@ -251,10 +256,7 @@ class MeteringHeaderFilter(MeteringFilter):
         attempt, response = exchange.attempt, exchange.response
         usage = attempt.usage if attempt is not None else None
         if usage is not None and response is not None:
-            route = exchange.vars.get(ROUTE)
-            target = getattr(route, "target", None)
-            provider = target.provider.adapter.type_name if target is not None else usage.provider
-            price = cost(usage, self.factory.prices.lookup(provider, usage.model))
+            price = self.factory.price(usage, _route(exchange))
             response.headers.set(
                 USAGE_HEADER,
                 f"input={usage.input_tokens}; output={usage.output_tokens}; cached={usage.cache_read_tokens}; "
@@ -350,6 +352,13 @@ class MeteringFactory(FilterFactory):
             except NoProvider:
                 continue
         return None
+
+    def price(self, usage: Usage, route: RouteDecision | None) -> Cost | None:
+        """``usage``'s cost: its model priced for the provider's type (``openai``, ``anthropic``...)
+        when routing chose the target, else for the provider's name."""
+        target = route.target if route is not None else None
+        provider = target.provider.adapter.type_name if target is not None else usage.provider
+        return cost(usage, self.prices.lookup(provider, usage.model))
 
     def count(self, usage: Usage) -> None:
         """Add one exchange's usage to the metrics."""
