@@ -7,6 +7,8 @@ them; only the filter named in the key writes them.
 ===================  ==============================================  ===========
 key                  value                                           set by
 ===================  ==============================================  ===========
+``auth.principal``   :class:`llmproxy.Principal`: who is calling     auth
+                     (resolved from the virtual key)
 ``routing.route``    :class:`llmproxy.filters.routing.RouteDecision`: the      routing
                      API, protocols, candidates, and the current
                      attempt's provider, upstream model and key id;
@@ -21,7 +23,10 @@ key                  value                                           set by
 
 from __future__ import annotations
 
-__all__ = ["ROUTE", "USAGE"]
+__all__ = ["PRINCIPAL", "ROUTE", "USAGE"]
+
+#: :class:`llmproxy.Principal` of the exchange.
+PRINCIPAL = "auth.principal"
 
 #: :class:`llmproxy.filters.routing.RouteDecision` of the exchange.
 ROUTE = "routing.route"

@@ -43,6 +43,7 @@ from llmproxy.exchange import Exchange, Request, Response
 from llmproxy.filter import Action, Filter, FilterFactory
 from llmproxy.headers import Headers, check_field
 from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event, split_events
+from llmproxy.principal import ANONYMOUS, Principal
 from llmproxy.runtime.config import ConfigError, Section, read_upstream
 from llmproxy.state.store import MemoryStore, SharedStore, StoreUnavailable
 from llmproxy.upstream import Timeouts, UpstreamTarget
@@ -51,6 +52,7 @@ from llmproxy.usage import Cost, Source, Usage
 __version__ = "0.1.0"
 
 __all__ = [
+    "ANONYMOUS",
     "Action",
     "Attempt",
     "BadRequest",
@@ -68,6 +70,7 @@ __all__ = [
     "ModelNotFound",
     "NotFound",
     "Outcome",
+    "Principal",
     "ProxyError",
     "RateLimited",
     "Request",
