@@ -60,7 +60,8 @@ async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
         attempt = Attempt(ex.attempts, target)
         ex.attempt = attempt
         ex.attempt_history.append(attempt)
-        ex.control.new_attempt()
+        if ex.attempts > 1:  # the first attempt's control is fresh
+            ex.control.new_attempt()
         ex.upstream_error = None
         resp: UpstreamResponse | None = None
         retry = False
@@ -73,7 +74,9 @@ async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
                 resp = await rt.pool.send(
                     target, request.method.encode("ascii"), path, upstream_headers(ex, target, body), body
                 )
-                fields = redact_fields(resp.headers, target.secrets)  # a provider echoing our key
+                fields = resp.headers
+                if target.secrets:
+                    fields = redact_fields(fields, target.secrets)  # a provider echoing our key
                 ex.response = Response(resp.status, upstream_response_headers(fields))
             except UpstreamError as err:
                 _synthesize(ex, err)
@@ -90,7 +93,8 @@ async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
         finally:
             if resp is not None:
                 resp.close()  # no-op when the relay already released it
-            attempt.finish(Outcome.ABANDONED)  # no-op when an outcome was recorded
+            if attempt.outcome is Outcome.PENDING:
+                attempt.finish(Outcome.ABANDONED)
             if chain.attempt_plan:
                 await chain.attempt_complete(ex, attempt)
         if not retry:

@@ -96,7 +96,8 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
         try:
             if "?" in ex.request.path:
                 ex.request.path = ex.client_path = strip_query_credentials(ex.request.path)
-            chain.start(ex)
+            if chain.factories:
+                chain.start(ex)
             _check_route(rt, ex)
             if chain.request_headers_plan:
                 await chain.request_headers(ex)

@@ -34,19 +34,16 @@ _DROP_REQUEST = HOP_BY_HOP | {
     b"api-key",
 }
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+_NONE: frozenset[bytes] = frozenset()
 # Fields the connection writes itself when it serialises the head (framing and keep-alive).
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
-
-
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    value = headers.get_raw(b"connection")
-    return set() if value is None else comma_tokens(value)
 
 
 def upstream_headers(ex: Exchange, target: UpstreamTarget, body: bytes) -> list[tuple[bytes, bytes]]:
     """The fields of the request to ``target`` (exactly one Host; a Content-Length matching ``body``)."""
     req_headers = ex.request.headers
-    extra_drop = _connection_tokens(req_headers)
+    connection = req_headers.get_raw(b"connection")
+    extra_drop = comma_tokens(connection) if connection is not None else _NONE
     out = [(b"host", target.host_header)]
     forwarded_for: bytes | None = None
     for name, value in req_headers.raw():
@@ -66,8 +63,19 @@ def upstream_headers(ex: Exchange, target: UpstreamTarget, body: bytes) -> list[
 
 def upstream_response_headers(raw: list[tuple[bytes, bytes]]) -> Headers:
     """The upstream response's fields as the response hooks see them (no hop-by-hop, no framing length)."""
-    extra_drop = _connection_tokens(Headers(raw))
-    return Headers([(k, v) for k, v in raw if k not in _DROP_RESPONSE and k not in extra_drop])
+    kept: list[tuple[bytes, bytes]] = []
+    connection: bytes | None = None
+    for field in raw:
+        name = field[0]
+        if name in _DROP_RESPONSE:
+            if name == b"connection" and connection is None:
+                connection = field[1]
+            continue
+        kept.append(field)
+    if connection is not None:
+        extra_drop = comma_tokens(connection)  # the fields the Connection header names go too
+        kept = [field for field in kept if field[0] not in extra_drop]
+    return Headers(kept)
 
 
 def head_for_client(ex: Exchange, headers: Headers) -> list[tuple[bytes, bytes]]:

@@ -171,7 +171,7 @@ class Relay:
         had gone downstream.
         """
         resp = self.resp
-        if resp is not None:
+        if resp is not None and resp.status in (401, 403):
             auth_failure = _auth_failure(self.ex, self.attempt.target)
             if auth_failure is not None:
                 await _discard_body(resp, self.rt.limits.json_hold_bytes)
@@ -188,23 +188,27 @@ class Relay:
             raise
 
     # -- pump -----------------------------------------------------------------------
-    async def _next_chunk(self) -> bytes:
-        if self.synthesized is not None:
-            chunk, self.synthesized = self.synthesized, None
-            return chunk
-        resp = self.resp
-        return b"" if resp is None else await resp.read()
-
     async def _pump(self) -> bool:
-        """Read and relay until the body's end; True when a retry was asked for in time."""
+        """Read and relay until the body's end; True when a retry was asked for in time.
+
+        One loop with the read, the framing and the no-stage, no-observer write
+        inline: each helper call here is paid once per upstream read.
+        """
         conn = self.conn
         resp = self.resp
         framer = self.framer
+        stage = self.stage
+        observers = self.observers
         # the first consumer takes batches of whole events: one piece per read (the stage
         # splits it only before a hook that wants one event per call)
-        batches = self.stage is None or self.stage.batches
+        batches = stage is None or stage.batches
         while True:
-            chunk = await self._next_chunk()
+            if self.synthesized is not None:
+                chunk, self.synthesized = self.synthesized, None
+            elif resp is None:
+                chunk = b""
+            else:
+                chunk = await resp.read()
             end = not chunk
             if framer is None:
                 pieces = [chunk] if chunk else []
@@ -217,14 +221,19 @@ class Relay:
                 rest = framer.flush()
                 if rest:
                     pieces.append(rest)
-            # Without observers every piece of this read goes through the stage in one
-            # call and out in one write; observers see what each piece released.
-            if not self.observers:
-                if await self._relay_pieces(pieces):
+            if not observers:
+                # every piece of this read through the stage in one call and out in one write
+                if stage is None:
+                    if pieces:
+                        self._send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                elif await self._relay_pieces(stage, pieces):
                     return True
             else:
+                # observers see what each piece released
                 for piece in pieces:
-                    if await self._relay_pieces([piece]):
+                    if stage is None:
+                        await self._emit(piece)
+                    elif await self._relay_pieces(stage, [piece]):
                         return True
             if end:
                 return False
@@ -237,18 +246,13 @@ class Relay:
                 # arrived together go out together (one write), never held back.
                 conn.flush()
 
-    async def _relay_pieces(self, pieces: list[bytes]) -> bool:
+    async def _relay_pieces(self, stage: ResponseBodyStage, pieces: list[bytes]) -> bool:
         """Pass ``pieces`` through the stage and emit what it releases; True to retry."""
-        stage = self.stage
-        if stage is None:
-            out = b"".join(pieces)  # a one-piece join returns the piece itself, uncopied
-        else:
-            released = await stage.push_all(self.ex, pieces)
-            if self._retry_asked():
-                return True
-            out = released or b""
-        if out:
-            await self._emit(out)
+        released = await stage.push_all(self.ex, pieces)
+        if self._retry_asked():
+            return True
+        if released:
+            await self._emit(released)
         return False
 
     def _retry_asked(self) -> bool:
@@ -266,11 +270,20 @@ class Relay:
 
     async def _emit(self, out: bytes) -> None:
         """Write (or hold) released bytes, then show what was written to the observers."""
+        written = self._send(out)
+        if written and self.observers:
+            if self.ex.is_sse:
+                self.conn.flush()  # observers never delay an event: it is on the wire before they run
+            # (a JSON body goes out with its end, in one send, right after the observers)
+            await self.rt.chain.observe_response(self.ex, written, False)
+
+    def _send(self, out: bytes) -> bytes:
+        """Write (or hold) released bytes; return what was written (b"" while held)."""
         if self.hold_limit >= 0:
             self.held.append(out)
             self.held_size += len(out)
             if self.held_size <= self.hold_limit:
-                return
+                return b""
             # past the bound: the head goes out and the rest streams
             out = self._take_held()
             exact = self.stage is None and self.secrets is None
@@ -279,15 +292,11 @@ class Relay:
             self.send_head(self.known_length if self.secrets is None else None)
         if self.secrets is not None:
             out = redact(out, self.secrets)
-        elif self.ex.is_sse and b"error" in out and self.resp is not None:
+        elif self.ex.is_sse and out.find(b"error") >= 0 and self.resp is not None:
             # a provider's error event may quote the key it got (a byte check first: rare)
             out = redact(out, target_secrets(self.attempt.target))
         self._write(out)
-        if self.observers:
-            if self.ex.is_sse:
-                self.conn.flush()  # observers never delay an event: it is on the wire before they run
-            # (a JSON body goes out with its end, in one send, right after the observers)
-            await self.rt.chain.observe_response(self.ex, out, False)
+        return out
 
     def _take_held(self) -> bytes:
         held = b"".join(self.held)

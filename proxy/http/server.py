@@ -57,7 +57,7 @@ from llmproxy.http.request_cycle import TRANSITIONS, Cycle, State, check_transit
 from llmproxy.http.request_head import incomplete, parse_head, protocol_of, request_id
 from llmproxy.http.responding import ResponseWriting
 from llmproxy.http.response_head import CONTINUE_100, response_head
-from llmproxy.io.flow import FlowControl, set_nodelay
+from llmproxy.io.flow import FlowControl
 from llmproxy.io.timers import LazyTimer
 
 if TYPE_CHECKING:
@@ -105,7 +105,6 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._flow = FlowControl(self._transport, self._loop)  # type: ignore[arg-type]
-        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client = str(peer[0])
@@ -120,7 +119,8 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
         self._arm(self._limits.header_timeout, self._on_head_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._set_state(State.CLOSED)
+        if self._state is not State.CLOSED:  # (closed already when the proxy closed it)
+            self._set_state(State.CLOSED)
         self._rt.connections.discard(self)
         self._timer.close()
         if self._task is not None and not self._task.done():
@@ -327,8 +327,10 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
             self._close()
             return
         self._set_state(State.HEAD)
-        assert self._flow is not None
-        self._flow.resume_reading()  # idempotent
+        flow = self._flow
+        assert flow is not None
+        if flow.read_paused:  # (resume_reading is idempotent; the check saves a call per request)
+            flow.resume_reading()
         if self._buf:
             self._arm(self._limits.header_timeout, self._on_head_timeout)
             self._parse_head()

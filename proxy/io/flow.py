@@ -14,23 +14,18 @@ method is idempotent, so callers never track what was paused themselves:
   It returns False when ``limit`` seconds passed first (the peer stopped
   reading). Waiting costs a future only while paused, and a timer only when
   a timeout is given.
+
+Nagle is off on every TCP transport without a call here: uvloop (and
+asyncio's own loops) set ``TCP_NODELAY`` on accepted and connected TCP
+sockets themselves (``tests/http/test_flow.py`` checks both sides), and
+``transport.get_extra_info("socket")`` builds a socket object per call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 
-__all__ = ["FlowControl", "set_nodelay"]
-
-
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    """Disable Nagle on a TCP transport: writes are whole messages, so coalescing only adds latency."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+__all__ = ["FlowControl"]
 
 
 class FlowControl:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from llmproxy.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from llmproxy.io.flow import FlowControl, set_nodelay
+from llmproxy.io.flow import FlowControl
 from llmproxy.io.timers import LazyTimer
 from llmproxy.upstream.reader import MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD, ResponseReader
 
@@ -134,7 +134,6 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._flow = FlowControl(self.transport, self._loop)  # type: ignore[arg-type]
-        set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -326,8 +325,10 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 await self._wait(idle_deadline, "idle")
         chunk = reader.take()
-        assert self._flow is not None
-        self._flow.resume_reading()  # idempotent
+        flow = self._flow
+        assert flow is not None
+        if flow.read_paused:  # (resume_reading is idempotent; the check saves a call per read)
+            flow.resume_reading()
         return chunk
 
     @property
@@ -355,8 +356,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer.close()
         self.reader = ResponseReader(self._max_head_bytes, self._max_head_fields)
         self.reused = True
-        if self._flow is not None:
-            self._flow.resume_reading()  # the next response must be read (idempotent)
+        flow = self._flow
+        if flow is not None and flow.read_paused:  # the next response must be read
+            flow.resume_reading()
 
     def abort(self) -> None:
         self.state = ConnState.CLOSED

@@ -13,7 +13,7 @@ from llmproxy.errors import UpstreamTimeout
 from llmproxy.io.flow import FlowControl
 from llmproxy.upstream import Timeouts, UpstreamPool, UpstreamTarget
 
-from ..support import LoopThread
+from ..support import LoopThread, start_proxy
 
 
 class _Transport:
@@ -255,3 +255,42 @@ def test_an_upstream_answering_before_reading_the_body_is_heard_and_not_reused(l
     status, body, idle = loop_thread.call(run())
     assert (status, body) == (413, b"no")
     assert idle == 0  # the request was cut short: its connection is closed, not pooled
+
+
+# -- Nagle ---------------------------------------------------------------------------
+
+
+def test_nagle_is_off_on_both_sides_without_a_call_of_ours(loop_thread: LoopThread) -> None:
+    """uvloop sets TCP_NODELAY on accepted and connected sockets: the proxy relies on it (flow.py)."""
+    upstream = _SlowUpstream(piece=1 << 16, pause=0)
+    port = loop_thread.call(upstream.start())
+    pool = UpstreamPool()
+    proxy = start_proxy(loop_thread, {"upstream": {"url": f"http://127.0.0.1:{port}"}})
+    try:
+
+        async def upstream_nodelay() -> int:
+            target = _target(port)
+            fields = [(b"host", target.host_header), (b"content-length", b"2")]
+            response = await pool.send(target, b"POST", b"/v1/x", fields, b"{}")
+            conn = next(iter(next(iter(pool._pools.values())).active))
+            assert conn.transport is not None
+            value = int(conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            response.close()
+            return value
+
+        assert loop_thread.call(upstream_nodelay()) == 1
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+
+            async def downstream_nodelay() -> list[int]:
+                return [
+                    int(c._transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                    for c in proxy.runtime.connections
+                ]
+
+            assert loop_thread.call(downstream_nodelay()) == [1]
+    finally:
+        proxy.stop()
+        loop_thread.call(pool.close())
+        loop_thread.call(upstream.close())
