@@ -357,6 +357,10 @@ class _ScriptedResponse:
         return piece
 
     @property
+    def at_end(self) -> bool:
+        return self._next >= len(self._pieces)  # the last piece arrives with the body's end
+
+    @property
     def buffered(self) -> bool:
         return False  # every scripted read is a separate arrival
 

@@ -133,15 +133,15 @@ class SseRewriteFilter(Filter):
     factory: SseRewriteFactory
 
     def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        # the last event may come with end_of_stream (the contract: data at the end may be empty)
+        out = b""
+        if data:
+            self.factory.events.append(data)
+            if parse_event(data).data != b"[DONE]":
+                out = data.replace(b"token", b"TOKEN")
         if end_of_stream:
-            exchange.set_response_data(data + b'event: injected\ndata: {"by":"filter"}\n\n')
-            return Action.CONTINUE
-        self.factory.events.append(data)
-        event = parse_event(data)
-        if event.data == b"[DONE]":
-            exchange.set_response_data(b"")
-        else:
-            exchange.set_response_data(data.replace(b"token", b"TOKEN"))
+            out += b'event: injected\ndata: {"by":"filter"}\n\n'
+        exchange.set_response_data(out)
         return Action.CONTINUE
 
 

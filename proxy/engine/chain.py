@@ -219,18 +219,19 @@ class ResponseBodyStage:
         """
         return await self._run(ex, data, end_of_stream, 0, not self.batches)
 
-    async def push_all(self, ex: Exchange, pieces: list[bytes]) -> bytes | None:
-        """:meth:`push` each of ``pieces`` (none at end of stream); the released bytes joined.
+    async def push_all(self, ex: Exchange, pieces: list[bytes], end_of_stream: bool = False) -> bytes | None:
+        """:meth:`push` each of ``pieces``, the last with ``end_of_stream``; the released bytes joined.
 
         Stops early when a hook asked for a retry (``ex.control.retry``). One call
         per upstream read instead of one per SSE event.
         """
         if len(pieces) == 1:
-            released = await self._run(ex, pieces[0], False, 0, not self.batches)
+            released = await self._run(ex, pieces[0], end_of_stream, 0, not self.batches)
             return None if ex.control.retry else released
         out: list[bytes] = []
-        for piece in pieces:
-            released = await self._run(ex, piece, False, 0, not self.batches)
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            released = await self._run(ex, piece, end_of_stream and i == last, 0, not self.batches)
             if ex.control.retry:
                 return None
             if released:

@@ -88,6 +88,7 @@ class Relay:
         "rt",
         "secrets",
         "stage",
+        "stage_ended",
         "synthesized",
     )
 
@@ -137,6 +138,8 @@ class Relay:
         self.hold_limit = self._hold_limit(response)
         self.held: list[bytes] = []
         self.held_size = 0
+        #: The stage already saw end_of_stream (with the last data, see _pump).
+        self.stage_ended = False
 
     def _hold_limit(self, response: Response) -> int:
         """How many body bytes to hold before the head goes out (-1: none)."""
@@ -205,35 +208,46 @@ class Relay:
         while True:
             if self.synthesized is not None:
                 chunk, self.synthesized = self.synthesized, None
+                end = True  # a synthesized body is one piece
             elif resp is None:
                 chunk = b""
+                end = True
             else:
                 chunk = await resp.read()
-            end = not chunk
+                # the end is known with the last data (a counted body read whole, the
+                # last chunk and its terminator in one read): no further read, and the
+                # stage gets the data and end_of_stream in one call
+                end = not chunk or resp.at_end
             if framer is None:
                 pieces = [chunk] if chunk else []
-            elif batches:
-                whole = framer.feed_whole(chunk)
-                pieces = [whole] if whole else []
             else:
-                pieces = framer.feed(chunk)
-            if end and framer is not None:
-                rest = framer.flush()
-                if rest:
-                    pieces.append(rest)
+                if batches:
+                    whole = framer.feed_whole(chunk)
+                    pieces = [whole] if whole else []
+                else:
+                    pieces = framer.feed(chunk)
+                if not chunk:
+                    rest = framer.flush()
+                    if rest:
+                        pieces.append(rest)
+                elif end and framer.pending:
+                    # an unfinished (or oversized) rest: the events before it go first,
+                    # its end (or error) with the next read, as for any stream
+                    end = False
             if not observers:
                 # every piece of this read through the stage in one call and out in one write
                 if stage is None:
                     if pieces:
                         self._send(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-                elif await self._relay_pieces(stage, pieces):
+                elif await self._relay_pieces(stage, pieces, end):
                     return True
             else:
                 # observers see what each piece released
-                for piece in pieces:
+                last = len(pieces) - 1
+                for i, piece in enumerate(pieces):
                     if stage is None:
                         await self._emit(piece)
-                    elif await self._relay_pieces(stage, [piece]):
+                    elif await self._relay_pieces(stage, [piece], end and i == last):
                         return True
             if end:
                 return False
@@ -246,9 +260,15 @@ class Relay:
                 # arrived together go out together (one write), never held back.
                 conn.flush()
 
-    async def _relay_pieces(self, stage: ResponseBodyStage, pieces: list[bytes]) -> bool:
-        """Pass ``pieces`` through the stage and emit what it releases; True to retry."""
-        released = await stage.push_all(self.ex, pieces)
+    async def _relay_pieces(self, stage: ResponseBodyStage, pieces: list[bytes], end: bool) -> bool:
+        """Pass ``pieces`` through the stage and emit what it releases; True to retry.
+
+        ``end``: the body ends with these pieces; the last one goes with
+        end_of_stream (none: the end goes alone, in :meth:`_finish`).
+        """
+        if end and pieces:
+            self.stage_ended = True
+        released = await stage.push_all(self.ex, pieces, end)
         if self._retry_asked():
             return True
         if released:
@@ -310,7 +330,7 @@ class Relay:
         ex = self.ex
         stage = self.stage
         tail = b""
-        if stage is not None:
+        if stage is not None and not self.stage_ended:
             tail = await stage.push(ex, b"", True) or b""
             if self._retry_asked():
                 return True

@@ -83,6 +83,11 @@ class SseFramer:
         self._scan = size - _OVERLAP if size > _OVERLAP else 0
         return events
 
+    @property
+    def pending(self) -> bool:
+        """Bytes of an unfinished event are held (or an oversized one was found): :meth:`flush` is due."""
+        return bool(self._buf) or self._failed
+
     def feed_whole(self, data: bytes) -> bytes:
         """Like :meth:`feed`, but the complete events come back joined, as one ``bytes``
         (``b""`` when none): for consumers that take batches of whole events.

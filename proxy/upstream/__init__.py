@@ -200,6 +200,11 @@ class UpstreamResponse:
         return min(self._idle, self._deadline - self._conn._loop.time())
 
     @property
+    def at_end(self) -> bool:
+        """The body is complete: every byte of it was returned by :meth:`read` (the end is known)."""
+        return self._conn.at_end
+
+    @property
     def buffered(self) -> bool:
         """A next chunk (or the end) is already here: :meth:`read` returns without waiting."""
         return self._conn.has_data

@@ -332,6 +332,12 @@ class UpstreamConnection(asyncio.Protocol):
         return chunk
 
     @property
+    def at_end(self) -> bool:
+        """Everything of the body was handed over: the next :meth:`read_chunk` returns b"" at once."""
+        reader = self.reader
+        return reader.eom and not reader.chunks
+
+    @property
     def has_data(self) -> bool:
         """:meth:`read_chunk` would return without waiting (body bytes, or the end, are here)."""
         return bool(self.reader.chunks) or self.reader.eom
