@@ -4,7 +4,10 @@ Towards the upstream (:func:`upstream_headers`): hop-by-hop fields and the
 fields the proxy rebuilds itself go; the client's own credentials never go
 (they are for the proxy, not the provider: provider credentials come from
 the :class:`~llmproxy.upstream.UpstreamTarget`); ``x-forwarded-for`` is
-appended, ``x-request-id`` set, ``Content-Length`` recomputed.
+appended, ``x-request-id`` set, ``Content-Length`` recomputed, and
+``accept-encoding: identity`` replaces the client's: the proxy reads what it
+relays (usage, translation, failover's first content, key redaction in error
+bodies), which a gzipped body would hide from it.
 
 Towards the client (:func:`upstream_response_headers`, then
 :func:`head_for_client`): hop-by-hop and framing fields go (the connection
@@ -32,6 +35,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     b"authorization",
     b"x-api-key",
     b"api-key",
+    b"accept-encoding",
 }
 _DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 _NONE: frozenset[bytes] = frozenset()
@@ -57,6 +61,7 @@ def upstream_headers(ex: Exchange, target: UpstreamTarget, body: bytes) -> list[
     client = ex.client_addr.encode("latin-1")
     out.append((b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client))
     out.append((b"x-request-id", ex.id.encode("ascii")))
+    out.append((b"accept-encoding", b"identity"))
     out.extend(target.headers)
     return out
 

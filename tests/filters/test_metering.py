@@ -23,7 +23,7 @@ from llmproxy import Source, Usage
 from llmproxy.filters.metering.tokenizer import count_text
 from llmproxy.mock import MockServer
 from tests import filters_for_tests as tf
-from tests.filters.scripted_provider import Scripted
+from tests.filters.scripted_provider import Reply, Scripted
 from tests.filters.test_routing_usage import _sse_reply
 from tests.support import RunningProxy
 
@@ -240,3 +240,36 @@ def test_the_json_access_log_carries_the_same_fields(
     assert (record["tokens_in"], record["tokens_out"]) == (usage.input_tokens, usage.output_tokens)
     assert record["tokens_cached"] == 0 and record["cost"] is None and record["stream"] is False
     assert record["provider"] == "p" and record["key_id"] and record["ttft_ms"] is not None
+
+
+def test_the_provider_is_asked_for_an_uncompressed_body_whatever_the_client_accepts(
+    scripted: Scripted, make_proxy: Make
+) -> None:
+    """A client's ``accept-encoding: gzip`` never reaches the provider: a compressed reply would
+    hide its usage (and its content, from translation and failover) from the proxy."""
+    tf.UsageRecorderFactory.instances.clear()
+    scripted.default = Reply(
+        200,
+        json.dumps(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "mock-gpt",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
+            }
+        ).encode(),
+    )
+    proxy = make_proxy(_config(f"{scripted.url}/v1"))
+    client = openai.OpenAI(
+        base_url=proxy.url + "/v1",
+        api_key="sk-client",
+        max_retries=0,
+        timeout=10,
+        default_headers={"accept-encoding": "gzip, deflate, br"},
+    )
+    client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hello"}])
+    assert scripted.requests[-1].headers.get("accept-encoding") == "identity"
+    usage = _exchange_usage()
+    assert (usage.input_tokens, usage.output_tokens, usage.input_source) == (11, 3, Source.PROVIDER)
