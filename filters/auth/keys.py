@@ -181,7 +181,7 @@ def load_keys_file(path: Path) -> KeyTable:
         raise ConfigError(file, "", f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}") from None
     top = Section(raw, "", file)
     entries = top.get("keys", list, None)
+    top.finish()
     if entries is None:
         raise top.error("keys", "is required (a list of key entries; an empty list refuses every key)")
-    top.finish()
     return build_table(entries, "keys", file)
