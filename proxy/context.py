@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmproxy.runtime.admin import AdminPages
@@ -38,8 +39,12 @@ class FactoryContext:
         mock_ports: Mapping[str, tuple[str, int]] | None = None,
         admin: AdminPages | None = None,
         upstream: UpstreamClient | None = None,
+        config_file: str = "",
     ) -> None:
         self.store = store
+        #: The config file the chain is built from ("" when there is none). A filter resolves
+        #: the relative paths of its section against this file's folder (``config_dir``).
+        self.config_file = config_file
         self.worker_id = worker_id
         #: The core's upstream client (the worker's pool, timeouts, TLS): for a filter that
         #: must call a provider itself (health probes, remote checks).
@@ -52,6 +57,11 @@ class FactoryContext:
         #: Where each configured mock upstream listens, to resolve ``mock://NAME`` URLs.
         self.mock_ports: Mapping[str, tuple[str, int]] = mock_ports or {}
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def config_dir(self) -> Path:
+        """The folder of :attr:`config_file` (the working directory when there is none)."""
+        return Path(self.config_file).parent if self.config_file else Path()
 
     def find_factory(self, kind: type[F]) -> F | None:
         """The first factory of type ``kind`` earlier in the chain, if any."""

@@ -187,6 +187,11 @@ class FilterFactory:
     #: exchange goes on without it (tracing, metrics). When False the exchange
     #: fails with 500 (routing, ratelimit, budgets).
     fail_open: ClassVar[bool] = False
+    #: True for a filter that authenticates callers (refuses requests without a valid
+    #: credential), such as the builtin ``auth``. ``llmproxy serve`` warns when it binds a
+    #: non-loopback address and no factory of the chain says so: the proxy would then be an
+    #: open relay spending its provider keys for anyone who can reach it.
+    authenticates: ClassVar[bool] = False
 
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         self.name = name

@@ -3,7 +3,8 @@
 Per exchange, on the request side:
 
 1. ``on_request_headers``: classify the API by path; answer ``GET /v1/models``
-   locally; read (and strip) the ``x-llmproxy-provider`` hint.
+   locally (only the models the caller's principal may use, when an auth
+   filter set one); read (and strip) the ``x-llmproxy-provider`` hint.
 2. ``on_request_body``: validate ``model`` (and ``messages``), ask the table
    for candidates in weighted order, and :meth:`RoutingFilter.apply` the
    first: upstream target (with the key's credential), path, model name,
@@ -47,13 +48,14 @@ from llmproxy import (
     Filter,
     FilterFactory,
     ModelNotFound,
+    Principal,
     ServiceUnavailable,
     UpstreamProtocolError,
     Usage,
     parse_event,
     split_events,
 )
-from llmproxy.filters.names import ROUTE, USAGE
+from llmproxy.filters.names import PRINCIPAL, ROUTE, USAGE
 from llmproxy.filters.routing.decision import RouteDecision
 from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
@@ -432,9 +434,13 @@ class RoutingFilter(Filter):
         exchange.vars[USAGE] = openai_shaped(record)
 
     def _models_reply(self, exchange: Exchange) -> None:
+        """Every exact model and alias; only those the caller may use when an auth filter (before
+        this one) published a principal with a model allow-list."""
+        principal: Principal | None = exchange.vars.get(PRINCIPAL)
         data = [
             {"id": mid, "object": "model", "created": 0, "owned_by": owner}
             for mid, owner in self.factory.table.model_ids()
+            if principal is None or principal.allows_model(mid)
         ]
         exchange.send_local_reply(200, {"object": "list", "data": data})
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from llmproxy.filters.names import PRINCIPAL
+
 if TYPE_CHECKING:
     from llmproxy.exchange import Exchange
 
@@ -47,6 +49,8 @@ class AccessLog:
         error = ex.error.code if ex.error is not None else None
         duration_ms = round(ex.elapsed * 1000, 3)
         usage = ex.usage
+        principal = ex.vars.get(PRINCIPAL)
+        who: str | None = principal.name if principal is not None else None
         ttft_ms = round((ex.first_byte_at - ex.started_at) * 1000, 3) if ex.first_byte_at else None
         if self.json_lines:
             record: dict[str, object] = {
@@ -60,6 +64,7 @@ class AccessLog:
                 "bytes_out": ex.bytes_sent,
                 "request_id": ex.id,
                 "client": ex.client_addr,
+                "principal": who,
                 "error": error,
             }
             if usage is not None:
@@ -88,7 +93,7 @@ class AccessLog:
                 f" ttft={'-' if ttft_ms is None else f'{ttft_ms:.3f}ms'} stream={'yes' if ex.is_sse else 'no'}"
             )
         logger.info(
-            '%s "%s %s" %s upstream=%s attempts=%d %.3fms in=%d out=%d id=%s%s%s',
+            '%s "%s %s" %s upstream=%s attempts=%d %.3fms in=%d out=%d id=%s principal=%s%s%s',
             ex.client_addr,
             request.method,
             path,
@@ -99,6 +104,7 @@ class AccessLog:
             ex.bytes_received,
             ex.bytes_sent,
             ex.id,
+            who or "-",
             metered,
             f" error={error}" if error else "",
         )

@@ -20,17 +20,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import uvloop
 
 from llmproxy.context import FactoryContext
 from llmproxy.engine.cycle import Runtime
+from llmproxy.filter import FilterFactory
 from llmproxy.http.server import HttpConnection
 from llmproxy.runtime.accesslog import AccessLog
 from llmproxy.runtime.admin import AdminPages
@@ -40,7 +43,7 @@ from llmproxy.state.store import MemoryStore, SharedStore
 from llmproxy.upstream import UpstreamPool
 from llmproxy.upstream.client import UpstreamClient
 
-__all__ = ["Proxy", "check_config", "make_store", "run"]
+__all__ = ["Proxy", "check_config", "is_loopback", "make_store", "open_relay_warning", "run"]
 
 log = logging.getLogger("llmproxy")
 
@@ -70,6 +73,36 @@ async def make_store(url: str, file: str = "<config>") -> SharedStore:
         await store.close()
         raise ConfigError(file, "store", str(exc)) from None
     return store
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (a listen address) is reachable only from this machine.
+
+    ``localhost`` and loopback IP literals (127.0.0.0/8, ::1) are; the
+    wildcard addresses (``0.0.0.0``, ``::``, "") and any other name are not
+    (a name is not resolved: it could point anywhere).
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_relay_warning(host: str, port: int, factories: Sequence[FilterFactory]) -> str | None:
+    """The warning for a proxy that anyone who reaches ``host:port`` may use, or None.
+
+    None when ``host`` is a loopback address or a factory of the chain
+    authenticates callers (:attr:`FilterFactory.authenticates`).
+    """
+    if is_loopback(host) or any(factory.authenticates for factory in factories):
+        return None
+    where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+    return (
+        f"open relay: no auth filter; anyone who can reach {where} spends your provider keys "
+        "(add the auth filter: see 'Virtual keys' in the README)"
+    )
 
 
 class Proxy:
@@ -102,7 +135,9 @@ class Proxy:
             max_head_bytes=cfg.limits.max_upstream_header_bytes,
             max_head_fields=cfg.limits.max_upstream_header_count,
         )
-        self.context = FactoryContext(self.store, self.worker_id, self.mock_ports, admin, UpstreamClient(pool))
+        self.context = FactoryContext(
+            self.store, self.worker_id, self.mock_ports, admin, UpstreamClient(pool), config_file=cfg.file
+        )
         chain = build_chain(cfg.filters, self.context, cfg.file)
         default_upstream = cfg.upstream.target("default", self.mock_ports) if cfg.upstream else None
         self.runtime = Runtime(
@@ -127,6 +162,10 @@ class Proxy:
             backlog=4096,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.worker_id == 0:
+            warning = open_relay_warning(host or cfg.server.host, self.port, chain.factories)
+            if warning is not None:
+                log.warning("%s", warning)
         self._sweeper = loop.create_task(self._sweep_idle())
 
     async def _start_mocks(self, specs: tuple[MockSpec, ...]) -> None:
@@ -242,7 +281,7 @@ async def check_config(config: Config) -> list[str]:
     store = await make_store(config.store, config.file)
     try:
         fake_ports = {m.name: (m.host, m.port or 1) for m in config.mock_upstreams}
-        context = FactoryContext(store, 0, fake_ports)
+        context = FactoryContext(store, 0, fake_ports, config_file=config.file)
         chain = build_chain(config.filters, context, config.file)
         if config.upstream is not None:
             try:

@@ -173,3 +173,46 @@ def tokens(model: str | None, protocol: str, as_text: bool, as_json: bool, sourc
     else:
         note = ", approximate" if counted.approximate else ""
         click.echo(f"{counted.tokens} tokens ({counted.encoding}{note}; {used}, {model})")
+
+
+@main.group("keys")
+def keys() -> None:
+    """Virtual keys for the auth filter: hash a key for the config, or make a new one."""
+
+
+@keys.command("hash")
+@click.argument("key", required=False, default="-", metavar="[KEY|-]")
+def keys_hash(key: str) -> None:
+    """Print the key_hash (sha256:<hex>) and key_id of KEY, for an auth filter entry.
+
+    Without KEY, or with -, the key is read from stdin (one line; a hidden prompt on a terminal),
+    which keeps it out of the shell history. The key itself is never printed.
+    """
+    from llmproxy.filters.auth import hash_key, key_id
+
+    if key == "-":
+        if sys.stdin.isatty():
+            key = click.prompt("key", hide_input=True, err=True)
+        else:
+            key = sys.stdin.readline().rstrip("\r\n")
+    key = key.strip()
+    if not key:
+        raise click.UsageError("the key is empty")
+    digest = hash_key(key)
+    click.echo(f'key_hash: "{digest}"')
+    click.echo(f"key_id: {key_id(digest)}")
+
+
+@keys.command("new")
+def keys_new() -> None:
+    """Print a fresh random key (sk-..., 256 bits) with its key_hash and key_id.
+
+    Give the key to its user; put only key_hash in the config.
+    """
+    from llmproxy.filters.auth import hash_key, key_id, new_key
+
+    key = new_key()
+    digest = hash_key(key)
+    click.echo(f"key: {key}")
+    click.echo(f'key_hash: "{digest}"')
+    click.echo(f"key_id: {key_id(digest)}")

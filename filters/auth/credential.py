@@ -1,0 +1,55 @@
+"""Finding the client's key in a request head.
+
+Three places, as the SDKs send it: ``Authorization: Bearer <key>`` (OpenAI,
+and Anthropic's ``auth_token``), ``x-api-key: <key>`` (Anthropic) and
+``api-key: <key>`` (Azure OpenAI). :func:`presented_key` scans the fields
+once and returns the key's bytes, or the reason there is none:
+
+* ``missing``: none of the three fields;
+* ``malformed``: a field given twice, an ``Authorization`` scheme other than
+  ``Bearer``, an empty key, or two fields carrying different keys (which
+  one would be the caller?). The same key in two fields (an SDK that sends
+  both) is one credential.
+
+The scan is one pass over the fields with no allocation beyond the
+``Bearer`` slice.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["MALFORMED", "MISSING", "presented_key"]
+
+MISSING: Final = "missing"
+MALFORMED: Final = "malformed"
+
+_AUTHORIZATION = b"authorization"
+#: A bit per credential field, to find one given twice.
+_KEY_FIELDS = {b"x-api-key": 2, b"api-key": 4}
+
+
+def presented_key(fields: list[tuple[bytes, bytes]]) -> bytes | str:
+    """The key from ``fields`` (lowercase names, as parsed), or :data:`MISSING` / :data:`MALFORMED`."""
+    key: bytes | None = None
+    seen = 0
+    for name, value in fields:
+        if name == _AUTHORIZATION:
+            bit = 1
+            scheme, _, rest = value.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return MALFORMED
+            value = rest.strip()
+        else:
+            bit = _KEY_FIELDS.get(name, 0)
+            if not bit:
+                continue
+            value = value.strip()
+        if not value or b" " in value or seen & bit:
+            return MALFORMED
+        if key is None:
+            key = value
+        elif value != key:
+            return MALFORMED
+        seen |= bit
+    return MISSING if key is None else key
