@@ -128,6 +128,18 @@ def test_openai_sdk_with_a_good_key(authed: RunningProxy, caplog: pytest.LogCapt
     assert "principal=alice" in line and ALICE not in line
 
 
+def test_json_access_log_names_the_principal(
+    mock: MockServer, make_proxy: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(_config(mock.port, access_log="json"))
+    with caplog.at_level(logging.INFO, logger="llmproxy.access"):
+        _oa(proxy, BOB).chat.completions.create(model="gpt-x", messages=HI)
+        _raw(proxy.port, "/v1/models", [], None)
+        good = json.loads(_access_line(caplog, '"status":200'))
+        refused = json.loads(_access_line(caplog, '"status":401'))
+    assert good["principal"] == "bob" and refused["principal"] is None
+
+
 def test_openai_sdk_stream_with_a_key_limited_to_the_model(authed: RunningProxy) -> None:
     stream = _oa(authed, BOB).chat.completions.create(model="gpt-x", messages=HI, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -513,6 +525,13 @@ def _metric(proxy: RunningProxy, reason: str) -> float:
         if line.startswith(f'llmproxy_auth_failures_total{{reason="{reason}"}}'):
             return float(line.split()[-1])
     raise AssertionError(f"no llmproxy_auth_failures_total for {reason}")
+
+
+def test_healthz_and_metrics_need_no_key(authed: RunningProxy) -> None:
+    """Answered by the connection before any filter runs (admin pages: ``server.admin_allow``)."""
+    for path in ("/healthz", "/metrics"):
+        with urllib.request.urlopen(authed.url + path, timeout=5) as resp:
+            assert resp.status == 200
 
 
 def test_failure_metric_by_reason(authed: RunningProxy) -> None:
