@@ -286,6 +286,33 @@ def test_model_not_allowed_anthropic(authed: RunningProxy) -> None:
     }
 
 
+@pytest.mark.parametrize("validate_json", [True, False])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b' {"model":"gpt-y","messages":[]}',
+        b'\n\t{"model":"gpt-y","messages":[]}',
+        b'{"model":"gpt-x","model":"gpt-y","messages":[]}',  # the last one counts, for routing too
+        b'{"model":"gpt-\\u0079","messages":[]}',
+    ],
+    ids=["space", "newline-tab", "duplicate-model", "escaped"],
+)
+def test_the_allow_list_reads_the_json_as_routing_does(
+    mock: MockServer, make_proxy: Make, body: bytes, validate_json: bool
+) -> None:
+    config = _config(mock.port)
+    config["server"]["validate_json"] = validate_json
+    proxy = make_proxy(config)
+    before = len(mock.requests)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {BOB}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    response = raw_exchange(proxy.port, head.encode() + body)
+    assert status_of(response) == 403 and b"model_not_allowed" in response
+    assert len(mock.requests) == before
+
+
 def test_model_not_allowed_on_count_and_embeddings_endpoints(authed: RunningProxy) -> None:
     status, body, _ = _raw(
         authed.port, "/v1/messages/count_tokens", [("x-api-key", BOB)], {"model": "claude-x", "messages": HI}
