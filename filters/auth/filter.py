@@ -212,7 +212,7 @@ class AuthFactory(FilterFactory):
             self._signature, loaded = result  # a broken version is not read again: only a new one
             if isinstance(loaded, ConfigError):
                 raise loaded
-            table = self._inline.merged(loaded, str(path))
+            table = self._inline.merged(loaded, str(path)).keeping(self.by_digest)
         except (OSError, ConfigError) as exc:
             message = f"{path}: cannot read: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
             if message != self._last_error:

@@ -423,8 +423,11 @@ def test_keys_file_revocation_and_a_broken_file(
     _wait_status(proxy, CAROL, 200, timeout=0)
     _wait_status(proxy, BOB, 200, timeout=0)
 
+    factory = proxy.runtime.chain.factories[0]
+    carol_before = next(p for p in factory.principals if p.name == "carol")
     _write_keys(keys_file, [carol])  # bob revoked
     _wait_status(proxy, BOB, 401)
+    assert next(p for p in factory.principals if p.name == "carol") is carol_before  # unchanged: the same object
     _wait_status(proxy, CAROL, 200, timeout=0)
     _wait_status(proxy, ALICE, 200, timeout=0)  # inline keys stay
 
