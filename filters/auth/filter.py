@@ -112,13 +112,14 @@ class AuthFilter(Filter):
 
     def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
         principal = self._principal
-        if not principal.models or body[:1] != b"{":
-            return Action.CONTINUE  # any model; or no JSON object (GET, or the core's 400)
-        payload = exchange.request_json()  # parsed once, for every filter
+        if not principal.models or not body:
+            return Action.CONTINUE  # any model; or nothing asked for (GET /v1/models)
+        payload = exchange.request_json()  # parsed once, for every filter (no byte test: " {" is JSON too)
         model = payload.get("model") if isinstance(payload, dict) else None
         if isinstance(model, str) and not principal.allows_model(model):
             self.factory.failures["model_not_allowed"].inc()
-            raise ModelNotAllowed(f"this key may not use the model '{model}'", param="model")
+            shown = model if len(model) <= 200 else model[:200] + "..."
+            raise ModelNotAllowed(f"this key may not use the model '{shown}'", param="model")
         return Action.CONTINUE  # a missing model is routing's 400
 
 
@@ -211,7 +212,7 @@ class AuthFactory(FilterFactory):
             self._signature, loaded = result  # a broken version is not read again: only a new one
             if isinstance(loaded, ConfigError):
                 raise loaded
-            table = self._inline.merged(loaded, str(path))
+            table = self._inline.merged(loaded, str(path)).keeping(self.by_digest)
         except (OSError, ConfigError) as exc:
             message = f"{path}: cannot read: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
             if message != self._last_error:

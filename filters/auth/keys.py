@@ -88,6 +88,28 @@ class KeyTable:
             {**self.by_digest, **other.by_digest}, self.plaintext + other.plaintext, self.names | other.names
         )
 
+    def keeping(self, old: Mapping[bytes, Principal]) -> KeyTable:
+        """This table with each principal that is unchanged since ``old`` (same key, same fields)
+        replaced by its object in ``old``: principals compare by identity, and a reload should
+        not make an unchanged caller a new one."""
+        by_digest = {}
+        for digest, principal in self.by_digest.items():
+            before = old.get(digest)
+            by_digest[digest] = before if before is not None and _same(before, principal) else principal
+        return KeyTable(MappingProxyType(by_digest), self.plaintext, self.names)
+
+
+def _same(a: Principal, b: Principal) -> bool:
+    return (a.name, a.key_id, a.team, a.models, dict(a.limits), dict(a.budgets), dict(a.metadata)) == (
+        b.name,
+        b.key_id,
+        b.team,
+        b.models,
+        dict(b.limits),
+        dict(b.budgets),
+        dict(b.metadata),
+    )
+
 
 def build_table(entries: Any, path: str, file: str) -> KeyTable:
     """Validate ``entries`` (the list under ``keys:``; ``path`` names it) into a :class:`KeyTable`."""

@@ -128,6 +128,18 @@ def test_openai_sdk_with_a_good_key(authed: RunningProxy, caplog: pytest.LogCapt
     assert "principal=alice" in line and ALICE not in line
 
 
+def test_json_access_log_names_the_principal(
+    mock: MockServer, make_proxy: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = make_proxy(_config(mock.port, access_log="json"))
+    with caplog.at_level(logging.INFO, logger="llmproxy.access"):
+        _oa(proxy, BOB).chat.completions.create(model="gpt-x", messages=HI)
+        _raw(proxy.port, "/v1/models", [], None)
+        good = json.loads(_access_line(caplog, '"status":200'))
+        refused = json.loads(_access_line(caplog, '"status":401'))
+    assert good["principal"] == "bob" and refused["principal"] is None
+
+
 def test_openai_sdk_stream_with_a_key_limited_to_the_model(authed: RunningProxy) -> None:
     stream = _oa(authed, BOB).chat.completions.create(model="gpt-x", messages=HI, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -274,6 +286,33 @@ def test_model_not_allowed_anthropic(authed: RunningProxy) -> None:
     }
 
 
+@pytest.mark.parametrize("validate_json", [True, False])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b' {"model":"gpt-y","messages":[]}',
+        b'\n\t{"model":"gpt-y","messages":[]}',
+        b'{"model":"gpt-x","model":"gpt-y","messages":[]}',  # the last one counts, for routing too
+        b'{"model":"gpt-\\u0079","messages":[]}',
+    ],
+    ids=["space", "newline-tab", "duplicate-model", "escaped"],
+)
+def test_the_allow_list_reads_the_json_as_routing_does(
+    mock: MockServer, make_proxy: Make, body: bytes, validate_json: bool
+) -> None:
+    config = _config(mock.port)
+    config["server"]["validate_json"] = validate_json
+    proxy = make_proxy(config)
+    before = len(mock.requests)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {BOB}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    response = raw_exchange(proxy.port, head.encode() + body)
+    assert status_of(response) == 403 and b"model_not_allowed" in response
+    assert len(mock.requests) == before
+
+
 def test_model_not_allowed_on_count_and_embeddings_endpoints(authed: RunningProxy) -> None:
     status, body, _ = _raw(
         authed.port, "/v1/messages/count_tokens", [("x-api-key", BOB)], {"model": "claude-x", "messages": HI}
@@ -384,8 +423,11 @@ def test_keys_file_revocation_and_a_broken_file(
     _wait_status(proxy, CAROL, 200, timeout=0)
     _wait_status(proxy, BOB, 200, timeout=0)
 
+    factory = proxy.runtime.chain.factories[0]
+    carol_before = next(p for p in factory.principals if p.name == "carol")
     _write_keys(keys_file, [carol])  # bob revoked
     _wait_status(proxy, BOB, 401)
+    assert next(p for p in factory.principals if p.name == "carol") is carol_before  # unchanged: the same object
     _wait_status(proxy, CAROL, 200, timeout=0)
     _wait_status(proxy, ALICE, 200, timeout=0)  # inline keys stay
 
@@ -515,6 +557,13 @@ def _metric(proxy: RunningProxy, reason: str) -> float:
     raise AssertionError(f"no llmproxy_auth_failures_total for {reason}")
 
 
+def test_healthz_and_metrics_need_no_key(authed: RunningProxy) -> None:
+    """Answered by the connection before any filter runs (admin pages: ``server.admin_allow``)."""
+    for path in ("/healthz", "/metrics"):
+        with urllib.request.urlopen(authed.url + path, timeout=5) as resp:
+            assert resp.status == 200
+
+
 def test_failure_metric_by_reason(authed: RunningProxy) -> None:
     assert [_metric(authed, r) for r in ("missing", "malformed", "unknown", "model_not_allowed")] == [0, 0, 0, 0]
     _raw(authed.port, "/v1/models", [], None)
@@ -538,9 +587,11 @@ def test_failure_metric_by_reason(authed: RunningProxy) -> None:
         ([(b"content-type", b"x")], MISSING),
         ([(b"authorization", b"Bearer k1")], b"k1"),
         ([(b"authorization", b"bearer k1")], b"k1"),
-        ([(b"authorization", b"BEARER  k1 ")], b"k1"),
+        ([(b"authorization", b"BEARER  k1")], b"k1"),
         ([(b"x-api-key", b"k1")], b"k1"),
-        ([(b"api-key", b" k1")], b"k1"),
+        ([(b"api-key", b"k1")], b"k1"),
+        ([(b"authorization", b"Bearer  k1")], b"k1"),
+        ([(b"authorization", b"Bearer k1 k2")], MALFORMED),
         ([(b"x-api-key", b"k1"), (b"authorization", b"Bearer k1")], b"k1"),
         ([(b"x-api-key", b"")], MALFORMED),
         ([(b"authorization", b"Bearer")], MALFORMED),

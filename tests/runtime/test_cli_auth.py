@@ -169,3 +169,28 @@ def test_served_auth_never_logs_a_key(tmp_path: Path) -> None:
     assert stderr.count("given in plaintext") == 1 and "'plain', 'fromfile'" in stderr
     for secret in (PLAIN, KEY, "sk-test-unknown-0001"):
         assert secret not in stderr
+
+
+def test_the_auth_example_serves_offline() -> None:
+    proc, port = _serve(ROOT / "conf" / "auth.example.yaml")
+    statuses = {}
+    try:
+        for who, key, model in (
+            ("alice", "sk-demo-alice", "demo-claude"),
+            ("bob", "sk-demo-bob", "demo"),
+            ("bob-claude", "sk-demo-bob", "demo-claude"),
+            ("nobody", "sk-demo-nobody", "demo"),
+        ):
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                data=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    statuses[who] = resp.status
+            except urllib.error.HTTPError as err:
+                statuses[who] = err.code
+    finally:
+        _stop(proc)
+    assert statuses == {"alice": 200, "bob": 200, "bob-claude": 403, "nobody": 401}
