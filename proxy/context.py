@@ -38,9 +38,17 @@ class FactoryContext:
         mock_ports: Mapping[str, tuple[str, int]] | None = None,
         admin: AdminPages | None = None,
         upstream: UpstreamClient | None = None,
+        *,
+        workers: int = 1,
+        file: str = "<config>",
     ) -> None:
         self.store = store
         self.worker_id = worker_id
+        #: How many worker processes serve this config (``server.workers``): a filter whose
+        #: state must be exact across workers refuses a per-process store when it is above 1.
+        self.workers = workers
+        #: The config file's name, for :class:`~llmproxy.ConfigError` messages about other sections.
+        self.file = file
         #: The core's upstream client (the worker's pool, timeouts, TLS): for a filter that
         #: must call a provider itself (health probes, remote checks).
         self.upstream = upstream or UpstreamClient(UpstreamPool())

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from llmproxy import Action, Attempt, Exchange, FactoryContext, Filter, FilterFactory, UpstreamTarget
+from llmproxy import Action, Attempt, Exchange, FactoryContext, Filter, FilterFactory, Principal, UpstreamTarget
+from llmproxy.filters.names import PRINCIPAL
 from llmproxy.http.sse import parse_event
 
 #: What hooks ran, across every exchange, as (tag, hook, request id).
@@ -300,3 +301,35 @@ class UsageRecorderFactory(FilterFactory):
         self.attempts: list[tuple[str, Any]] = []
         self.exchanges: list[Any] = []
         UsageRecorderFactory.instances.append(self)
+
+
+class PrincipalByHeaderFilter(Filter):
+    """Publishes the principal named by ``x-test-principal`` (a stand-in for the auth filter)."""
+
+    factory: PrincipalByHeaderFactory
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        name = exchange.request.headers.get("x-test-principal")
+        principal = self.factory.principals.get(name or "")
+        if principal is not None:
+            exchange.vars[PRINCIPAL] = principal
+        return Action.CONTINUE
+
+
+class PrincipalByHeaderFactory(FilterFactory):
+    """``config: {principals: {name: {team, limits, budgets}}}``."""
+
+    filter_class = PrincipalByHeaderFilter
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.principals = {
+            key: Principal(
+                name=key,
+                key_id=f"vk-{key}",
+                team=spec.get("team"),
+                limits=spec.get("limits") or {},
+                budgets=spec.get("budgets") or {},
+            )
+            for key, spec in (config.get("principals") or {}).items()
+        }

@@ -102,7 +102,15 @@ class Proxy:
             max_head_bytes=cfg.limits.max_upstream_header_bytes,
             max_head_fields=cfg.limits.max_upstream_header_count,
         )
-        self.context = FactoryContext(self.store, self.worker_id, self.mock_ports, admin, UpstreamClient(pool))
+        self.context = FactoryContext(
+            self.store,
+            self.worker_id,
+            self.mock_ports,
+            admin,
+            UpstreamClient(pool),
+            workers=cfg.server.workers,
+            file=cfg.file,
+        )
         chain = build_chain(cfg.filters, self.context, cfg.file)
         default_upstream = cfg.upstream.target("default", self.mock_ports) if cfg.upstream else None
         self.runtime = Runtime(
@@ -242,7 +250,7 @@ async def check_config(config: Config) -> list[str]:
     store = await make_store(config.store, config.file)
     try:
         fake_ports = {m.name: (m.host, m.port or 1) for m in config.mock_upstreams}
-        context = FactoryContext(store, 0, fake_ports)
+        context = FactoryContext(store, 0, fake_ports, workers=config.server.workers, file=config.file)
         chain = build_chain(config.filters, context, config.file)
         if config.upstream is not None:
             try:
