@@ -175,7 +175,11 @@ class QuotaBook:
                     log.entries[rid] = (now, granted)
                     log.total = total
                 else:
-                    expires = now + quota.ttl if quota.ttl is not None else None
+                    if quota.ttl is not None:
+                        expires: float | None = now + quota.ttl
+                    else:  # keep the expiry it has (as Redis keeps a key's ttl)
+                        current = self._totals.get(quota.key)
+                        expires = current[1] if current is not None else None
                     self._totals[quota.key] = (total, expires)
             states.append(self._state(quota, total, granted, admitted, now))
         return Reservation(admitted, tuple(states))
