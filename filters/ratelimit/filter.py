@@ -177,7 +177,7 @@ class RateLimitFilter(Filter):
                 out_cap = default
             upstream_model = (route.model if route else "") or model
             prompt = await prompt_tokens(payload, body, upstream_model)
-        plan = self._build(matched, prompt, out_cap)
+        plan = self._build(matched, prompt, out_cap, out_field is not None)
         try:
             reservation = await factory.store.reserve(plan.rid, plan.quotas)
         except StoreUnavailable as exc:
@@ -201,7 +201,9 @@ class RateLimitFilter(Filter):
         self._clamp(exchange, payload, plan, prompt, out_cap, out_field, upstream_model)
         return Action.CONTINUE
 
-    def _build(self, matched: list[tuple[str, LimitRule | BudgetRule]], prompt: int, out_cap: int) -> _Plan:
+    def _build(
+        self, matched: list[tuple[str, LimitRule | BudgetRule]], prompt: int, out_cap: int, explicit_cap: bool
+    ) -> _Plan:
         factory = self.factory
         plan = _Plan(factory.next_rid(), prompt)
         estimate = prompt + out_cap
@@ -218,7 +220,10 @@ class RateLimitFilter(Filter):
                 continue
             period, ttl = _period(rule.period)
             if rule.tokens is not None:
-                minimum = prompt + 1 if rule.hard else 1
+                # hard: a request that set its output cap needs all of it; one that did not gets
+                # what is left (its default estimate at most) and is capped there. Soft: admitted
+                # while anything is left.
+                minimum = (estimate if explicit_cap else prompt + 1) if rule.hard else 1
                 quota = Quota(f"{key}|budget|{period}", rule.tokens, 0, max(estimate, minimum), minimum, ttl)
                 self._add(plan, quota, _BTOK, rule)
             else:

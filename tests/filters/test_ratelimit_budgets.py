@@ -76,10 +76,15 @@ def test_a_token_budget_refuses_with_insufficient_quota(
 
 def test_a_hard_budget_clamps_max_tokens_upstream(mock: MockServer, make_proxy: Make) -> None:
     proxy = make_proxy(rl_config(mock.port, {}, {"bob": {"budgets": {"tokens": 40, "period": "total"}}}))
-    reply = oai(proxy, "bob").chat.completions.create(model=MODEL, messages=HI, max_tokens=1000)
+    client = oai(proxy, "bob")
+    # asking for more than is left, explicitly: refused before the upstream
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1000)
+    assert info.value.code == "insufficient_quota"
+    # without max_tokens: what is left is granted, and max_tokens clamped to it upstream
+    reply = client.chat.completions.create(model=MODEL, messages=HI, extra_headers={"x-mock-tokens": "200"})
     assert reply.usage is not None
-    assert reply.usage.total_tokens <= 40
-    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens < 40 and reply.choices[0].finish_reason == "length"
 
 
 def test_a_hard_cap_ends_an_openai_stream_cleanly(scripted: Scripted, make_proxy: Make) -> None:
@@ -106,15 +111,16 @@ def test_a_hard_cap_ends_an_openai_stream_cleanly(scripted: Scripted, make_proxy
 
 def test_a_hard_cap_ends_an_anthropic_stream_cleanly(scripted: Scripted, make_proxy: Make) -> None:
     scripted.default = _long_stream()
-    cfg = rl_config(0, {}, {"bob": {"budgets": {"tokens": 40, "period": "day"}}}, base_url=scripted.url + "/v1")
+    cfg = rl_config(0, {}, {"bob": {"budgets": {"tokens": 60, "period": "day"}}}, base_url=scripted.url + "/v1")
     proxy = make_proxy(cfg)
     client = anthropic.Anthropic(
         base_url=proxy.url, api_key="k", max_retries=0, timeout=15, default_headers={"x-test-principal": "bob"}
     )
-    with client.messages.stream(model=MODEL, max_tokens=500, messages=HI) as stream:
+    # the provider ignores max_tokens: the proxy cuts the stream at the reservation's allowance
+    with client.messages.stream(model=MODEL, max_tokens=30, messages=HI) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "max_tokens"
-    assert 0 < final.usage.output_tokens < WORDS
+    assert 0 < final.usage.output_tokens <= 30
     text = "".join(block.text for block in final.content if block.type == "text")
     assert text.count("word") == final.usage.output_tokens
 
