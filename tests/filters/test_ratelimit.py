@@ -409,3 +409,27 @@ async def test_metering_must_come_first() -> None:
     raw["filters"] = [f for f in raw["filters"] if f["name"] != "metering"]
     with pytest.raises(ConfigError, match="metering"):
         await check_config(parse_config(raw, "limits.yaml"))
+
+
+# -- upstream 429s -----------------------------------------------------------------------------
+
+
+def test_upstream_429s_reach_the_client_when_no_other_key_can_serve(
+    start_mock_with: StartMock, make_proxy: Make
+) -> None:
+    k429, k429b = "sk-rl-429", "sk-rl-429-b"
+    mock = start_mock_with({k429: KeyBehaviour(status=429, retry_after=7)})
+    proxy = make_proxy(rl_config(mock.port, {}, {}, keys=[k429], failover={}))
+    body = {"model": MODEL, "messages": HI}
+    first = call(proxy.port, "POST", "/v1/chat/completions", body)
+    assert first.status == 429 and first.headers["retry-after"] == "7"  # the provider's own
+    again = call(proxy.port, "POST", "/v1/chat/completions", body)  # the key cools: still a 429, not a 503
+    assert again.status == 429 and again.json()["error"]["code"] == "upstream_rate_limited"
+    assert 1 <= int(again.headers["retry-after"]) <= 7
+    anth = call(proxy.port, "POST", "/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": HI})
+    assert anth.status == 429 and anth.json()["error"]["type"] == "rate_limit_error"
+    # with another key, the 429 is retried there invisibly
+    mock2 = start_mock_with({k429b: KeyBehaviour(status=429, retry_after=7)})
+    proxy2 = make_proxy(rl_config(mock2.port, {}, {}, keys=[k429b, KGOOD], failover={}))
+    for _ in range(3):
+        assert call(proxy2.port, "POST", "/v1/chat/completions", body).status == 200
