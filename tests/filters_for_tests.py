@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -333,3 +334,42 @@ class PrincipalByHeaderFactory(FilterFactory):
             )
             for key, spec in (config.get("principals") or {}).items()
         }
+
+
+class FakeAuthFilter(Filter):
+    """A stand-in for the ``auth`` filter (not on this branch), reading the same config:
+    ``keys: [{name, key | key_hash, team, models, limits, budgets, metadata}]``; other keys get 401."""
+
+    factory: FakeAuthFactory
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        value = exchange.request.headers.get("authorization") or ""
+        token = value[7:] if value.lower().startswith("bearer ") else exchange.request.headers.get("x-api-key")
+        digest = "sha256:" + hashlib.sha256((token or "").encode()).hexdigest()
+        principal = self.factory.by_hash.get(digest)
+        if principal is None:
+            exchange.send_local_reply(
+                401, {"error": {"message": "invalid key", "type": "invalid_request_error", "code": "invalid_api_key"}}
+            )
+            return Action.CONTINUE
+        exchange.vars[PRINCIPAL] = principal
+        return Action.CONTINUE
+
+
+class FakeAuthFactory(FilterFactory):
+    filter_class = FakeAuthFilter
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.by_hash: dict[str, Principal] = {}
+        for spec in config.get("keys") or []:
+            digest = spec.get("key_hash") or "sha256:" + hashlib.sha256(spec["key"].encode()).hexdigest()
+            self.by_hash[digest] = Principal(
+                name=spec["name"],
+                key_id="vk-" + digest[7:15],
+                team=spec.get("team"),
+                models=tuple(spec.get("models") or ()),
+                limits=spec.get("limits") or {},
+                budgets=spec.get("budgets") or {},
+                metadata=spec.get("metadata") or {},
+            )

@@ -19,6 +19,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+import yaml
 
 from llmproxy import Quota, SharedStore
 from llmproxy.filters.ratelimit import RateLimitFactory
@@ -28,7 +29,7 @@ from llmproxy.runtime.config import ConfigError, parse_config
 from tests import filters_for_tests as tf
 from tests.support import LoopThread, RunningProxy
 
-from .test_failover import StartMock, call, start_mock_with
+from .test_failover import ROOT, StartMock, call, start_mock_with
 
 __all__ = ["start_mock_with"]
 
@@ -433,3 +434,32 @@ def test_upstream_429s_reach_the_client_when_no_other_key_can_serve(
     proxy2 = make_proxy(rl_config(mock2.port, {}, {}, keys=[k429b, KGOOD], failover={}))
     for _ in range(3):
         assert call(proxy2.port, "POST", "/v1/chat/completions", body).status == 200
+
+
+# -- the demo config ---------------------------------------------------------------------------
+
+
+def test_the_limits_demo(make_proxy: Make) -> None:
+    """conf/limits-demo.yaml with a stand-in for the auth filter (same config schema)."""
+    raw = yaml.safe_load((ROOT / "conf" / "limits-demo.yaml").read_text())
+    for spec in raw["filters"]:
+        if spec["name"] == "auth":
+            spec["name"] = "tests.filters_for_tests:FakeAuthFactory"
+    raw["server"]["access_log"] = "off"
+    proxy = make_proxy(raw)
+    body = {"model": "demo", "messages": HI}
+
+    def as_key(key: str) -> Any:
+        return call(proxy.port, "POST", "/v1/chat/completions", body, {"authorization": f"Bearer {key}"})
+
+    assert [as_key("sk-demo-alice").status for _ in range(3)] == [200, 200, 200]
+    refused = as_key("sk-demo-alice")
+    assert refused.status == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-limit-requests"] == "3"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(refused.headers["retry-after"]) >= 1
+    statuses = [as_key("sk-demo-bob").status for _ in range(20)]
+    assert 200 in statuses and statuses[-1] == 429
+    last = as_key("sk-demo-bob")
+    assert last.json()["error"]["code"] == "insufficient_quota"
+    assert as_key("sk-demo-nobody").status == 401
