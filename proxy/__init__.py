@@ -45,6 +45,7 @@ from llmproxy.headers import Headers, check_field
 from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event, split_events
 from llmproxy.principal import ANONYMOUS, Principal
 from llmproxy.runtime.config import ConfigError, Section, read_upstream
+from llmproxy.state.quota import Quota, QuotaState, Reservation, Settlement
 from llmproxy.state.store import MemoryStore, SharedStore, StoreUnavailable
 from llmproxy.upstream import Timeouts, UpstreamTarget
 from llmproxy.usage import Cost, Source, Usage
@@ -72,11 +73,15 @@ __all__ = [
     "Outcome",
     "Principal",
     "ProxyError",
+    "Quota",
+    "QuotaState",
     "RateLimited",
     "Request",
+    "Reservation",
     "Response",
     "Section",
     "ServiceUnavailable",
+    "Settlement",
     "SharedStore",
     "Source",
     "SseEvent",

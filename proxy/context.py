@@ -40,12 +40,17 @@ class FactoryContext:
         admin: AdminPages | None = None,
         upstream: UpstreamClient | None = None,
         config_file: str = "",
+        *,
+        workers: int = 1,
     ) -> None:
         self.store = store
         #: The config file the chain is built from ("" when there is none). A filter resolves
         #: the relative paths of its section against this file's folder (``config_dir``).
         self.config_file = config_file
         self.worker_id = worker_id
+        #: How many worker processes serve this config (``server.workers``): a filter whose
+        #: state must be exact across workers refuses a per-process store when it is above 1.
+        self.workers = workers
         #: The core's upstream client (the worker's pool, timeouts, TLS): for a filter that
         #: must call a provider itself (health probes, remote checks).
         self.upstream = upstream or UpstreamClient(UpstreamPool())

@@ -20,7 +20,7 @@ __all__ = ["HookControl"]
 class HookControl:
     """The requests filters made of the core, per exchange (and per attempt)."""
 
-    __slots__ = ("local_reply", "response_data", "retry", "skipped")
+    __slots__ = ("end_body", "local_reply", "response_data", "retry", "skipped")
 
     def __init__(self) -> None:
         #: A reply to send instead of (or before) the upstream's.
@@ -31,11 +31,14 @@ class HookControl:
         self.skipped: set[int] | None = None
         #: The replacement of the data passed on by the body hook running now.
         self.response_data: bytes | None = None
+        #: A body hook ended the current attempt's response body early.
+        self.end_body = False
 
     def new_attempt(self) -> None:
         """Forget the previous attempt's retry request and skips: each attempt's hooks decide again."""
         self.retry = False
         self.skipped = None
+        self.end_body = False
 
     def __repr__(self) -> str:
         return (

@@ -254,6 +254,18 @@ class Exchange:
         """In ``on_response_body``: replace the data passed on to the next filter."""
         self.control.response_data = data
 
+    def end_response_body(self) -> None:
+        """In ``on_response_body``: this is the body's last data; stop reading the upstream.
+
+        The data this hook passes on (its replacement, typically the protocol's
+        own ending events: a cap reached mid-stream) is relayed, then the body
+        ends as if the upstream had ended it: every mutating filter gets its
+        ``end_of_stream`` call, observers see the end, and the upstream
+        connection is closed (its unread rest is never relayed). The attempt
+        completes normally.
+        """
+        self.control.end_body = True
+
     def skip_response_body(self, filter_: Filter) -> None:
         """``filter_`` has nothing (more) to do with this response's body.
 

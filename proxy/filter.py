@@ -40,7 +40,10 @@ A hook can:
   has started) to answer without the upstream;
 * call :meth:`llmproxy.exchange.Exchange.retry` (in a response hook, before any
   response byte went downstream) to send the request again, typically after
-  changing ``exchange.upstream``.
+  changing ``exchange.upstream``;
+* call :meth:`llmproxy.exchange.Exchange.end_response_body` (in
+  ``on_response_body``) to make the data it passes on the body's last and
+  stop reading the upstream (a cap reached mid-stream).
 """
 
 from __future__ import annotations

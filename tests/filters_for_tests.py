@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from llmproxy import Action, Attempt, Exchange, FactoryContext, Filter, FilterFactory, UpstreamTarget
+from llmproxy import Action, Attempt, Exchange, FactoryContext, Filter, FilterFactory, Principal, UpstreamTarget
+from llmproxy.filters.names import PRINCIPAL
 from llmproxy.http.sse import parse_event
 
 #: What hooks ran, across every exchange, as (tag, hook, request id).
@@ -300,3 +302,74 @@ class UsageRecorderFactory(FilterFactory):
         self.attempts: list[tuple[str, Any]] = []
         self.exchanges: list[Any] = []
         UsageRecorderFactory.instances.append(self)
+
+
+class PrincipalByHeaderFilter(Filter):
+    """Publishes the principal named by ``x-test-principal`` (a stand-in for the auth filter)."""
+
+    factory: PrincipalByHeaderFactory
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        name = exchange.request.headers.get("x-test-principal")
+        principal = self.factory.principals.get(name or "")
+        if principal is not None:
+            exchange.vars[PRINCIPAL] = principal
+        return Action.CONTINUE
+
+
+class PrincipalByHeaderFactory(FilterFactory):
+    """``config: {principals: {name: {team, limits, budgets}}}``."""
+
+    filter_class = PrincipalByHeaderFilter
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.principals = {
+            key: Principal(
+                name=key,
+                key_id=f"vk-{key}",
+                team=spec.get("team"),
+                limits=spec.get("limits") or {},
+                budgets=spec.get("budgets") or {},
+            )
+            for key, spec in (config.get("principals") or {}).items()
+        }
+
+
+class FakeAuthFilter(Filter):
+    """A stand-in for the ``auth`` filter (not on this branch), reading the same config:
+    ``keys: [{name, key | key_hash, team, models, limits, budgets, metadata}]``; other keys get 401."""
+
+    factory: FakeAuthFactory
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        value = exchange.request.headers.get("authorization") or ""
+        token = value[7:] if value.lower().startswith("bearer ") else exchange.request.headers.get("x-api-key")
+        digest = "sha256:" + hashlib.sha256((token or "").encode()).hexdigest()
+        principal = self.factory.by_hash.get(digest)
+        if principal is None:
+            exchange.send_local_reply(
+                401, {"error": {"message": "invalid key", "type": "invalid_request_error", "code": "invalid_api_key"}}
+            )
+            return Action.CONTINUE
+        exchange.vars[PRINCIPAL] = principal
+        return Action.CONTINUE
+
+
+class FakeAuthFactory(FilterFactory):
+    filter_class = FakeAuthFilter
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        self.by_hash: dict[str, Principal] = {}
+        for spec in config.get("keys") or []:
+            digest = spec.get("key_hash") or "sha256:" + hashlib.sha256(spec["key"].encode()).hexdigest()
+            self.by_hash[digest] = Principal(
+                name=spec["name"],
+                key_id="vk-" + digest[7:15],
+                team=spec.get("team"),
+                models=tuple(spec.get("models") or ()),
+                limits=spec.get("limits") or {},
+                budgets=spec.get("budgets") or {},
+                metadata=spec.get("metadata") or {},
+            )

@@ -6,7 +6,8 @@ Place it right after ``routing`` in the chain. Per exchange:
   candidates' keys from the shared store and re-point the request at the
   first usable (provider, key) in routing's preference order, keys taken
   round-robin; nothing usable -> 503 with ``retry-after`` set to the
-  soonest recovery;
+  soonest recovery (429 ``upstream_rate_limited`` when every key is cooling
+  after its provider's 429, so the client sees the provider's rate limit);
 * ``on_response_headers``: classify the attempt (401/403 eject the key, 429
   cools it for its ``retry-after``, 5xx / connect / reset / timeout count
   towards ``failure_threshold``) and, while attempts and the deadline allow,
@@ -65,6 +66,7 @@ from llmproxy import (
     FactoryContext,
     Filter,
     FilterFactory,
+    RateLimited,
     Section,
     ServiceUnavailable,
     StoreUnavailable,
@@ -72,7 +74,7 @@ from llmproxy import (
     UpstreamError,
     split_events,
 )
-from llmproxy.filters.failover.health import EJECTED, HealthBook
+from llmproxy.filters.failover.health import COOLING, EJECTED, HealthBook
 from llmproxy.filters.failover.stream import Kind, classify
 from llmproxy.filters.names import ROUTE
 from llmproxy.filters.routing import RouteDecision, RoutingFactory, Target
@@ -154,6 +156,14 @@ class FailoverFilter(Filter):
             choice = factory.choose(routing, self._tried)
         if choice is None:
             wait = factory.soonest_recovery(routing.candidates)
+            if factory.all_cooling(routing.candidates):
+                # every key is rate limited by its provider: the client is told so, with the
+                # providers' own retry-after, not that the service is down
+                raise RateLimited(
+                    "every provider key for this model is rate limited by its provider right now",
+                    code="upstream_rate_limited",
+                    headers=[("retry-after", str(max(1, math.ceil(wait))))],
+                )
             raise ServiceUnavailable(
                 "no healthy provider key is available for this model right now",
                 code="no_healthy_upstream",
@@ -351,6 +361,13 @@ class FailoverFactory(FilterFactory):
                 if self.book.usable(self.record(provider, index), now):
                     return target, index
         return None
+
+    def all_cooling(self, candidates: list[Target]) -> bool:
+        """True when every candidate key is cooling after a 429 (none is ejected or broken)."""
+        records = [
+            self.book.health(self.record(t.provider, i)) for t in candidates for i in range(len(t.provider.targets))
+        ]
+        return bool(records) and all(r.state == COOLING for r in records)
 
     def soonest_recovery(self, candidates: list[Target]) -> float:
         now = self.book.clock()

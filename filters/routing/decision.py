@@ -31,6 +31,7 @@ class RouteDecision:
         "candidates",
         "client_protocol",
         "key_index",
+        "requested_model",
         "target",
     )
 
@@ -40,8 +41,11 @@ class RouteDecision:
         client_protocol: str,
         candidates: list[Target],
         slot: int,
+        requested_model: str = "",
     ) -> None:
         self.api = api
+        #: The model name the client asked for (an alias or a pattern, before mapping).
+        self.requested_model = requested_model
         self.client_protocol = client_protocol
         self.candidates = candidates
         self.target: Target | None = None

@@ -209,7 +209,7 @@ class RoutingFilter(Filter):
                 ) from None
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model") from None
         self._body = payload
-        self.route = RouteDecision(self.api, self.client_protocol, self.candidates, exchange.filters.index(self))
+        self.route = RouteDecision(self.api, self.client_protocol, self.candidates, exchange.filters.index(self), model)
         exchange.vars[ROUTE] = self.route
         self._stream = payload.get("stream") is True
         options = payload.get("stream_options")

@@ -205,6 +205,7 @@ class Relay:
         # the first consumer takes batches of whole events: one piece per read (the stage
         # splits it only before a hook that wants one event per call)
         batches = stage is None or stage.batches
+        ex_control = self.ex.control
         while True:
             if self.synthesized is not None:
                 chunk, self.synthesized = self.synthesized, None
@@ -250,6 +251,10 @@ class Relay:
                     elif await self._relay_pieces(stage, [piece], end and i == last):
                         return True
             if end:
+                return False
+            if ex_control.end_body:  # a body hook ended the body early (Exchange.end_response_body)
+                if resp is not None:
+                    resp.close()
                 return False
             if conn.write_paused:
                 # a client that stops reading holds the upstream connection: wait for it as

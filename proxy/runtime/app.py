@@ -136,7 +136,13 @@ class Proxy:
             max_head_fields=cfg.limits.max_upstream_header_count,
         )
         self.context = FactoryContext(
-            self.store, self.worker_id, self.mock_ports, admin, UpstreamClient(pool), config_file=cfg.file
+            self.store,
+            self.worker_id,
+            self.mock_ports,
+            admin,
+            UpstreamClient(pool),
+            config_file=cfg.file,
+            workers=cfg.server.workers,
         )
         chain = build_chain(cfg.filters, self.context, cfg.file)
         default_upstream = cfg.upstream.target("default", self.mock_ports) if cfg.upstream else None
@@ -281,7 +287,7 @@ async def check_config(config: Config) -> list[str]:
     store = await make_store(config.store, config.file)
     try:
         fake_ports = {m.name: (m.host, m.port or 1) for m in config.mock_upstreams}
-        context = FactoryContext(store, 0, fake_ports, config_file=config.file)
+        context = FactoryContext(store, 0, fake_ports, config_file=config.file, workers=config.server.workers)
         chain = build_chain(config.filters, context, config.file)
         if config.upstream is not None:
             try:

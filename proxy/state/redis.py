@@ -13,6 +13,13 @@ Key layout (``ns`` is the ``namespace`` argument, ``key`` the filter's key)::
 
     <ns>:v:<key>   hash {val, ver, exp}   get / set / delete, and leases
     <ns>:n:<key>   integer string         incr
+    <ns>:{q}h:<key>  hash {t, <rid>...}  reserve / settle: a quota's total and entry amounts
+    <ns>:{q}z:<key>  sorted set          a sliding-log quota's entries by admission time
+
+``reserve`` and ``settle`` are the exception to "one key per script": they
+check and charge several quotas in one atomic step. Their keys share the
+hash tag ``{q}``, so on Redis Cluster they all live in one slot (one node
+carries every quota; the rest of the store spreads as before).
 
 Values and counters are separate key spaces, as in
 :class:`~llmproxy.state.store.MemoryStore` (``incr("k")`` never touches ``get("k")``),
@@ -89,6 +96,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from llmproxy.state.quota import Quota, QuotaState, Reservation, Settlement
 from llmproxy.state.redis_scripts import (
     LUA_ACQUIRE,
     LUA_DELETE,
@@ -96,7 +104,9 @@ from llmproxy.state.redis_scripts import (
     LUA_INCR_TTL,
     LUA_PRELUDE,
     LUA_RELEASE,
+    LUA_RESERVE,
     LUA_SET,
+    LUA_SETTLE,
 )
 from llmproxy.state.store import BreakerState, CircuitBreaker, SharedStore, StoreUnavailable
 
@@ -156,6 +166,15 @@ def _store_options(url: str) -> tuple[str, dict[str, str]]:
 def _millis(seconds: float) -> int:
     """Whole milliseconds for a ttl in seconds: rounded up, at least 1 (PX 0 is invalid)."""
     return max(1, math.ceil(seconds * 1000))
+
+
+#: Milliseconds a sliding-log quota's keys outlive their window (then Redis reclaims them).
+_QUOTA_SLACK_MS = 5000
+
+
+def _micros(seconds: float) -> int:
+    """Whole microseconds of a quota window (0 stays 0: a running total)."""
+    return max(1, round(seconds * 1_000_000)) if seconds > 0 else 0
 
 
 def _redact(url: str) -> tuple[str, list[str]]:
@@ -281,6 +300,8 @@ class RedisStore(SharedStore):
         self._acquire = self._redis.register_script(LUA_PRELUDE + LUA_ACQUIRE)
         self._release = self._redis.register_script(LUA_PRELUDE + LUA_RELEASE)
         self._incr_ttl = self._redis.register_script(LUA_INCR_TTL)
+        self._reserve = self._redis.register_script(LUA_RESERVE)
+        self._settle = self._redis.register_script(LUA_SETTLE)
 
     def __repr__(self) -> str:
         return f"<RedisStore {self._url} namespace={self._prefix[:-1]!r} breaker={self.breaker.state.value}>"
@@ -400,6 +421,36 @@ class RedisStore(SharedStore):
     async def release_lease(self, name: str, holder: str) -> None:
         args = [holder, str(self._tomb_ms)]
         await self._release(keys=[self._value_key("lease:" + name)], args=args)
+
+    def _quota_keys(self, key: str) -> tuple[str, str]:
+        return f"{self._prefix}{{q}}h:{key}", f"{self._prefix}{{q}}z:{key}"
+
+    @_guarded
+    async def reserve(self, rid: str, quotas: Sequence[Quota]) -> Reservation:
+        keys: list[str] = []
+        args: list[str | int] = [rid, _QUOTA_SLACK_MS]
+        for q in quotas:
+            keys.extend(self._quota_keys(q.key))
+            minimum = q.amount if q.minimum is None else q.minimum
+            ttl = "" if q.ttl is None else _millis(q.ttl)
+            args += [q.limit, _micros(q.window), q.amount, minimum, ttl]
+        reply = await self._reserve(keys=keys, args=args)
+        states = []
+        for i, q in enumerate(quotas):
+            used, granted, reset_us, retry_us = (int(v) for v in reply[4 * i : 4 * i + 4])
+            retry = math.inf if retry_us < 0 else retry_us / 1e6
+            states.append(QuotaState(used, q.limit, granted, reset_us / 1e6, retry))
+        return Reservation(bool(int(reply[-1])), tuple(states))
+
+    @_guarded
+    async def settle(self, rid: str, settlements: Sequence[Settlement]) -> None:
+        keys: list[str] = []
+        args: list[str | int] = [rid]
+        for s in settlements:
+            keys.extend(self._quota_keys(s.key))
+            args += [_micros(s.window), s.reserved, s.amount]
+        if keys:
+            await self._settle(keys=keys, args=args)
 
     @_unavailable_on_error
     async def close(self) -> None:

@@ -15,6 +15,11 @@ written once and tested against each:
 * ``acquire_lease(name, holder, ttl)`` takes a lease that nobody else holds,
   or renews one ``holder`` already holds. A holder that stops renewing loses
   the lease after ``ttl`` and another may take it over.
+* ``reserve(rid, quotas)`` reserves amounts on several counters in one atomic
+  step, on all of them or on none, and ``settle(rid, settlements)`` replaces
+  the reservation by the real amounts (limits and budgets; see
+  :mod:`llmproxy.state.quota` for the sliding log and the admission rule).
+  One round trip each on a networked backend.
 
 Keys are plain strings chosen by filters; backends namespace them. A key
 must never contain a secret (hash credentials first).
@@ -32,6 +37,8 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+
+from llmproxy.state.quota import Quota, QuotaBook, Reservation, Settlement
 
 __all__ = ["BreakerState", "CircuitBreaker", "MemoryStore", "SharedStore", "StoreUnavailable"]
 
@@ -181,6 +188,18 @@ class SharedStore(ABC):
     async def release_lease(self, name: str, holder: str) -> None:
         """Give up the lease if ``holder`` holds it."""
 
+    async def reserve(self, rid: str, quotas: Sequence[Quota]) -> Reservation:
+        """Reserve on every counter of ``quotas`` if each grant reaches its minimum, else on none.
+
+        One atomic step (see :mod:`llmproxy.state.quota`); ``rid`` names the
+        reservation for :meth:`settle` and must be unique per reservation.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no quotas")
+
+    async def settle(self, rid: str, settlements: Sequence[Settlement]) -> None:
+        """Replace reservation ``rid`` by the real amounts (0 releases it); one atomic step."""
+        raise NotImplementedError(f"{type(self).__name__} has no quotas")
+
     async def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release connections; the store is unusable afterwards."""
 
@@ -211,6 +230,7 @@ class MemoryStore(SharedStore):
         self._writes = 0
         #: Writes until the next sweep: as many as there were entries after the last one.
         self._sweep_after = _SWEEP_EVERY
+        self._quotas = QuotaBook(clock)
 
     def _wrote(self) -> None:
         """Count a write; sweep expired entries once enough writes paid for it."""
@@ -224,8 +244,9 @@ class MemoryStore(SharedStore):
         gone = [k for k, (_n, exp) in self._counters.items() if exp is not None and exp <= now]
         for key in gone:
             del self._counters[key]
+        self._quotas.sweep()
         self._writes = 0
-        self._sweep_after = max(_SWEEP_EVERY, len(self._data) + len(self._counters))
+        self._sweep_after = max(_SWEEP_EVERY, len(self._data) + len(self._counters) + self._quotas.counters())
 
     def __repr__(self) -> str:
         return f"<MemoryStore keys={len(self._data)} counters={len(self._counters)}>"
@@ -276,6 +297,14 @@ class MemoryStore(SharedStore):
         self._counters[key] = (value, current[1])
         self._wrote()
         return value
+
+    async def reserve(self, rid: str, quotas: Sequence[Quota]) -> Reservation:
+        reservation = self._quotas.reserve(rid, quotas)
+        self._wrote()
+        return reservation
+
+    async def settle(self, rid: str, settlements: Sequence[Settlement]) -> None:
+        self._quotas.settle(rid, settlements)
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
         key = "lease:" + name

@@ -1,0 +1,160 @@
+"""Ending a stream cleanly when a hard budget's allowance is used up mid-flight.
+
+A stream admitted under a hard budget gets an output *allowance* (the
+tokens its reservation granted beyond the prompt). :class:`StreamCap`
+counts the output of each SSE event as it is relayed (the text, reasoning
+and tool-call arguments of the event, with metering's tokenizer) and, at
+the first event that would take the count past the allowance, drops that
+event and everything after it and puts the protocol's own ending in its
+place, so both SDKs see a normal end:
+
+* OpenAI chat: a chunk with ``finish_reason: "length"``, a usage chunk
+  (``choices: []``) and ``data: [DONE]``;
+* Anthropic messages: ``content_block_stop`` for an open block,
+  ``message_delta`` with ``stop_reason: "max_tokens"`` and the usage, and
+  ``message_stop``.
+
+The filter sits after routing in the chain, so on the response side it sees
+the *provider's* protocol: the ending is written in it and routing
+translates it (and reads its usage) like any provider event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from llmproxy import parse_event
+from llmproxy.filters.metering.tokenizer import count_text
+
+__all__ = ["StreamCap"]
+
+
+def _openai_text(obj: dict[str, Any]) -> str:
+    out: list[str] = []
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            continue
+        for key in ("content", "reasoning_content", "reasoning"):
+            value = delta.get(key)
+            if isinstance(value, str):
+                out.append(value)
+        for call in delta.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                out += [v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str)]
+    return "".join(out)
+
+
+def _anthropic_text(obj: dict[str, Any]) -> str:
+    if obj.get("type") != "content_block_delta":
+        return ""
+    delta = obj.get("delta") or {}
+    if not isinstance(delta, dict):
+        return ""
+    for key in ("text", "partial_json", "thinking"):
+        value = delta.get(key)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+class StreamCap:
+    """One stream's output allowance (see the module docstring)."""
+
+    __slots__ = (
+        "allowance",
+        "cut",
+        "id",
+        "input_tokens",
+        "model",
+        "open_block",
+        "protocol",
+        "upstream_model",
+        "used",
+    )
+
+    def __init__(self, protocol: str, model: str, allowance: int, input_tokens: int) -> None:
+        self.protocol = protocol
+        self.model = model
+        self.allowance = allowance
+        self.input_tokens = input_tokens
+        self.used = 0
+        self.cut = False
+        self.id = ""
+        self.upstream_model = model
+        #: Anthropic: the index of the content block that is open (-1: none).
+        self.open_block = -1
+
+    def feed(self, event: bytes) -> bytes | None:
+        """One whole SSE event: None to pass it on, or the bytes to send instead (the ending)."""
+        if self.cut:
+            return b""
+        data = parse_event(event).data
+        if not data.startswith(b"{"):
+            return None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        if self.protocol == "anthropic":
+            kind = obj.get("type")
+            if kind == "message_start":
+                message = obj.get("message") or {}
+                if isinstance(message, dict):
+                    self.id = str(message.get("id") or "")
+                    self.upstream_model = str(message.get("model") or self.model)
+            elif kind == "content_block_start":
+                self.open_block = int(obj.get("index") or 0)
+            elif kind == "content_block_stop":
+                self.open_block = -1
+            text = _anthropic_text(obj)
+        else:
+            self.id = self.id or str(obj.get("id") or "")
+            self.upstream_model = str(obj.get("model") or self.upstream_model)
+            text = _openai_text(obj)
+        if not text:
+            return None
+        tokens = count_text(text, self.model).tokens
+        if self.used + tokens <= self.allowance:
+            self.used += tokens
+            return None
+        self.cut = True
+        return self.ending()
+
+    def ending(self) -> bytes:
+        """The protocol's ending events, with the usage relayed so far."""
+        if self.protocol == "anthropic":
+            out = b""
+            if self.open_block >= 0:
+                out += b"event: content_block_stop\ndata: " + orjson.dumps(
+                    {"type": "content_block_stop", "index": self.open_block}
+                )
+                out += b"\n\n"
+            delta = {
+                "type": "message_delta",
+                "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                "usage": {"output_tokens": self.used},
+            }
+            out += b"event: message_delta\ndata: " + orjson.dumps(delta) + b"\n\n"
+            out += b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+            return out
+        base = {"id": self.id or "chatcmpl-llmproxy", "object": "chat.completion.chunk", "created": 0}
+        base["model"] = self.upstream_model
+        finish = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+        usage = {
+            **base,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": self.input_tokens,
+                "completion_tokens": self.used,
+                "total_tokens": self.input_tokens + self.used,
+            },
+        }
+        return b"data: " + orjson.dumps(finish) + b"\n\ndata: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"

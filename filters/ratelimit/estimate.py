@@ -1,0 +1,44 @@
+"""The admission estimate of a request: its prompt tokens and the output it may produce.
+
+The prompt is counted with metering's tokenizer on the body as it will be
+sent (``exchange.request_json()``, parsed once; off the loop for big
+prompts). The output is the request's own cap (``max_completion_tokens``,
+``max_tokens`` or ``max_output_tokens``, the first present), or the
+configured default when it has none (embeddings produce none). A cap that is
+not a non-negative integer is a 400 naming the field, before anything is
+reserved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmproxy import BadRequest
+from llmproxy.filters.metering.tokenizer import count_prompt_async, detect_protocol
+
+__all__ = ["OUTPUT_FIELDS", "output_cap", "prompt_tokens"]
+
+#: The request fields that cap the output, in the order they are looked for.
+OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def output_cap(payload: dict[str, Any], default: int) -> tuple[int, str | None]:
+    """``(cap, field)``: the request's output cap and the field it came from (None: the default)."""
+    for name in OUTPUT_FIELDS:
+        if name in payload and payload[name] is not None:
+            value = payload[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadRequest(f"'{name}' must be a non-negative integer", param=name, code="invalid_value")
+            return value, name
+    return default, None
+
+
+async def prompt_tokens(payload: Any, body: bytes, model: str) -> int:
+    """Prompt tokens of ``payload`` (a request JSON); a body that is not a chat-like request
+    is estimated from its size (a third of its bytes, an overestimate for any text)."""
+    if isinstance(payload, dict):
+        try:
+            return (await count_prompt_async(payload, detect_protocol(payload), model)).tokens
+        except Exception:  # not a chat, Responses or Messages body: fall back on its size
+            pass
+    return len(body) // 3 + 1

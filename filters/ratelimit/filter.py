@@ -1,0 +1,536 @@
+"""The ``ratelimit`` filter: rate limits and budgets, exact across workers and instances.
+
+Place it after ``metering``, ``routing`` and ``failover`` (it needs
+metering's settled usage and routing's choice; the chain is refused
+otherwise). Per exchange, at most one store call at admission and one at
+settlement:
+
+* ``on_request_body``: match the rules (the filter's own and the
+  principal's, from ``vars["auth.principal"]``; :data:`llmproxy.ANONYMOUS`
+  without auth), estimate the request (prompt tokens with metering's
+  tokenizer + its output cap, or ``default_max_tokens``) and *reserve* on
+  every counter at once (:meth:`llmproxy.SharedStore.reserve`: one Lua
+  script on Redis, on the server's clock). Refused: 429 with
+  ``retry-after`` and the rate-limit fields (``insufficient_quota`` for a
+  budget), before any upstream call. A hard budget grants as much output as
+  it has left: ``max_tokens`` is clamped to that allowance upstream, and a
+  stream is cut cleanly when it is used up (:mod:`.cut`).
+* ``on_response_headers``: the rate-limit fields ride on the response.
+* ``on_attempt_complete``: when the last attempt ends (completed, failed or
+  abandoned: client gone, shutdown; a retried attempt only adds its usage),
+  the reservation is *settled* to the metered usage of every attempt
+  (:meth:`llmproxy.SharedStore.settle`): tokens to what was spent, the
+  concurrency slot given back, exactly once; ``on_exchange_complete`` settles
+  one that no attempt ended (a later filter answered locally).
+
+Windows are sliding logs (:mod:`llmproxy.state.quota`): exact for any window
+of ``window`` seconds. So the tokens admitted in any window never exceed a
+limit by more than what a settlement exceeds its reservation (at most one
+request's underestimate per request in flight; none when requests carry
+``max_tokens``). Budgets are running totals per calendar period (UTC day or
+month by the proxy's clock, or total).
+
+Store failures: each rule says ``on_store_error: open`` (admit, the default
+for limits) or ``closed`` (503, the default for budgets); both are logged
+(once per 10 s) and counted in ``llmproxy_ratelimit_store_errors_total``.
+A memory store with ``--workers`` > 1 would give each worker its own
+counters (N times the limit): refused at startup unless ``per_worker: true``.
+"""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from prometheus_client import Counter, Gauge
+
+from llmproxy import (
+    ANONYMOUS,
+    Action,
+    Attempt,
+    ConfigError,
+    Exchange,
+    FactoryContext,
+    Filter,
+    FilterFactory,
+    InvalidJSON,
+    MemoryStore,
+    Outcome,
+    Principal,
+    Quota,
+    QuotaState,
+    RateLimited,
+    Section,
+    ServiceUnavailable,
+    Settlement,
+    StoreUnavailable,
+    Usage,
+)
+from llmproxy.filters.metering import MeteringFactory
+from llmproxy.filters.names import PRINCIPAL, ROUTE
+from llmproxy.filters.ratelimit.cut import StreamCap
+from llmproxy.filters.ratelimit.estimate import output_cap, prompt_tokens
+from llmproxy.filters.ratelimit.ledger import Ledger
+from llmproxy.filters.ratelimit.rules import (
+    BudgetRule,
+    Facts,
+    LimitRule,
+    parse_budget,
+    parse_limit,
+    principal_rules,
+)
+from llmproxy.filters.ratelimit.wire import BudgetExceeded, Snapshot, header_fields
+from llmproxy.filters.routing import RouteDecision
+
+__all__ = ["RateLimitFactory", "RateLimitFilter"]
+
+log = logging.getLogger("llmproxy.ratelimit")
+
+# Counter kinds, and what each settles to.
+_REQ, _TOK, _CONC, _BTOK, _BUSD = range(5)
+_KIND_NAMES = ("requests", "tokens", "concurrent", "budget_tokens", "budget_usd")
+#: Principals whose own rules are kept parsed (auth filters publish one object per key).
+_PRINCIPAL_CACHE = 4096
+_EMBEDDINGS = "/v1/embeddings"
+
+
+class _Plan:
+    """What one exchange reserved: the quotas, their kinds and rules, the grants."""
+
+    __slots__ = ("budgets", "grants", "input_only", "kinds", "prompt", "quotas", "rid", "rules")
+
+    def __init__(self, rid: str, prompt: int) -> None:
+        self.rid = rid
+        self.prompt = prompt
+        self.quotas: list[Quota] = []
+        self.kinds: list[int] = []
+        self.rules: list[LimitRule | BudgetRule] = []
+        self.input_only: list[bool] = []
+        self.grants: list[int] = []
+        self.budgets: list[BudgetRule] = []
+
+
+class RateLimitFilter(Filter):
+    """Per-exchange admission, headers, stream cap and settlement (see the module docstring)."""
+
+    factory: RateLimitFactory
+    mutates_response_body: ClassVar[bool] = True
+
+    __slots__ = ("_cap", "_facts", "_fields", "_plan", "_settled", "_spent", "_unknown")
+
+    def __init__(self, factory: FilterFactory) -> None:
+        super().__init__(factory)
+        self._plan: _Plan | None = None
+        self._fields: list[tuple[str, str]] = []
+        self._cap: StreamCap | None = None
+        self._settled = False
+        #: Usage of the attempts that ended so far.
+        self._spent: Usage | None = None
+        #: An attempt spent tokens nobody counted (no metering record): keep the reservation.
+        self._unknown = False
+        self._facts: Facts | None = None
+
+    # -- admission --------------------------------------------------------------------
+    async def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+        factory = self.factory
+        principal = exchange.vars.get(PRINCIPAL)
+        if not isinstance(principal, Principal):
+            principal = ANONYMOUS
+        route = exchange.vars.get(ROUTE)
+        route = route if isinstance(route, RouteDecision) else None
+        try:
+            payload = exchange.request_json() if body[:1] == b"{" else None
+        except InvalidJSON:
+            payload = None
+        model = route.requested_model if route is not None and route.requested_model else ""
+        if not model and isinstance(payload, dict) and isinstance(payload.get("model"), str):
+            model = payload["model"]
+        facts = Facts(model, route.provider if route else "", principal.name, principal.team, exchange.request.headers)
+        self._facts = facts
+        limits, budgets = factory.rules_for(principal)
+        matched: list[tuple[str, LimitRule | BudgetRule]] = []
+        needs_tokens = False
+        candidates: list[LimitRule | BudgetRule] = [*limits, *budgets]
+        for rule in candidates:
+            key = rule.counter_key(facts)
+            if key is not None:
+                matched.append((key, rule))
+                needs_tokens = needs_tokens or isinstance(rule, BudgetRule) or rule.tpm is not None
+        if not matched:
+            return Action.CONTINUE
+        out_cap, out_field = 0, None
+        prompt = 0
+        upstream_model = model
+        if needs_tokens:
+            default = 0 if exchange.client_path.startswith(_EMBEDDINGS) else factory.default_max_tokens
+            if isinstance(payload, dict):
+                out_cap, out_field = output_cap(payload, default)
+            else:
+                out_cap = default
+            upstream_model = (route.model if route else "") or model
+            prompt = await prompt_tokens(payload, body, upstream_model)
+        plan = self._build(matched, prompt, out_cap, out_field is not None)
+        try:
+            reservation = await factory.store.reserve(plan.rid, plan.quotas)
+        except StoreUnavailable as exc:
+            factory.store_failed("reserve", exc)
+            closed = [rule.name for rule in plan.rules if not rule.fail_open]
+            if closed:
+                factory.decisions.labels(closed[0], "store_error").inc()
+                raise ServiceUnavailable(
+                    "the rate-limit store is unavailable and this request's limits fail closed",
+                    code="ratelimit_store_unavailable",
+                    headers=[("retry-after", "1")],
+                ) from None
+            return Action.CONTINUE  # fail open: admitted without a reservation
+        states = reservation.states
+        self._fields = self._header_fields(exchange, plan, states)
+        if not reservation.admitted:
+            raise self._refusal(plan, states, exchange)
+        plan.grants = [s.granted for s in states]
+        self._plan = plan
+        factory.admitted(plan, states)
+        self._clamp(exchange, payload, plan, prompt, out_cap, out_field, upstream_model)
+        return Action.CONTINUE
+
+    def _build(
+        self, matched: list[tuple[str, LimitRule | BudgetRule]], prompt: int, out_cap: int, explicit_cap: bool
+    ) -> _Plan:
+        factory = self.factory
+        plan = _Plan(factory.next_rid(), prompt)
+        estimate = prompt + out_cap
+        for key, rule in matched:
+            if isinstance(rule, LimitRule):
+                if rule.rpm is not None:
+                    self._add(plan, Quota(key + "|rpm", rule.rpm, rule.window, 1), _REQ, rule)
+                if rule.tpm is not None:
+                    amount = prompt if rule.tpm_counts == "input" else estimate
+                    quota = Quota(key + "|tpm", rule.tpm, rule.window, amount)
+                    self._add(plan, quota, _TOK, rule, rule.tpm_counts == "input")
+                if rule.concurrent is not None:
+                    self._add(plan, Quota(key + "|conc", rule.concurrent, factory.concurrent_hold, 1), _CONC, rule)
+                continue
+            period, ttl = _period(rule.period)
+            if rule.tokens is not None:
+                # hard: a request that set its output cap needs all of it; one that did not gets
+                # what is left (its default estimate at most) and is capped there. Soft: admitted
+                # while anything is left.
+                minimum = (estimate if explicit_cap else prompt + 1) if rule.hard else 1
+                quota = Quota(f"{key}|budget|{period}", rule.tokens, 0, max(estimate, minimum), minimum, ttl)
+                self._add(plan, quota, _BTOK, rule)
+            else:
+                assert rule.usd_micros is not None
+                micros = factory.estimate_micros(self._facts, prompt, out_cap)
+                quota = Quota(f"{key}|usd|{period}", rule.usd_micros, 0, max(micros, 1), 1, ttl)
+                self._add(plan, quota, _BUSD, rule)
+            plan.budgets.append(rule)
+        return plan
+
+    @staticmethod
+    def _add(plan: _Plan, quota: Quota, kind: int, rule: LimitRule | BudgetRule, input_only: bool = False) -> None:
+        plan.quotas.append(quota)
+        plan.kinds.append(kind)
+        plan.rules.append(rule)
+        plan.input_only.append(input_only)
+
+    def _header_fields(self, exchange: Exchange, plan: _Plan, states: tuple[QuotaState, ...]) -> list[tuple[str, str]]:
+        requests: Snapshot | None = None
+        tokens: Snapshot | None = None
+        input_only = False
+        for kind, state, only in zip(plan.kinds, states, plan.input_only, strict=True):
+            if kind == _REQ and (requests is None or state.remaining < requests.remaining):
+                requests = Snapshot(state.limit, state.remaining, state.reset)
+            elif kind == _TOK and (tokens is None or state.remaining < tokens.remaining):
+                tokens = Snapshot(state.limit, state.remaining, state.reset)
+                input_only = only
+        if requests is None and tokens is None:
+            return []
+        return header_fields(exchange.client_protocol, requests, tokens, input_only)
+
+    def _refusal(self, plan: _Plan, states: tuple[QuotaState, ...], exchange: Exchange) -> RateLimited:
+        factory = self.factory
+        wait = 0.0
+        budget: BudgetRule | None = None
+        limit: LimitRule | None = None
+        for quota, rule, state in zip(plan.quotas, plan.rules, states, strict=True):
+            need = quota.amount if quota.minimum is None else quota.minimum
+            if min(quota.amount, quota.limit - state.used) >= need:
+                continue
+            factory.decisions.labels(rule.name, "refused").inc()
+            wait = max(wait, state.retry_after)
+            if isinstance(rule, BudgetRule):
+                budget = budget or rule
+            else:
+                limit = limit or rule
+        fields = list(self._fields)
+        if budget is not None:
+            return BudgetExceeded(
+                f"budget '{budget.name}' is spent for this {budget.period if budget.period != 'total' else 'key'}",
+                headers=fields,
+            )
+        assert limit is not None
+        if math.isinf(wait):
+            return RateLimited(
+                f"request too large for limit '{limit.name}': it alone needs more than the limit allows",
+                code="request_too_large",
+                headers=fields,
+            )
+        fields.insert(0, ("retry-after", str(max(1, math.ceil(wait)))))
+        return RateLimited(f"rate limit '{limit.name}' reached; retry later", headers=fields)
+
+    def _clamp(
+        self,
+        exchange: Exchange,
+        payload: Any,
+        plan: _Plan,
+        prompt: int,
+        out_cap: int,
+        out_field: str | None,
+        model: str,
+    ) -> None:
+        """A hard token budget granted less output than asked: clamp it upstream, cap the stream."""
+        allowance: int | None = None
+        for kind, rule, granted in zip(plan.kinds, plan.rules, plan.grants, strict=True):
+            if kind == _BTOK and isinstance(rule, BudgetRule) and rule.hard:
+                room = granted - prompt
+                allowance = room if allowance is None else min(allowance, room)
+        if allowance is None:
+            return
+        allowance = max(1, allowance)
+        self._cap = StreamCap(self.factory.protocol_of(exchange), model, allowance, prompt)
+        if allowance < out_cap and isinstance(payload, dict):
+            field = out_field or ("max_tokens" if "messages" in payload else "max_output_tokens")
+            payload[field] = allowance
+            exchange.mark_request_json_changed()
+
+    # -- response ---------------------------------------------------------------------
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        response = exchange.response
+        if response is not None:
+            for name, value in self._fields:
+                response.headers.set(name, value)
+        cap = self._cap
+        if cap is None or not exchange.is_sse or response is None or not 200 <= response.status < 300:
+            exchange.skip_response_body(self)
+        else:
+            cap.protocol = self.factory.protocol_of(exchange)
+        return Action.CONTINUE
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        cap = self._cap
+        if cap is None or not data:
+            return Action.CONTINUE
+        replaced = cap.feed(data)
+        if replaced is not None:
+            exchange.set_response_data(replaced)
+            if cap.cut and replaced:
+                exchange.end_response_body()
+                self.factory.cuts.inc()
+        return Action.CONTINUE
+
+    # -- settlement -------------------------------------------------------------------
+    async def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> None:
+        if self._plan is None or self._settled:
+            return
+        usage = attempt.usage
+        if usage is not None:
+            self._spent = usage if self._spent is None else self._spent.merged(usage)
+        elif attempt.status is not None and 200 <= attempt.status < 300:
+            self._unknown = True  # spent, uncounted (no metering record)
+        if attempt.outcome is Outcome.RETRIED:
+            return  # another attempt follows: settle when the last one ends
+        await self._settle()
+
+    async def on_exchange_complete(self, exchange: Exchange) -> None:
+        if self._plan is not None and not self._settled:
+            await self._settle()
+        if self._facts is not None and exchange.usage is not None:
+            self.factory.ledger.add(self._facts, exchange.usage)
+
+    async def _settle(self) -> None:
+        self._settled = True
+        plan = self._plan
+        assert plan is not None
+        spent = self._spent
+        unknown = self._unknown
+        tokens_in = spent.input_tokens if spent is not None else 0
+        tokens_all = spent.total_tokens if spent is not None else 0
+        cost = spent.cost if spent is not None else None
+        settlements: list[Settlement] = []
+        for quota, kind, only, granted in zip(plan.quotas, plan.kinds, plan.input_only, plan.grants, strict=True):
+            if kind == _REQ:
+                continue  # a request stays counted
+            if kind == _CONC:
+                amount = 0
+            elif kind == _BUSD:
+                if unknown or (spent is not None and cost is None):
+                    continue  # no price: the reservation stands
+                amount = int(cost.total * 1_000_000) if cost is not None else 0
+            elif unknown:
+                continue
+            else:
+                amount = tokens_in if only else tokens_all
+            if amount != granted:
+                settlements.append(Settlement(quota.key, quota.window, granted, amount))
+        if not settlements:
+            return
+        try:
+            await self.factory.store.settle(plan.rid, settlements)
+        except StoreUnavailable as exc:
+            self.factory.store_failed("settle", exc)
+
+
+def _period(period: str) -> tuple[str, float | None]:
+    """The budget period's id (UTC, by this proxy's clock) and the seconds its counter should live."""
+    now = time.time()
+    if period == "total":
+        return "total", None
+    tm = time.gmtime(now)
+    if period == "day":
+        end = calendar.timegm((tm.tm_year, tm.tm_mon, tm.tm_mday, 0, 0, 0)) + 86400
+        return time.strftime("%Y-%m-%d", tm), end - now + 86400
+    year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
+    end = calendar.timegm((year, month, 1, 0, 0, 0))
+    return time.strftime("%Y-%m", tm), end - now + 86400
+
+
+class RateLimitFactory(FilterFactory):
+    """Rules, the store, metrics, the ledger and the admin page of the ``ratelimit`` filter."""
+
+    filter_class = RateLimitFilter
+    fail_open = False  # a broken limiter must not admit everything
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        sec = Section(config, "", "")
+        try:
+            self.default_max_tokens: int = sec.get(
+                "default_max_tokens", int, 1024, lambda v: None if v >= 0 else "must be >= 0"
+            )
+            self.concurrent_hold: float = sec.get(
+                "concurrent_hold", float, 3600.0, lambda v: None if v > 0 else "must be positive"
+            )
+            self.per_worker: bool = sec.get("per_worker", bool, False)
+            raw_rules = sec.get("rules", list, [])
+            raw_budgets = sec.get("budgets", list, [])
+            self.rules = tuple(parse_limit(r, f"rules[{i}]") for i, r in enumerate(raw_rules))
+            self.budgets = tuple(parse_budget(b, f"budgets[{i}]") for i, b in enumerate(raw_budgets))
+            sec.finish()
+        except ConfigError as exc:
+            raise ValueError(f"{exc.path}: {exc.reason}") from None
+        names = [r.name for r in (*self.rules, *self.budgets)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rules and budgets: name {dupes[0]!r} is used twice")
+        metering = context.find_factory(MeteringFactory)
+        if metering is None:
+            raise ValueError("the ratelimit filter needs the metering filter before it in the chain")
+        self.metering = metering
+        if context.workers > 1 and isinstance(context.store, MemoryStore) and not self.per_worker:
+            raise ConfigError(
+                context.config_file or "<config>",
+                "store",
+                f"the ratelimit filter with {context.workers} workers needs a shared store (redis://...): "
+                "the memory store gives each worker its own counters (limits would be "
+                f"{context.workers} times too loose); set per_worker: true in its config to accept that",
+            )
+        self.store = context.store
+        self._rid_prefix = f"{os.getpid():x}{random.getrandbits(32):08x}:"
+        self._rids = itertools.count()
+        self._principals: dict[Principal, tuple[tuple[LimitRule, ...], tuple[BudgetRule, ...]]] = {}
+        self._store_logged = 0.0
+        self.ledger = Ledger()
+        registry = context.metrics
+        self.decisions = Counter(
+            "llmproxy_ratelimit_decisions",
+            "Admission decisions by rule: admitted, refused, store_error (a fail-closed rule's 503)",
+            ["rule", "decision"],
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "llmproxy_ratelimit_store_errors",
+            "Store calls that failed, by operation (reserve, settle)",
+            ["operation"],
+            registry=registry,
+        )
+        self.cuts = Counter(
+            "llmproxy_ratelimit_stream_cuts", "Streams ended at their hard budget's allowance", registry=registry
+        )
+        self.budget_used = Gauge(
+            "llmproxy_ratelimit_budget_used",
+            "A budget counter's value as last seen by this worker (tokens, or micro-dollars for usd budgets)",
+            ["budget", "key"],
+            registry=registry,
+        )
+        self.ledger.register(registry)
+        self._budget_view: dict[str, dict[str, Any]] = {}
+        context.add_admin_page("/admin/ratelimit", self.admin_page)
+
+    def next_rid(self) -> str:
+        return self._rid_prefix + str(next(self._rids))
+
+    def rules_for(self, principal: Principal) -> tuple[tuple[LimitRule, ...], tuple[BudgetRule, ...]]:
+        """The filter's rules and the principal's own, parsed once per principal object."""
+        if not principal.limits and not principal.budgets:
+            return self.rules, self.budgets
+        cached = self._principals.get(principal)
+        if cached is None:
+            try:
+                own = principal_rules(principal.name, principal.limits, principal.budgets)
+            except ConfigError as exc:
+                raise ValueError(f"principal {principal.name!r}: {exc.path}: {exc.reason}") from None
+            cached = (self.rules + own[0], self.budgets + own[1])
+            if len(self._principals) >= _PRINCIPAL_CACHE:
+                self._principals.clear()
+            self._principals[principal] = cached
+        return cached
+
+    def protocol_of(self, exchange: Exchange) -> str:
+        """The protocol of the events this filter sees: the provider's (it runs before routing's translation)."""
+        route = exchange.vars.get(ROUTE)
+        if isinstance(route, RouteDecision) and route.provider_protocol:
+            return route.provider_protocol
+        return exchange.client_protocol
+
+    def estimate_micros(self, facts: Facts | None, prompt: int, out_cap: int) -> int:
+        """The price of the estimate in micro-dollars (0 when the model has no known price)."""
+        model = facts.model if facts is not None else ""
+        usage = Usage(input_tokens=prompt, output_tokens=out_cap, model=model, provider=facts.provider if facts else "")
+        price = self.metering.price(usage, None)
+        return int(price.total * 1_000_000) if price is not None else 0
+
+    def admitted(self, plan: _Plan, states: tuple[QuotaState, ...]) -> None:
+        for rule in {id(r): r for r in plan.rules}.values():
+            self.decisions.labels(rule.name, "admitted").inc()
+        for quota, kind, state, rule in zip(plan.quotas, plan.kinds, states, plan.rules, strict=True):
+            if kind in (_BTOK, _BUSD):
+                self.budget_used.labels(rule.name, quota.key).set(state.used)
+                self._budget_view[quota.key] = {
+                    "budget": rule.name,
+                    "unit": "tokens" if kind == _BTOK else "usd",
+                    "used": state.used if kind == _BTOK else str(Decimal(state.used) / 1_000_000),
+                    "limit": state.limit if kind == _BTOK else str(Decimal(state.limit) / 1_000_000),
+                }
+
+    def store_failed(self, operation: str, exc: StoreUnavailable) -> None:
+        self.store_errors.labels(operation).inc()
+        now = time.monotonic()
+        if now - self._store_logged >= 10:
+            self._store_logged = now
+            log.warning("ratelimit store %s failed (rules fail open or closed as configured): %s", operation, exc)
+
+    def admin_page(self) -> dict[str, Any]:
+        return {
+            "rules": [r.name for r in self.rules],
+            "budgets_configured": [b.name for b in self.budgets],
+            "budgets": list(self._budget_view.values()),
+            "ledger": self.ledger.view(),
+        }
