@@ -11,7 +11,9 @@ give the new key its own entry with another name, then remove the old one).
 :func:`build_table` validates a list of entries (from the config section or
 a ``keys_file``) and returns a :class:`KeyTable`: a dict from the raw
 32-byte digest to the :class:`~llmproxy.Principal`, so a request costs one
-SHA-256 and one dict lookup. Errors are ``ConfigError`` naming the entry
+SHA-256 and one dict lookup. The lookup compares digests, never keys: what
+its timing could reveal is about the digest of a guess, which tells nothing
+usable about a configured key, so no constant-time compare is needed. Errors are ``ConfigError`` naming the entry
 and field (``keys[2].key_hash``) and the reason; never the key.
 """
 
