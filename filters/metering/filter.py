@@ -98,7 +98,7 @@ class MeteringFilter(Filter):
         self._requested_model = ""
 
     async def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
-        if body[:1] != b"{":
+        if not body:
             return Action.CONTINUE
         try:
             payload = exchange.request_json()  # parsed once, for every filter

@@ -223,6 +223,28 @@ def test_count_tokens_is_answered_locally_when_no_provider_counts(mock: MockServ
     assert len(mock.requests) == before  # never sent to the provider
 
 
+@pytest.mark.parametrize("lead", [b" ", b"\n", b"\r\n\t "])
+def test_a_json_body_with_leading_whitespace_is_read_like_any_other(
+    mock: MockServer, make_proxy: Make, lead: bytes
+) -> None:
+    """The requested model (and a local count) does not depend on how the JSON starts."""
+    tf.UsageRecorderFactory.instances.clear()
+    proxy = make_proxy(_config(f"http://127.0.0.1:{mock.port}/v1"))
+    body = lead + json.dumps({"model": "gpt-x", "messages": [{"role": "user", "content": "hello there"}]}).encode()
+    before = len(mock.requests)
+    head = (
+        b"POST /v1/messages/count_tokens HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b'"input_tokens"' in data
+    assert len(mock.requests) == before  # answered locally: the model was read
+
+
 def test_the_json_access_log_carries_the_same_fields(
     mock: MockServer, make_proxy: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
