@@ -23,8 +23,8 @@ settlement:
   concurrency slot given back, exactly once; ``on_exchange_complete`` settles
   one that no attempt ended (a later filter answered locally).
 
-Windows are sliding logs (:mod:`llmproxy.state.quota`): exact for any window
-of ``window`` seconds. So the tokens admitted in any window never exceed a
+Windows are sliding logs in 60 time buckets (:mod:`llmproxy.state.quota`):
+what was admitted in any ``window`` seconds is within the limit. So the tokens admitted in any window never exceed a
 limit by more than what a settlement exceeds its reservation (at most one
 request's underestimate per request in flight; none when requests carry
 ``max_tokens``). Budgets are running totals per calendar period (UTC day or
@@ -40,11 +40,8 @@ counters (N times the limit): refused at startup unless ``per_worker: true``.
 from __future__ import annotations
 
 import calendar
-import itertools
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Mapping
 from decimal import Decimal
@@ -105,16 +102,16 @@ _EMBEDDINGS = "/v1/embeddings"
 class _Plan:
     """What one exchange reserved: the quotas, their kinds and rules, the grants."""
 
-    __slots__ = ("budgets", "grants", "input_only", "kinds", "prompt", "quotas", "rid", "rules")
+    __slots__ = ("budgets", "grants", "input_only", "kinds", "prompt", "quotas", "rules", "slots")
 
-    def __init__(self, rid: str, prompt: int) -> None:
-        self.rid = rid
+    def __init__(self, prompt: int) -> None:
         self.prompt = prompt
         self.quotas: list[Quota] = []
         self.kinds: list[int] = []
         self.rules: list[LimitRule | BudgetRule] = []
         self.input_only: list[bool] = []
         self.grants: list[int] = []
+        self.slots: list[int] = []
         self.budgets: list[BudgetRule] = []
 
 
@@ -179,7 +176,7 @@ class RateLimitFilter(Filter):
             prompt = await prompt_tokens(payload, body, upstream_model)
         plan = self._build(matched, prompt, out_cap, out_field is not None)
         try:
-            reservation = await factory.store.reserve(plan.rid, plan.quotas)
+            reservation = await factory.store.reserve(plan.quotas)
         except StoreUnavailable as exc:
             factory.store_failed("reserve", exc)
             closed = [rule.name for rule in plan.rules if not rule.fail_open]
@@ -196,6 +193,7 @@ class RateLimitFilter(Filter):
         if not reservation.admitted:
             raise self._refusal(plan, states, exchange)
         plan.grants = [s.granted for s in states]
+        plan.slots = [s.slot for s in states]
         self._plan = plan
         factory.admitted(plan, states)
         self._clamp(exchange, payload, plan, prompt, out_cap, out_field, upstream_model)
@@ -205,7 +203,7 @@ class RateLimitFilter(Filter):
         self, matched: list[tuple[str, LimitRule | BudgetRule]], prompt: int, out_cap: int, explicit_cap: bool
     ) -> _Plan:
         factory = self.factory
-        plan = _Plan(factory.next_rid(), prompt)
+        plan = _Plan(prompt)
         estimate = prompt + out_cap
         for key, rule in matched:
             if isinstance(rule, LimitRule):
@@ -365,7 +363,9 @@ class RateLimitFilter(Filter):
         tokens_all = spent.total_tokens if spent is not None else 0
         cost = spent.cost if spent is not None else None
         settlements: list[Settlement] = []
-        for quota, kind, only, granted in zip(plan.quotas, plan.kinds, plan.input_only, plan.grants, strict=True):
+        for quota, kind, only, granted, slot in zip(
+            plan.quotas, plan.kinds, plan.input_only, plan.grants, plan.slots, strict=True
+        ):
             if kind == _REQ:
                 continue  # a request stays counted
             if kind == _CONC:
@@ -379,11 +379,11 @@ class RateLimitFilter(Filter):
             else:
                 amount = tokens_in if only else tokens_all
             if amount != granted:
-                settlements.append(Settlement(quota.key, quota.window, granted, amount))
+                settlements.append(Settlement(quota.key, quota.window, slot, granted, amount))
         if not settlements:
             return
         try:
-            await self.factory.store.settle(plan.rid, settlements)
+            await self.factory.store.settle(settlements)
         except StoreUnavailable as exc:
             self.factory.store_failed("settle", exc)
 
@@ -443,8 +443,6 @@ class RateLimitFactory(FilterFactory):
                 f"{context.workers} times too loose); set per_worker: true in its config to accept that",
             )
         self.store = context.store
-        self._rid_prefix = f"{os.getpid():x}{random.getrandbits(32):08x}:"
-        self._rids = itertools.count()
         self._principals: dict[Principal, tuple[tuple[LimitRule, ...], tuple[BudgetRule, ...]]] = {}
         self._store_logged = 0.0
         self.ledger = Ledger()
@@ -473,9 +471,6 @@ class RateLimitFactory(FilterFactory):
         self.ledger.register(registry)
         self._budget_view: dict[str, dict[str, Any]] = {}
         context.add_admin_page("/admin/ratelimit", self.admin_page)
-
-    def next_rid(self) -> str:
-        return self._rid_prefix + str(next(self._rids))
 
     def rules_for(self, principal: Principal) -> tuple[tuple[LimitRule, ...], tuple[BudgetRule, ...]]:
         """The filter's rules and the principal's own, parsed once per principal object."""

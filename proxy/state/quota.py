@@ -9,26 +9,33 @@ more step replaces each reservation by the real amount (:class:`Settlement`).
 
 Two kinds of counter, chosen by ``window``:
 
-* **sliding log** (``window > 0``): every reservation is an entry (its id,
-  its admission time, its amount). The counter's value is the sum of the
-  entries admitted in the last ``window`` seconds, measured on the store's
-  clock (the Redis server's ``TIME``; the process's monotonic clock for the
-  memory store). Exact for *any* window of that length: nothing slides
-  past the limit at a window boundary (a fixed window admits twice the
-  limit across one), and unlike a token bucket (GCRA) it bounds "the amount
-  admitted in any ``window`` seconds", which is what a per-minute limit
-  promises. Settling changes an entry's amount in place; an entry settled to
-  0 is removed (a concurrency slot given back). An entry nobody settles
-  leaves the window by itself, so a crashed holder cannot leak it.
-* **running total** (``window == 0``): one integer, no entries (budgets: the
-  calendar period is part of the key, ``ttl`` makes it expire after the
-  period). Settling adds ``amount - reserved``.
+* **sliding log** (``window > 0``): a log of what was admitted when, on the
+  store's clock (the Redis server's ``TIME``; the process's monotonic clock
+  for the memory store), kept in :data:`BUCKETS` time buckets of
+  ``window / BUCKETS`` seconds each (so a counter costs at most
+  ``BUCKETS + 1`` entries whatever the request rate). The counter's value is
+  the sum of the buckets that are still in the window, and a bucket leaves
+  the window only when its *end* is ``window`` seconds old: an amount is
+  counted for at least ``window`` seconds (and at most one bucket longer).
+  So the amount admitted in *any* ``window`` seconds never exceeds the
+  limit: nothing slides past it at a window boundary (a fixed window admits
+  twice the limit across one), and unlike a token bucket (GCRA) it bounds
+  "the amount admitted in any window", which is what a per-minute limit
+  promises. The price of buckets: room comes back up to one bucket
+  (1/60 of the window) late. A reservation nobody settles leaves the window
+  by itself, so a crashed holder cannot leak it.
+* **running total** (``window == 0``): one integer (budgets: the calendar
+  period is part of the key, ``ttl`` makes it expire after the period).
+
+Settling adds ``amount - reserved`` to the bucket the reservation went to
+(its ``slot``, from :attr:`QuotaState.slot`), or to the running total;
+nothing when that bucket (or the total) has expired meanwhile.
 
 Admission rule, per counter: the grant is ``min(amount, limit - used)``; the
 reservation is admitted when every grant is at least its ``minimum``
 (``amount`` unless a flexible reservation asks for less). So admitted
 reservations never take a counter past its limit; only a settlement larger
-than its reservation can (by at most that difference).
+than its reservation can (by that difference).
 
 Counter keys must be distinct within one call.
 """
@@ -39,7 +46,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Quota", "QuotaBook", "QuotaState", "Reservation", "Settlement"]
+__all__ = ["BUCKETS", "Quota", "QuotaBook", "QuotaState", "Reservation", "Settlement"]
+
+#: Time buckets per sliding window (the window's resolution).
+BUCKETS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +66,13 @@ class Quota:
     amount: int
     #: Reserve as much of ``amount`` as fits, but at least this (None: all of ``amount``).
     minimum: int | None = None
-    #: Running totals: seconds the counter lives after this write (None: forever).
+    #: Running totals: seconds the counter lives after this write (None: keep its expiry).
     ttl: float | None = None
+
+    @property
+    def need(self) -> int:
+        """The least grant that admits."""
+        return self.amount if self.minimum is None else self.minimum
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +89,8 @@ class QuotaState:
     #: When refused: seconds until ``minimum`` would fit (``math.inf``: never, it is larger
     #: than the limit, or a running total); 0 when it fits now.
     retry_after: float
+    #: Where the grant went (the bucket), for :class:`Settlement`.
+    slot: int = 0
 
     @property
     def remaining(self) -> int:
@@ -95,31 +112,43 @@ class Settlement:
     key: str
     #: The counter's window, as reserved (0: running total).
     window: float
-    #: What was granted at reservation (``QuotaState.granted``).
+    #: Its :attr:`QuotaState.slot`.
+    slot: int
+    #: What was granted at reservation (:attr:`QuotaState.granted`).
     reserved: int
     #: The real amount (0 releases it).
     amount: int
 
 
-class _Log:
-    """One sliding-log counter of :class:`QuotaBook`: entries in admission order, and their sum."""
+def bucket_width(window: float) -> float:
+    """Seconds per bucket of a sliding window."""
+    return window / BUCKETS
 
-    __slots__ = ("entries", "total", "window")
+
+class _Log:
+    """One sliding-log counter of :class:`QuotaBook`: bucket -> amount (in time order), and their sum."""
+
+    __slots__ = ("buckets", "total", "width", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self.entries: dict[str, tuple[float, int]] = {}  # id -> (admitted at, amount); insertion = time order
+        self.width = bucket_width(window)
+        self.buckets: dict[int, int] = {}
         self.total = 0
 
-    def prune(self, horizon: float) -> None:
-        entries = self.entries
-        while entries:
-            rid = next(iter(entries))
-            at, amount = entries[rid]
-            if at > horizon:
+    def prune(self, now: float) -> None:
+        """Drop the buckets whose end is ``window`` seconds old."""
+        buckets = self.buckets
+        first_live = math.floor((now - self.window) / self.width)  # (b + 1) * width > now - window
+        while buckets:
+            oldest = next(iter(buckets))
+            if oldest >= first_live:
                 return
-            del entries[rid]
-            self.total -= amount
+            self.total -= buckets.pop(oldest)
+
+    def leaves_at(self, bucket: int, now: float) -> float:
+        """Seconds from ``now`` until ``bucket`` has left the window."""
+        return max(0.0, (bucket + 1) * self.width + self.window - now)
 
 
 class QuotaBook:
@@ -146,7 +175,7 @@ class QuotaBook:
             return 0
         return entry[0]
 
-    def reserve(self, rid: str, quotas: Sequence[Quota]) -> Reservation:
+    def reserve(self, quotas: Sequence[Quota]) -> Reservation:
         now = self._clock()
         used: list[int] = []
         grants: list[int] = []
@@ -154,94 +183,88 @@ class QuotaBook:
         for quota in quotas:
             if quota.window > 0:
                 log = self._logs.get(quota.key)
-                if log is None:
+                if log is None or log.window != quota.window:
                     log = self._logs[quota.key] = _Log(quota.window)
-                log.prune(now - quota.window)
+                log.prune(now)
                 total = log.total
             else:
                 total = self._total(quota.key, now)
             grant = min(quota.amount, quota.limit - total)
-            if grant < (quota.amount if quota.minimum is None else quota.minimum):
+            if grant < quota.need:
                 admitted = False
             used.append(total)
             grants.append(grant)
         states: list[QuotaState] = []
         for quota, total, grant in zip(quotas, used, grants, strict=True):
             granted = grant if admitted else 0
+            slot = 0
+            if quota.window > 0:
+                log = self._logs[quota.key]
+                slot = math.floor(now / log.width)
+                if admitted:
+                    total += granted
+                    log.buckets[slot] = log.buckets.get(slot, 0) + granted
+                    log.total = total
+                states.append(self._log_state(quota, log, total, granted, admitted, now, slot))
+                continue
             if admitted:
                 total += granted
-                if quota.window > 0:
-                    log = self._logs[quota.key]
-                    log.entries[rid] = (now, granted)
-                    log.total = total
-                else:
-                    if quota.ttl is not None:
-                        expires: float | None = now + quota.ttl
-                    else:  # keep the expiry it has (as Redis keeps a key's ttl)
-                        current = self._totals.get(quota.key)
-                        expires = current[1] if current is not None else None
-                    self._totals[quota.key] = (total, expires)
-            states.append(self._state(quota, total, granted, admitted, now))
+                if quota.ttl is not None:
+                    expires: float | None = now + quota.ttl
+                else:  # keep the expiry it has (as Redis keeps a key's ttl)
+                    current = self._totals.get(quota.key)
+                    expires = current[1] if current is not None else None
+                self._totals[quota.key] = (total, expires)
+            retry = 0.0 if admitted or total + quota.need <= quota.limit else math.inf
+            states.append(QuotaState(total, quota.limit, granted, 0.0, retry))
         return Reservation(admitted, tuple(states))
 
-    def _state(self, quota: Quota, total: int, granted: int, admitted: bool, now: float) -> QuotaState:
-        if quota.window <= 0:
-            retry = 0.0 if admitted or total + _need(quota) <= quota.limit else math.inf
-            return QuotaState(total, quota.limit, granted, 0.0, retry)
-        log = self._logs[quota.key]
-        reset = 0.0
-        if log.entries:
-            newest = log.entries[next(reversed(log.entries))][0]
-            reset = max(0.0, newest + quota.window - now)
+    @staticmethod
+    def _log_state(
+        quota: Quota, log: _Log, total: int, granted: int, admitted: bool, now: float, slot: int
+    ) -> QuotaState:
+        reset = log.leaves_at(next(reversed(log.buckets)), now) if log.buckets else 0.0
         retry = 0.0
-        need = _need(quota)
+        need = quota.need
         if not admitted and total + need > quota.limit:
             retry = math.inf
             if need <= quota.limit:
                 freed = 0
-                for at, amount in log.entries.values():
+                for bucket, amount in log.buckets.items():
                     freed += amount
                     if total - freed + need <= quota.limit:
-                        retry = max(0.0, at + quota.window - now)
+                        retry = log.leaves_at(bucket, now)
                         break
-        return QuotaState(total, quota.limit, granted, reset, retry)
+        return QuotaState(total, quota.limit, granted, reset, retry, slot)
 
-    def settle(self, rid: str, settlements: Sequence[Settlement]) -> None:
+    def settle(self, settlements: Sequence[Settlement]) -> None:
         now = self._clock()
         for s in settlements:
+            delta = s.amount - s.reserved
             if s.window > 0:
                 log = self._logs.get(s.key)
                 if log is None:
                     continue
-                entry = log.entries.get(rid)
-                if entry is None:
+                log.prune(now)
+                if s.slot not in log.buckets:
                     continue  # it has left the window already
-                log.total += s.amount - entry[1]
-                if s.amount == 0:
-                    del log.entries[rid]
-                    if not log.entries:
-                        del self._logs[s.key]
-                else:
-                    log.entries[rid] = (entry[0], s.amount)
+                log.buckets[s.slot] += delta
+                log.total += delta
             else:
                 current = self._totals.get(s.key)
                 if current is None or (current[1] is not None and current[1] <= now):
                     continue  # the period is over
-                self._totals[s.key] = (current[0] + s.amount - s.reserved, current[1])
+                self._totals[s.key] = (current[0] + delta, current[1])
 
     def sweep(self) -> None:
-        """Drop entries that left their window, empty logs and expired totals (amortised by the store)."""
+        """Drop buckets that left their window, empty logs and expired totals (amortised by the store)."""
         now = self._clock()
         for key in [k for k, (_t, exp) in self._totals.items() if exp is not None and exp <= now]:
             del self._totals[key]
         for log in self._logs.values():
-            log.prune(now - log.window)
-        for key in [k for k, log in self._logs.items() if not log.entries]:
+            log.prune(now)
+        for key in [k for k, log in self._logs.items() if not log.buckets]:
             del self._logs[key]
 
     def counters(self) -> int:
         return len(self._logs) + len(self._totals)
-
-
-def _need(quota: Quota) -> int:
-    return quota.amount if quota.minimum is None else quota.minimum

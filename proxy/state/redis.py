@@ -13,8 +13,8 @@ Key layout (``ns`` is the ``namespace`` argument, ``key`` the filter's key)::
 
     <ns>:v:<key>   hash {val, ver, exp}   get / set / delete, and leases
     <ns>:n:<key>   integer string         incr
-    <ns>:{q}h:<key>  hash {t, <rid>...}  reserve / settle: a quota's total and entry amounts
-    <ns>:{q}z:<key>  sorted set          a sliding-log quota's entries by admission time
+    <ns>:{q}:<key> hash {t, o, n, <bucket>...}   reserve / settle: a quota's total, and a
+                                                  sliding log's time buckets and their amounts
 
 ``reserve`` and ``settle`` are the exception to "one key per script": they
 check and charge several quotas in one atomic step. Their keys share the
@@ -96,7 +96,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from llmproxy.state.quota import Quota, QuotaState, Reservation, Settlement
+from llmproxy.state.quota import BUCKETS, Quota, QuotaState, Reservation, Settlement
 from llmproxy.state.redis_scripts import (
     LUA_ACQUIRE,
     LUA_DELETE,
@@ -422,33 +422,32 @@ class RedisStore(SharedStore):
         args = [holder, str(self._tomb_ms)]
         await self._release(keys=[self._value_key("lease:" + name)], args=args)
 
-    def _quota_keys(self, key: str) -> tuple[str, str]:
-        return f"{self._prefix}{{q}}h:{key}", f"{self._prefix}{{q}}z:{key}"
+    def _quota_key(self, key: str) -> str:
+        return f"{self._prefix}{{q}}:{key}"
 
     @_guarded
-    async def reserve(self, rid: str, quotas: Sequence[Quota]) -> Reservation:
+    async def reserve(self, quotas: Sequence[Quota]) -> Reservation:
         keys: list[str] = []
-        args: list[str | int] = [rid, _QUOTA_SLACK_MS]
+        args: list[str | int] = [_QUOTA_SLACK_MS, BUCKETS]
         for q in quotas:
-            keys.extend(self._quota_keys(q.key))
-            minimum = q.amount if q.minimum is None else q.minimum
+            keys.append(self._quota_key(q.key))
             ttl = "" if q.ttl is None else _millis(q.ttl)
-            args += [q.limit, _micros(q.window), q.amount, minimum, ttl]
+            args += [q.limit, _micros(q.window), q.amount, q.need, ttl]
         reply = await self._reserve(keys=keys, args=args)
         states = []
         for i, q in enumerate(quotas):
-            used, granted, reset_us, retry_us = (int(v) for v in reply[4 * i : 4 * i + 4])
+            used, granted, reset_us, retry_us, slot = (int(v) for v in reply[5 * i : 5 * i + 5])
             retry = math.inf if retry_us < 0 else retry_us / 1e6
-            states.append(QuotaState(used, q.limit, granted, reset_us / 1e6, retry))
+            states.append(QuotaState(used, q.limit, granted, reset_us / 1e6, retry, slot))
         return Reservation(bool(int(reply[-1])), tuple(states))
 
     @_guarded
-    async def settle(self, rid: str, settlements: Sequence[Settlement]) -> None:
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
         keys: list[str] = []
-        args: list[str | int] = [rid]
+        args: list[str | int] = []
         for s in settlements:
-            keys.extend(self._quota_keys(s.key))
-            args += [_micros(s.window), s.reserved, s.amount]
+            keys.append(self._quota_key(s.key))
+            args += [_micros(s.window), s.slot, s.amount - s.reserved]
         if keys:
             await self._settle(keys=keys, args=args)
 

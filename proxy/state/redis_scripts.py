@@ -86,39 +86,52 @@ redis.call('SET', KEYS[1], 0, 'PX', ARGV[2], 'NX')
 return redis.call('INCRBY', KEYS[1], ARGV[1])
 """
 
-# Quotas (see llmproxy.state.quota): KEYS are two per counter, its hash (``t``: the
-# total; one field per sliding-log entry: its amount) and its sorted set (entry id ->
-# admission time in server microseconds). The keys of one call share the hash tag
+# Quotas (see llmproxy.state.quota): KEYS are one hash per counter: ``t`` the total,
+# for a sliding log ``o``/``n`` the oldest/newest bucket index and one field per bucket
+# (its index, in decimal) holding its amount. The keys of one call share the hash tag
 # ``{q}`` (redis.py), so the script is legal on Redis Cluster too.
 #
-# ARGV: rid, slack_ms, then per counter: limit, window_us (0: running total), amount,
-# minimum, ttl_ms ('' = none). Returns per counter {used, granted, reset_us, retry_us}
-# (retry_us -1: never) followed by the admitted flag.
+# ARGV: slack_ms, buckets per window, then per counter: limit, window_us (0: running
+# total), amount, minimum, ttl_ms ('' = none). Returns per counter {used, granted,
+# reset_us, retry_us (-1: never), slot} followed by the admitted flag.
 LUA_RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local rid = ARGV[1]
-local slack_ms = tonumber(ARGV[2])
-local n = #KEYS / 2
+local slack_ms = tonumber(ARGV[1])
+local per_window = tonumber(ARGV[2])
+local n = #KEYS
 local used, grant, spec = {}, {}, {}
 local ok = true
+local function field(b) return string.format('%d', b) end
 for i = 1, n do
-  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+  local h = KEYS[i]
   local b = 2 + (i - 1) * 5
   local q = {limit = tonumber(ARGV[b + 1]), win = tonumber(ARGV[b + 2]), amount = tonumber(ARGV[b + 3]),
              minimum = tonumber(ARGV[b + 4]), ttl = tonumber(ARGV[b + 5])}
   spec[i] = q
   local total = tonumber(redis.call('HGET', h, 't') or '0')
   if q.win > 0 then
-    local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - q.win)
-    if #old > 0 then
-      for j = 1, #old do
-        total = total - tonumber(redis.call('HGET', h, old[j]) or '0')
-        redis.call('HDEL', h, old[j])
+    q.width = q.win / per_window
+    q.first = math.floor((now - q.win) / q.width)
+    local oldest = tonumber(redis.call('HGET', h, 'o') or '')
+    if oldest and oldest < q.first then
+      local all = redis.call('HGETALL', h)
+      local keep = nil
+      for j = 1, #all, 2 do
+        local f = all[j]
+        if f ~= 't' and f ~= 'o' and f ~= 'n' then
+          local bucket = tonumber(f)
+          if bucket < q.first then
+            total = total - tonumber(all[j + 1])
+            redis.call('HDEL', h, f)
+          elseif not keep or bucket < keep then
+            keep = bucket
+          end
+        end
       end
-      redis.call('ZREMRANGEBYSCORE', z, '-inf', now - q.win)
       redis.call('HSET', h, 't', total)
+      if keep then redis.call('HSET', h, 'o', field(keep)) else redis.call('HDEL', h, 'o', 'n') end
     end
   end
   used[i] = total
@@ -128,72 +141,76 @@ for i = 1, n do
 end
 local out = {}
 for i = 1, n do
-  local h, z, q = KEYS[2 * i - 1], KEYS[2 * i], spec[i]
-  local total, g = used[i], 0
+  local h, q = KEYS[i], spec[i]
+  local total, g, slot = used[i], 0, 0
   if ok then
     g = grant[i]
     total = total + g
-    if q.win > 0 then
-      redis.call('ZADD', z, now, rid)
-      redis.call('HSET', h, rid, g, 't', total)
-      local keep = math.ceil(q.win / 1000) + slack_ms
-      redis.call('PEXPIRE', h, keep)
-      redis.call('PEXPIRE', z, keep)
-    else
-      redis.call('HSET', h, 't', total)
-      if q.ttl then redis.call('PEXPIRE', h, q.ttl) end
-    end
   end
   local reset, retry = 0, 0
   if q.win > 0 then
-    local newest = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
-    if newest[2] then reset = math.max(0, tonumber(newest[2]) + q.win - now) end
+    slot = math.floor(now / q.width)
+    if ok then
+      redis.call('HINCRBY', h, field(slot), g)
+      redis.call('HSET', h, 't', total, 'n', field(slot))
+      if not redis.call('HGET', h, 'o') then redis.call('HSET', h, 'o', field(slot)) end
+      redis.call('PEXPIRE', h, math.ceil((q.win + q.width) / 1000) + slack_ms)
+    end
+    local newest = tonumber(redis.call('HGET', h, 'n') or '')
+    if newest and newest >= q.first then reset = math.max(0, (newest + 1) * q.width + q.win - now) end
     if not ok and total + q.minimum > q.limit then
       retry = -1
       if q.minimum <= q.limit then
-        local all = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
-        local freed = 0
+        local all = redis.call('HGETALL', h)
+        local buckets = {}
         for j = 1, #all, 2 do
-          freed = freed + tonumber(redis.call('HGET', h, all[j]) or '0')
+          local f = all[j]
+          if f ~= 't' and f ~= 'o' and f ~= 'n' then
+            buckets[#buckets + 1] = {tonumber(f), tonumber(all[j + 1])}
+          end
+        end
+        table.sort(buckets, function(a, c) return a[1] < c[1] end)
+        local freed = 0
+        for j = 1, #buckets do
+          freed = freed + buckets[j][2]
           if total - freed + q.minimum <= q.limit then
-            retry = math.max(0, tonumber(all[j + 1]) + q.win - now)
+            retry = math.max(0, (buckets[j][1] + 1) * q.width + q.win - now)
             break
           end
         end
       end
     end
-  elseif not ok and total + q.minimum > q.limit then
-    retry = -1
+  else
+    if ok then
+      redis.call('HSET', h, 't', total)
+      if q.ttl then redis.call('PEXPIRE', h, q.ttl) end
+    elseif total + q.minimum > q.limit then
+      retry = -1
+    end
   end
   out[#out + 1] = total
   out[#out + 1] = g
-  out[#out + 1] = reset
-  out[#out + 1] = retry
+  out[#out + 1] = math.floor(reset)
+  out[#out + 1] = math.floor(retry)
+  out[#out + 1] = slot
 end
 out[#out + 1] = ok and 1 or 0
 return out
 """
 
-# KEYS as LUA_RESERVE; ARGV: rid, then per counter: window_us, reserved, amount.
+# KEYS as LUA_RESERVE; ARGV: per counter: window_us, slot, delta (amount - reserved).
 LUA_SETTLE = """
-local rid = ARGV[1]
-for i = 1, #KEYS / 2 do
-  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = 1 + (i - 1) * 3
-  local win, reserved, amount = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+for i = 1, #KEYS do
+  local h = KEYS[i]
+  local b = (i - 1) * 3
+  local win, slot, delta = tonumber(ARGV[b + 1]), ARGV[b + 2], tonumber(ARGV[b + 3])
   if win > 0 then
-    local cur = redis.call('HGET', h, rid)
-    if cur then
-      redis.call('HINCRBY', h, 't', amount - tonumber(cur))
-      if amount == 0 then
-        redis.call('HDEL', h, rid)
-        redis.call('ZREM', z, rid)
-      else
-        redis.call('HSET', h, rid, amount)
-      end
+    if redis.call('HEXISTS', h, slot) == 1 then
+      redis.call('HINCRBY', h, slot, delta)
+      redis.call('HINCRBY', h, 't', delta)
     end
   elseif redis.call('EXISTS', h) == 1 then
-    redis.call('HINCRBY', h, 't', amount - reserved)
+    redis.call('HINCRBY', h, 't', delta)
   end
 end
 return 0

@@ -15,8 +15,8 @@ written once and tested against each:
 * ``acquire_lease(name, holder, ttl)`` takes a lease that nobody else holds,
   or renews one ``holder`` already holds. A holder that stops renewing loses
   the lease after ``ttl`` and another may take it over.
-* ``reserve(rid, quotas)`` reserves amounts on several counters in one atomic
-  step, on all of them or on none, and ``settle(rid, settlements)`` replaces
+* ``reserve(quotas)`` reserves amounts on several counters in one atomic
+  step, on all of them or on none, and ``settle(settlements)`` replaces
   the reservation by the real amounts (limits and budgets; see
   :mod:`llmproxy.state.quota` for the sliding log and the admission rule).
   One round trip each on a networked backend.
@@ -188,16 +188,16 @@ class SharedStore(ABC):
     async def release_lease(self, name: str, holder: str) -> None:
         """Give up the lease if ``holder`` holds it."""
 
-    async def reserve(self, rid: str, quotas: Sequence[Quota]) -> Reservation:
+    async def reserve(self, quotas: Sequence[Quota]) -> Reservation:
         """Reserve on every counter of ``quotas`` if each grant reaches its minimum, else on none.
 
-        One atomic step (see :mod:`llmproxy.state.quota`); ``rid`` names the
-        reservation for :meth:`settle` and must be unique per reservation.
+        One atomic step (see :mod:`llmproxy.state.quota`); each state's ``slot``
+        and ``granted`` go into the :class:`Settlement` of that counter.
         """
         raise NotImplementedError(f"{type(self).__name__} has no quotas")
 
-    async def settle(self, rid: str, settlements: Sequence[Settlement]) -> None:
-        """Replace reservation ``rid`` by the real amounts (0 releases it); one atomic step."""
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Replace reservations by the real amounts (0 releases them); one atomic step."""
         raise NotImplementedError(f"{type(self).__name__} has no quotas")
 
     async def close(self) -> None:  # noqa: B027 - optional for backends without resources
@@ -298,13 +298,13 @@ class MemoryStore(SharedStore):
         self._wrote()
         return value
 
-    async def reserve(self, rid: str, quotas: Sequence[Quota]) -> Reservation:
-        reservation = self._quotas.reserve(rid, quotas)
+    async def reserve(self, quotas: Sequence[Quota]) -> Reservation:
+        reservation = self._quotas.reserve(quotas)
         self._wrote()
         return reservation
 
-    async def settle(self, rid: str, settlements: Sequence[Settlement]) -> None:
-        self._quotas.settle(rid, settlements)
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        self._quotas.settle(settlements)
 
     async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
         key = "lease:" + name
