@@ -307,6 +307,9 @@ class MeteringFactory(FilterFactory):
         self.cost_unknown = Counter(
             "llmproxy_cost_unknown", "Exchanges whose model has no known price", ["model"], registry=registry
         )
+        # labels() takes a lock and validates the label values on every call: each label set's
+        # child is looked up once (as many as prometheus_client keeps itself)
+        self._children: dict[tuple[str, ...], Any] = {}
         self.drift = Histogram(
             "llmproxy_tokenizer_prompt_drift_ratio",
             "Our prompt token count divided by the provider's, per upstream model (sampled)",
@@ -363,7 +366,7 @@ class MeteringFactory(FilterFactory):
     def count(self, usage: Usage) -> None:
         """Add one exchange's usage to the metrics."""
         model, provider = usage.model or "-", usage.provider or "-"
-        tokens = self.tokens
+        children = self._children
         for kind, value, source in (
             ("input", usage.input_tokens, usage.input_source),
             ("output", usage.output_tokens, usage.output_source),
@@ -372,8 +375,20 @@ class MeteringFactory(FilterFactory):
             ("reasoning", usage.reasoning_tokens, usage.output_source),
         ):
             if value:
-                tokens.labels(model, provider, kind, source.value).inc(value)
+                key = (model, provider, kind, source.value)
+                child = children.get(key)
+                if child is None:
+                    child = children[key] = self.tokens.labels(*key)
+                child.inc(value)
         if usage.cost is None:
-            self.cost_unknown.labels(model).inc()
+            key = ("", model)  # (no token label set starts with "")
+            child = children.get(key)
+            if child is None:
+                child = children[key] = self.cost_unknown.labels(model)
+            child.inc()
         else:
-            self.cost_usd.labels(model, provider).inc(float(usage.cost.total))
+            key = (model, provider)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = self.cost_usd.labels(model, provider)
+            child.inc(float(usage.cost.total))
