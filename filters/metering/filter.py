@@ -381,14 +381,14 @@ class MeteringFactory(FilterFactory):
                     child = children[key] = self.tokens.labels(*key)
                 child.inc(value)
         if usage.cost is None:
-            key = ("", model)  # (no token label set starts with "")
-            child = children.get(key)
+            unknown_key = ("", model)  # (no token label set starts with "")
+            child = children.get(unknown_key)
             if child is None:
-                child = children[key] = self.cost_unknown.labels(model)
+                child = children[unknown_key] = self.cost_unknown.labels(model)
             child.inc()
         else:
-            key = (model, provider)
-            child = children.get(key)
+            cost_key = (model, provider)
+            child = children.get(cost_key)
             if child is None:
-                child = children[key] = self.cost_usd.labels(model, provider)
+                child = children[cost_key] = self.cost_usd.labels(model, provider)
             child.inc(float(usage.cost.total))
