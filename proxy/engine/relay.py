@@ -174,7 +174,8 @@ class Relay:
         had gone downstream.
         """
         resp = self.resp
-        if resp is not None and resp.status in (401, 403):
+        response = self.ex.response
+        if resp is not None and response is not None and response.status in (401, 403):
             auth_failure = _auth_failure(self.ex, self.attempt.target)
             if auth_failure is not None:
                 await _discard_body(resp, self.rt.limits.json_hold_bytes)
