@@ -191,14 +191,23 @@ def _positive_int(v: int) -> str | None:
     return None if v > 0 else "must be a positive integer"
 
 
-def parse_limit(raw: Any, path: str, *, name: str | None = None, default_key: tuple[str, ...] = ()) -> LimitRule:
-    """A :class:`LimitRule` from its config mapping; ``ConfigError`` names ``path``'s field."""
-    sec = Section(raw, path, "")
+def _rule_head(
+    sec: Section, path: str, name: str | None, default_key: tuple[str, ...]
+) -> tuple[str, Match, tuple[str, ...]]:
+    """A rule's name, match and counter key: from its section, or (a principal's own rule) ``name``
+    with no match and ``default_key``."""
     rule_name = name or sec.get("name", str, None)
     if not rule_name:
         raise sec.error("name", "required")
     match = _match(sec.get("match", dict, {}), f"{path}.match") if name is None else Match()
     key = _key(sec, default_key) if name is None else default_key
+    return rule_name, match, key
+
+
+def parse_limit(raw: Any, path: str, *, name: str | None = None, default_key: tuple[str, ...] = ()) -> LimitRule:
+    """A :class:`LimitRule` from its config mapping; ``ConfigError`` names ``path``'s field."""
+    sec = Section(raw, path, "")
+    rule_name, match, key = _rule_head(sec, path, name, default_key)
     rpm = sec.get("rpm", int, None, _positive_int)
     tpm = sec.get("tpm", int, None, _positive_int)
     counts = sec.get(
@@ -216,11 +225,7 @@ def parse_limit(raw: Any, path: str, *, name: str | None = None, default_key: tu
 def parse_budget(raw: Any, path: str, *, name: str | None = None, default_key: tuple[str, ...] = ()) -> BudgetRule:
     """A :class:`BudgetRule` from its config mapping; ``ConfigError`` names ``path``'s field."""
     sec = Section(raw, path, "")
-    rule_name = name or sec.get("name", str, None)
-    if not rule_name:
-        raise sec.error("name", "required")
-    match = _match(sec.get("match", dict, {}), f"{path}.match") if name is None else Match()
-    key = _key(sec, default_key) if name is None else default_key
+    rule_name, match, key = _rule_head(sec, path, name, default_key)
     tokens = sec.get("tokens", int, None, _positive_int)
     usd_raw = sec.get("usd", (int, float, str), None)
     usd: Decimal | None = None
