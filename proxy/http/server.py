@@ -225,7 +225,7 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
         if info.content_length is not None and info.content_length > limits.max_body_bytes:
             self._reject(BodyTooLarge(f"request body larger than {limits.max_body_bytes} bytes"))
             return
-        if method == b"GET" and target in self._rt.admin.paths and self._admin(target, rest):
+        if target in self._rt.admin.paths and (method == b"GET" or method == b"HEAD") and self._admin(target, rest):
             return
         if target == b"/healthz" and method == b"GET":
             self._begin_body(rest)

@@ -15,6 +15,7 @@ through ``FactoryContext.add_admin_page``.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -66,7 +67,10 @@ class AdminPages:
     """The admin routes of one worker and who may reach them."""
 
     def __init__(self, allow: Iterable[str] = ("127.0.0.1", "::1")) -> None:
-        self.allow = frozenset(allow)
+        entries = tuple(allow)
+        #: Exact client addresses (one set lookup) and the networks of CIDR entries.
+        self.allow = frozenset(e for e in entries if "/" not in e)
+        self.networks = tuple(ipaddress.ip_network(e, strict=False) for e in entries if "/" in e)
         self.registry = CollectorRegistry(auto_describe=False)
         self.stats = CoreStats()
         self.registry.register(self.stats)
@@ -81,9 +85,23 @@ class AdminPages:
         self._pages[path.encode("ascii")] = page
         self.paths = self.paths | {path.encode("ascii")}
 
+    def allows(self, client: str) -> bool:
+        """Whether ``client`` (an IP address as the socket reports it) may see admin pages."""
+        if client in self.allow:
+            return True
+        if not self.networks:
+            return False
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address.version == net.version and address in net for net in self.networks)
+
     def answer(self, path: bytes, client: str) -> tuple[int, bytes, bytes] | None:
         """``(status, content type, body)`` for an allowed client, None to treat as unknown."""
-        if client not in self.allow:
+        if not self.allows(client):
             return None
         if path == b"/metrics":
             return 200, b"text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry)

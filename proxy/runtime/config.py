@@ -14,6 +14,7 @@ Top-level sections: ``server``, ``limits``, ``upstream``, ``pool``,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -324,6 +325,20 @@ def parse_config(raw: Any, file: str = "<config>", env: Mapping[str, str] | None
     )
 
 
+def _ip_entries(entries: list[Any]) -> str | None:
+    """Why ``entries`` is not a list of IP addresses and CIDR networks (None when it is)."""
+    for index, entry in enumerate(entries):
+        text = str(entry)
+        try:
+            if "/" in text:
+                ipaddress.ip_network(text, strict=False)
+            else:
+                ipaddress.ip_address(text)
+        except ValueError:
+            return f"entry {index} ({text!r}) is not an IP address or CIDR network"
+    return None
+
+
 def _read_server(sec: Section) -> ServerSettings:
     server = ServerSettings(
         host=sec.get("host", str, "127.0.0.1"),
@@ -332,7 +347,7 @@ def _read_server(sec: Section) -> ServerSettings:
         access_log=_access_log_mode(sec),
         log_level=sec.get("log_level", str, "info", _one_of("debug", "info", "warning", "error")),
         validate_json=sec.get("validate_json", bool, True),
-        admin_allow=tuple(str(a) for a in sec.get("admin_allow", list, ["127.0.0.1", "::1"])),
+        admin_allow=tuple(str(a) for a in sec.get("admin_allow", list, ["127.0.0.1", "::1"], _ip_entries)),
     )
     sec.finish()
     return server
