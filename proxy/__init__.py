@@ -44,7 +44,7 @@ from llmproxy.filter import Action, Filter, FilterFactory
 from llmproxy.headers import Headers, check_field
 from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event, split_events
 from llmproxy.principal import ANONYMOUS, Principal
-from llmproxy.runtime.config import ConfigError, Section, read_upstream
+from llmproxy.runtime.config import ConfigError, Section, read_upstream, read_yaml
 from llmproxy.state.quota import Quota, QuotaState, Reservation, Settlement
 from llmproxy.state.store import MemoryStore, SharedStore, StoreUnavailable
 from llmproxy.upstream import Timeouts, UpstreamTarget
@@ -100,5 +100,6 @@ __all__ = [
     "format_event",
     "parse_event",
     "read_upstream",
+    "read_yaml",
     "split_events",
 ]

@@ -28,9 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
-from llmproxy import ConfigError, Principal, Section
+from llmproxy import ConfigError, Principal, Section, read_yaml
 
 __all__ = [
     "HASH_PREFIX",
@@ -197,12 +195,7 @@ def load_keys_file(path: Path) -> KeyTable:
         raise ConfigError(file, "", f"cannot read keys file: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(file, "", "keys file is not UTF-8 text") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(file, "", f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}") from None
+    raw = read_yaml(text, file)
     top = Section(raw, "", file)
     entries = top.get("keys", list, None)
     top.finish()

@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "read_upstream",
+    "read_yaml",
 ]
 
 
@@ -419,6 +420,45 @@ def _read_filters(items: list[Any], file: str) -> list[FilterSpec]:
     return filters
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping naming a key twice is an error.
+
+    Plain YAML keeps the last of two equal keys without a word, so a
+    config with two ``server:`` blocks would silently lose the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, file: str) -> Any:
+    """Parse YAML ``text`` (from ``file``, for messages) safely, refusing duplicate keys.
+
+    Raises :class:`ConfigError` naming the file, line and column on any
+    syntax error or repeated mapping key.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(file, "", f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}") from None
+
+
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raises :class:`ConfigError`."""
     file = str(path)
@@ -426,10 +466,5 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(file, "", f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}") from None
+    raw = read_yaml(text, file)
     return parse_config(raw, file, env)

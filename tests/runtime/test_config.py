@@ -85,3 +85,27 @@ def test_missing_file() -> None:
     with pytest.raises(ConfigError) as info:
         load_config("/nonexistent/conf.yaml")
     assert "/nonexistent/conf.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("server:\n  port: 1\n  port: 2\n", "line 3"),
+        ("server: {}\nfilters: []\nserver: {}\n", "line 3"),
+        ("filters:\n  - name: headers\n    config: {}\n    name: routing\n", "line 4"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert "duplicate key" in message and where in message, message
+
+
+def test_same_key_in_sibling_mappings_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("filters:\n  - name: headers\n    config: {}\n  - name: headers\n    config: {}\n")
+    assert len(load_config(path).filters) == 2
