@@ -334,13 +334,13 @@ def run(config: Config, host: str | None = None, port: int | None = None) -> int
         uvloop.run(check_config(config))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     if workers == 1:
         try:
             uvloop.run(_serve(config, host, port, 0, False, None))
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return 1
         return 0
     if port == 0:
         port = _free_port(host)

@@ -201,3 +201,26 @@ def test_quickstart_serves_offline(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("limits:\n  max_body_bytes: lots\n", "limits.max_body_bytes: must be an integer"),
+        (
+            "filters:\n  - name: headers\n    config: {request: {sett: {}}}\n",
+            "filters[0].config: filter 'headers': request.sett: unknown key",
+        ),
+        ("server:\n  port: 1\n  port: 2\n", "duplicate key 'port'"),
+        ("server:\n  admin_allow: [localhost]\n", "server.admin_allow: entry 0"),
+    ],
+)
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_invalid_config_exits_1_with_file_field_and_reason(tmp_path: Path, text: str, field: str, command: str) -> None:
+    """Core and filter mistakes alike: exit code 1, one ``file: field: reason`` line, no traceback."""
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(text)
+    out = _cli(command, "-c", str(conf), "--port", "0") if command == "serve" else _cli(command, "-c", str(conf))
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert f"{conf}: " in out.stderr and field in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
