@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -165,6 +166,9 @@ class RoutingFilter(Filter):
         self._query = "?" + query if query else ""
         if path == "/v1/models":
             self._models_reply(exchange)
+            return Action.CONTINUE
+        if path.startswith("/v1/models/") and request.method in ("GET", "HEAD"):
+            self._model_reply(exchange, unquote(path[len("/v1/models/") :]))
             return Action.CONTINUE
         api = _APIS.get(path)
         if api is None:
@@ -443,6 +447,26 @@ class RoutingFilter(Filter):
             if principal is None or principal.allows_model(mid)
         ]
         exchange.send_local_reply(200, {"object": "list", "data": data})
+
+    def _model_reply(self, exchange: Exchange, model: str) -> None:
+        """``GET /v1/models/{id}`` (the SDKs' ``models.retrieve``): the model object, in Anthropic's
+        shape when the client sent ``anthropic-version``; 404 ``model_not_found`` when nothing
+        here serves it or the caller's principal may not use it (the same answer: a key limited
+        to some models learns nothing about the others)."""
+        principal: Principal | None = exchange.vars.get(PRINCIPAL)
+        owner = self.factory.table.owner_of(model) if model else None
+        if owner is None or (principal is not None and not principal.allows_model(model)):
+            raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model")
+        if exchange.request.headers.get("anthropic-version") is not None:
+            body: dict[str, Any] = {
+                "type": "model",
+                "id": model,
+                "display_name": model,
+                "created_at": "1970-01-01T00:00:00Z",
+            }
+        else:
+            body = {"id": model, "object": "model", "created": 0, "owned_by": owner}
+        exchange.send_local_reply(200, body)
 
 
 class RoutingFactory(FilterFactory):

@@ -218,6 +218,16 @@ class RoutingTable:
                     break
         return ordered
 
+    def owner_of(self, model: str) -> str | None:
+        """Who serves ``model`` (an alias: ``llmproxy``; else the first provider whose models
+        match it, patterns included), or None when nothing here serves it."""
+        if model in self.aliases:
+            return "llmproxy"
+        for provider in self.providers.values():
+            if provider.models.resolve(model) is not None:
+                return provider.name
+        return None
+
     def model_ids(self) -> list[tuple[str, str]]:
         """(model id, owner) for GET /v1/models: exact names and aliases."""
         seen: dict[str, str] = {}

@@ -65,6 +65,10 @@ DEFAULT_ROUTES: dict[str, frozenset[str]] = {
     "/v1/models": frozenset({"GET", "HEAD"}),
 }
 
+#: Paths with an id after a fixed prefix (``GET /v1/models/{id}``: the SDKs' ``models.retrieve``),
+#: checked only when the exact lookup in the routes misses.
+PREFIX_ROUTES: tuple[tuple[str, frozenset[str]], ...] = (("/v1/models/", frozenset({"GET", "HEAD"})),)
+
 
 @dataclass(eq=False)
 class Runtime:
@@ -157,6 +161,8 @@ def _check_route(rt: Runtime, ex: Exchange) -> None:
     if query >= 0:
         path = path[:query]
     methods = rt.routes.get(path)
+    if methods is None:
+        methods = next((allowed for prefix, allowed in PREFIX_ROUTES if path.startswith(prefix)), None)
     if methods is None:
         raise NotFound(f"unknown path: {path}", code="unknown_url")
     if ex.request.method not in methods:

@@ -329,6 +329,25 @@ def test_models_list_shows_only_the_allowed_models(authed: RunningProxy) -> None
     assert [m.id for m in _oa(authed, BOB).models.list()] == ["gpt-x"]
 
 
+def test_models_retrieve_with_both_sdks(authed: RunningProxy) -> None:
+    """``models.retrieve`` (GET /v1/models/{id}): the model object in each SDK's shape, 404 for a
+    model nothing serves, and the same 404 for one the key may not use."""
+    model = _oa(authed, ALICE).models.retrieve("gpt-y")
+    assert (model.id, model.owned_by) == ("gpt-y", "oa")
+    info = _an(authed, ALICE).models.retrieve("claude-x")
+    assert (info.id, info.type) == ("claude-x", "model")
+    with pytest.raises(openai.NotFoundError) as missing:
+        _oa(authed, ALICE).models.retrieve("gpt-nope")
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as hidden:
+        _oa(authed, BOB).models.retrieve("gpt-y")
+    assert hidden.value.code == "model_not_found"
+    with pytest.raises(anthropic.NotFoundError):
+        _an(authed, BOB).models.retrieve("claude-x")
+    with pytest.raises(openai.AuthenticationError):
+        _oa(authed, "sk-test-nobody-1").models.retrieve("gpt-x")
+
+
 def test_fnmatch_patterns(mock: MockServer, make_proxy: Make) -> None:
     keys = [{"name": "p", "key": ALICE, "models": ["gpt-*"]}]
     proxy = make_proxy(_config(mock.port, {"keys": keys}))
