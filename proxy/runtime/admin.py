@@ -86,17 +86,21 @@ class AdminPages:
         self.paths = self.paths | {path.encode("ascii")}
 
     def allows(self, client: str) -> bool:
-        """Whether ``client`` (an IP address as the socket reports it) may see admin pages."""
+        """Whether ``client`` (an IP address as the socket reports it) may see admin pages.
+
+        A client a dual-stack socket reports as IPv4-mapped (``::ffff:127.0.0.1``)
+        is the IPv4 address for exact entries and networks alike.
+        """
         if client in self.allow:
             return True
-        if not self.networks:
-            return False
         try:
             address = ipaddress.ip_address(client)
         except ValueError:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
+            if str(address) in self.allow:
+                return True
         return any(address.version == net.version and address in net for net in self.networks)
 
     def answer(self, path: bytes, client: str) -> tuple[int, bytes, bytes] | None:

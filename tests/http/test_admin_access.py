@@ -61,3 +61,5 @@ def test_allows_is_exact_for_addresses_and_networks() -> None:
     assert pages.allows("2001:db8::5")
     assert pages.allows("::ffff:10.1.0.9")
     assert not pages.allows("not-an-ip")
+    assert pages.allows("::ffff:192.0.2.7")  # a dual-stack socket's view of an exact IPv4 entry
+    assert not pages.allows("::ffff:192.0.2.8")
