@@ -79,6 +79,10 @@ def parse_url(url: str, default_path: str = "/v1/chat/completions") -> Endpoint:
     return Endpoint(parts.hostname, parts.port or 80, path)
 
 
+#: The API key every bench request carries (``authorization: Bearer``), as real clients do; the
+#: ``limits`` config declares it as a virtual key. A ``--header authorization: ...`` replaces it.
+CLIENT_KEY = "sk-bench-client-key-0123456789abcdef"
+
 #: The fields the official openai Python SDK sends with a chat completion (besides host,
 #: content-type, content-length and its API key), for ``--sdk-headers`` traffic.
 SDK_HEADERS: tuple[tuple[str, str], ...] = (
@@ -91,7 +95,7 @@ SDK_HEADERS: tuple[tuple[str, str], ...] = (
     ("x-stainless-arch", "x64"),
     ("x-stainless-runtime", "CPython"),
     ("x-stainless-runtime-version", "3.11.7"),
-    ("authorization", "Bearer sk-bench-client-key-0123456789abcdef"),
+    ("authorization", f"Bearer {CLIENT_KEY}"),
     ("x-stainless-async", "false"),
     ("x-stainless-retry-count", "0"),
     ("x-stainless-read-timeout", "600"),
@@ -99,7 +103,8 @@ SDK_HEADERS: tuple[tuple[str, str], ...] = (
 
 
 def build_request(endpoint: Endpoint, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> bytes:
-    """A complete keep-alive ``POST`` with a JSON body."""
+    """A complete keep-alive ``POST`` with a JSON body and the bench's client key (unless
+    ``headers`` carry an ``authorization`` of their own)."""
     lines = [
         f"POST {endpoint.path} HTTP/1.1",
         f"host: {endpoint.host}:{endpoint.port}",
@@ -107,6 +112,8 @@ def build_request(endpoint: Endpoint, body: bytes, headers: Sequence[tuple[str, 
         "accept: application/json, text/event-stream",
         f"content-length: {len(body)}",
     ]
+    if not any(name.lower() == "authorization" for name, _ in headers):
+        lines.append(f"authorization: Bearer {CLIENT_KEY}")
     lines += [f"{name}: {value}" for name, value in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 

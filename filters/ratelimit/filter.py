@@ -84,7 +84,7 @@ from llmproxy.filters.ratelimit.rules import (
     parse_limit,
     principal_rules,
 )
-from llmproxy.filters.ratelimit.wire import BudgetExceeded, Snapshot, header_fields
+from llmproxy.filters.ratelimit.wire import FIELD_NAMES, BudgetExceeded, as_text, header_fields
 from llmproxy.filters.routing import RouteDecision
 
 __all__ = ["RateLimitFactory", "RateLimitFilter"]
@@ -126,7 +126,7 @@ class RateLimitFilter(Filter):
     def __init__(self, factory: FilterFactory) -> None:
         super().__init__(factory)
         self._plan: _Plan | None = None
-        self._fields: list[tuple[str, str]] = []
+        self._fields: list[tuple[bytes, bytes]] = []
         self._cap: StreamCap | None = None
         self._settled = False
         #: Usage of the attempts that ended so far.
@@ -155,12 +155,16 @@ class RateLimitFilter(Filter):
         limits, budgets = factory.rules_for(principal)
         matched: list[tuple[str, LimitRule | BudgetRule]] = []
         needs_tokens = False
-        candidates: list[LimitRule | BudgetRule] = [*limits, *budgets]
-        for rule in candidates:
-            key = rule.counter_key(facts)
+        for limit in limits:
+            key = limit.counter_key(facts)
             if key is not None:
-                matched.append((key, rule))
-                needs_tokens = needs_tokens or isinstance(rule, BudgetRule) or rule.tpm is not None
+                matched.append((key, limit))
+                needs_tokens = needs_tokens or limit.tpm is not None
+        for budget in budgets:
+            key = budget.counter_key(facts)
+            if key is not None:
+                matched.append((key, budget))
+                needs_tokens = True
         if not matched:
             return Action.CONTINUE
         out_cap, out_field = 0, None
@@ -239,15 +243,17 @@ class RateLimitFilter(Filter):
         plan.rules.append(rule)
         plan.input_only.append(input_only)
 
-    def _header_fields(self, exchange: Exchange, plan: _Plan, states: tuple[QuotaState, ...]) -> list[tuple[str, str]]:
-        requests: Snapshot | None = None
-        tokens: Snapshot | None = None
+    def _header_fields(
+        self, exchange: Exchange, plan: _Plan, states: tuple[QuotaState, ...]
+    ) -> list[tuple[bytes, bytes]]:
+        requests: QuotaState | None = None
+        tokens: QuotaState | None = None
         input_only = False
         for kind, state, only in zip(plan.kinds, states, plan.input_only, strict=True):
-            if kind == _REQ and (requests is None or state.remaining < requests.remaining):
-                requests = Snapshot(state.limit, state.remaining, state.reset)
-            elif kind == _TOK and (tokens is None or state.remaining < tokens.remaining):
-                tokens = Snapshot(state.limit, state.remaining, state.reset)
+            if kind == _REQ and (requests is None or state.used - state.limit > requests.used - requests.limit):
+                requests = state
+            elif kind == _TOK and (tokens is None or state.used - state.limit > tokens.used - tokens.limit):
+                tokens = state
                 input_only = only
         if requests is None and tokens is None:
             return []
@@ -268,7 +274,7 @@ class RateLimitFilter(Filter):
                 budget = budget or rule
             else:
                 limit = limit or rule
-        fields = list(self._fields)
+        fields = as_text(self._fields)
         if budget is not None:
             return BudgetExceeded(
                 f"budget '{budget.name}' is spent for this {budget.period if budget.period != 'total' else 'key'}",
@@ -312,9 +318,9 @@ class RateLimitFilter(Filter):
     # -- response ---------------------------------------------------------------------
     def on_response_headers(self, exchange: Exchange) -> Action:
         response = exchange.response
-        if response is not None:
-            for name, value in self._fields:
-                response.headers.set(name, value)
+        if response is not None and self._fields:
+            names = FIELD_NAMES.get(exchange.client_protocol, FIELD_NAMES["openai"])
+            response.headers.edit_raw(names, self._fields)
         cap = self._cap
         if cap is None or not exchange.is_sse or response is None or not 200 <= response.status < 300:
             exchange.skip_response_body(self)
@@ -388,18 +394,31 @@ class RateLimitFilter(Filter):
             self.factory.store_failed("settle", exc)
 
 
+#: The current period of each kind: ``period -> (id, start, end)`` (UTC seconds), recomputed
+#: when the clock leaves it (so a request pays one ``time.time()`` here, not a calendar).
+_PERIODS: dict[str, tuple[str, float, float]] = {}
+
+
 def _period(period: str) -> tuple[str, float | None]:
     """The budget period's id (UTC, by this proxy's clock) and the seconds its counter should live."""
-    now = time.time()
     if period == "total":
         return "total", None
+    now = time.time()
+    current = _PERIODS.get(period)
+    if current is None or not current[1] <= now < current[2]:
+        current = _PERIODS[period] = _period_around(period, now)
+    return current[0], current[2] - now + 86400
+
+
+def _period_around(period: str, now: float) -> tuple[str, float, float]:
+    """The ``day`` or ``month`` (UTC) holding ``now``: its id, start and end."""
     tm = time.gmtime(now)
     if period == "day":
-        end = calendar.timegm((tm.tm_year, tm.tm_mon, tm.tm_mday, 0, 0, 0)) + 86400
-        return time.strftime("%Y-%m-%d", tm), end - now + 86400
+        start = calendar.timegm((tm.tm_year, tm.tm_mon, tm.tm_mday, 0, 0, 0))
+        return time.strftime("%Y-%m-%d", tm), start, start + 86400
+    start = calendar.timegm((tm.tm_year, tm.tm_mon, 1, 0, 0, 0))
     year, month = (tm.tm_year + 1, 1) if tm.tm_mon == 12 else (tm.tm_year, tm.tm_mon + 1)
-    end = calendar.timegm((year, month, 1, 0, 0, 0))
-    return time.strftime("%Y-%m", tm), end - now + 86400
+    return time.strftime("%Y-%m", tm), start, calendar.timegm((year, month, 1, 0, 0, 0))
 
 
 class RateLimitFactory(FilterFactory):
@@ -468,6 +487,9 @@ class RateLimitFactory(FilterFactory):
             ["budget", "key"],
             registry=registry,
         )
+        #: Label children, cached (``labels()`` costs more than the increment).
+        self._admitted: dict[str, Any] = {}
+        self._budget_gauges: dict[str, Any] = {}
         self.ledger.register(registry)
         self._budget_view: dict[str, dict[str, Any]] = {}
         context.add_admin_page("/admin/ratelimit", self.admin_page)
@@ -503,11 +525,22 @@ class RateLimitFactory(FilterFactory):
         return int(price.total * 1_000_000) if price is not None else 0
 
     def admitted(self, plan: _Plan, states: tuple[QuotaState, ...]) -> None:
-        for rule in {id(r): r for r in plan.rules}.values():
-            self.decisions.labels(rule.name, "admitted").inc()
+        counted: LimitRule | BudgetRule | None = None
+        for rule in plan.rules:  # a rule's quotas are adjacent: count each rule once
+            if rule is not counted:
+                counted = rule
+                child = self._admitted.get(rule.name)
+                if child is None:
+                    child = self._admitted[rule.name] = self.decisions.labels(rule.name, "admitted")
+                child.inc()
         for quota, kind, state, rule in zip(plan.quotas, plan.kinds, states, plan.rules, strict=True):
             if kind in (_BTOK, _BUSD):
-                self.budget_used.labels(rule.name, quota.key).set(state.used)
+                gauge = self._budget_gauges.get(quota.key)
+                if gauge is None:
+                    if len(self._budget_gauges) >= _PRINCIPAL_CACHE:
+                        self._budget_gauges.clear()
+                    gauge = self._budget_gauges[quota.key] = self.budget_used.labels(rule.name, quota.key)
+                gauge.set(state.used)
                 self._budget_view[quota.key] = {
                     "budget": rule.name,
                     "unit": "tokens" if kind == _BTOK else "usd",

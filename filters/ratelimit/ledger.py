@@ -52,19 +52,29 @@ class Ledger:
         key = (facts.principal, facts.team or "-", facts.model or usage.requested_model or "-")
         row = self._rows.get(key)
         if row is None:
-            if len(self._rows) >= _MAX_ROWS:
+            if len(self._rows) >= _MAX_ROWS:  # the admin page is full; the metrics still count
+                if self._tokens is not None and self._usd is not None:
+                    self._tokens.labels(*key, "input").inc(usage.input_tokens)
+                    self._tokens.labels(*key, "output").inc(usage.output_tokens)
+                    if usage.cost is not None:
+                        self._usd.labels(*key).inc(float(usage.cost.total))
                 return
-            row = self._rows[key] = [0, 0, 0, Decimal(0)]
+            # requests, input, output, usd; then the row's metric children (labels() once per row)
+            row = self._rows[key] = [0, 0, 0, Decimal(0), None, None, None]
+            if self._tokens is not None and self._usd is not None:
+                row[4] = self._tokens.labels(*key, "input")
+                row[5] = self._tokens.labels(*key, "output")
+                row[6] = self._usd.labels(*key)
         row[0] += 1
         row[1] += usage.input_tokens
         row[2] += usage.output_tokens
         if usage.cost is not None:
             row[3] += usage.cost.total
-        if self._tokens is not None and self._usd is not None:
-            self._tokens.labels(*key, "input").inc(usage.input_tokens)
-            self._tokens.labels(*key, "output").inc(usage.output_tokens)
+        if row[4] is not None:
+            row[4].inc(usage.input_tokens)
+            row[5].inc(usage.output_tokens)
             if usage.cost is not None:
-                self._usd.labels(*key).inc(float(usage.cost.total))
+                row[6].inc(float(usage.cost.total))
 
     def view(self) -> list[dict[str, Any]]:
         return [

@@ -44,9 +44,10 @@ PERIODS = ("day", "month", "total")
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie", "proxy-authorization"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Facts:
-    """What rules are matched on and keyed by, for one request."""
+    """What rules are matched on and keyed by, for one request (built per request: a plain
+    slotted class, cheaper to make than a frozen one; treat it as read-only)."""
 
     model: str
     provider: str

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from llmproxy import RateLimited
+from llmproxy import QuotaState, RateLimited
 
-__all__ = ["BudgetExceeded", "Snapshot", "duration", "header_fields", "rfc3339"]
+__all__ = ["FIELD_NAMES", "BudgetExceeded", "as_text", "duration", "header_fields", "reset_duration", "rfc3339"]
 
 
 class BudgetExceeded(RateLimited):
@@ -26,16 +25,6 @@ class BudgetExceeded(RateLimited):
 
     error_type = "insufficient_quota"
     default_code = "insufficient_quota"
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """The tightest counter of one kind (requests or tokens) after admission."""
-
-    limit: int
-    remaining: int
-    #: Seconds until the counter is back to its full limit.
-    reset: float
 
 
 def duration(seconds: float) -> str:
@@ -54,32 +43,90 @@ def duration(seconds: float) -> str:
     return f"{sec_text}s"
 
 
+#: :func:`reset_duration` texts already made, by whole milliseconds (below 1 s) or seconds.
+_RESETS: dict[int, bytes] = {}
+
+
+def reset_duration(seconds: float) -> bytes:
+    """The ``x-ratelimit-reset-*`` value for ``seconds``: milliseconds below one second,
+    else whole seconds rounded up (never earlier than the real reset), as :func:`duration`
+    writes them; cached, since a header field is written on every response."""
+    key = -math.ceil(seconds * 1000) if seconds < 1 else math.ceil(seconds)
+    text = _RESETS.get(key)
+    if text is None:
+        if len(_RESETS) >= 8192:
+            _RESETS.clear()
+        text = _RESETS[key] = duration(max(0, -key) / 1000 if key <= 0 else key).encode()
+    return text
+
+
 def rfc3339(seconds_from_now: float) -> str:
-    """The instant ``seconds_from_now`` as RFC 3339 UTC (``2026-12-03T07:10:00Z``)."""
-    at = datetime.fromtimestamp(time.time() + seconds_from_now, UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The instant ``seconds_from_now`` as RFC 3339 UTC (``2026-12-03T07:10:00Z``), rounded up
+    to the whole second (never earlier than the real reset)."""
+    return _instant(math.ceil(time.time() + seconds_from_now)).decode()
+
+
+_INSTANTS: dict[int, bytes] = {}
+
+
+def _instant(epoch: int) -> bytes:
+    text = _INSTANTS.get(epoch)
+    if text is None:
+        if len(_INSTANTS) >= 8192:
+            _INSTANTS.clear()
+        at = datetime.fromtimestamp(epoch, UTC)
+        text = _INSTANTS[epoch] = at.strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+    return text
+
+
+_PARTS = ("limit", "remaining", "reset")
+
+
+def _names(protocol: str, kind: str) -> tuple[bytes, bytes, bytes]:
+    """The ``(limit, remaining, reset)`` field names of one counter kind in ``protocol``."""
+    if protocol == "anthropic":
+        limit, remaining, reset = (f"anthropic-ratelimit-{kind}-{part}".encode() for part in _PARTS)
+    else:
+        limit, remaining, reset = (f"x-ratelimit-{part}-{kind}".encode() for part in _PARTS)
+    return limit, remaining, reset
+
+
+#: ``(limit, remaining, reset)`` names per client protocol and counter kind.
+_NAMES = {
+    ("anthropic", "requests"): _names("anthropic", "requests"),
+    ("anthropic", "tokens"): _names("anthropic", "tokens"),
+    ("anthropic", "input-tokens"): _names("anthropic", "input-tokens"),
+    ("openai", "requests"): _names("openai", "requests"),
+    ("openai", "tokens"): _names("openai", "tokens"),
+}
+
+#: Every field :func:`header_fields` may write, by client protocol: a response drops the
+#: upstream's own values of these before the proxy's are added.
+FIELD_NAMES: dict[str, frozenset[bytes]] = {
+    protocol: frozenset(name for (proto, _kind), names in _NAMES.items() if proto == protocol for name in names)
+    for protocol in ("anthropic", "openai")
+}
 
 
 def header_fields(
-    protocol: str, requests: Snapshot | None, tokens: Snapshot | None, input_only: bool = False
-) -> list[tuple[str, str]]:
-    """The rate-limit fields for ``protocol`` (``openai`` or ``anthropic``)."""
-    out: list[tuple[str, str]] = []
-    if protocol == "anthropic":
-        token_kind = "input-tokens" if input_only else "tokens"
-        for kind, snap in (("requests", requests), (token_kind, tokens)):
-            if snap is not None:
-                out += [
-                    (f"anthropic-ratelimit-{kind}-limit", str(snap.limit)),
-                    (f"anthropic-ratelimit-{kind}-remaining", str(snap.remaining)),
-                    (f"anthropic-ratelimit-{kind}-reset", rfc3339(snap.reset)),
-                ]
-        return out
-    for kind, snap in (("requests", requests), ("tokens", tokens)):
+    protocol: str, requests: QuotaState | None, tokens: QuotaState | None, input_only: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """The rate-limit fields for ``protocol`` (``anthropic``, else OpenAI's) from the tightest
+    requests and tokens counters after admission, as lowercase
+    byte names and ASCII values that are valid header fields by construction (numbers,
+    durations, RFC 3339 instants), ready for :meth:`llmproxy.Headers.edit_raw`."""
+    out: list[tuple[bytes, bytes]] = []
+    anthropic = protocol == "anthropic"
+    proto = "anthropic" if anthropic else "openai"
+    token_kind = "input-tokens" if anthropic and input_only else "tokens"
+    for kind, snap in (("requests", requests), (token_kind, tokens)):
         if snap is not None:
-            out += [
-                (f"x-ratelimit-limit-{kind}", str(snap.limit)),
-                (f"x-ratelimit-remaining-{kind}", str(snap.remaining)),
-                (f"x-ratelimit-reset-{kind}", duration(snap.reset)),
-            ]
+            limit, remaining, reset = _NAMES[proto, kind]
+            when = _instant(math.ceil(time.time() + snap.reset)) if anthropic else reset_duration(snap.reset)
+            out += ((limit, b"%d" % snap.limit), (remaining, b"%d" % snap.remaining), (reset, when))
     return out
+
+
+def as_text(fields: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """``fields`` as text pairs (for an error's extra headers)."""
+    return [(name.decode("ascii"), value.decode("ascii")) for name, value in fields]

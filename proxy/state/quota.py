@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["BUCKETS", "Quota", "QuotaBook", "QuotaState", "Reservation", "Settlement"]
 
@@ -52,9 +52,9 @@ __all__ = ["BUCKETS", "Quota", "QuotaBook", "QuotaState", "Reservation", "Settle
 BUCKETS = 60
 
 
-@dataclass(frozen=True, slots=True)
-class Quota:
-    """One counter to check and charge (see the module docstring)."""
+class Quota(NamedTuple):
+    """One counter to check and charge (see the module docstring). Immutable, like every value
+    type here (tuples: they are built per request, and a tuple is the cheapest value there is)."""
 
     #: The counter's key (no secrets: hash credentials first).
     key: str
@@ -75,8 +75,7 @@ class Quota:
         return self.amount if self.minimum is None else self.minimum
 
 
-@dataclass(frozen=True, slots=True)
-class QuotaState:
+class QuotaState(NamedTuple):
     """A counter as one :meth:`~llmproxy.SharedStore.reserve` call left it."""
 
     #: The counter's value after the call (the grant included when admitted).
@@ -97,16 +96,14 @@ class QuotaState:
         return max(0, self.limit - self.used)
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):
     """The answer of :meth:`~llmproxy.SharedStore.reserve`: admitted or not, and every counter's state."""
 
     admitted: bool
     states: tuple[QuotaState, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(NamedTuple):
     """Replace a reservation on one counter by the real amount."""
 
     key: str
@@ -128,23 +125,37 @@ def bucket_width(window: float) -> float:
 class _Log:
     """One sliding-log counter of :class:`QuotaBook`: bucket -> amount (in time order), and their sum."""
 
-    __slots__ = ("buckets", "total", "width", "window")
+    __slots__ = ("buckets", "next_drop", "total", "width", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
         self.width = bucket_width(window)
         self.buckets: dict[int, int] = {}
         self.total = 0
+        #: When the oldest bucket leaves the window (inf while empty): no pruning before.
+        self.next_drop = math.inf
 
     def prune(self, now: float) -> None:
         """Drop the buckets whose end is ``window`` seconds old."""
+        if now < self.next_drop:
+            return
         buckets = self.buckets
         first_live = math.floor((now - self.window) / self.width)  # (b + 1) * width > now - window
         while buckets:
             oldest = next(iter(buckets))
             if oldest >= first_live:
+                self.next_drop = (oldest + 1) * self.width + self.window
                 return
             self.total -= buckets.pop(oldest)
+        self.next_drop = math.inf
+
+    def add(self, slot: int, amount: int) -> None:
+        """Put ``amount`` in bucket ``slot`` (the newest)."""
+        buckets = self.buckets
+        if not buckets:
+            self.next_drop = (slot + 1) * self.width + self.window
+        buckets[slot] = buckets.get(slot, 0) + amount
+        self.total += amount
 
     def leaves_at(self, bucket: int, now: float) -> float:
         """Seconds from ``now`` until ``bucket`` has left the window."""
@@ -177,35 +188,36 @@ class QuotaBook:
 
     def reserve(self, quotas: Sequence[Quota]) -> Reservation:
         now = self._clock()
+        logs = self._logs
         used: list[int] = []
-        grants: list[int] = []
         admitted = True
         for quota in quotas:
             if quota.window > 0:
-                log = self._logs.get(quota.key)
+                log = logs.get(quota.key)
                 if log is None or log.window != quota.window:
-                    log = self._logs[quota.key] = _Log(quota.window)
+                    log = logs[quota.key] = _Log(quota.window)
                 log.prune(now)
                 total = log.total
             else:
                 total = self._total(quota.key, now)
-            grant = min(quota.amount, quota.limit - total)
-            if grant < quota.need:
+            need = quota.amount if quota.minimum is None else quota.minimum
+            if min(quota.amount, quota.limit - total) < need:
                 admitted = False
             used.append(total)
-            grants.append(grant)
         states: list[QuotaState] = []
-        for quota, total, grant in zip(quotas, used, grants, strict=True):
-            granted = grant if admitted else 0
-            slot = 0
+        for quota, total in zip(quotas, used, strict=True):
+            granted = min(quota.amount, quota.limit - total) if admitted else 0
             if quota.window > 0:
-                log = self._logs[quota.key]
+                log = logs[quota.key]
                 slot = math.floor(now / log.width)
                 if admitted:
+                    log.add(slot, granted)
                     total += granted
-                    log.buckets[slot] = log.buckets.get(slot, 0) + granted
-                    log.total = total
-                states.append(self._log_state(quota, log, total, granted, admitted, now, slot))
+                    # the newest bucket is this one: everything has left when it has
+                    reset = max(0.0, (slot + 1) * log.width + log.window - now)
+                    states.append(QuotaState(total, quota.limit, granted, reset, 0.0, slot))
+                else:
+                    states.append(self._log_state(quota, log, total, granted, admitted, now, slot))
                 continue
             if admitted:
                 total += granted
