@@ -242,6 +242,8 @@ class _Slot:
     ready: bool = False
     backoff: float = BACKOFF_START
     restart_at: float | None = None
+    #: The mocks' process was told to stop.
+    ready_to_stop: bool = False
 
 
 def _describe(status: int) -> str:
@@ -302,8 +304,10 @@ class Supervisor:
                         self.config.server.workers,
                         self.pid,
                     )
-                if self._stopping and not any(slot.pid for slot in self.slots):
-                    return self._exit
+                if self._stopping and not any(slot.pid for slot in self.slots if slot.worker_id is not None):
+                    if not any(slot.pid for slot in self.slots):
+                        return self._exit
+                    self._stop_mocks()
                 self._restart_due()
                 time.sleep(_TICK)
         finally:
@@ -399,10 +403,21 @@ class Supervisor:
                 self._stop(signum)
 
     def _stop(self, signum: int) -> None:
+        """Pass ``signum`` on to the workers; the mocks' process is stopped once they all exited
+        (draining workers still stream from it)."""
         self._stopping = True
         for slot in self.slots:
             slot.restart_at = None
-        self._kill_all(signum)
+            if slot.pid and slot.worker_id is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signum)
+
+    def _stop_mocks(self) -> None:
+        for slot in self.slots:
+            if slot.pid and slot.worker_id is None and not slot.ready_to_stop:
+                slot.ready_to_stop = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGTERM)
 
     def _kill_all(self, signum: int) -> None:
         for slot in self.slots:
