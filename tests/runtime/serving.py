@@ -8,6 +8,7 @@ that no process of the instance is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -71,8 +72,19 @@ class Served:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmproxy", "serve", "-c", str(config), "--port", str(port)]
-            + ["--log-level", log_level, *args],
+            [
+                sys.executable,
+                "-m",
+                "llmproxy",
+                "serve",
+                "-c",
+                str(config),
+                "--port",
+                str(port),
+                "--log-level",
+                log_level,
+                *args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -154,9 +166,7 @@ class Served:
         """Cleanup after a failed test: no process of this instance survives."""
         for pid in processes_with(self.config):
             if pid != os.getpid():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         if self.proc.poll() is None:
             self.proc.wait(5)

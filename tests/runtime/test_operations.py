@@ -148,8 +148,18 @@ def test_port_in_use_is_one_error_line_and_exit_1(tmp_path: Path, workers: int) 
         holder.listen()
         port = holder.getsockname()[1]
         out = subprocess.run(
-            [sys.executable, "-m", "llmproxy", "serve", "-c", str(config), "--port", str(port)]
-            + ["--workers", str(workers)],
+            [
+                sys.executable,
+                "-m",
+                "llmproxy",
+                "serve",
+                "-c",
+                str(config),
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
