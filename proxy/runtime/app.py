@@ -283,6 +283,8 @@ class Proxy:
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config: %s", exc)
             return False
+        if cfg.server.workers != self.config.server.workers:
+            log.warning("reload: server.workers changed: it takes effect at the next restart (kept the running value)")
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, workers=self.config.server.workers))
         return await self.reload(cfg)
 
