@@ -253,7 +253,9 @@ class Proxy:
         mock upstreams, pool) keep their old values, with a warning.
         """
         async with self._reload_lock:
-            assert self.runtime is not None
+            if self.runtime is None or self.runtime.draining:
+                log.warning("reload ignored: the worker is %s", "starting" if self.runtime is None else "shutting down")
+                return False
             for note in restart_only_changes(self.config, cfg):
                 log.warning("reload: %s", note)
             try:

@@ -37,12 +37,15 @@ def _is_secret_name(name: str) -> bool:
 
 
 def _mask_value(value: Any) -> Any:
+    """The value of a credential field: strings masked; a list's entries likewise, except that a
+    mapping entry (``keys: [{name: alice, key: sk-...}]``) is masked field by field; a mapping
+    value (``keys: {sk-...: {status: 401}}``) has its names (the credentials) masked."""
     if isinstance(value, str):
         return MASK if value else ""
     if isinstance(value, list):
-        return [_mask_value(v) for v in value]
+        return [mask_secrets(v) if isinstance(v, Mapping) else _mask_value(v) for v in value]
     if isinstance(value, Mapping):
-        return {k: _mask_value(v) for k, v in value.items()}
+        return {f"{MASK}{i}": mask_secrets(v) for i, v in enumerate(value.values(), 1)}
     return MASK if value is not None else None
 
 
