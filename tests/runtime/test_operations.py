@@ -201,6 +201,24 @@ def test_a_killed_worker_is_restarted_and_only_its_requests_fail(tmp_path: Path,
     assert proxy.stop() == 0
 
 
+def test_a_worker_that_keeps_dying_is_restarted_with_a_growing_backoff(tmp_path: Path, served: list[Served]) -> None:
+    proxy = start(served, write_config(tmp_path / "c.yaml"), workers=2)
+    delays = []
+    for _ in range(3):
+        victim = proxy.workers[0]
+        mark = proxy.mark()
+        os.kill(victim, signal.SIGKILL)
+        found = proxy.wait_log(
+            rf"worker 0 \(pid {victim}\) was killed by signal SIGKILL; restarting it in (\S+)s", 5, mark
+        )
+        delays.append(found.group(1))
+        proxy.wait_log(r"worker 0 \(pid \d+\) listening", 5, mark)
+        wait_for(lambda v=victim: proxy.workers[0] != v, 5, "the new worker's pid")
+    assert delays == ["0.1", "0.2", "0.4"]
+    assert chat(proxy.port) == 200
+    assert proxy.stop() == 0
+
+
 def test_workers_exit_when_the_supervisor_dies(tmp_path: Path, served: list[Served]) -> None:
     config = write_config(tmp_path / "c.yaml")
     proxy = start(served, config, workers=2)
