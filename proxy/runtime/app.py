@@ -6,7 +6,8 @@ Lifecycle of one worker (:class:`Proxy`)::
     serve:      until SIGTERM/SIGINT
     shutdown(): stop accepting -> close idle connections -> let in-flight
                 exchanges (streams included) finish for ``shutdown_grace``
-                seconds -> abort the rest -> close factories, pool, store, mocks
+                seconds -> cut the rest (they answer ``server_shutdown`` and
+                run their end hooks) -> close factories, pool, store, mocks
 
     reload():   build the next generation from a new config, swap it in;
                 the old one's factories close when its last exchange ends
