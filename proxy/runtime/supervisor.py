@@ -294,8 +294,10 @@ class Supervisor:
             while True:
                 self._handle_signals()
                 self._read_ready(ready_r)
-                self._reap(starting)
-                if starting and all(slot.ready for slot in self.slots):
+                self._reap(starting, ready_r)
+                if starting and self._stopping:
+                    starting = False
+                elif starting and all(slot.ready for slot in self.slots):
                     starting = False
                     log.info(
                         "llmproxy listening on http://%s:%d (%d workers, supervisor pid %d)",
@@ -356,13 +358,15 @@ class Supervisor:
             if 0 <= index < len(self.slots):
                 self.slots[index].ready = True
 
-    def _reap(self, starting: bool) -> None:
+    def _reap(self, starting: bool, ready_r: int) -> None:
+        """Collect children that exited; restart them (after their backoff) or, at startup, stop."""
         for slot in self.slots:
             if not slot.pid:
                 continue
             pid, status = os.waitpid(slot.pid, os.WNOHANG)
             if pid == 0:
                 continue
+            self._read_ready(ready_r)  # a child that got ready wrote so before it exited
             slot.pid = 0
             code = os.waitstatus_to_exitcode(status)
             if self._stopping:
@@ -370,7 +374,7 @@ class Supervisor:
                     log.warning("%s (pid %d) %s during shutdown", slot.name, pid, _describe(status))
                     self._exit = 1
                 continue
-            if starting:
+            if starting and not slot.ready:
                 # (a worker that cannot start already said why on its own line)
                 if code != _EXIT_START_FAILED:
                     log.error("%s (pid %d) %s before it served; stopping", slot.name, pid, _describe(status))
