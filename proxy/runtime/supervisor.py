@@ -313,6 +313,11 @@ class Supervisor:
                 self._restart_due()
                 time.sleep(_TICK)
         finally:
+            # Python resets its own handlers to the default action when the interpreter exits:
+            # a late SIGTERM (an impatient operator, a service manager) would then kill the
+            # exiting supervisor with it instead of letting it end with its exit code.
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
             os.close(ready_r)
             os.close(ready_w)
             self._kill_all(signal.SIGKILL)  # only reached with children left on an unexpected error
