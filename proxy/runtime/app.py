@@ -427,9 +427,9 @@ async def serve_worker(
     if on_ready is not None:
         on_ready(proxy)
     await stop.wait()
-    # A second SIGTERM/SIGINT (a supervisor passing one on, an impatient operator) must neither
-    # cut the drain nor kill the process with the default action once the loop is gone.
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # A second SIGTERM/SIGINT (a supervisor passing one on, an impatient operator) or a SIGHUP
+    # must neither cut the drain nor kill the process with the default action once the loop is gone.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("shutting down worker %d (grace %gs)", worker_id, proxy.config.limits.shutdown_grace)
