@@ -209,7 +209,10 @@ class FilterFactory:
         """Called once on the event loop before the first exchange; start ticks here."""
 
     async def close(self) -> None:
-        """Called once at shutdown after in-flight exchanges finished."""
+        """Called once when this factory's exchanges are over: at shutdown after in-flight
+        exchanges finished, or after a reload replaced the chain, once the last exchange
+        that started on the old chain ended (its ticks are stopped first). Release what the
+        factory holds here (connections, files, tasks): a reload must not leak it."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -66,6 +66,7 @@ from llmproxy import (
     FactoryContext,
     Filter,
     FilterFactory,
+    MemoryStore,
     RateLimited,
     Section,
     ServiceUnavailable,
@@ -337,6 +338,13 @@ class FailoverFactory(FilterFactory):
             trial_after_ejection=not self.health_checks,
             clock=clock,
         )
+        if context.workers > 1 and isinstance(context.store, MemoryStore) and context.worker_id == 0:
+            # accepted (health is advisory, not an exact quota) but worth one line
+            log.warning(
+                "failover with %d workers and the memory store: each worker learns key health on its own "
+                "and probes ejected keys itself; use store: redis://... to share it",
+                context.workers,
+            )
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.probes_sent = 0
         context.metrics.register(_HealthCollector(self))

@@ -41,7 +41,20 @@ from llmproxy.filters.routing.adapters import ADAPTERS, Adapter
 
 __all__ = ["ModelMap", "Provider", "RoutingTable", "Target", "key_id"]
 
-_COMMON_KEYS = {"name", "type", "base_url", "key", "keys", "models", "weight", "priority", "headers", "timeouts", "tls"}
+_COMMON_KEYS = {
+    "name",
+    "type",
+    "base_url",
+    "key",
+    "keys",
+    "needs_key",
+    "models",
+    "weight",
+    "priority",
+    "headers",
+    "timeouts",
+    "tls",
+}
 
 
 def key_id(key: str) -> str:
@@ -101,6 +114,20 @@ class ModelMap:
     def listed(self) -> list[str]:
         """The exact client-facing names (patterns cannot be listed)."""
         return list(self.exact)
+
+    def sends(self, upstream_model: str) -> bool:
+        """Whether some client name maps to ``upstream_model`` (the name the provider is asked for).
+
+        True for a target of the map, an exact client name of it (a typo in an
+        alias is then still caught), or a name that a kept-name entry (``""``
+        target) covers: a matching ``prefix*``, or ``*``.
+        """
+        if upstream_model in self.exact.values() or upstream_model in self.exact:
+            return True
+        for prefix, target in self.prefixes:
+            if target == upstream_model or (target == "" and upstream_model.startswith(prefix)):
+                return True
+        return self.wildcard is not None and self.wildcard in ("", upstream_model)
 
 
 @dataclass(eq=False)
@@ -279,6 +306,14 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
         raise ValueError(f"{where}.keys: a key contains whitespace or control characters")
     if len(set(keys)) != len(keys):
         raise ValueError(f"{where}.keys: duplicate key")
+    needs_key = raw.get("needs_key", adapter_cls.needs_key)
+    if not isinstance(needs_key, bool):
+        raise ValueError(f"{where}.needs_key: must be true or false")
+    if not keys and needs_key:
+        raise ValueError(
+            f"{where}.keys: provider {name!r} has no key (every entry is empty after ${{VAR}} interpolation: "
+            "is its variable set?); a server that takes no key: needs_key: false"
+        )
     weight = raw.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
         raise ValueError(f"{where}.weight: must be a number greater than 0")
@@ -293,16 +328,16 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
             host=base.host,
             port=base.port,
             base_path=base.base_path,
-            headers=base.headers + adapter.credential_headers(k),
+            headers=base.headers + (adapter.credential_headers(k) if k else ()),
             timeouts=base.timeouts,
             verify=base.verify,
             ca_file=base.ca_file,
             host_header=base.host_header,
-            key_id=key_id(k),
+            key_id=key_id(k) if k else "",
         )
-        for k in keys
+        for k in keys or [""]  # (needs_key: false and no key: one target that sends none)
     )
-    return Provider(name, adapter, models, float(weight), targets, tuple(key_id(k) for k in keys), priority=priority)
+    return Provider(name, adapter, models, float(weight), targets, tuple(t.key_id for t in targets), priority=priority)
 
 
 def build_table(config: Mapping[str, Any], mock_ports: Mapping[str, tuple[str, int]]) -> RoutingTable:
@@ -347,6 +382,12 @@ def build_table(config: Mapping[str, Any], mock_ports: Mapping[str, tuple[str, i
             weight = item.get("weight", 1)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
                 raise ValueError(f"{at}.weight: must be a number greater than 0")
+            if not alias_provider.models.sends(model):
+                raise ValueError(
+                    f"{at}.model: provider {alias_provider.name!r} does not serve {model!r} "
+                    "(an alias names the model the provider is asked for: a name or target of its models map, "
+                    "or a name a kept-name pattern covers)"
+                )
             targets.append(Target(alias_provider, model, float(weight)))
         aliases[str(alias)] = targets
     return RoutingTable(providers, aliases)

@@ -37,7 +37,15 @@ from llmproxy.engine.attempts import forward
 from llmproxy.engine.chain import Chain
 from llmproxy.engine.replies import send_error, send_local
 from llmproxy.engine.secrets import strip_query_credentials
-from llmproxy.errors import BadRequest, ClientDisconnected, FilterFailed, MethodNotAllowed, NotFound, ProxyError
+from llmproxy.errors import (
+    BadRequest,
+    ClientDisconnected,
+    FilterFailed,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    ServiceUnavailable,
+)
 from llmproxy.exchange import Exchange
 from llmproxy.limits import Limits
 from llmproxy.runtime.accesslog import AccessLog
@@ -47,7 +55,7 @@ from llmproxy.upstream import UpstreamPool, UpstreamTarget
 if TYPE_CHECKING:
     from llmproxy.http.server import HttpConnection
 
-__all__ = ["DEFAULT_ROUTES", "Runtime", "run_exchange"]
+__all__ = ["DEFAULT_ROUTES", "Runtime", "run_exchange", "shutdown_error"]
 
 log = logging.getLogger("llmproxy.cycle")
 
@@ -72,7 +80,14 @@ PREFIX_ROUTES: tuple[tuple[str, frozenset[str]], ...] = (("/v1/models/", frozens
 
 @dataclass(eq=False)
 class Runtime:
-    """What every exchange of one worker shares (built once by :mod:`llmproxy.runtime.app`)."""
+    """What every exchange of one config generation of a worker shares (built by :mod:`llmproxy.runtime.app`).
+
+    A reload builds a new generation with :meth:`successor`: it shares the
+    upstream pool, the connections and the core counters with this one, and
+    this one's ``successor`` then points at it. An exchange runs to its end on
+    the generation it started on; a connection moves to the newest generation
+    when its next request cycle starts (:meth:`newest`).
+    """
 
     chain: Chain
     pool: UpstreamPool
@@ -83,9 +98,33 @@ class Runtime:
     access_log: AccessLog = field(default_factory=AccessLog)
     admin: AdminPages = field(default_factory=AdminPages)
     connections: set[HttpConnection] = field(default_factory=set)
-    #: The tasks of the exchanges in flight (shutdown waits for their end hooks).
+    #: The tasks of this generation's exchanges before their end hooks (shutdown may cut these).
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: The tasks running their end hooks (``on_exchange_complete``): never cancelled.
+    finishing: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
+    #: Set by shutdown before it cancels the tasks left at the end of the grace: a cancelled
+    #: exchange then answers :data:`SHUTDOWN_ERROR` (503, or a final SSE error event) instead of
+    #: counting as a client disconnect.
+    cut: bool = False
+    #: The generation a reload replaced this one with (None while this one is the newest).
+    successor: Runtime | None = None
+
+    def newest(self) -> Runtime:
+        """The newest generation (this one unless a reload replaced it)."""
+        rt = self
+        while rt.successor is not None:
+            rt = rt.successor
+        return rt
+
+    def busy(self) -> bool:
+        """Whether an exchange of this generation is still running (end hooks included)."""
+        return bool(self.tasks or self.finishing)
+
+
+def shutdown_error() -> ServiceUnavailable:
+    """What an exchange cut at the end of the shutdown grace answers (code ``server_shutdown``)."""
+    return ServiceUnavailable("the server is shutting down; retry the request", code="server_shutdown")
 
 
 async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
@@ -121,8 +160,12 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             ex.error = err
             send_error(conn, ex, err)
         except asyncio.CancelledError:
-            ex.error = ClientDisconnected("client disconnected")
-            raise
+            if not rt.cut:
+                ex.error = ClientDisconnected("client disconnected")
+                raise
+            # cut by shutdown: answer through the normal error path, then finish normally
+            ex.error = shutdown_error()
+            send_error(conn, ex, ex.error)
         except Exception as exc:
             log.error("exchange %s failed", ex.id, exc_info=exc)
             internal = FilterFailed(f"internal error (request id {ex.id})", code="internal_error")
@@ -137,6 +180,9 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
         stats.bytes_in += ex.bytes_received
         stats.bytes_out += ex.bytes_sent
         stats.seconds += ex.elapsed
+        if task is not None:
+            rt.tasks.discard(task)
+            rt.finishing.add(task)
         try:
             if chain.complete_plan:
                 await chain.complete(ex)
@@ -144,7 +190,7 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             conn.exchange_finished()
         finally:
             if task is not None:
-                rt.tasks.discard(task)
+                rt.finishing.discard(task)
 
 
 def _check_json_object(ex: Exchange) -> None:

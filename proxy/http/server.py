@@ -123,8 +123,9 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
             self._set_state(State.CLOSED)
         self._rt.connections.discard(self)
         self._timer.close()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        task = self._task
+        if task is not None and not task.done() and task not in self._rt.finishing:
+            task.cancel()  # (never while its end hooks run: accounting finishes)
         if self._flow is not None:
             self._flow.close()
         cycle = self._cycle
@@ -192,6 +193,8 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
         if self._keepalive_wait:
             # first bytes of a new request on a kept-alive connection
             self._keepalive_wait = False
+            if self._rt.successor is not None:
+                self._follow_reload()
             self._arm(self._limits.header_timeout, self._on_head_timeout)
         try:
             parsed = parse_head(self._buf, self._limits, self._eof)
@@ -326,6 +329,8 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
         if not (cycle.response_done and cycle.keep_alive and cycle.request_read) or self._rt.draining:
             self._close()
             return
+        if self._rt.successor is not None:
+            self._follow_reload()
         self._set_state(State.HEAD)
         flow = self._flow
         assert flow is not None
@@ -339,6 +344,11 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
         else:
             self._keepalive_wait = True
             self._arm(self._limits.keepalive_timeout, self._on_keepalive_timeout)
+
+    def _follow_reload(self) -> None:
+        """Between two cycles: serve the next request on the newest config generation."""
+        self._rt = self._rt.newest()
+        self._limits = self._rt.limits
 
     # -- replies the connection makes itself ---------------------------------------
     def _local_reply(self, status: int, ctype: bytes, body: bytes) -> None:

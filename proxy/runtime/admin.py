@@ -66,13 +66,14 @@ class CoreStats(Collector):
 class AdminPages:
     """The admin routes of one worker and who may reach them."""
 
-    def __init__(self, allow: Iterable[str] = ("127.0.0.1", "::1")) -> None:
+    def __init__(self, allow: Iterable[str] = ("127.0.0.1", "::1"), stats: CoreStats | None = None) -> None:
+        """``stats``: the core counters to export (a reload passes the previous generation's on)."""
         entries = tuple(allow)
         #: Exact client addresses (one set lookup) and the networks of CIDR entries.
         self.allow = frozenset(e for e in entries if "/" not in e)
         self.networks = tuple(ipaddress.ip_network(e, strict=False) for e in entries if "/" in e)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.stats = CoreStats()
+        self.stats = stats if stats is not None else CoreStats()
         self.registry.register(self.stats)
         self._pages: dict[bytes, JsonPage] = {}
         #: Paths answered here (GET only); checked with one dict lookup per request.

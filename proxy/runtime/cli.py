@@ -25,6 +25,24 @@ def _setup_logging(level: str) -> None:
     )
 
 
+class _WorkersType(click.ParamType):  # type: ignore[type-arg]
+    """A worker count (1-256) or ``auto`` (one per CPU)."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text == "auto":
+            from llmproxy.runtime.config import cpu_count
+
+            return min(256, cpu_count())
+        if text.isdigit() and 1 <= int(text) <= 256:
+            return int(text)
+        self.fail(f"{value!r} is not a number from 1 to 256 or auto", param, ctx)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmproxy")
 def main() -> None:
@@ -41,11 +59,32 @@ def main() -> None:
     help="Port to listen on (overrides server.port; 0 picks one).",
 )
 @click.option(
-    "--workers", default=None, type=click.IntRange(1, 256), help="Worker processes (overrides server.workers)."
+    "--workers",
+    default=None,
+    type=_WorkersType(),
+    help="Worker processes, or auto for one per CPU (overrides server.workers).",
 )
 @click.option("--log-level", default=None, type=click.Choice(_LEVELS), help="Log level (overrides server.log_level).")
-def serve(config_path: str, host: str | None, port: int | None, workers: int | None, log_level: str | None) -> None:
-    """Run the proxy with the config in FILE until SIGTERM or SIGINT."""
+@click.option(
+    "--pid-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the pid here while serving, for `llmproxy reload` (overrides server.pid_file).",
+)
+def serve(
+    config_path: str,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    log_level: str | None,
+    pid_file: str | None,
+) -> None:
+    """Run the proxy with the config in FILE until SIGTERM or SIGINT.
+
+    SIGTERM/SIGINT drain in-flight exchanges for limits.shutdown_grace seconds, then end the rest
+    with an error; SIGHUP (or `llmproxy reload`) re-reads the config and swaps it in without
+    dropping a request (an invalid config is logged and changes nothing).
+    """
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -55,15 +94,60 @@ def serve(config_path: str, host: str | None, port: int | None, workers: int | N
 
         config = replace(config, server=replace(config.server, workers=workers))
     _setup_logging(log_level or config.server.log_level)
-    from llmproxy.runtime.app import run
+    from llmproxy.runtime.supervisor import run
 
-    sys.exit(run(config, host, port))
+    sys.exit(run(config, host, port, pid_file))
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="YAML config file (for its server.pid_file).",
+)
+@click.option("--pid-file", default=None, type=click.Path(dir_okay=False), help="The pid file `serve` writes.")
+def reload(config_path: str | None, pid_file: str | None) -> None:
+    """Make a running `llmproxy serve` re-read its config (SIGHUP to the pid in its pid file).
+
+    The running instance checks the new config first: an invalid one is logged there and changes nothing.
+    """
+    import os
+    import signal
+
+    from llmproxy.runtime.supervisor import read_pid_file
+
+    if pid_file is None:
+        if config_path is None:
+            raise click.UsageError("give --pid-file, or -c with a config that sets server.pid_file")
+        try:
+            pid_file = load_config(config_path).server.pid_file
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        if pid_file is None:
+            raise click.ClickException(f"{config_path}: server.pid_file is not set (or give --pid-file)")
+    try:
+        pid = read_pid_file(pid_file)
+        os.kill(pid, signal.SIGHUP)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot signal process {pid}: {exc.strerror}") from None
+    click.echo(f"sent SIGHUP to llmproxy (pid {pid}); its log says whether the new config was taken")
 
 
 @main.command()
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config file.")
-def check(config_path: str) -> None:
-    """Validate a config file (and its filters' sections); exit non-zero on error."""
+@click.option(
+    "--print",
+    "print_config",
+    is_flag=True,
+    help="Print the effective config (defaults filled in, ${VAR}s resolved, secrets masked) as YAML.",
+)
+def check(config_path: str, print_config: bool) -> None:
+    """Validate a config file (and its filters' sections); exit 1 on error."""
     from llmproxy.runtime.app import check_config
 
     try:
@@ -71,6 +155,11 @@ def check(config_path: str) -> None:
         names = uvloop.run(check_config(config))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if print_config:
+        from llmproxy.runtime.effective import effective_yaml
+
+        click.echo(effective_yaml(config), nl=False)
+        return
     click.echo(f"{config_path}: ok ({len(names)} filter{'s' if len(names) != 1 else ''}: {', '.join(names) or 'none'})")
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "Section",
     "ServerSettings",
     "UpstreamSettings",
+    "cpu_count",
     "load_config",
     "parse_config",
     "read_upstream",
@@ -62,6 +63,8 @@ class ServerSettings:
     log_level: str = "info"
     validate_json: bool = True
     admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+    #: Where ``serve`` writes its pid (the supervisor's with workers) for ``llmproxy reload``.
+    pid_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -344,14 +347,33 @@ def _read_server(sec: Section) -> ServerSettings:
     server = ServerSettings(
         host=sec.get("host", str, "127.0.0.1"),
         port=sec.get("port", int, 8080, _port),
-        workers=sec.get("workers", int, 1, lambda v: None if 1 <= v <= 256 else "must be between 1 and 256"),
+        workers=_workers(sec),
         access_log=_access_log_mode(sec),
         log_level=sec.get("log_level", str, "info", _one_of("debug", "info", "warning", "error")),
         validate_json=sec.get("validate_json", bool, True),
         admin_allow=tuple(str(a) for a in sec.get("admin_allow", list, ["127.0.0.1", "::1"], _ip_entries)),
+        pid_file=sec.get("pid_file", str, None, lambda v: None if v.strip() else "must not be empty"),
     )
     sec.finish()
     return server
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1: what ``workers: auto`` means."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(sec: Section) -> int:
+    if sec.data.get("workers") == "auto":
+        sec.used.add("workers")
+        return min(256, cpu_count())
+    value: int = sec.get(
+        "workers", int, 1, lambda v: None if 1 <= v <= 256 else "must be between 1 and 256 (or auto: one per CPU)"
+    )
+    return value
 
 
 def _read_limits(sec: Section) -> Limits:

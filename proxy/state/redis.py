@@ -23,8 +23,9 @@ carries every quota; the rest of the store spreads as before).
 
 Values and counters are separate key spaces, as in
 :class:`~llmproxy.state.store.MemoryStore` (``incr("k")`` never touches ``get("k")``),
-and a Redis key holds a single type, hence the one-letter kind tag. Since no
-script needs a second key, no Redis Cluster hash tag is needed. A lease
+and a Redis key holds a single type, hence the one-letter kind tag. Apart
+from ``reserve``/``settle`` no script needs a second key, so no other Redis
+Cluster hash tag is needed. A lease
 ``name`` lives at the value key ``lease:<name>`` (again as in
 ``MemoryStore``), so ``get("lease:<name>")`` returns the holder and a version
 that works as a fencing token.

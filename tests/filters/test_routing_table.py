@@ -240,18 +240,54 @@ def test_unknown_model_and_pin() -> None:
     assert info.value.reason == "unknown"
 
 
-def test_providers_without_keys_are_left_out_then_named() -> None:
-    rt = table({"providers": [provider("keyless", keys=["", "  "]), provider("keyed", models=["m", "n"])]})
-    assert order(rt.candidates("m", "chat")) == ["keyed:m"]
-    keyless_only = table({"providers": [provider("keyless", keys=[]), provider("keyed", models=["n"])]})
-    with pytest.raises(NoProvider) as info:
-        keyless_only.candidates("m", "chat")
-    assert (info.value.reason, info.value.providers) == ("no_key", ("keyless",))
+@pytest.mark.parametrize("keys", [["", "  "], []])
+def test_a_provider_left_without_a_key_is_refused(keys: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"providers\[0\]\.keys: provider 'keyless' has no key .*needs_key: false"):
+        table({"providers": [provider("keyless", keys=keys), provider("keyed", models=["m", "n"])]})
+
+
+def test_a_provider_that_needs_no_key_sends_none() -> None:
+    rt = table({"providers": [provider("local", keys=[""], needs_key=False)]})
+    (target,) = rt.candidates("m", "chat")
+    assert target.provider.has_keys and target.provider.key_ids == ("",)
+    assert not any(name == b"authorization" for name, _ in target.provider.targets[0].headers)
+    with pytest.raises(ValueError, match=r"providers\[0\]\.needs_key: must be true or false"):
+        table({"providers": [provider("local", needs_key="no")]})
+
+
+@pytest.mark.parametrize(
+    ("models", "alias_model", "ok"),
+    [
+        ({"claude-x": "claude-x-2025"}, "claude-x-2025", True),  # a target of the map
+        ({"claude-x": "claude-x-2025"}, "claude-x", True),  # a client name it serves
+        ({"claude-*": ""}, "claude-anything", True),  # a kept-name pattern covers it
+        ({"*": ""}, "whatever", True),
+        (["m"], "m", True),
+        ({"claude-x": "claude-x-2025"}, "claude-sonet-typo", False),
+        (["m"], "n", False),
+        ({"gpt-*": "gpt-4o"}, "gpt-4o-mini", False),
+    ],
+)
+def test_an_alias_must_name_a_model_its_provider_serves(models: Any, alias_model: str, ok: bool) -> None:
+    config = {
+        "providers": [provider("a", models=models)],
+        "aliases": {"smart": [{"provider": "a", "model": alias_model}]},
+    }
+    if ok:
+        assert order(table(config).candidates("smart", "chat")) == [f"a:{alias_model}"]
+    else:
+        with pytest.raises(
+            ValueError, match=rf"aliases\.smart\[0\]\.model: provider 'a' does not serve '{alias_model}'"
+        ):
+            table(config)
 
 
 def test_aliases_win_over_mappings_and_keep_their_model_names() -> None:
     config = {
-        "providers": [provider("a", models={"*": ""}), provider("b", "anthropic", models={"*": "mapped"})],
+        "providers": [
+            provider("a", models={"*": ""}),
+            provider("b", "anthropic", models={"*": "mapped", "claude-*": ""}),
+        ],
         "aliases": {
             "smart": [{"provider": "b", "model": "claude-x", "weight": 1}, {"provider": "a", "model": "gpt-y"}]
         },
@@ -414,8 +450,8 @@ def test_unset_key_variable_is_a_config_error_without_default() -> None:
 
 def test_keys_come_from_the_environment() -> None:
     config = edit(_set(["providers", 0, "keys"], ["${ROUTING_KEY_A:-}", "${ROUTING_KEY_B:-}"]))
-    empty = routing_table(start_chain(routing_config(config))).providers["oa"]
-    assert not empty.has_keys
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.keys: provider 'oa' has no key"):
+        start_chain(routing_config(config))
     env = {"ROUTING_KEY_A": "sk-from-env"}
     one = routing_table(start_chain(routing_config(config), env)).providers["oa"]
     assert one.key_ids == (key_id("sk-from-env"),)
@@ -444,14 +480,20 @@ def llmproxy_check(path: Path, env: dict[str, str]) -> subprocess.CompletedProce
     )
 
 
-def test_example_config_passes_check_with_no_environment() -> None:
+EXAMPLE_KEYS = {"OPENAI_API_KEY": "sk-o", "AZURE_OPENAI_API_KEY": "az", "ANTHROPIC_API_KEY": "sk-ant"}
+
+
+def test_example_config_check_names_a_missing_key_and_passes_with_keys() -> None:
     done = llmproxy_check(EXAMPLE, clean_env())
+    assert done.returncode == 1
+    assert "environment variable OPENAI_API_KEY is not set" in done.stderr
+    done = llmproxy_check(EXAMPLE, clean_env() | EXAMPLE_KEYS)
     assert done.returncode == 0, done.stderr
     assert "ok (1 filter: routing)" in done.stdout
 
 
 def test_example_config_content() -> None:
-    cfg = parse_config(yaml.safe_load(EXAMPLE.read_text()), str(EXAMPLE), env={})
+    cfg = parse_config(yaml.safe_load(EXAMPLE.read_text()), str(EXAMPLE), env=EXAMPLE_KEYS)
     rt = routing_table(build_chain(cfg.filters, FactoryContext(MemoryStore()), cfg.file))
     kinds = {name: p.adapter.type_name for name, p in rt.providers.items()}
     assert kinds == {
@@ -461,12 +503,8 @@ def test_example_config_content() -> None:
         "vllm": "openai",
         "ollama": "openai",
     }
-    # with no environment the cloud providers have no key, the local ones do
-    assert sorted(n for n, p in rt.providers.items() if p.has_keys) == ["ollama", "vllm"]
+    assert all(p.has_keys for p in rt.providers.values())
     assert set(rt.aliases) >= {"smart"}
-    with pytest.raises(NoProvider) as info:
-        rt.candidates("gpt-4o", "chat")
-    assert (info.value.reason, sorted(info.value.providers)) == ("no_key", ["azure", "openai"])
     assert order(rt.candidates("ollama/anything", "chat")) == ["ollama:qwen2.5:7b"]
 
     env = {"OPENAI_API_KEY": "sk-o", "AZURE_OPENAI_API_KEY": "az", "ANTHROPIC_API_KEY": "sk-ant"}

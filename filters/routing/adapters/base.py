@@ -50,6 +50,10 @@ class Adapter:
     native_apis: ClassVar[frozenset[str]] = frozenset()
     #: Config keys this adapter accepts besides the common provider keys, with defaults.
     extra_options: ClassVar[Mapping[str, Any]] = {}
+    #: Whether a provider of this type must have a key: one left with none after ``${VAR}``
+    #: interpolation is refused at startup unless its config says ``needs_key: false``
+    #: (a local OpenAI-compatible server such as vLLM or Ollama).
+    needs_key: ClassVar[bool] = True
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
