@@ -57,6 +57,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
+from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from llmproxy import (
@@ -328,6 +329,11 @@ class FailoverFactory(FilterFactory):
                 model = provider.models.resolve(provider.models.listed()[0])
             if model is not None:
                 self.probe_models[provider.name] = model
+        registry = context.metrics
+        self.store_errors = Counter(
+            "llmproxy_failover_store_errors", "Shared store calls that failed (key health)", registry=registry
+        )
+        self.probes = Counter("llmproxy_failover_probes_sent", "Health-check probes sent", registry=registry)
         self.book = HealthBook(
             context.store,
             failure_threshold=failure_threshold,
@@ -336,9 +342,9 @@ class FailoverFactory(FilterFactory):
             eject_for=eject_for,
             trial_after_ejection=not self.health_checks,
             clock=clock,
+            on_store_error=self.store_errors.inc,
         )
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(32):08x}"
-        self.probes_sent = 0
         context.metrics.register(_HealthCollector(self))
         context.add_admin_page("/admin/failover", self.admin_page)
 
@@ -438,7 +444,7 @@ class FailoverFactory(FilterFactory):
         body = orjson.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
         headers = [(b"content-type", b"application/json"), (b"x-llmproxy-probe", b"1"), *adapter.static_headers()]
         ok = False
-        self.probes_sent += 1
+        self.probes.inc()
         try:
             reply = await self.context.upstream.request(
                 target, "POST", adapter.path(api, model, ""), headers=headers, body=body
@@ -477,7 +483,11 @@ class FailoverFactory(FilterFactory):
 
 
 class _HealthCollector:
-    """Exports key state as ``llmproxy_upstream_key_*`` gauges at scrape time."""
+    """Exports key state as ``llmproxy_upstream_key_*`` gauges at scrape time.
+
+    Key health is shared through the store, so with several workers the
+    scraping worker's view is the answer (no per-worker sum, no worker label).
+    """
 
     def __init__(self, factory: FailoverFactory) -> None:
         self.factory = factory
@@ -500,12 +510,6 @@ class _HealthCollector:
             "llmproxy_failover_store_available",
             "1 when the shared store answers",
             value=int(self.factory.book.store_available),
-        )
-        yield GaugeMetricFamily(
-            "llmproxy_failover_store_errors", "Shared store errors seen", value=self.factory.book.store_errors
-        )
-        yield GaugeMetricFamily(
-            "llmproxy_failover_probes_sent", "Health-check probes sent by this worker", value=self.factory.probes_sent
         )
 
 

@@ -467,8 +467,9 @@ class RateLimitFactory(FilterFactory):
             "A budget counter's value as last seen by this worker (tokens, or micro-dollars for usd budgets)",
             ["budget", "key"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # several workers: the latest value any of them saw
         )
-        self.ledger.register(registry)
+        self.ledger.register(registry, context.model_label)
         self._budget_view: dict[str, dict[str, Any]] = {}
         context.add_admin_page("/admin/ratelimit", self.admin_page)
 

@@ -10,6 +10,7 @@ worker's ledger next to the budget counters as last seen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +34,12 @@ class Ledger:
         self._rows: dict[tuple[str, str, str], list[Any]] = {}
         self._tokens: Counter | None = None
         self._usd: Counter | None = None
+        self._label: Callable[[str], str] = str
 
-    def register(self, registry: CollectorRegistry) -> None:
+    def register(self, registry: CollectorRegistry, model_label: Callable[[str], str] = str) -> None:
+        """Count spend in ``registry``, the model label bounded by ``model_label``
+        (``FactoryContext.model_label``: names no config declared become ``other``)."""
+        self._label = model_label
         self._tokens = Counter(
             "llmproxy_ratelimit_spent_tokens",
             "Tokens spent, by principal, team, client-facing model and kind (input, output)",
@@ -61,10 +66,11 @@ class Ledger:
         if usage.cost is not None:
             row[3] += usage.cost.total
         if self._tokens is not None and self._usd is not None:
-            self._tokens.labels(*key, "input").inc(usage.input_tokens)
-            self._tokens.labels(*key, "output").inc(usage.output_tokens)
+            labels = (key[0], key[1], self._label(key[2]))
+            self._tokens.labels(*labels, "input").inc(usage.input_tokens)
+            self._tokens.labels(*labels, "output").inc(usage.output_tokens)
             if usage.cost is not None:
-                self._usd.labels(*key).inc(float(usage.cost.total))
+                self._usd.labels(*labels).inc(float(usage.cost.total))
 
     def view(self) -> list[dict[str, Any]]:
         return [

@@ -478,3 +478,23 @@ class RoutingFactory(FilterFactory):
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         super().__init__(name, config, context)
         self.table: RoutingTable = build_table(config, context.mock_ports)
+        context.declare_models(_configured_models(self.table))
+
+
+def _configured_models(table: RoutingTable) -> set[str]:
+    """Every model name the config spells out: client-facing names, aliases, upstream names.
+
+    These may be metric labels; names that only match a pattern are counted as ``other``.
+    """
+    names: set[str] = set(table.aliases)
+    for targets in table.aliases.values():
+        names.update(t.model for t in targets)
+    for provider in table.providers.values():
+        models = provider.models
+        for listed in models.listed():
+            names.add(listed)
+            names.add(models.resolve(listed) or listed)
+        names.update(mapped for _, mapped in models.prefixes if mapped)
+        if models.wildcard:
+            names.add(models.wildcard)
+    return names

@@ -35,6 +35,7 @@ from llmproxy.context import FactoryContext
 from llmproxy.engine.cycle import Runtime
 from llmproxy.filter import FilterFactory
 from llmproxy.http.server import HttpConnection
+from llmproxy.runtime import multiproc
 from llmproxy.runtime.accesslog import AccessLog
 from llmproxy.runtime.admin import AdminPages
 from llmproxy.runtime.config import Config, ConfigError, MockSpec
@@ -152,6 +153,7 @@ class Proxy:
             limits=cfg.limits,
             default_upstream=default_upstream,
             validate_json=cfg.server.validate_json,
+            overhead_header=cfg.server.overhead_header,
             access_log=AccessLog(json_lines=cfg.server.access_log == "json", enabled=cfg.server.access_log != "off"),
             admin=admin,
         )
@@ -346,6 +348,7 @@ def run(config: Config, host: str | None = None, port: int | None = None) -> int
         port = _free_port(host)
     mock_ports = {m.name: (m.host, m.port or _free_port(m.host)) for m in config.mock_upstreams}
     children: list[int] = []
+    multiproc.prepare(workers)  # before any fork: one scrape sums every worker
     if config.mock_upstreams:
         pid = os.fork()
         if pid == 0:
@@ -356,6 +359,7 @@ def run(config: Config, host: str | None = None, port: int | None = None) -> int
         pid = os.fork()
         if pid == 0:
             code = 0
+            multiproc.worker_started()
             try:
                 uvloop.run(_serve(config, host, port, worker_id, True, mock_ports))
             except ConfigError as exc:
@@ -377,5 +381,7 @@ def run(config: Config, host: str | None = None, port: int | None = None) -> int
     worst = 0
     for child in children:
         _, status = os.waitpid(child, 0)
+        multiproc.worker_exited(child)
         worst = max(worst, os.waitstatus_to_exitcode(status))
+    multiproc.cleanup()
     return worst

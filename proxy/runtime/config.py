@@ -62,6 +62,8 @@ class ServerSettings:
     log_level: str = "info"
     validate_json: bool = True
     admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+    #: Relayed responses carry ``x-llmproxy-overhead-ms`` (time spent in the proxy).
+    overhead_header: bool = False
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,7 @@ def _read_server(sec: Section) -> ServerSettings:
         log_level=sec.get("log_level", str, "info", _one_of("debug", "info", "warning", "error")),
         validate_json=sec.get("validate_json", bool, True),
         admin_allow=tuple(str(a) for a in sec.get("admin_allow", list, ["127.0.0.1", "::1"], _ip_entries)),
+        overhead_header=sec.get("overhead_header", bool, False),
     )
     sec.finish()
     return server
