@@ -157,6 +157,14 @@ class FailoverFilter(Filter):
             choice = factory.choose(routing, self._tried)
         if choice is None:
             wait = factory.soonest_recovery(routing.candidates)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: failover has no usable key for %s (all cooling: %s; soonest in %.1fs)",
+                    exchange.id,
+                    routing.model or "-",
+                    factory.all_cooling(routing.candidates),
+                    wait,
+                )
             if factory.all_cooling(routing.candidates):
                 # every key is rate limited by its provider: the client is told so, with the
                 # providers' own retry-after, not that the service is down
@@ -172,6 +180,15 @@ class FailoverFilter(Filter):
             )
         target, key_index = choice
         if target is not routing.target or key_index != routing.key_index:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: failover skips %s key %s (not usable), uses %s key %s",
+                    exchange.id,
+                    routing.provider,
+                    routing.key_id or "-",
+                    target.provider.name,
+                    target.provider.key_ids[key_index],
+                )
             routing.repoint(exchange, target, key_index)
         self._tried.add((target.provider.name, key_index))
         return Action.CONTINUE
@@ -198,27 +215,56 @@ class FailoverFilter(Filter):
             return Action.CONTINUE
         book = self.factory.book
         await book.failure(self._record(), kind, _retry_after(response.headers.get("retry-after"), book.clock()))
-        await self._retry(exchange)
+        why = exchange.upstream_error.code if exchange.upstream_error is not None else f"status {response.status}"
+        await self._retry(exchange, f"{kind} ({why})")
         return Action.CONTINUE
 
-    async def _retry(self, exchange: Exchange) -> bool:
+    async def _retry(self, exchange: Exchange, why: str) -> bool:
         """Point the exchange at the next usable key and ask for a retry; False if none."""
         routing = self._routing
         factory = self.factory
         assert routing is not None and routing.target is not None
         if exchange.attempts >= factory.max_attempts or exchange.elapsed >= factory.deadline:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: failover gives up after attempt %d on %s key %s: %s (%s)",
+                    exchange.id,
+                    exchange.attempts,
+                    routing.provider,
+                    routing.key_id or "-",
+                    why,
+                    "max_attempts reached" if exchange.attempts >= factory.max_attempts else "deadline passed",
+                )
             return False
         choice = factory.choose(routing, self._tried)
         if choice is None:
             # every key was tried: the same key again, if it is still usable, after a backoff
             record = self._record()
             if not factory.book.usable(record):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "request %s: failover gives up after attempt %d: %s; no usable key left",
+                        exchange.id,
+                        exchange.attempts,
+                        why,
+                    )
                 return False
             self._same_key_retries += 1
             delay = min(factory.backoff_max, factory.backoff_base * 2 ** (self._same_key_retries - 1))
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             choice = (routing.target, routing.key_index)
         target, key_index = choice
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s: failover retries attempt %d on %s key %s: %s; next: %s key %s",
+                exchange.id,
+                exchange.attempts,
+                routing.provider,
+                routing.key_id or "-",
+                why,
+                target.provider.name,
+                target.provider.key_ids[key_index],
+            )
         routing.repoint(exchange, target, key_index)
         self._tried.add((target.provider.name, key_index))
         exchange.retry()
@@ -260,7 +306,8 @@ class FailoverFilter(Filter):
         if failed or (end_of_stream and not self._ended):
             self._holding = False
             await self.factory.book.failure(self._record(), "server")
-            await self._retry(exchange)  # nothing left to try: CONTINUE releases what came
+            # nothing left to try: CONTINUE releases what came
+            await self._retry(exchange, "stream error event" if failed else "stream ended without content")
             return Action.CONTINUE
         if end_of_stream:
             self._holding = False

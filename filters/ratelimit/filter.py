@@ -263,6 +263,17 @@ class RateLimitFilter(Filter):
             if min(quota.amount, quota.limit - state.used) >= need:
                 continue
             factory.decisions.labels(rule.name, "refused").inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: ratelimit %s %r refuses %s: needs %d, %d of %d used",
+                    exchange.id,
+                    "budget" if isinstance(rule, BudgetRule) else "limit",
+                    rule.name,
+                    quota.key,
+                    need,
+                    state.used,
+                    quota.limit,
+                )
             wait = max(wait, state.retry_after)
             if isinstance(rule, BudgetRule):
                 budget = budget or rule

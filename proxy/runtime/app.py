@@ -35,7 +35,7 @@ from llmproxy.context import FactoryContext
 from llmproxy.engine.cycle import Runtime
 from llmproxy.filter import FilterFactory
 from llmproxy.http.server import HttpConnection
-from llmproxy.runtime import multiproc
+from llmproxy.runtime import logs, multiproc
 from llmproxy.runtime.accesslog import AccessLog
 from llmproxy.runtime.admin import AdminPages
 from llmproxy.runtime.config import Config, ConfigError, MockSpec
@@ -126,6 +126,7 @@ class Proxy:
     async def start(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False) -> None:
         """Build everything and start listening; raises ConfigError on bad config."""
         cfg = self.config
+        logs.set_worker(self.worker_id)  # every log line of this process names its worker
         self.store = await make_store(cfg.store, cfg.file)
         if not self.mock_ports:
             await self._start_mocks(cfg.mock_upstreams)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import BinaryIO
 
@@ -17,12 +16,10 @@ __all__ = ["main"]
 _LEVELS = ("debug", "info", "warning", "error")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, json: bool = False) -> None:
+    from llmproxy.runtime.logs import setup
+
+    setup(level, json=json)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +51,7 @@ def serve(config_path: str, host: str | None, port: int | None, workers: int | N
         from dataclasses import replace
 
         config = replace(config, server=replace(config.server, workers=workers))
-    _setup_logging(log_level or config.server.log_level)
+    _setup_logging(log_level or config.server.log_level, json=config.server.access_log == "json")
     from llmproxy.runtime.app import run
 
     sys.exit(run(config, host, port))

@@ -80,14 +80,14 @@ def worker_started() -> None:
     makes every metric the worker creates afterwards file-backed.
     """
     if os.environ.get(ENV):
-        values.ValueClass = values.MultiProcessValue()
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
 def worker_exited(pid: int) -> None:
     """Parent: a worker exited; drop its ``live*`` gauges (its counters stay summed)."""
     path = os.environ.get(ENV)
     if path:
-        mark_process_dead(pid, path)
+        mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 def cleanup() -> None:
@@ -134,7 +134,7 @@ class WorkerRegistry(CollectorRegistry):
             return self
         if self._scrape is None:
             scrape = CollectorRegistry(auto_describe=False)
-            MultiProcessCollector(scrape)
+            MultiProcessCollector(scrape)  # type: ignore[no-untyped-call]
             scrape.register(_Custom(self))
             self._scrape = scrape
         return self._scrape
