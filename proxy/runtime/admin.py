@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from prometheus_client import generate_latest
 
+from llmproxy.runtime import multiproc
 from llmproxy.runtime.metrics import ExchangeMetrics
 from llmproxy.runtime.multiproc import WorkerRegistry
 
@@ -43,6 +44,7 @@ class AdminPages:
         self.registry = WorkerRegistry()
         #: The core's exchange metrics (the driver counts every exchange here).
         self.metrics = ExchangeMetrics(self.registry)
+        self.metrics.publish_to(multiproc.folder())  # several workers: scrapes sum them
         self._pages: dict[bytes, JsonPage] = {}
         #: Paths answered here (GET only); checked with one dict lookup per request.
         self.paths: frozenset[bytes] = frozenset({b"/metrics"})

@@ -227,6 +227,7 @@ class Proxy:
                 except Exception:
                     log.exception("closing filter %s failed", factory.name)
             await rt.pool.close()
+            rt.admin.metrics.publish()  # the last exchanges, for the other workers' scrapes
         if self.context is not None:
             await self.context.cancel_tasks()
         if self.store is not None:

@@ -24,8 +24,10 @@ workers) or ``mostrecent`` (a value every worker sees alike).
 Custom collectors (metric families built at scrape time, such as key health)
 cannot be written to the files: the scraping worker adds its own to the
 merged families (see :class:`WorkerRegistry`). They must therefore show
-state every worker shares (read from the shared store), not per-worker
-counts, which must be real ``Counter`` objects.
+state every worker shares (read from the shared store), or merge what the
+other workers publish themselves, as the core's exchange metrics do
+(:mod:`llmproxy.runtime.metrics`: per-worker snapshots in the same folder);
+a filter's per-worker counts must be real ``Counter`` objects.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-__all__ = ["ENV", "WorkerRegistry", "active", "cleanup", "prepare", "worker_exited", "worker_started"]
+__all__ = ["ENV", "WorkerRegistry", "active", "cleanup", "folder", "prepare", "worker_exited", "worker_started"]
 
 #: The variable prometheus_client reads to find the folder of the value files.
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -97,6 +99,11 @@ def cleanup() -> None:
         shutil.rmtree(_owned, ignore_errors=True)
         os.environ.pop(ENV, None)
         _owned = None
+
+
+def folder() -> str | None:
+    """The shared metrics folder in a worker in multiprocess mode, else None."""
+    return os.environ.get(ENV) if active() else None
 
 
 def active() -> bool:

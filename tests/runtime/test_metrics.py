@@ -25,6 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmproxy.mock import KeyBehaviour, MockConfig, MockServer, start_mock
+from llmproxy.runtime.metrics import PUBLISH_INTERVAL
 from tests.redis_server import free_port
 from tests.support import LoopThread, RunningProxy, wait_healthy
 
@@ -359,7 +360,7 @@ def test_two_workers_add_up_in_one_scrape_and_log_json_lines(tmp_path: Path) -> 
                 with pytest.raises(openai.NotFoundError):
                     client.chat.completions.create(model=f"random-{i}", messages=HI)  # type: ignore[arg-type]
             client.close()
-        time.sleep(0.3)  # end hooks run just after each reply
+        time.sleep(PUBLISH_INTERVAL + 0.5)  # each worker publishes its counts within PUBLISH_INTERVAL
         unknown = requests // 3 + (1 if requests % 3 else 0)
         for _ in range(4):  # whichever worker answers, the scrape is the sum
             samples, _ = scrape(port)
