@@ -40,7 +40,12 @@ def main() -> None:
 @click.option(
     "--workers", default=None, type=click.IntRange(1, 256), help="Worker processes (overrides server.workers)."
 )
-@click.option("--log-level", default=None, type=click.Choice(_LEVELS), help="Log level (overrides server.log_level).")
+@click.option(
+    "--log-level",
+    default=None,
+    type=click.Choice(_LEVELS),
+    help="Log level (overrides server.log_level; debug: each filter decision).",
+)
 def serve(config_path: str, host: str | None, port: int | None, workers: int | None, log_level: str | None) -> None:
     """Run the proxy with the config in FILE until SIGTERM or SIGINT."""
     try:

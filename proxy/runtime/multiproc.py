@@ -66,7 +66,7 @@ def prepare(workers: int) -> str | None:
     if path:
         os.makedirs(path, exist_ok=True)
         for name in os.listdir(path):
-            if name.endswith(".db"):
+            if name.endswith(".db") or name.startswith("llmproxy-exchanges-"):  # (metrics.py's snapshots)
                 os.remove(os.path.join(path, name))
     else:
         path = _owned = tempfile.mkdtemp(prefix="llmproxy-metrics-")
