@@ -376,6 +376,9 @@ def test_two_workers_add_up_in_one_scrape_and_log_json_lines(tmp_path: Path) -> 
                 model="mock-demo",
             )
             assert value(samples, "llmproxy_in_flight") == 0
+            # a filter's prometheus_client counter (metering's), summed by multiprocess mode
+            output = value(samples, "llmproxy_token_usage_tokens_sum", type="output")
+            assert output > 0 and value(samples, "llmproxy_tokens_total", kind="output") == output
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("HEAD", "/metrics")
         head = conn.getresponse()
