@@ -60,6 +60,7 @@ class Attempt:
         "key_id",
         "number",
         "outcome",
+        "responded_at",
         "response",
         "started_at",
         "target",
@@ -85,6 +86,9 @@ class Attempt:
         #: routing from the provider's report, completed by ``metering``.
         self.usage: Usage | None = None
         self.started_at = time.perf_counter()
+        #: ``time.perf_counter()`` when the upstream's response head arrived (or its failure
+        #: before one); 0 before that. Minus ``started_at``: the provider's time to its head.
+        self.responded_at = 0.0
         self.ended_at = 0.0
 
     @property

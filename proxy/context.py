@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -74,6 +74,21 @@ class FactoryContext:
             if isinstance(factory, kind):
                 return factory
         return None
+
+    def declare_models(self, names: Iterable[str]) -> None:
+        """Say which model names (from the filter's config) may appear as ``model`` metric labels.
+
+        Any other name, whatever a client sends, is counted as ``other`` in the
+        core's metrics and in :meth:`model_label`, so label sets stay bounded.
+        """
+        self._admin.metrics.models.declare(names)
+
+    def model_label(self, name: str | None) -> str:
+        """``name`` as a ``model`` label value: itself when declared, ``other`` when not, ``-`` when empty.
+
+        Filters label their own metrics with it (cheap: one set lookup).
+        """
+        return self._admin.metrics.models(name)
 
     def add_admin_page(self, path: str, page: Callable[[], Any]) -> None:
         """Serve ``page()`` as JSON at ``GET path`` (under ``/admin/``, admin clients only)."""

@@ -113,6 +113,7 @@ class Exchange:
         "first_byte_at",
         "id",
         "is_sse",
+        "model",
         "request",
         "response",
         "response_started",
@@ -152,6 +153,9 @@ class Exchange:
         #: minus ``started_at`` it is the time to first token of a stream.
         self.first_byte_at = 0.0
         self.vars: dict[str, Any] = {}
+        #: The ``model`` of the request JSON as the client sent it ("" when there is none, or
+        #: before the body was parsed): set by :meth:`request_json`, never changed by filters.
+        self.model = ""
         #: Tokens and cost of the whole exchange (the sum of its attempts'), set by
         #: the ``metering`` filter before ``on_exchange_complete``; None without it.
         self.usage: Usage | None = None
@@ -185,6 +189,10 @@ class Exchange:
             if _too_deep(body, value):
                 raise InvalidJSON(f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep")
             self._json = value
+            if isinstance(value, dict):
+                model = value.get("model")
+                if isinstance(model, str) and not self.model:
+                    self.model = model
         return self._json
 
     def set_request_json(self, value: Any) -> None:

@@ -108,6 +108,8 @@ class AuthFilter(Filter):
             raise factory.refuse("unknown", exchange)
         self._principal = principal
         exchange.vars[PRINCIPAL] = principal
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s: auth accepted %s (key %s)", exchange.id, principal.name, principal.key_id)
         return Action.CONTINUE
 
     def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
@@ -118,6 +120,8 @@ class AuthFilter(Filter):
         model = payload.get("model") if isinstance(payload, dict) else None
         if isinstance(model, str) and not principal.allows_model(model):
             self.factory.failures["model_not_allowed"].inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s: auth refused: %s may not use model %r", exchange.id, principal.name, model[:200])
             shown = model if len(model) <= 200 else model[:200] + "..."
             raise ModelNotAllowed(f"this key may not use the model '{shown}'", param="model")
         return Action.CONTINUE  # a missing model is routing's 400
@@ -176,6 +180,8 @@ class AuthFactory(FilterFactory):
     def refuse(self, reason: str, exchange: Exchange) -> Exception:
         """Count a refusal and return the 401 to raise (no Bearer challenge for Anthropic clients)."""
         self.failures[reason].inc()
+        if log.isEnabledFor(logging.DEBUG):  # the reason only: never the key
+            log.debug("request %s: auth refused (%s key)", exchange.id, reason)
         return invalid_api_key(reason, exchange.client_protocol == "openai")
 
     async def start(self) -> None:

@@ -57,6 +57,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
+from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from llmproxy import (
@@ -157,6 +158,14 @@ class FailoverFilter(Filter):
             choice = factory.choose(routing, self._tried)
         if choice is None:
             wait = factory.soonest_recovery(routing.candidates)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: failover has no usable key for %s (all cooling: %s; soonest in %.1fs)",
+                    exchange.id,
+                    routing.model or "-",
+                    factory.all_cooling(routing.candidates),
+                    wait,
+                )
             if factory.all_cooling(routing.candidates):
                 # every key is rate limited by its provider: the client is told so, with the
                 # providers' own retry-after, not that the service is down
@@ -172,6 +181,15 @@ class FailoverFilter(Filter):
             )
         target, key_index = choice
         if target is not routing.target or key_index != routing.key_index:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: failover skips %s key %s (not usable), uses %s key %s",
+                    exchange.id,
+                    routing.provider,
+                    routing.key_id or "-",
+                    target.provider.name,
+                    target.provider.key_ids[key_index],
+                )
             routing.repoint(exchange, target, key_index)
         self._tried.add((target.provider.name, key_index))
         return Action.CONTINUE
@@ -198,27 +216,56 @@ class FailoverFilter(Filter):
             return Action.CONTINUE
         book = self.factory.book
         await book.failure(self._record(), kind, _retry_after(response.headers.get("retry-after"), book.clock()))
-        await self._retry(exchange)
+        why = exchange.upstream_error.code if exchange.upstream_error is not None else f"status {response.status}"
+        await self._retry(exchange, f"{kind} ({why})")
         return Action.CONTINUE
 
-    async def _retry(self, exchange: Exchange) -> bool:
+    async def _retry(self, exchange: Exchange, why: str) -> bool:
         """Point the exchange at the next usable key and ask for a retry; False if none."""
         routing = self._routing
         factory = self.factory
         assert routing is not None and routing.target is not None
         if exchange.attempts >= factory.max_attempts or exchange.elapsed >= factory.deadline:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: failover gives up after attempt %d on %s key %s: %s (%s)",
+                    exchange.id,
+                    exchange.attempts,
+                    routing.provider,
+                    routing.key_id or "-",
+                    why,
+                    "max_attempts reached" if exchange.attempts >= factory.max_attempts else "deadline passed",
+                )
             return False
         choice = factory.choose(routing, self._tried)
         if choice is None:
             # every key was tried: the same key again, if it is still usable, after a backoff
             record = self._record()
             if not factory.book.usable(record):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "request %s: failover gives up after attempt %d: %s; no usable key left",
+                        exchange.id,
+                        exchange.attempts,
+                        why,
+                    )
                 return False
             self._same_key_retries += 1
             delay = min(factory.backoff_max, factory.backoff_base * 2 ** (self._same_key_retries - 1))
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             choice = (routing.target, routing.key_index)
         target, key_index = choice
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s: failover retries attempt %d on %s key %s: %s; next: %s key %s",
+                exchange.id,
+                exchange.attempts,
+                routing.provider,
+                routing.key_id or "-",
+                why,
+                target.provider.name,
+                target.provider.key_ids[key_index],
+            )
         routing.repoint(exchange, target, key_index)
         self._tried.add((target.provider.name, key_index))
         exchange.retry()
@@ -260,7 +307,8 @@ class FailoverFilter(Filter):
         if failed or (end_of_stream and not self._ended):
             self._holding = False
             await self.factory.book.failure(self._record(), "server")
-            await self._retry(exchange)  # nothing left to try: CONTINUE releases what came
+            # nothing left to try: CONTINUE releases what came
+            await self._retry(exchange, "stream error event" if failed else "stream ended without content")
             return Action.CONTINUE
         if end_of_stream:
             self._holding = False
@@ -329,6 +377,11 @@ class FailoverFactory(FilterFactory):
                 model = provider.models.resolve(provider.models.listed()[0])
             if model is not None:
                 self.probe_models[provider.name] = model
+        registry = context.metrics
+        self.store_errors = Counter(
+            "llmproxy_failover_store_errors", "Shared store calls that failed (key health)", registry=registry
+        )
+        self.probes = Counter("llmproxy_failover_probes_sent", "Health-check probes sent", registry=registry)
         self.book = HealthBook(
             context.store,
             failure_threshold=failure_threshold,
@@ -337,6 +390,7 @@ class FailoverFactory(FilterFactory):
             eject_for=eject_for,
             trial_after_ejection=not self.health_checks,
             clock=clock,
+            on_store_error=self.store_errors.inc,
         )
         if context.workers > 1 and isinstance(context.store, MemoryStore) and context.worker_id == 0:
             # accepted (health is advisory, not an exact quota) but worth one line
@@ -346,7 +400,6 @@ class FailoverFactory(FilterFactory):
                 context.workers,
             )
         self.instance_id = f"{os.uname().nodename}:{os.getpid()}:{random.getrandbits(32):08x}"
-        self.probes_sent = 0
         context.metrics.register(_HealthCollector(self))
         context.add_admin_page("/admin/failover", self.admin_page)
 
@@ -446,7 +499,7 @@ class FailoverFactory(FilterFactory):
         body = orjson.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
         headers = [(b"content-type", b"application/json"), (b"x-llmproxy-probe", b"1"), *adapter.static_headers()]
         ok = False
-        self.probes_sent += 1
+        self.probes.inc()
         try:
             reply = await self.context.upstream.request(
                 target, "POST", adapter.path(api, model, ""), headers=headers, body=body
@@ -485,7 +538,11 @@ class FailoverFactory(FilterFactory):
 
 
 class _HealthCollector:
-    """Exports key state as ``llmproxy_upstream_key_*`` gauges at scrape time."""
+    """Exports key state as ``llmproxy_upstream_key_*`` gauges at scrape time.
+
+    Key health is shared through the store, so with several workers the
+    scraping worker's view is the answer (no per-worker sum, no worker label).
+    """
 
     def __init__(self, factory: FailoverFactory) -> None:
         self.factory = factory
@@ -508,12 +565,6 @@ class _HealthCollector:
             "llmproxy_failover_store_available",
             "1 when the shared store answers",
             value=int(self.factory.book.store_available),
-        )
-        yield GaugeMetricFamily(
-            "llmproxy_failover_store_errors", "Shared store errors seen", value=self.factory.book.store_errors
-        )
-        yield GaugeMetricFamily(
-            "llmproxy_failover_probes_sent", "Health-check probes sent by this worker", value=self.factory.probes_sent
         )
 
 

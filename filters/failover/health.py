@@ -93,8 +93,11 @@ class HealthBook:
         eject_for: float,
         trial_after_ejection: bool,
         clock: Callable[[], float] = time.time,
+        on_store_error: Callable[[], None] | None = None,
     ) -> None:
+        """``on_store_error`` is called once per failed store call (the factory's counter)."""
         self.store = store
+        self.on_store_error = on_store_error
         #: Wall-clock seconds now; every time the book compares or stores comes from it.
         self.clock = clock
         self.failure_threshold = failure_threshold
@@ -118,6 +121,8 @@ class HealthBook:
 
     def _store_down(self, exc: StoreUnavailable) -> None:
         self.store_errors += 1
+        if self.on_store_error is not None:
+            self.on_store_error()
         if self.store_available:
             log.warning("shared store unreachable, serving from the last known key health: %s", exc)
         self.store_available = False
@@ -152,12 +157,15 @@ class HealthBook:
                 if await self.store.set(key, new.to_bytes(), cas=version):
                     self.view[key] = new
                     self._store_up()
+                    _log_transition(key, old, new)
                     return new
             log.warning("key health %s: too much contention, update applied locally only", key)
         except StoreUnavailable as exc:
             self._store_down(exc)
-        new = change(self.health(key))
+        old = self.health(key)
+        new = change(old)
         self.view[key] = new
+        _log_transition(key, old, new)
         return new
 
     async def success(self, key: str) -> None:
@@ -209,3 +217,27 @@ class HealthBook:
         except StoreUnavailable as exc:
             self._store_down(exc)
         self.view.pop(key, None)
+
+
+def _log_transition(key: str, old: KeyHealth, new: KeyHealth) -> None:
+    """Log a key's change of state by the update this worker made (``key`` names only the key id).
+
+    Ejection is a WARNING, recovery an INFO; a 429's cooling and a counted
+    failure are DEBUG (one line per decision, formatted only when enabled).
+    """
+    if new.state == old.state:
+        if new.failures != old.failures and log.isEnabledFor(logging.DEBUG):
+            log.debug("key %s: failure %d counted (%s), still %s", key, new.failures, new.reason or "-", new.state)
+        return
+    if new.state == EJECTED:
+        log.warning(
+            "key %s ejected (reason %s, %d failures); next try in %.0fs",
+            key,
+            new.reason or "-",
+            new.failures,
+            max(0.0, new.until - time.time()),
+        )
+    elif new.state == HEALTHY:
+        log.info("key %s restored (was %s, reason %s)", key, old.state, old.reason or "-")
+    elif new.state == COOLING and log.isEnabledFor(logging.INFO):
+        log.info("key %s cooling for %.1fs (provider rate limit)", key, max(0.0, new.until - time.time()))

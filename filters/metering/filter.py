@@ -182,7 +182,7 @@ class MeteringFilter(Filter):
         elif usage.input_source is Source.PROVIDER and factory.drift_sample and random.random() < factory.drift_sample:
             counted = await self._count_prompt(exchange, provider_protocol, model)
             if counted is not None and usage.input_tokens > 0:
-                factory.drift.labels(model).observe(counted[0] / usage.input_tokens)
+                factory.drift.labels(factory.context.model_label(model)).observe(counted[0] / usage.input_tokens)
                 usage.extra["prompt_drift"] = counted[0] - usage.input_tokens
         if need_output and self._chunks and attempt.head_sent:
             chunks, sse = self._chunks, attempt.is_sse or exchange.is_sse
@@ -365,7 +365,7 @@ class MeteringFactory(FilterFactory):
 
     def count(self, usage: Usage) -> None:
         """Add one exchange's usage to the metrics."""
-        model, provider = usage.model or "-", usage.provider or "-"
+        model, provider = self.context.model_label(usage.model), usage.provider or "-"
         children = self._children
         for kind, value, source in (
             ("input", usage.input_tokens, usage.input_source),

@@ -269,6 +269,17 @@ class RateLimitFilter(Filter):
             if min(quota.amount, quota.limit - state.used) >= need:
                 continue
             factory.decisions.labels(rule.name, "refused").inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: ratelimit %s %r refuses %s: needs %d, %d of %d used",
+                    exchange.id,
+                    "budget" if isinstance(rule, BudgetRule) else "limit",
+                    rule.name,
+                    quota.key,
+                    need,
+                    state.used,
+                    quota.limit,
+                )
             wait = max(wait, state.retry_after)
             if isinstance(rule, BudgetRule):
                 budget = budget or rule
@@ -486,11 +497,11 @@ class RateLimitFactory(FilterFactory):
             "A budget counter's value as last seen by this worker (tokens, or micro-dollars for usd budgets)",
             ["budget", "key"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # several workers: the latest value any of them saw
         )
         #: Label children, cached (``labels()`` costs more than the increment).
         self._admitted: dict[str, Any] = {}
         self._budget_gauges: dict[str, Any] = {}
-        self.ledger.register(registry)
         self._budget_view: dict[str, dict[str, Any]] = {}
         context.add_admin_page("/admin/ratelimit", self.admin_page)
 

@@ -1,19 +1,17 @@
-"""The spend ledger: tokens and dollars by principal, team and model.
+"""The spend ledger: tokens and dollars by principal, team and model, for the admin page.
 
 Every settled exchange adds its metered usage here (in-process, one dict
-update) and to the Prometheus counters ``llmproxy_ratelimit_spent_tokens_total``
-and ``llmproxy_ratelimit_spent_usd_total`` (labels ``principal``, ``team``,
-``model``), which a scrape sums over workers and instances. The budgets
-themselves live in the shared store; ``GET /admin/ratelimit`` shows this
-worker's ledger next to the budget counters as last seen.
+update); ``GET /admin/ratelimit`` shows this worker's ledger next to the
+budget counters as last seen. The same spend is exported, summed over
+workers, by the core's ``llmproxy_spent_tokens_total`` and
+``llmproxy_spent_usd_total`` (labels ``principal``, ``team``, ``model``);
+the budgets themselves live in the shared store.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client import CollectorRegistry, Counter
 
 from llmproxy import Usage
 
@@ -31,50 +29,19 @@ class Ledger:
 
     def __init__(self) -> None:
         self._rows: dict[tuple[str, str, str], list[Any]] = {}
-        self._tokens: Counter | None = None
-        self._usd: Counter | None = None
-
-    def register(self, registry: CollectorRegistry) -> None:
-        self._tokens = Counter(
-            "llmproxy_ratelimit_spent_tokens",
-            "Tokens spent, by principal, team, client-facing model and kind (input, output)",
-            ["principal", "team", "model", "kind"],
-            registry=registry,
-        )
-        self._usd = Counter(
-            "llmproxy_ratelimit_spent_usd",
-            "US dollars spent (priced models only), by principal, team and client-facing model",
-            ["principal", "team", "model"],
-            registry=registry,
-        )
 
     def add(self, facts: Facts, usage: Usage) -> None:
         key = (facts.principal, facts.team or "-", facts.model or usage.requested_model or "-")
         row = self._rows.get(key)
         if row is None:
-            if len(self._rows) >= _MAX_ROWS:  # the admin page is full; the metrics still count
-                if self._tokens is not None and self._usd is not None:
-                    self._tokens.labels(*key, "input").inc(usage.input_tokens)
-                    self._tokens.labels(*key, "output").inc(usage.output_tokens)
-                    if usage.cost is not None:
-                        self._usd.labels(*key).inc(float(usage.cost.total))
+            if len(self._rows) >= _MAX_ROWS:
                 return
-            # requests, input, output, usd; then the row's metric children (labels() once per row)
-            row = self._rows[key] = [0, 0, 0, Decimal(0), None, None, None]
-            if self._tokens is not None and self._usd is not None:
-                row[4] = self._tokens.labels(*key, "input")
-                row[5] = self._tokens.labels(*key, "output")
-                row[6] = self._usd.labels(*key)
+            row = self._rows[key] = [0, 0, 0, Decimal(0)]  # requests, input, output, usd
         row[0] += 1
         row[1] += usage.input_tokens
         row[2] += usage.output_tokens
         if usage.cost is not None:
             row[3] += usage.cost.total
-        if row[4] is not None:
-            row[4].inc(usage.input_tokens)
-            row[5].inc(usage.output_tokens)
-            if usage.cost is not None:
-                row[6].inc(float(usage.cost.total))
 
     def view(self) -> list[dict[str, Any]]:
         return [

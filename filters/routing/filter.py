@@ -35,6 +35,7 @@ it is also left OpenAI-shaped on ``exchange.vars["routing.usage"]``. The
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -73,6 +74,8 @@ from llmproxy.filters.translate import (
 )
 
 __all__ = ["HINT_HEADER", "RoutingFactory", "RoutingFilter"]
+
+log = logging.getLogger("llmproxy.routing")
 
 HINT_HEADER = "x-llmproxy-provider"
 
@@ -199,6 +202,10 @@ class RoutingFilter(Filter):
         try:
             self.candidates = self.factory.table.candidates(model, self.api, self.hint)
         except NoProvider as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request %s: routing found no provider for model %r (%s)", exchange.id, model[:200], exc.reason
+                )
             if exc.reason == "no_key":
                 names = ", ".join(f"'{n}'" for n in exc.providers)
                 raise ServiceUnavailable(
@@ -220,6 +227,18 @@ class RoutingFilter(Filter):
         self._include_usage_asked = isinstance(options, dict) and options.get("include_usage") is True
         target = self.candidates[0]
         self.apply(exchange, target, target.provider.next_key_index())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s: routing chose %s model %s key %s for %s %r (%d candidate%s)",
+                exchange.id,
+                target.provider.name,
+                target.model,
+                target.provider.key_ids[self.key_index] if target.provider.key_ids else "-",
+                self.api,
+                model[:200],
+                len(self.candidates),
+                "" if len(self.candidates) == 1 else "s",
+            )
         return Action.CONTINUE
 
     def apply(self, exchange: Exchange, target: Target, key_index: int) -> None:
@@ -478,3 +497,23 @@ class RoutingFactory(FilterFactory):
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         super().__init__(name, config, context)
         self.table: RoutingTable = build_table(config, context.mock_ports)
+        context.declare_models(_configured_models(self.table))
+
+
+def _configured_models(table: RoutingTable) -> set[str]:
+    """Every model name the config spells out: client-facing names, aliases, upstream names.
+
+    These may be metric labels; names that only match a pattern are counted as ``other``.
+    """
+    names: set[str] = set(table.aliases)
+    for targets in table.aliases.values():
+        names.update(t.model for t in targets)
+    for provider in table.providers.values():
+        models = provider.models
+        for listed in models.listed():
+            names.add(listed)
+            names.add(models.resolve(listed) or listed)
+        names.update(mapped for _, mapped in models.prefixes if mapped)
+        if models.wildcard:
+            names.add(models.wildcard)
+    return names

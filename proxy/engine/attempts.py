@@ -21,6 +21,7 @@ runs for it.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from llmproxy.attempt import Attempt, Outcome
@@ -74,11 +75,13 @@ async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
                 resp = await rt.pool.send(
                     target, request.method.encode("ascii"), path, upstream_headers(ex, target, body), body
                 )
+                attempt.responded_at = time.perf_counter()
                 fields = resp.headers
                 if target.secrets:
                     fields = redact_fields(fields, target.secrets)  # a provider echoing our key
                 ex.response = Response(resp.status, upstream_response_headers(fields))
             except UpstreamError as err:
+                attempt.responded_at = time.perf_counter()
                 _synthesize(ex, err)
             retry = await _respond(rt, conn, ex, attempt, resp)
         except asyncio.CancelledError:

@@ -97,6 +97,8 @@ class Runtime:
     validate_json: bool = True
     access_log: AccessLog = field(default_factory=AccessLog)
     admin: AdminPages = field(default_factory=AdminPages)
+    #: ``server.overhead_header``: relayed responses carry ``x-llmproxy-overhead-ms``.
+    overhead_header: bool = False
     connections: set[HttpConnection] = field(default_factory=set)
     #: The tasks of this generation's exchanges before their end hooks (shutdown may cut these).
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -109,6 +111,9 @@ class Runtime:
     cut: bool = False
     #: The generation a reload replaced this one with (None while this one is the newest).
     successor: Runtime | None = None
+
+    def __post_init__(self) -> None:
+        self.admin.metrics.set_routes(self.routes, (prefix for prefix, _ in PREFIX_ROUTES))
 
     def newest(self) -> Runtime:
         """The newest generation (this one unless a reload replaced it)."""
@@ -130,8 +135,8 @@ def shutdown_error() -> ServiceUnavailable:
 async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
     """Drive ``ex`` from parsed head to finished response (see the module docstring)."""
     chain = rt.chain
-    stats = rt.admin.stats
-    stats.in_flight += 1
+    metrics = rt.admin.metrics
+    metrics.exchange_started()
     task = asyncio.current_task()
     if task is not None:
         rt.tasks.add(task)
@@ -172,20 +177,15 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             ex.error = internal
             send_error(conn, ex, internal)
     finally:
-        stats.in_flight -= 1
-        stats.responses[ex.response.status if ex.response is not None and ex.response_started else 499] += 1
-        if ex.error is not None:
-            stats.errors[ex.error.code or "error"] += 1
-        stats.attempts += ex.attempts
-        stats.bytes_in += ex.bytes_received
-        stats.bytes_out += ex.bytes_sent
-        stats.seconds += ex.elapsed
         if task is not None:
             rt.tasks.discard(task)
             rt.finishing.add(task)
         try:
-            if chain.complete_plan:
-                await chain.complete(ex)
+            try:
+                if chain.complete_plan:
+                    await chain.complete(ex)
+            finally:
+                metrics.exchange_done(ex)  # once, on every path, after the end hooks (usage is set)
             rt.access_log.record(ex)
             conn.exchange_finished()
         finally:

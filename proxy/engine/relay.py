@@ -21,6 +21,7 @@ from llmproxy.engine.secrets import redact, target_secrets
 from llmproxy.errors import FilterFailed, ProxyError, UpstreamError, render_error
 from llmproxy.exchange import Exchange, Response
 from llmproxy.http.sse import SseFramer
+from llmproxy.runtime.metrics import OVERHEAD_HEADER, overhead_ms
 from llmproxy.upstream import UpstreamResponse, UpstreamTarget
 
 if TYPE_CHECKING:
@@ -155,8 +156,14 @@ class Relay:
         """Write the head; ``content_length`` None means chunked (or close-delimited)."""
         ex = self.ex
         assert ex.response is not None
-        self.attempt.head_sent = True
+        attempt = self.attempt
+        attempt.head_sent = True
         ex.response_started = True
+        rt = self.rt
+        if attempt.is_sse:
+            rt.admin.metrics.stream_started()
+        if rt.overhead_header:
+            ex.response.headers.set(OVERHEAD_HEADER, f"{overhead_ms(ex):.3f}")
         self.conn.start_response(ex.response.status, head_for_client(ex, ex.response.headers), content_length)
 
     def _write(self, data: bytes) -> None:

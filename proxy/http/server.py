@@ -111,6 +111,7 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
         self._transport.set_write_buffer_limits(high=self._limits.write_high_water)  # type: ignore[union-attr]
         connections = self._rt.connections
         connections.add(self)
+        self._rt.admin.metrics.connection_opened()
         if len(connections) > self._limits.max_connections or self._rt.draining:
             self._reject(
                 ServiceUnavailable("too many connections" if not self._rt.draining else "server is shutting down")
@@ -121,7 +122,10 @@ class HttpConnection(ResponseWriting, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state is not State.CLOSED:  # (closed already when the proxy closed it)
             self._set_state(State.CLOSED)
-        self._rt.connections.discard(self)
+        connections = self._rt.connections
+        if self in connections:
+            connections.discard(self)
+            self._rt.admin.metrics.connection_closed()
         self._timer.close()
         task = self._task
         if task is not None and not task.done() and task not in self._rt.finishing:

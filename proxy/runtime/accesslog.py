@@ -7,6 +7,11 @@ filter set ``exchange.usage`` it also names the model asked for and the
 upstream model, provider, key id, tokens in/out/cached, cost (``?`` when
 unknown), time to first byte and whether the reply was a stream. Nothing is
 formatted when the ``llmproxy.access`` logger is disabled for INFO.
+
+JSON mode writes one JSON object per exchange (``ts``, ``level``,
+``logger``, ``worker`` then the fields above); :mod:`llmproxy.runtime.logs`
+writes it as the whole line. Text mode leaves the time and the worker to the
+log format.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ from typing import TYPE_CHECKING
 import orjson
 
 from llmproxy.filters.names import PRINCIPAL
+from llmproxy.runtime.logs import current_worker, timestamp
 
 if TYPE_CHECKING:
     from llmproxy.exchange import Exchange
 
 __all__ = ["AccessLog"]
+
+#: Tells the JSON formatter that the message is the whole line.
+_JSON_LINE = {"json_line": True}
 
 
 class AccessLog:
@@ -54,6 +63,10 @@ class AccessLog:
         ttft_ms = round((ex.first_byte_at - ex.started_at) * 1000, 3) if ex.first_byte_at else None
         if self.json_lines:
             record: dict[str, object] = {
+                "ts": timestamp(),
+                "level": "info",
+                "logger": logger.name,
+                "worker": current_worker(),
                 "method": request.method,
                 "path": path,
                 "status": status,
@@ -81,7 +94,7 @@ class AccessLog:
                     ttft_ms=ttft_ms,
                     stream=ex.is_sse,
                 )
-            logger.info("%s", orjson.dumps(record).decode())
+            logger.info("%s", orjson.dumps(record).decode(), extra=_JSON_LINE)
             return
         metered = ""
         if usage is not None:

@@ -6,75 +6,52 @@ filter runs for them, and only clients whose address is in
 gets the same 404 as for any unknown path, so the endpoints do not even
 show they exist.
 
-Metrics use prometheus_client with one registry per worker. The core's own
-counters are plain integers bumped once per exchange (no label lookups on
-the hot path) and turned into metric families only when scraped. Filters
-register collectors through ``FactoryContext.metrics`` and admin pages
-through ``FactoryContext.add_admin_page``.
+Metrics use prometheus_client with one registry per worker
+(:class:`~llmproxy.runtime.multiproc.WorkerRegistry`): the core's exchange
+metrics (:mod:`llmproxy.runtime.metrics`, counted once per exchange) and
+what filters register through ``FactoryContext.metrics``; admin pages come
+from ``FactoryContext.add_admin_page``. With several workers a scrape shows
+the sum over all of them (:mod:`llmproxy.runtime.multiproc`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import generate_latest
 
-__all__ = ["AdminPages", "CoreStats", "JsonPage"]
+from llmproxy.runtime import multiproc
+from llmproxy.runtime.metrics import ExchangeMetrics
+from llmproxy.runtime.multiproc import WorkerRegistry
+
+__all__ = ["AdminPages", "JsonPage"]
 
 #: A page handler returns the JSON-serialisable document to answer with.
 JsonPage = Callable[[], Any]
 
 
-class CoreStats(Collector):
-    """Per-worker exchange counters, exported as ``llmproxy_*`` metrics."""
-
-    def __init__(self) -> None:
-        self.responses: Counter[int] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.attempts = 0
-        self.in_flight = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.seconds = 0.0
-
-    def collect(self) -> Iterator[Metric]:
-        responses = CounterMetricFamily(
-            "llmproxy_responses", "Exchanges finished, by response status", labels=["status"]
-        )
-        for status, count in sorted(self.responses.items()):
-            responses.add_metric([str(status)], count)
-        yield responses
-        errors = CounterMetricFamily("llmproxy_errors", "Exchanges that ended with an error, by code", labels=["code"])
-        for code, count in sorted(self.errors.items()):
-            errors.add_metric([code], count)
-        yield errors
-        yield CounterMetricFamily(
-            "llmproxy_upstream_attempts", "Upstream attempts, retries included", value=self.attempts
-        )
-        yield GaugeMetricFamily("llmproxy_in_flight", "Exchanges in progress", value=self.in_flight)
-        yield CounterMetricFamily("llmproxy_received_bytes", "Request body bytes received", value=self.bytes_in)
-        yield CounterMetricFamily("llmproxy_sent_bytes", "Response body bytes sent", value=self.bytes_out)
-        yield CounterMetricFamily("llmproxy_exchange_seconds", "Total time spent in exchanges", value=self.seconds)
-
-
 class AdminPages:
     """The admin routes of one worker and who may reach them."""
 
-    def __init__(self, allow: Iterable[str] = ("127.0.0.1", "::1"), stats: CoreStats | None = None) -> None:
-        """``stats``: the core counters to export (a reload passes the previous generation's on)."""
+    def __init__(self, allow: Iterable[str] = ("127.0.0.1", "::1"), metrics: ExchangeMetrics | None = None) -> None:
+        """``metrics``: the core's exchange metrics to export (a reload passes the previous
+        generation's on)."""
         entries = tuple(allow)
         #: Exact client addresses (one set lookup) and the networks of CIDR entries.
         self.allow = frozenset(e for e in entries if "/" not in e)
         self.networks = tuple(ipaddress.ip_network(e, strict=False) for e in entries if "/" in e)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.stats = stats if stats is not None else CoreStats()
-        self.registry.register(self.stats)
+        self.registry = WorkerRegistry()
+        #: The core's exchange metrics (the driver counts every exchange here); a reload's new
+        #: generation keeps counting on the previous one's (so counters never reset).
+        if metrics is None:
+            self.metrics = ExchangeMetrics(self.registry)
+            self.metrics.publish_to(multiproc.folder())  # several workers: scrapes sum them
+        else:
+            self.metrics = metrics
+            self.registry.register(metrics)
         self._pages: dict[bytes, JsonPage] = {}
         #: Paths answered here (GET only); checked with one dict lookup per request.
         self.paths: frozenset[bytes] = frozenset({b"/metrics"})
@@ -109,7 +86,7 @@ class AdminPages:
         if not self.allows(client):
             return None
         if path == b"/metrics":
-            return 200, b"text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry)
+            return 200, b"text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry.scrape_registry())
         page = self._pages.get(path)
         if page is None:
             return None

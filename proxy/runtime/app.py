@@ -33,6 +33,7 @@ from llmproxy.context import FactoryContext
 from llmproxy.engine.cycle import Runtime
 from llmproxy.filter import FilterFactory
 from llmproxy.http.server import HttpConnection
+from llmproxy.runtime import logs
 from llmproxy.runtime.accesslog import AccessLog
 from llmproxy.runtime.admin import AdminPages
 from llmproxy.runtime.config import Config, ConfigError, MockSpec, load_config
@@ -142,6 +143,7 @@ class Proxy:
     async def start(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False) -> None:
         """Build everything and start listening; raises ConfigError on bad config, OSError when the bind fails."""
         cfg = self.config
+        logs.set_worker(self.worker_id)  # every log line of this process names its worker
         self.store = await make_store(cfg.store, cfg.file)
         if not self.mock_ports:
             await self._start_mocks(cfg.mock_upstreams)
@@ -188,7 +190,7 @@ class Proxy:
         ones started before it, and the error propagates.
         """
         assert self.store is not None
-        admin = AdminPages(cfg.server.admin_allow, previous.admin.stats if previous is not None else None)
+        admin = AdminPages(cfg.server.admin_allow, previous.admin.metrics if previous is not None else None)
         context = FactoryContext(
             self.store,
             self.worker_id,
@@ -206,6 +208,7 @@ class Proxy:
             limits=cfg.limits,
             default_upstream=default_upstream,
             validate_json=cfg.server.validate_json,
+            overhead_header=cfg.server.overhead_header,
             access_log=AccessLog(json_lines=cfg.server.access_log == "json", enabled=cfg.server.access_log != "off"),
             admin=admin,
         )
@@ -356,6 +359,7 @@ class Proxy:
                 await _close_generation(runtime.chain.factories, context)
             self.generations.clear()
             await generations[-1].pool.close()
+            generations[-1].admin.metrics.publish()  # the last exchanges, for the other workers' scrapes
         if self.store is not None:
             await self.store.close()
         for mock in self.mocks:

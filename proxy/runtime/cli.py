@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import BinaryIO
 
@@ -17,12 +16,10 @@ __all__ = ["main"]
 _LEVELS = ("debug", "info", "warning", "error")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, json: bool = False) -> None:
+    from llmproxy.runtime.logs import setup
+
+    setup(level, json=json)
 
 
 class _WorkersType(click.ParamType):  # type: ignore[type-arg]
@@ -64,7 +61,12 @@ def main() -> None:
     type=_WorkersType(),
     help="Worker processes, or auto for one per CPU (overrides server.workers).",
 )
-@click.option("--log-level", default=None, type=click.Choice(_LEVELS), help="Log level (overrides server.log_level).")
+@click.option(
+    "--log-level",
+    default=None,
+    type=click.Choice(_LEVELS),
+    help="Log level (overrides server.log_level; debug: each filter decision).",
+)
 @click.option(
     "--pid-file",
     default=None,
@@ -93,7 +95,7 @@ def serve(
         from dataclasses import replace
 
         config = replace(config, server=replace(config.server, workers=workers))
-    _setup_logging(log_level or config.server.log_level)
+    _setup_logging(log_level or config.server.log_level, json=config.server.access_log == "json")
     from llmproxy.runtime.supervisor import run
 
     sys.exit(run(config, host, port, pid_file))

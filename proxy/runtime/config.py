@@ -65,6 +65,8 @@ class ServerSettings:
     admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
     #: Where ``serve`` writes its pid (the supervisor's with workers) for ``llmproxy reload``.
     pid_file: str | None = None
+    #: Relayed responses carry ``x-llmproxy-overhead-ms`` (time spent in the proxy).
+    overhead_header: bool = False
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,7 @@ def _read_server(sec: Section) -> ServerSettings:
         validate_json=sec.get("validate_json", bool, True),
         admin_allow=tuple(str(a) for a in sec.get("admin_allow", list, ["127.0.0.1", "::1"], _ip_entries)),
         pid_file=sec.get("pid_file", str, None, lambda v: None if v.strip() else "must not be empty"),
+        overhead_header=sec.get("overhead_header", bool, False),
     )
     sec.finish()
     return server

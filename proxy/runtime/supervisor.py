@@ -51,6 +51,7 @@ from pathlib import Path
 
 import uvloop
 
+from llmproxy.runtime import multiproc
 from llmproxy.runtime.app import check_config, serve_worker
 from llmproxy.runtime.config import Config, ConfigError, MockSpec, load_config
 
@@ -190,6 +191,7 @@ def worker_main(
     the worker listens. A worker that cannot start (bad config, bind failure)
     says why on one line and exits :data:`_EXIT_START_FAILED`.
     """
+    multiproc.worker_started()  # its metrics files, before anything counts
     try:
         uvloop.run(serve_worker(config, host, port, worker_id, True, mock_ports, lambda _proxy: on_ready()))
     except ConfigError as exc:
@@ -287,6 +289,7 @@ class Supervisor:
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
         self._ready_w = ready_w
+        multiproc.prepare(self.config.server.workers)  # before any fork: one scrape sums every worker
         try:
             for slot in self.slots:
                 self._spawn(slot)
@@ -321,6 +324,7 @@ class Supervisor:
             os.close(ready_r)
             os.close(ready_w)
             self._kill_all(signal.SIGKILL)  # only reached with children left on an unexpected error
+            multiproc.cleanup()
 
     def _spawn(self, slot: _Slot) -> None:
         index = self.slots.index(slot)
@@ -373,6 +377,8 @@ class Supervisor:
                 continue
             self._read_ready(ready_r)  # a child that got ready wrote so before it exited
             slot.pid = 0
+            if slot.worker_id is not None:
+                multiproc.worker_exited(pid)
             code = os.waitstatus_to_exitcode(status)
             if self._stopping:
                 if code != 0:

@@ -661,7 +661,7 @@ def test_admin_page_metrics_and_logs_name_keys_by_hash_only(
     scrape = call(proxy.port, "GET", "/metrics")
     assert metric(proxy.port, "llmproxy_upstream_key_state", key_id=key_id(K401), state="ejected") == 1
     assert metric(proxy.port, "llmproxy_upstream_key_state", key_id=key_id(KGOOD), state="healthy") == 1
-    probes_sent = metric(proxy.port, "llmproxy_failover_probes_sent")
+    probes_sent = metric(proxy.port, "llmproxy_failover_probes_sent_total")
     assert probes_sent is not None and probes_sent >= 2
 
     log_text = "\n".join(record.getMessage() for record in caplog.records)

@@ -115,7 +115,7 @@ class ProxyProcess:
         wait_healthy(self.port, self.proc, self.log.read_text, what=f"proxy {self.instance}")
 
     def probes_sent(self) -> float:
-        value = metric(self.port, "llmproxy_failover_probes_sent")
+        value = metric(self.port, "llmproxy_failover_probes_sent_total")
         assert value is not None
         return value
 
@@ -252,7 +252,7 @@ def test_redis_outage_serves_from_the_last_view_and_catches_up(
     assert (row["state"], row["reason"]) == ("ejected", "auth")
     assert admin(proxy.port)["store_available"] is False
     assert metric(proxy.port, "llmproxy_failover_store_available") == 0
-    errors = metric(proxy.port, "llmproxy_failover_store_errors")
+    errors = metric(proxy.port, "llmproxy_failover_store_errors_total")
     assert errors is not None and errors > 0
     assert "shared store unreachable, serving from the last known key health" in caplog.text
 

@@ -35,7 +35,7 @@ def test_admin_allow_exact_and_cidr(loop_thread: LoopThread, allow: list[str], e
         reply = raw_exchange(proxy.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         assert status_of(reply) == expected, reply[:200]
         if expected == 200:
-            assert b"llmproxy_responses" in reply
+            assert b"llmproxy_requests" in reply
     finally:
         proxy.stop()
 

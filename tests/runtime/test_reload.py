@@ -77,7 +77,7 @@ def test_reload_swaps_filters_keeps_state_and_refuses_a_revoked_key_at_once(mock
     second = proxy.proxy.runtime
     assert second is not first and first.successor is second
     assert second.pool is pool  # upstream connections of unchanged providers kept
-    assert second.admin.stats is first.admin.stats  # the core counters go on
+    assert second.admin.metrics is first.admin.metrics  # the core counters go on
 
     with pytest.raises(openai.AuthenticationError):
         client(proxy, "sk-bob").chat.completions.create(model="gpt-x", messages=HI)
@@ -90,7 +90,7 @@ def test_reload_swaps_filters_keeps_state_and_refuses_a_revoked_key_at_once(mock
 
     # every filter's collectors are served by the new generation's registry, registered once
     metrics = httpx2.get(proxy.url + "/metrics").text
-    assert "llmproxy_responses" in metrics
+    assert "llmproxy_requests_total" in metrics
     assert "llmproxy_ratelimit_decisions" in metrics
 
     # the old generation retired: its factories closed, its ticks stopped
