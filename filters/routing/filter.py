@@ -61,15 +61,21 @@ from llmproxy.filters.routing.decision import RouteDecision
 from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
 from llmproxy.filters.translate import (
+    ChainedStream,
     ChatStreamToMessagesStream,
+    ChatStreamToResponsesStream,
+    EventTranslator,
     MessagesStreamToChatStream,
     TranslationError,
     anthropic_error_to_openai,
     chat_request_to_messages,
     chat_response_to_messages,
+    chat_response_to_responses,
     messages_request_to_chat,
     messages_response_to_chat,
+    new_response_id,
     openai_error_to_anthropic,
+    responses_request_to_chat,
 )
 
 __all__ = ["HINT_HEADER", "RoutingFactory", "RoutingFilter"]
@@ -87,8 +93,17 @@ _APIS: dict[str, tuple[str, str]] = {
 }
 
 
-#: The provider-side API when the client's is reached by translation.
-_TRANSLATED_API = {"chat": "messages", "messages": "chat"}
+#: The provider-side API when the client's is reached by translation (``responses`` is
+#: bridged to Chat Completions, and on to Messages for an Anthropic provider).
+_TRANSLATED_API = {"chat": "messages", "messages": "chat", "responses": "chat"}
+
+
+def _provider_api(api: str, native: frozenset[str]) -> str:
+    """The API the provider is asked for when the client called ``api``."""
+    if api in native:
+        return api
+    translated = _TRANSLATED_API[api]
+    return translated if translated in native else "messages"
 
 
 class _Mode(enum.Enum):
@@ -113,10 +128,13 @@ class RoutingFilter(Filter):
 
     __slots__ = (
         "_body",
+        "_bridge",
+        "_history",
         "_include_usage_asked",
         "_mode",
         "_pieces",
         "_query",
+        "_response_id",
         "_set_aside",
         "_stream",
         "_translator",
@@ -153,7 +171,12 @@ class RoutingFilter(Filter):
         self._stream = False
         self._include_usage_asked = False
         self._mode = _Mode.PASS
-        self._translator: MessagesStreamToChatStream | ChatStreamToMessagesStream | None = None
+        self._translator: EventTranslator | None = None
+        #: A Responses request bridged to Chat Completions (or on to Messages) by this attempt.
+        self._bridge = False
+        #: The bridged response's id, and the items of the conversation before it.
+        self._response_id = ""
+        self._history: list[dict[str, Any]] = []
         #: The usage of the current attempt's stream (provider protocol).
         self._usage: StreamUsage | None = None
         #: The current attempt's JSON body so far (WATCH_JSON).
@@ -240,7 +263,10 @@ class RoutingFilter(Filter):
         request = exchange.request
         headers = request.headers
         exchange.upstream = provider.targets[key_index]
-        provider_api = self.api if self.api in adapter.native_apis else _TRANSLATED_API[self.api]
+        provider_api = _provider_api(self.api, adapter.native_apis)
+        self._bridge = self.api == "responses" and provider_api != "responses"
+        if self._bridge and not self._response_id:
+            self._response_id = new_response_id()
         request.path = adapter.path(provider_api, target.model, self._query)
         # Protocol-specific client headers (anthropic-*, openai-*) go only to a
         # provider of that protocol; the others are set aside, not lost, so
@@ -257,7 +283,13 @@ class RoutingFilter(Filter):
                 headers.set_raw(name, value)
         body = self._body
         try:
-            if self.client_protocol == adapter.protocol:
+            if self._bridge:
+                out = responses_request_to_chat(body, model=target.model, history=self._history)
+                if adapter.protocol == "anthropic":
+                    out = chat_request_to_messages(
+                        out, model=target.model, default_max_tokens=getattr(adapter, "default_max_tokens", 4096)
+                    )
+            elif self.client_protocol == adapter.protocol:
                 out = dict(body)
                 out["model"] = target.model
                 if self._stream and self.api == "chat":
@@ -289,7 +321,7 @@ class RoutingFilter(Filter):
         if target is None or exchange.response is None:
             return Action.CONTINUE
         provider_protocol = target.provider.protocol
-        translating = provider_protocol != self.client_protocol
+        translating = provider_protocol != self.client_protocol or self._bridge
         if exchange.upstream_error is not None:
             return Action.CONTINUE  # the core renders its own errors in the client's protocol
         if exchange.response.status >= 400:
@@ -303,7 +335,16 @@ class RoutingFilter(Filter):
             self._usage = StreamUsage(provider_protocol)
             if translating:
                 self._mode = _Mode.STREAM
-                if self.client_protocol == "openai":
+                if self._bridge:
+                    responses = ChatStreamToResponsesStream(
+                        request=self._body, response_id=self._response_id, model=target.model
+                    )
+                    self._translator = (
+                        ChainedStream(MessagesStreamToChatStream(model=target.model, include_usage=True), responses)
+                        if provider_protocol == "anthropic"
+                        else responses
+                    )
+                elif self.client_protocol == "openai":
                     self._translator = MessagesStreamToChatStream(
                         model=target.model, include_usage=self._include_usage_asked
                     )
@@ -353,7 +394,16 @@ class RoutingFilter(Filter):
             return Action.CONTINUE
         try:
             parsed = orjson.loads(data)
-            if self.client_protocol == "openai":
+            if self._bridge:
+                chat = (
+                    messages_response_to_chat(parsed, model=target.model)
+                    if target.provider.protocol == "anthropic"
+                    else parsed
+                )
+                out = chat_response_to_responses(
+                    chat, request=self._body, response_id=self._response_id, model=target.model
+                )
+            elif self.client_protocol == "openai":
                 out = messages_response_to_chat(parsed, model=target.model)
             else:
                 out = chat_response_to_messages(parsed, model=target.model)

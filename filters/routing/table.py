@@ -153,12 +153,13 @@ class NoProvider(Exception):
 
 
 def _serves(provider: Provider, api: str) -> bool:
-    if api in provider.adapter.native_apis:
+    native = provider.adapter.native_apis
+    if api in native:
         return True
-    # chat <-> messages are translated both ways
-    return (api == "chat" and "messages" in provider.adapter.native_apis) or (
-        api == "messages" and "chat" in provider.adapter.native_apis
-    )
+    # chat <-> messages are translated both ways; responses is bridged to either
+    if api == "responses":
+        return "chat" in native or "messages" in native
+    return (api == "chat" and "messages" in native) or (api == "messages" and "chat" in native)
 
 
 class RoutingTable:

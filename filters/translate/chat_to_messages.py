@@ -8,10 +8,15 @@ Three pure translations, no I/O:
 * :class:`MessagesStreamToChatStream` — one Anthropic SSE stream to one
   ``chat.completion.chunk`` stream, event by event.
 
-Request fields with no Anthropic equivalent are dropped: ``n``,
-``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``,
-``top_logprobs``, ``seed``, ``response_format``, ``modalities``, ``audio``,
-``prediction``, ``reasoning_effort``, ``verbosity``, ``service_tier``,
+``reasoning_effort`` becomes extended ``thinking`` (``low`` 1024,
+``medium`` 4096, ``high`` 16384 budget tokens; ``minimal``/``none`` none).
+Fields that change the answer and have no Anthropic equivalent are refused
+with a :class:`~llmproxy.filters.translate.errors.TranslationError` naming
+them: ``n`` above 1, a ``response_format`` other than ``text``. Request
+fields with no Anthropic equivalent that only tune sampling or delivery are
+dropped: ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``,
+``top_logprobs``, ``seed``, ``modalities``, ``audio``,
+``prediction``, ``verbosity``, ``service_tier``,
 ``store``, ``metadata``, ``prompt_cache_key``, ``web_search_options``,
 ``stream_options`` (the caller passes ``include_usage`` to the stream
 translator), the legacy ``functions``/``function_call`` and ``function``
@@ -199,6 +204,12 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
         if len(content) == 1 and content[0].keys() == {"type", "text"} and content[0]["type"] == "text":
             turn["content"] = content[0]["text"]
 
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise TranslationError("n > 1 is not supported by this provider (it returns one choice)", param="n")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise TranslationError("response_format is not supported by this provider", param="response_format")
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -207,6 +218,7 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
         "max_tokens": default_max_tokens if max_tokens is None else max_tokens,
         "messages": turns,
     }
+    _thinking(body.get("reasoning_effort"), out, explicit_max=max_tokens is not None)
     if system:
         if len(system) == 1 and system[0].keys() == {"type", "text"}:
             out["system"] = system[0]["text"]
@@ -227,6 +239,34 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     return out
+
+
+#: ``reasoning_effort`` -> Anthropic thinking budget (None: no thinking).
+_THINKING_BUDGETS: dict[str, int | None] = {"none": None, "minimal": None, "low": 1024, "medium": 4096, "high": 16384}
+
+
+def _thinking(effort: object, out: JsonObject, *, explicit_max: bool) -> None:
+    """Set ``thinking`` for a ``reasoning_effort``. The budget must stay below ``max_tokens``:
+    without a client limit, ``max_tokens`` grows by the budget; with one, the budget shrinks to
+    fit, and a limit too small for Anthropic's 1024-token minimum is refused."""
+    if effort is None:
+        return
+    if not isinstance(effort, str) or effort not in _THINKING_BUDGETS:
+        raise TranslationError(f"unsupported reasoning_effort {effort!r}", param="reasoning_effort")
+    budget = _THINKING_BUDGETS[effort]
+    if budget is None:
+        return
+    max_tokens = out["max_tokens"]
+    if not explicit_max:
+        out["max_tokens"] = max_tokens + budget
+    elif not isinstance(max_tokens, int) or max_tokens <= 1024:
+        raise TranslationError(
+            "reasoning_effort needs max_tokens above 1024 on this provider (thinking budget minimum)",
+            param="reasoning_effort",
+        )
+    else:
+        budget = min(budget, max_tokens - 1)
+    out["thinking"] = {"type": "enabled", "budget_tokens": budget}
 
 
 def _translate_tools(body: JsonObject, out: JsonObject) -> None:

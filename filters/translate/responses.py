@@ -1,0 +1,817 @@
+"""Clients speak the OpenAI Responses API, the provider speaks Chat Completions.
+
+Three pure translations, no I/O (an Anthropic provider is reached by chaining
+these with :mod:`~llmproxy.filters.translate.chat_to_messages`: Responses ->
+Chat -> Messages, see :class:`ChainedStream`):
+
+* :func:`responses_request_to_chat` — a ``/v1/responses`` request body (plus
+  the input items of the conversation so far, for ``previous_response_id``)
+  to a ``/v1/chat/completions`` body;
+* :func:`chat_response_to_responses` — a ``chat.completion`` to a
+  ``response`` object;
+* :class:`ChatStreamToResponsesStream` — one Chat Completions chunk stream to
+  one Responses event stream (``response.created``, ``response.in_progress``,
+  ``response.output_item.added``, ``response.content_part.added``,
+  ``response.output_text.delta``, ``response.function_call_arguments.delta``,
+  the ``.done`` events, ``response.completed`` with usage;
+  ``response.incomplete`` when cut by ``max_output_tokens``; ``error`` then
+  ``response.failed`` when the provider's stream reports an error).
+
+Mapping (request): ``instructions`` becomes a leading system message;
+``input`` (a string or a list of items) becomes messages: ``message`` items by
+role (``input_text``/``output_text``/``refusal`` parts to text,
+``input_image`` to ``image_url``, ``input_file`` with ``file_data`` to a
+``file`` part), consecutive ``function_call`` items to one assistant
+message's ``tool_calls``, ``function_call_output`` to a ``tool`` message.
+``reasoning`` input items are not sent (Chat Completions has no way to give
+reasoning back). ``max_output_tokens`` -> ``max_tokens``; ``text.format`` ->
+``response_format``; ``reasoning.effort`` -> ``reasoning_effort``;
+``tools`` of type ``function`` and ``tool_choice`` -> their Chat forms;
+``temperature``, ``top_p``, ``parallel_tool_calls``, ``user`` (or
+``safety_identifier``), ``text.verbosity``, ``top_logprobs`` are kept.
+What cannot be bridged is refused with a :class:`TranslationError` naming
+the field: hosted tools (``web_search``, ``file_search``, ...),
+``item_reference`` and other non-message items, ``file_id`` images and files,
+``background``, ``conversation``, ``prompt``, ``max_tool_calls``.
+``include``, ``truncation``, ``metadata``, ``store``,
+``previous_response_id`` and ``stream_options`` are the caller's business.
+
+Mapping (response): ``reasoning_content`` (DeepSeek, vLLM; ``reasoning`` on
+some servers) becomes a ``reasoning`` item with one ``summary_text``; the
+text a ``message`` item with one ``output_text`` part; each tool call a
+``function_call`` item. ``finish_reason`` ``length`` gives status
+``incomplete`` with reason ``max_output_tokens``, ``content_filter`` gives
+``incomplete`` with reason ``content_filter``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import orjson
+
+from llmproxy.filters.translate._json import dumps_str, loads_object
+from llmproxy.filters.translate.errors import TranslationError
+
+__all__ = [
+    "ChainedStream",
+    "ChatStreamToResponsesStream",
+    "EventTranslator",
+    "chat_response_to_responses",
+    "input_items",
+    "new_response_id",
+    "responses_request_to_chat",
+    "responses_usage",
+]
+
+JsonObject = dict[str, Any]
+
+#: Request fields that have no Chat Completions equivalent and change what the
+#: model does: refused rather than dropped.
+_REFUSED_FIELDS = ("background", "conversation", "prompt", "max_tool_calls")
+
+
+def new_response_id() -> str:
+    """A fresh Responses id (``resp_`` and 48 hex digits, the shape OpenAI uses)."""
+    return "resp_" + secrets.token_hex(24)
+
+
+def _item_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(24)
+
+
+# ---------------------------------------------------------------------------
+# Request: responses -> chat.completions
+# ---------------------------------------------------------------------------
+
+
+def input_items(body: JsonObject) -> list[JsonObject]:
+    """The request's ``input`` as a list of items (a string is one user message).
+
+    Raises :class:`TranslationError` when ``input`` is neither a string nor a list.
+    """
+    raw = body.get("input")
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [{"type": "message", "role": "user", "content": raw}]
+    if not isinstance(raw, list):
+        raise TranslationError("'input' must be a string or a list of items", param="input")
+    return raw
+
+
+def _part(raw: object, param: str, role: str) -> JsonObject:
+    if not isinstance(raw, dict):
+        raise TranslationError("content parts must be objects", param=param)
+    part: JsonObject = raw
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text", "summary_text"):
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise TranslationError(f"{kind} part needs a string 'text'", param=param)
+        return {"type": "text", "text": text}
+    if kind == "refusal":
+        text = part.get("refusal")
+        return {"type": "text", "text": text if isinstance(text, str) else ""}
+    if kind == "input_image" and role != "assistant":
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise TranslationError("only image_url images can be bridged (not file_id)", param=param)
+        image: JsonObject = {"url": url}
+        if part.get("detail") is not None:
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file" and role != "assistant":
+        data = part.get("file_data")
+        if not isinstance(data, str) or not data:
+            raise TranslationError("only inline file_data files can be bridged (not file_id or file_url)", param=param)
+        file: JsonObject = {"file_data": data}
+        if isinstance(part.get("filename"), str):
+            file["filename"] = part["filename"]
+        return {"type": "file", "file": file}
+    raise TranslationError(f"unsupported content part type {kind!r}", param=param)
+
+
+def _message(item: JsonObject, param: str) -> JsonObject:
+    role = item.get("role")
+    if role not in ("user", "assistant", "system", "developer"):
+        raise TranslationError(f"unsupported message role {role!r}", param=f"{param}.role")
+    content = item.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list):
+        raise TranslationError("content must be a string or a list of parts", param=f"{param}.content")
+    parts = [_part(p, f"{param}.content[{j}]", role) for j, p in enumerate(content)]
+    if role != "user" and all(p["type"] == "text" for p in parts):
+        return {"role": role, "content": "".join(p["text"] for p in parts)}
+    return {"role": role, "content": parts}
+
+
+def _tool_output(output: object, param: str) -> str | list[JsonObject]:
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        parts = [_part(p, f"{param}.output[{j}]", "user") for j, p in enumerate(output)]
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+    raise TranslationError("function_call_output.output must be a string or a list of parts", param=f"{param}.output")
+
+
+def _messages(items: Sequence[object], first: int = 0) -> list[JsonObject]:
+    """Chat messages for Responses input items; ``first`` numbers the items in error params."""
+    messages: list[JsonObject] = []
+    for i, item in enumerate(items, first):
+        param = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise TranslationError("input items must be objects", param=param)
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append(_message(item, param))
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and isinstance(last.get("content"), (str, type(None))):
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": _tool_output(item.get("output"), param),
+                }
+            )
+        elif kind == "reasoning":
+            continue  # Chat Completions cannot take reasoning back (see the module docstring)
+        else:
+            raise TranslationError(
+                f"input item type {kind!r} cannot be bridged to this provider", param=f"{param}.type"
+            )
+    return messages
+
+
+def _tools(body: JsonObject, out: JsonObject) -> None:
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise TranslationError("'tools' must be a list", param="tools")
+        chat_tools: list[JsonObject] = []
+        for i, tool in enumerate(tools):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise TranslationError(
+                    f"tool type {kind!r} cannot be bridged to this provider", param=f"tools[{i}].type"
+                )
+            function: JsonObject = {"name": tool.get("name")}
+            if tool.get("description"):
+                function["description"] = tool["description"]
+            function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
+            if tool.get("strict") is not None:
+                function["strict"] = tool["strict"]
+            chat_tools.append({"type": "function", "function": function})
+        out["tools"] = chat_tools
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    if choice in ("auto", "none", "required"):
+        out["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    else:
+        raise TranslationError(
+            "only auto, none, required and function tool choices can be bridged", param="tool_choice"
+        )
+
+
+def _response_format(text: object) -> JsonObject | None:
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        assert isinstance(fmt, dict)
+        schema: JsonObject = {"name": fmt.get("name") or "response", "schema": fmt.get("schema") or {}}
+        if fmt.get("strict") is not None:
+            schema["strict"] = fmt["strict"]
+        if fmt.get("description"):
+            schema["description"] = fmt["description"]
+        return {"type": "json_schema", "json_schema": schema}
+    raise TranslationError(f"text format {kind!r} cannot be bridged", param="text.format")
+
+
+def responses_request_to_chat(
+    body: JsonObject, *, model: str, history: Sequence[JsonObject] = (), stream_usage: bool = True
+) -> JsonObject:
+    """Translate a Responses request body into a Chat Completions request body.
+
+    ``model`` is the provider's model name; ``history`` the input and output
+    items of the conversation before this request (``previous_response_id``),
+    sent before this request's ``input``. A stream asks for the usage chunk
+    (``stream_options.include_usage``) when ``stream_usage``. Raises
+    :class:`TranslationError` naming the field for what cannot be bridged
+    (see the module docstring).
+    """
+    for name in _REFUSED_FIELDS:
+        if body.get(name) not in (None, False):
+            raise TranslationError(f"'{name}' is not supported when this model is bridged", param=name)
+    messages: list[JsonObject] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    elif instructions is not None and not isinstance(instructions, str):
+        raise TranslationError("'instructions' must be a string", param="instructions")
+    if history:
+        messages.extend(_messages(history, -len(history)))
+    messages.extend(_messages(input_items(body)))
+    out: JsonObject = {"model": model, "messages": messages}
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens"] = body["max_output_tokens"]
+    for key in ("temperature", "top_p", "parallel_tool_calls"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    user = body.get("user") or body.get("safety_identifier")
+    if isinstance(user, str) and user:
+        out["user"] = user
+    _tools(body, out)
+    if "parallel_tool_calls" in out and "tools" not in out:
+        del out["parallel_tool_calls"]  # OpenAI refuses it without tools
+    text = body.get("text")
+    response_format = _response_format(text)
+    if response_format is not None:
+        out["response_format"] = response_format
+    if isinstance(text, dict) and text.get("verbosity") is not None:
+        out["verbosity"] = text["verbosity"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        out["reasoning_effort"] = reasoning["effort"]
+    if isinstance(body.get("top_logprobs"), int) and body["top_logprobs"] > 0:
+        out["logprobs"] = True
+        out["top_logprobs"] = body["top_logprobs"]
+    if body.get("stream") is True:
+        out["stream"] = True
+        if stream_usage:
+            out["stream_options"] = {"include_usage": True}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Response: chat.completion -> response
+# ---------------------------------------------------------------------------
+
+
+def responses_usage(usage: object) -> JsonObject:
+    """A Responses ``usage`` object from a Chat Completions one (zeros when absent)."""
+    u = usage if isinstance(usage, dict) else {}
+    prompt = _int(u.get("prompt_tokens"))
+    completion = _int(u.get("completion_tokens"))
+    pd = u.get("prompt_tokens_details")
+    cd = u.get("completion_tokens_details")
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": _int(pd.get("cached_tokens")) if isinstance(pd, dict) else 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": _int(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+def _int(value: object) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
+def _status(finish_reason: object) -> tuple[str, JsonObject | None]:
+    if finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    if finish_reason == "content_filter":
+        return "incomplete", {"reason": "content_filter"}
+    return "completed", None
+
+
+def response_skeleton(body: JsonObject, *, response_id: str, model: str, created_at: int) -> JsonObject:
+    """The ``response`` object's fields that echo the request (status ``in_progress``, no output)."""
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": "in_progress",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "store": body.get("store", True) is not False,
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": text.get("format") or {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": body.get("truncation") or "disabled",
+        "usage": None,
+        "user": body.get("user"),
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def _reasoning_item(text: str, status: str = "completed") -> JsonObject:
+    return {
+        "id": _item_id("rs_"),
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": text}],
+        "status": status,
+    }
+
+
+def _message_item(text: str, status: str = "completed", item_id: str | None = None) -> JsonObject:
+    return {
+        "id": item_id or _item_id("msg_"),
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def _reasoning_text(holder: JsonObject) -> str | None:
+    text = holder.get("reasoning_content")
+    if text is None:
+        text = holder.get("reasoning")
+    return text if isinstance(text, str) and text else None
+
+
+def chat_response_to_responses(resp: JsonObject, *, request: JsonObject, response_id: str, model: str) -> JsonObject:
+    """Translate a ``chat.completion`` into a ``response`` object (see the module docstring).
+
+    ``request`` is the client's Responses request (its echoed fields);
+    ``model`` the name reported back. Raises :class:`TranslationError` when
+    ``resp`` has no choice.
+    """
+    choices = resp.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise TranslationError("chat completion has no choices")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    status, incomplete = _status(choice.get("finish_reason"))
+    output: list[JsonObject] = []
+    reasoning = _reasoning_text(message)
+    if reasoning is not None:
+        output.append(_reasoning_item(reasoning))
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        output.append(_message_item(content, status))
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        output.append(
+            {
+                "id": _item_id("msg_"),
+                "type": "message",
+                "status": status,
+                "role": "assistant",
+                "content": [{"type": "refusal", "refusal": refusal}],
+            }
+        )
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            continue
+        output.append(
+            {
+                "id": _item_id("fc_"),
+                "type": "function_call",
+                "status": "completed",
+                "call_id": call.get("id") or _item_id("call_"),
+                "name": function.get("name") or "",
+                "arguments": function.get("arguments") or "",
+            }
+        )
+    created = resp.get("created")
+    out = response_skeleton(
+        request, response_id=response_id, model=model, created_at=created if type(created) is int else int(time.time())
+    )
+    out["status"] = status
+    out["incomplete_details"] = incomplete
+    out["output"] = output
+    out["usage"] = responses_usage(resp.get("usage"))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Stream: chat.completion.chunk SSE -> Responses SSE
+# ---------------------------------------------------------------------------
+
+
+class EventTranslator(Protocol):
+    """What the routing filter drives: ``feed`` per upstream event, ``finish`` at the end."""
+
+    def feed(self, event: bytes | None, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class _ToolCall:
+    __slots__ = ("args", "call_id", "item_id", "name", "output_index", "prefix")
+
+    def __init__(self, output_index: int, call_id: str, name: str) -> None:
+        self.output_index = output_index
+        self.item_id = _item_id("fc_")
+        self.call_id = call_id
+        self.name = name
+        self.args: list[str] = []
+        self.prefix = b""
+
+
+_TEXT_DELTA = b"event: response.output_text.delta\ndata: "
+_ARGS_DELTA = b"event: response.function_call_arguments.delta\ndata: "
+_SUMMARY_DELTA = b"event: response.reasoning_summary_text.delta\ndata: "
+
+
+class ChatStreamToResponsesStream:
+    """Translate one Chat Completions stream into a Responses event stream.
+
+    One instance per response. :meth:`feed` takes each upstream SSE event
+    (name or None, ``data:`` bytes) and returns framed ``event: ...\\ndata:
+    ...\\n\\n`` bytes (possibly empty); :meth:`finish` ends the stream
+    (``response.completed``/``incomplete``, or ``response.failed`` when the
+    upstream ended before a ``finish_reason``). After the end,
+    :attr:`response` is the final ``response`` object (for storage) and
+    :attr:`failed` says whether it failed.
+
+    Items: reasoning deltas open a ``reasoning`` item (one summary part),
+    content deltas a ``message`` item (one ``output_text`` part), each new
+    tool-call index a ``function_call`` item; an item is closed (its
+    ``.done`` events) when an item of another kind opens or the stream ends;
+    function-call items stay open until then, so interleaved argument
+    fragments of parallel calls each reach their own item.
+    """
+
+    __slots__ = (
+        "_calls",
+        "_finish_reason",
+        "_kind",
+        "_msg_id",
+        "_msg_index",
+        "_output",
+        "_parts",
+        "_rs_id",
+        "_seq",
+        "_skeleton",
+        "_started",
+        "_summary_prefix",
+        "_text_prefix",
+        "_usage",
+        "failed",
+        "response",
+    )
+
+    def __init__(self, *, request: JsonObject, response_id: str, model: str) -> None:
+        self._skeleton = response_skeleton(request, response_id=response_id, model=model, created_at=int(time.time()))
+        self._seq = 0
+        self._started = False
+        self._output: list[JsonObject] = []
+        #: The open non-tool item: "", "reasoning" or "message", and its text so far.
+        self._kind = ""
+        self._parts: list[str] = []
+        self._msg_id = ""
+        self._msg_index = 0
+        self._rs_id = ""
+        self._text_prefix = b""
+        self._summary_prefix = b""
+        #: Open function-call items by the chat tool-call index.
+        self._calls: dict[int, _ToolCall] = {}
+        self._finish_reason: str | None = None
+        self._usage: object = None
+        self.response: JsonObject | None = None
+        self.failed = False
+
+    # -- framing ----------------------------------------------------------------
+    def _event(self, kind: str, payload: JsonObject) -> bytes:
+        payload["type"] = kind
+        payload["sequence_number"] = self._seq
+        self._seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    def _delta(self, head: bytes, prefix: bytes, text: str) -> bytes:
+        """A delta event from its precomputed head and JSON prefix: only the text is serialised."""
+        seq = self._seq
+        self._seq = seq + 1
+        return head + prefix + dumps_str(text) + b',"sequence_number":' + str(seq).encode() + b"}\n\n"
+
+    def _start(self) -> bytes:
+        self._started = True
+        response = dict(self._skeleton)
+        return self._event("response.created", {"response": response}) + self._event(
+            "response.in_progress", {"response": response}
+        )
+
+    # -- items ------------------------------------------------------------------
+    def _close_text(self) -> bytes:
+        kind = self._kind
+        if not kind:
+            return b""
+        self._kind = ""
+        text = "".join(self._parts)
+        self._parts = []
+        index = self._msg_index
+        if kind == "message":
+            item = _message_item(text, item_id=self._msg_id)
+            part = item["content"][0]
+            out = self._event(
+                "response.output_text.done",
+                {"item_id": self._msg_id, "output_index": index, "content_index": 0, "text": text, "logprobs": []},
+            ) + self._event(
+                "response.content_part.done",
+                {"item_id": self._msg_id, "output_index": index, "content_index": 0, "part": part},
+            )
+        else:
+            item = _reasoning_item(text)
+            item["id"] = self._rs_id
+            part = {"type": "summary_text", "text": text}
+            out = self._event(
+                "response.reasoning_summary_text.done",
+                {"item_id": self._rs_id, "output_index": index, "summary_index": 0, "text": text},
+            ) + self._event(
+                "response.reasoning_summary_part.done",
+                {"item_id": self._rs_id, "output_index": index, "summary_index": 0, "part": part},
+            )
+        self._output[index] = item
+        return out + self._event("response.output_item.done", {"output_index": index, "item": item})
+
+    def _close_calls(self) -> bytes:
+        out = b""
+        for call in self._calls.values():
+            arguments = "".join(call.args)
+            item = {
+                "id": call.item_id,
+                "type": "function_call",
+                "status": "completed",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": arguments,
+            }
+            self._output[call.output_index] = item
+            out += self._event(
+                "response.function_call_arguments.done",
+                {"item_id": call.item_id, "output_index": call.output_index, "arguments": arguments},
+            ) + self._event("response.output_item.done", {"output_index": call.output_index, "item": item})
+        self._calls = {}
+        return out
+
+    def _open_text(self, kind: str) -> bytes:
+        out = self._close_text() + self._close_calls()
+        self._kind = kind
+        index = self._msg_index = len(self._output)
+        if kind == "message":
+            self._msg_id = item_id = _item_id("msg_")
+            item: JsonObject = {
+                "id": item_id,
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self._output.append(item)
+            self._text_prefix = (
+                b'{"type":"response.output_text.delta","item_id":"'
+                + item_id.encode()
+                + b'","output_index":'
+                + str(index).encode()
+                + b',"content_index":0,"logprobs":[],"delta":'
+            )
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            return (
+                out
+                + self._event("response.output_item.added", {"output_index": index, "item": item})
+                + self._event(
+                    "response.content_part.added",
+                    {"item_id": item_id, "output_index": index, "content_index": 0, "part": part},
+                )
+            )
+        self._rs_id = item_id = _item_id("rs_")
+        item = {"id": item_id, "type": "reasoning", "summary": [], "status": "in_progress"}
+        self._output.append(item)
+        self._summary_prefix = (
+            b'{"type":"response.reasoning_summary_text.delta","item_id":"'
+            + item_id.encode()
+            + b'","output_index":'
+            + str(index).encode()
+            + b',"summary_index":0,"delta":'
+        )
+        return (
+            out
+            + self._event("response.output_item.added", {"output_index": index, "item": item})
+            + self._event(
+                "response.reasoning_summary_part.added",
+                {
+                    "item_id": item_id,
+                    "output_index": index,
+                    "summary_index": 0,
+                    "part": {"type": "summary_text", "text": ""},
+                },
+            )
+        )
+
+    def _open_call(self, index: int, delta: JsonObject) -> bytes:
+        out = self._close_text()
+        function = delta.get("function") or {}
+        call = _ToolCall(len(self._output), str(delta.get("id") or _item_id("call_")), str(function.get("name") or ""))
+        call.prefix = (
+            b'{"type":"response.function_call_arguments.delta","item_id":"'
+            + call.item_id.encode()
+            + b'","output_index":'
+            + str(call.output_index).encode()
+            + b',"delta":'
+        )
+        self._calls[index] = call
+        item = {
+            "id": call.item_id,
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": "",
+        }
+        self._output.append(item)
+        return out + self._event("response.output_item.added", {"output_index": call.output_index, "item": item})
+
+    # -- feeding ----------------------------------------------------------------
+    def feed(self, event: bytes | None, data: bytes) -> bytes:
+        """Translate one upstream Chat Completions event; ``b""`` when it gives nothing.
+
+        Raises :class:`TranslationError` when ``data`` is not a JSON object.
+        """
+        if self.response is not None or not data:
+            return b""
+        if data == b"[DONE]":
+            return self.finish()
+        return self.feed_payload(loads_object(data, "Chat Completions stream event data"))
+
+    def feed_payload(self, chunk: JsonObject) -> bytes:
+        """:meth:`feed` for an already parsed chunk."""
+        if self.response is not None:
+            return b""
+        out = b"" if self._started else self._start()
+        try:
+            error = chunk.get("error")
+            if error is not None:
+                return out + self._fail(error if isinstance(error, dict) else {"message": str(error)})
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                self._usage = usage
+            choices = chunk.get("choices")
+            if not choices:
+                return out
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            reasoning = _reasoning_text(delta)
+            if reasoning is not None:
+                if self._kind != "reasoning":
+                    out += self._open_text("reasoning")
+                self._parts.append(reasoning)
+                out += self._delta(_SUMMARY_DELTA, self._summary_prefix, reasoning)
+            content = delta.get("content")
+            if content:
+                if self._kind != "message":
+                    out += self._open_text("message")
+                self._parts.append(content)
+                out += self._delta(_TEXT_DELTA, self._text_prefix, content)
+            for tc in delta.get("tool_calls") or ():
+                index = tc.get("index", 0)
+                call = self._calls.get(index)
+                if call is None:
+                    out += self._open_call(index, tc)
+                    call = self._calls[index]
+                fragment = (tc.get("function") or {}).get("arguments")
+                if fragment:
+                    call.args.append(fragment)
+                    out += self._delta(_ARGS_DELTA, call.prefix, fragment)
+            reason = choice.get("finish_reason")
+            if reason:
+                self._finish_reason = reason
+            return out
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            raise TranslationError(f"unexpected Chat Completions chunk shape: {exc!r}") from exc
+
+    def finish(self) -> bytes:
+        """End the stream (idempotent): close the open items, then ``response.completed`` (or
+        ``response.incomplete``); ``response.failed`` when no ``finish_reason`` came."""
+        if self.response is not None:
+            return b""
+        out = b"" if self._started else self._start()
+        if self._finish_reason is None:
+            return out + self._fail({"code": "server_error", "message": "the provider's stream ended early"})
+        out += self._close_text() + self._close_calls()
+        status, incomplete = _status(self._finish_reason)
+        response = dict(self._skeleton)
+        response["status"] = status
+        response["incomplete_details"] = incomplete
+        response["output"] = self._output
+        response["usage"] = responses_usage(self._usage)
+        self.response = response
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        return out + self._event(kind, {"response": response})
+
+    def _fail(self, error: JsonObject) -> bytes:
+        code = error.get("code") or error.get("type") or "server_error"
+        message = error.get("message") or "the provider reported an error"
+        response = dict(self._skeleton)
+        response["status"] = "failed"
+        response["error"] = {"code": str(code), "message": str(message)}
+        response["output"] = [item for item in self._output if item.get("status") != "in_progress"]
+        response["usage"] = responses_usage(self._usage) if self._usage is not None else None
+        self.response = response
+        self.failed = True
+        return self._event(
+            "error", {"code": str(code), "message": str(message), "param": error.get("param")}
+        ) + self._event("response.failed", {"response": response})
+
+
+class ChainedStream:
+    """Two stream translators in a row: ``first``'s output events feed ``second``.
+
+    ``first`` must frame its output as ``data: ...\\n\\n`` events without
+    ``event:`` lines (as :class:`~llmproxy.filters.translate.MessagesStreamToChatStream`
+    does), so the events are cut without a general SSE parser. :attr:`last`
+    is ``second`` (for its final ``response``).
+    """
+
+    __slots__ = ("_feed", "first", "last")
+
+    def __init__(self, first: EventTranslator, second: ChatStreamToResponsesStream) -> None:
+        self.first = first
+        self.last = second
+        self._feed: Callable[[bytes | None, bytes], bytes] = second.feed
+
+    def _relay(self, framed: bytes) -> bytes:
+        if not framed:
+            return b""
+        out = b""
+        for raw in framed.split(b"\n\n"):
+            if raw.startswith(b"data: "):
+                out += self._feed(None, raw[6:])
+        return out
+
+    def feed(self, event: bytes | None, data: bytes) -> bytes:
+        """Feed one upstream event through both translators."""
+        return self._relay(self.first.feed(event, data))
+
+    def finish(self) -> bytes:
+        """End both translators (idempotent)."""
+        return self._relay(self.first.finish()) + self.last.finish()

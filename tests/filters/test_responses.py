@@ -1,0 +1,223 @@
+"""``POST /v1/responses`` for every model: the official openai SDK against a real proxy.
+
+Three providers behind one proxy, all the project's mock: ``native`` (an
+OpenAI-type provider that serves ``/v1/responses``: passed through), ``chat``
+(OpenAI-type with ``native_responses: false``: bridged to Chat Completions)
+and ``claude`` (Anthropic-type: bridged to Chat and on to Messages). Each is
+driven with ``responses.create`` JSON and ``stream=True`` (the SDK's own event
+models parse every event), with function tools and their outputs, and the
+SDK's ``responses.stream`` helper, which checks the event sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+
+from llmproxy import Usage
+from llmproxy.mock import MockServer
+from tests import filters_for_tests as tf
+from tests.support import RunningProxy
+
+Make = Callable[[dict[str, Any]], RunningProxy]
+
+MODELS = ["gpt-native", "gpt-chat", "claude-x"]
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+]
+
+
+def _config(port: int, **routing: Any) -> dict[str, Any]:
+    return {
+        "filters": [
+            {
+                "name": "routing",
+                "config": {
+                    "providers": [
+                        {
+                            "name": "native",
+                            "type": "openai",
+                            "base_url": f"http://127.0.0.1:{port}/v1",
+                            "keys": ["sk-native"],
+                            "models": {"gpt-native": "mock-native"},
+                        },
+                        {
+                            "name": "chat",
+                            "type": "openai",
+                            "native_responses": False,
+                            "base_url": f"http://127.0.0.1:{port}/v1",
+                            "keys": ["sk-chat"],
+                            "models": {"gpt-chat": "mock-chat"},
+                        },
+                        {
+                            "name": "claude",
+                            "type": "anthropic",
+                            "base_url": f"http://127.0.0.1:{port}",
+                            "keys": ["sk-ant"],
+                            "models": {"claude-x": "mock-claude"},
+                        },
+                    ],
+                    **routing,
+                },
+            },
+            {"name": "tests.filters_for_tests:UsageRecorderFactory"},
+        ]
+    }
+
+
+@pytest.fixture
+def client(mock: MockServer, make_proxy: Make) -> openai.OpenAI:
+    proxy = make_proxy(_config(mock.port))
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+
+
+def _last_usage(timeout: float = 3.0) -> Usage:
+    rec = tf.UsageRecorderFactory.instances[-1]
+    deadline = time.monotonic() + timeout
+    while not rec.attempts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rec.attempts, "no attempt completed"
+    usage = rec.attempts[-1][1]
+    assert isinstance(usage, Usage)
+    return usage
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_json_text(client: openai.OpenAI, mock: MockServer, model: str) -> None:
+    reply = client.responses.create(
+        model=model,
+        input="hello there",
+        instructions="be brief",
+        max_output_tokens=50,
+        extra_headers={"x-mock-tokens": "5"},
+    )
+    assert reply.object == "response" and reply.status == "completed"
+    assert reply.id.startswith("resp_")
+    assert reply.output_text == "lorem ipsum dolor sit amet "
+    assert reply.usage is not None and reply.usage.output_tokens == 5 and reply.usage.input_tokens > 0
+    usage = _last_usage()
+    assert (usage.input_tokens, usage.output_tokens) == (reply.usage.input_tokens, 5)
+    sent = mock.requests[-1]
+    assert sent.body is not None
+    if model == "gpt-chat":
+        assert sent.path == "/v1/chat/completions"
+        assert sent.body["messages"][0] == {"role": "system", "content": "be brief"}
+        assert sent.body["max_tokens"] == 50
+    elif model == "claude-x":
+        assert sent.path == "/v1/messages"
+        assert sent.body["system"] == "be brief" and sent.body["max_tokens"] == 50
+    else:
+        assert sent.path == "/v1/responses"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stream_text_events(client: openai.OpenAI, model: str) -> None:
+    events = list(
+        client.responses.create(model=model, input="hello", stream=True, extra_headers={"x-mock-tokens": "4"})
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert kinds.count("response.output_text.delta") == 4
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "lorem ipsum dolor sit "
+    done = events[-1]
+    assert done.type == "response.completed"
+    assert done.response.output_text == text
+    assert done.response.usage is not None and done.response.usage.output_tokens == 4
+    usage = _last_usage()
+    assert usage.output_tokens == 4 and usage.input_tokens == done.response.usage.input_tokens
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stream_helper_accumulates(client: openai.OpenAI, model: str) -> None:
+    with client.responses.stream(model=model, input="hi", extra_headers={"x-mock-tokens": "3"}) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_response()
+    assert final.output_text == "lorem ipsum dolor "
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_loop(client: openai.OpenAI, mock: MockServer, model: str, stream: bool) -> None:
+    """Two parallel function calls, then their outputs sent back: the Agents-style loop."""
+    headers = {"x-mock-tool-calls": "2"}
+    if stream:
+        with client.responses.stream(model=model, input="weather?", tools=TOOLS, extra_headers=headers) as s:
+            events = list(s)
+            first = s.get_final_response()
+        kinds = [e.type for e in events]
+        assert kinds.count("response.function_call_arguments.delta") >= 2
+        assert kinds.count("response.function_call_arguments.done") == 2
+    else:
+        first = client.responses.create(model=model, input="weather?", tools=TOOLS, extra_headers=headers)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 2
+    assert [json.loads(c.arguments) for c in calls] == [{"q": "call 0", "n": 0}, {"q": "call 1", "n": 1}]
+    assert all(c.name == "get_weather" and c.call_id for c in calls)
+    follow: list[Any] = [{"role": "user", "content": "weather?"}]
+    follow += [c.model_dump(exclude_none=True) for c in calls]
+    follow += [{"type": "function_call_output", "call_id": c.call_id, "output": "sunny"} for c in calls]
+    second = client.responses.create(model=model, input=follow, tools=TOOLS, extra_headers={"x-mock-tokens": "2"})
+    assert second.output_text == "lorem ipsum "
+    sent = mock.requests[-1].body
+    assert sent is not None
+    if model == "gpt-chat":
+        msgs = sent["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "tool"]
+        assert [t["id"] for t in msgs[1]["tool_calls"]] == [c.call_id for c in calls]
+        assert msgs[2] == {"role": "tool", "tool_call_id": calls[0].call_id, "content": "sunny"}
+        assert sent["tools"][0]["function"]["name"] == "get_weather"
+    elif model == "claude-x":
+        msgs = sent["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+        assert [b["type"] for b in msgs[1]["content"]] == ["tool_use", "tool_use"]
+        assert [b["tool_use_id"] for b in msgs[2]["content"]] == [c.call_id for c in calls]
+        assert sent["tools"][0]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("model", ["gpt-chat", "claude-x"])
+def test_unbridgeable_fields_are_named_400s(client: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=model, input="hi", tools=[{"type": "web_search"}])
+    assert err.value.param == "tools[0].type"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=model, input=[{"type": "item_reference", "id": "x"}])
+    assert err.value.param == "input[0].type"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=model, input="hi", background=True)
+    assert err.value.param == "background"
+
+
+def test_provider_error_is_an_openai_envelope(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as err:
+        client.responses.create(model="claude-x", input="hi", extra_headers={"x-mock-status": "429"})
+    assert isinstance(err.value.body, dict) and "message" in err.value.body
+
+
+def test_reasoning_effort_becomes_anthropic_thinking(client: openai.OpenAI, mock: MockServer) -> None:
+    client.responses.create(model="claude-x", input="think", reasoning={"effort": "low"})
+    sent = mock.requests[-1].body
+    assert sent is not None
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert sent["max_tokens"] == 4096 + 1024
+    client.responses.create(model="gpt-chat", input="think", reasoning={"effort": "high"})
+    assert mock.requests[-1].body["reasoning_effort"] == "high"
