@@ -342,8 +342,9 @@ def _status(finish_reason: object) -> tuple[str, JsonObject | None]:
 
 def response_skeleton(body: JsonObject, *, response_id: str, model: str, created_at: int) -> JsonObject:
     """The ``response`` object's fields that echo the request (status ``in_progress``, no output)."""
-    text = body.get("text") if isinstance(body.get("text"), dict) else {}
-    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    raw_text, raw_reasoning = body.get("text"), body.get("reasoning")
+    text: JsonObject = raw_text if isinstance(raw_text, dict) else {}
+    reasoning: JsonObject = raw_reasoning if isinstance(raw_reasoning, dict) else {}
     return {
         "id": response_id,
         "object": "response",
@@ -408,7 +409,8 @@ def chat_response_to_responses(resp: JsonObject, *, request: JsonObject, respons
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise TranslationError("chat completion has no choices")
     choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    raw_message = choice.get("message")
+    message: JsonObject = raw_message if isinstance(raw_message, dict) else {}
     status, incomplete = _status(choice.get("finish_reason"))
     output: list[JsonObject] = []
     reasoning = _reasoning_text(message)

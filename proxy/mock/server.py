@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import secrets
 import signal
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -83,6 +84,9 @@ class MockServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._head_cache: dict[str, RawRequest] = {}
         self._ids = itertools.count(1)
+        #: Stored ``/v1/responses`` replies (id -> prompt tokens of the conversation so far),
+        #: for ``previous_response_id``; bounded by :data:`llmproxy.mock.responses.MAX_STORED`.
+        self.stored_responses: OrderedDict[str, int] = OrderedDict()
         self._id_tag = secrets.token_hex(4).encode()
 
     def __repr__(self) -> str:
