@@ -34,8 +34,9 @@ it is also left OpenAI-shaped on ``exchange.vars["routing.usage"]``. The
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -49,14 +50,21 @@ from llmproxy import (
     Filter,
     FilterFactory,
     ModelNotFound,
+    NotFound,
     Principal,
     ServiceUnavailable,
+    StoreUnavailable,
     UpstreamProtocolError,
     Usage,
     parse_event,
     split_events,
 )
 from llmproxy.filters.names import PRINCIPAL, ROUTE, USAGE
+from llmproxy.filters.routing.conversations import (
+    ConversationSettings,
+    ConversationStore,
+    output_as_input,
+)
 from llmproxy.filters.routing.decision import RouteDecision
 from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
@@ -71,6 +79,7 @@ from llmproxy.filters.translate import (
     chat_request_to_messages,
     chat_response_to_messages,
     chat_response_to_responses,
+    input_items,
     messages_request_to_chat,
     messages_response_to_chat,
     new_response_id,
@@ -183,7 +192,7 @@ class RoutingFilter(Filter):
         self._pieces: list[bytes] = []
 
     # -- request ------------------------------------------------------------------
-    def on_request_headers(self, exchange: Exchange) -> Action:
+    def on_request_headers(self, exchange: Exchange) -> Action | Awaitable[Action]:
         request = exchange.request
         path, _, query = request.path.partition("?")
         self._query = "?" + query if query else ""
@@ -193,6 +202,8 @@ class RoutingFilter(Filter):
         if path.startswith("/v1/models/") and request.method in ("GET", "HEAD"):
             self._model_reply(exchange, unquote(path[len("/v1/models/") :]))
             return Action.CONTINUE
+        if path.startswith("/v1/responses/") and request.method in ("GET", "DELETE"):
+            return self._stored_reply(exchange, unquote(path[len("/v1/responses/") :]), request.method)
         api = _APIS.get(path)
         if api is None:
             return Action.CONTINUE
@@ -208,7 +219,7 @@ class RoutingFilter(Filter):
             self.hint = hint
         return Action.CONTINUE
 
-    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         if not self.api:
             return Action.CONTINUE
         payload = exchange.request_json()
@@ -242,7 +253,39 @@ class RoutingFilter(Filter):
         options = payload.get("stream_options")
         self._include_usage_asked = isinstance(options, dict) and options.get("include_usage") is True
         target = self.candidates[0]
-        self.apply(exchange, target, target.provider.next_key_index())
+        key_index = target.provider.next_key_index()
+        if self.api == "responses" and "responses" not in target.provider.adapter.native_apis:
+            previous = payload.get("previous_response_id")
+            if previous is not None:
+                return self._continue_conversation(exchange, previous, target, key_index)
+        self.apply(exchange, target, key_index)
+        return Action.CONTINUE
+
+    async def _continue_conversation(
+        self, exchange: Exchange, previous: object, target: Target, key_index: int
+    ) -> Action:
+        """A bridged follow-up: the stored conversation becomes the history sent before ``input``."""
+        store = self.factory.conversations
+        if store is None:
+            raise BadRequest(
+                "previous_response_id needs stored responses, which are off here (routing responses.store)",
+                param="previous_response_id",
+                code="response_storage_disabled",
+            )
+        if not isinstance(previous, str) or not previous:
+            raise BadRequest("previous_response_id must be a string", param="previous_response_id")
+        try:
+            stored = await store.load(previous, _owner(exchange))
+        except StoreUnavailable:
+            raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
+        if stored is None:
+            raise BadRequest(
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        self._history = stored.items
+        self.apply(exchange, target, key_index)
         return Action.CONTINUE
 
     def apply(self, exchange: Exchange, target: Target, key_index: int) -> None:
@@ -360,7 +403,7 @@ class RoutingFilter(Filter):
             self._mode = _Mode.WATCH_JSON
         return Action.CONTINUE
 
-    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         """``data`` is one or more whole SSE events for a stream (``sse_batches``), else a piece of the body."""
         mode = self._mode
         if mode is _Mode.PASS:
@@ -417,6 +460,21 @@ class RoutingFilter(Filter):
         if isinstance(usage, dict):
             self._publish(exchange, from_provider(target.provider.protocol, usage))
         exchange.set_response_data(translated)
+        if self._bridge and self._keeps():
+            return self._save(exchange, out)
+        return Action.CONTINUE
+
+    def _keeps(self) -> bool:
+        """Whether this bridged response is to be stored."""
+        return self.factory.conversations is not None and self._body.get("store") is not False
+
+    async def _save(self, exchange: Exchange, response: dict[str, Any]) -> Action:
+        """Store a bridged response before its last bytes go out (a follow-up sent right after finds it)."""
+        store = self.factory.conversations
+        assert store is not None
+        items = [*self._history, *input_items(self._body), *output_as_input(response.get("output") or [])]
+        with contextlib.suppress(StoreUnavailable):  # the answer stands; a follow-up gets "not found"
+            await store.save(response, items, _owner(exchange))
         return Action.CONTINUE
 
     # -- usage ------------------------------------------------------------------------
@@ -437,7 +495,7 @@ class RoutingFilter(Filter):
         if found:
             self._publish_stream_usage(exchange)
 
-    def _translate_events(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+    def _translate_events(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         translator = self._translator
         usage = self._usage
         assert translator is not None and usage is not None
@@ -456,6 +514,10 @@ class RoutingFilter(Filter):
         if end_of_stream:
             out.append(translator.finish())
         exchange.set_response_data(out[0] if len(out) == 1 else b"".join(out))
+        if end_of_stream and self._bridge and self._keeps():
+            last = translator.last if isinstance(translator, ChainedStream) else translator
+            if isinstance(last, ChatStreamToResponsesStream) and last.response is not None and not last.failed:
+                return self._save(exchange, last.response)
         return Action.CONTINUE
 
     def _publish_stream_usage(self, exchange: Exchange) -> None:
@@ -486,6 +548,46 @@ class RoutingFilter(Filter):
             record.key_id = attempt.key_id
             attempt.usage = record
         exchange.vars[USAGE] = openai_shaped(record)
+
+    async def _stored_reply(self, exchange: Exchange, ref: str, method: str) -> Action:
+        """``GET``/``DELETE /v1/responses/{id}`` and ``GET .../{id}/input_items`` for bridged
+        responses this proxy stored; 404 for any other id (another principal's included)."""
+        store = self.factory.conversations
+        if store is None:
+            raise BadRequest(
+                "stored responses are off here (routing responses.store)", code="response_storage_disabled"
+            )
+        response_id, _, sub = ref.partition("/")
+        if sub not in ("", "input_items") or (sub and method != "GET"):
+            raise NotFound(f"no route for {method} /v1/responses/{ref}")
+        owner = _owner(exchange)
+        try:
+            if method == "DELETE":
+                if not await store.delete(response_id, owner):
+                    raise NotFound(f"Response with id '{response_id}' not found.", code="not_found")
+                exchange.send_local_reply(200, {"id": response_id, "object": "response", "deleted": True})
+                return Action.CONTINUE
+            stored = await store.load(response_id, owner)
+        except StoreUnavailable:
+            raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
+        if stored is None:
+            raise NotFound(f"Response with id '{response_id}' not found.", code="not_found")
+        if sub:
+            out = stored.response.get("output") or []
+            data = [item for item in stored.items if item not in output_as_input(out)]
+            exchange.send_local_reply(
+                200,
+                {
+                    "object": "list",
+                    "data": data,
+                    "first_id": None,
+                    "last_id": None,
+                    "has_more": False,
+                },
+            )
+        else:
+            exchange.send_local_reply(200, stored.response)
+        return Action.CONTINUE
 
     def _models_reply(self, exchange: Exchange) -> None:
         """Every exact model and alias; only those the caller may use when an auth filter (before
@@ -519,6 +621,12 @@ class RoutingFilter(Filter):
         exchange.send_local_reply(200, body)
 
 
+def _owner(exchange: Exchange) -> str:
+    """Whose stored responses these are: the caller's principal name ("" without auth)."""
+    principal: Principal | None = exchange.vars.get(PRINCIPAL)
+    return principal.name if principal is not None else ""
+
+
 class RoutingFactory(FilterFactory):
     """Builds the routing table once from config (see :mod:`llmproxy.filters.routing.table`)."""
 
@@ -527,4 +635,8 @@ class RoutingFactory(FilterFactory):
 
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         super().__init__(name, config, context)
-        self.table: RoutingTable = build_table(config, context.mock_ports)
+        table_config = {k: v for k, v in config.items() if k != "responses"}
+        self.table: RoutingTable = build_table(table_config, context.mock_ports)
+        settings = ConversationSettings.parse(config.get("responses"))
+        #: Bridged Responses kept for previous_response_id (None: ``responses.store: false``).
+        self.conversations = ConversationStore(context.store, settings) if settings.store else None

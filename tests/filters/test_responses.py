@@ -221,3 +221,110 @@ def test_reasoning_effort_becomes_anthropic_thinking(client: openai.OpenAI, mock
     assert sent["max_tokens"] == 4096 + 1024
     client.responses.create(model="gpt-chat", input="think", reasoning={"effort": "high"})
     assert mock.requests[-1].body["reasoning_effort"] == "high"
+
+
+# -- previous_response_id, store, GET/DELETE /v1/responses/{id} --------------------------------
+
+
+def _texts(messages: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    return [(m["role"], m["content"]) for m in messages]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_follow_up(client: openai.OpenAI, mock: MockServer, model: str, stream: bool) -> None:
+    headers = {"x-mock-tokens": "2"}
+    if stream:
+        with client.responses.stream(model=model, input="my name is Ada", extra_headers=headers) as s:
+            list(s)
+            first = s.get_final_response()
+    else:
+        first = client.responses.create(model=model, input="my name is Ada", extra_headers=headers)
+    second = client.responses.create(
+        model=model, input="what is my name?", previous_response_id=first.id, extra_headers=headers
+    )
+    assert second.output_text == "lorem ipsum "
+    sent = mock.requests[-1].body
+    assert sent is not None
+    if model == "gpt-native":
+        assert sent["previous_response_id"] == first.id  # the provider keeps it
+        return
+    assert second.previous_response_id == first.id
+    if model == "gpt-chat":
+        assert _texts(sent["messages"]) == [
+            ("user", "my name is Ada"),
+            ("assistant", "lorem ipsum "),
+            ("user", "what is my name?"),
+        ]
+    else:
+        assert _texts(sent["messages"]) == [
+            ("user", "my name is Ada"),
+            ("assistant", "lorem ipsum "),
+            ("user", "what is my name?"),
+        ]
+    # and a third turn chains through both
+    third = client.responses.create(model=model, input="again?", previous_response_id=second.id)
+    sent = mock.requests[-1].body
+    assert sent is not None and len(sent["messages"]) == 5 and third.status == "completed"
+
+
+@pytest.mark.parametrize("model", ["gpt-chat", "claude-x"])
+def test_stored_response_get_input_items_delete(client: openai.OpenAI, model: str) -> None:
+    first = client.responses.create(model=model, input="hello", extra_headers={"x-mock-tokens": "2"})
+    got = client.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == first.output_text and got.usage == first.usage
+    items = client.responses.input_items.list(first.id)
+    assert [(i.type, getattr(i, "role", None)) for i in items.data] == [("message", "user")]
+    deleted = client.responses.delete(first.id)
+    assert deleted is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(first.id)
+
+
+@pytest.mark.parametrize("model", ["gpt-chat", "claude-x"])
+def test_store_false_is_not_kept(client: openai.OpenAI, model: str) -> None:
+    first = client.responses.create(model=model, input="hello", store=False)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=model, input="again", previous_response_id=first.id)
+    assert err.value.param == "previous_response_id" and "not found" in str(err.value)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
+def test_storage_off_is_a_clear_400(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(_config(mock.port, responses={"store": False}))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    first = client.responses.create(model="claude-x", input="hello")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="claude-x", input="again", previous_response_id=first.id)
+    assert err.value.param == "previous_response_id" and err.value.code == "response_storage_disabled"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.retrieve(first.id)
+    assert err.value.code == "response_storage_disabled"
+
+
+def test_conversation_over_max_bytes_is_not_kept(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(_config(mock.port, responses={"max_bytes": 2048}))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    small = client.responses.create(model="gpt-chat", input="hello")
+    assert client.responses.retrieve(small.id).id == small.id
+    big = client.responses.create(model="gpt-chat", input="x" * 4000)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(big.id)
+
+
+@pytest.mark.parametrize(
+    ("responses", "message"),
+    [
+        ({"ttl": 0}, "responses.ttl: must be greater than 0"),
+        ({"max_bytes": 10}, "responses.max_bytes: must be at least 1024"),
+        ({"keep": 1}, "responses.keep: unknown key"),
+    ],
+)
+def test_bad_responses_config_is_refused(responses: dict[str, Any], message: str) -> None:
+    from llmproxy.filters.routing.conversations import ConversationSettings
+
+    with pytest.raises(ValueError, match=message):
+        ConversationSettings.parse(responses)
