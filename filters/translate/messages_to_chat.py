@@ -389,7 +389,7 @@ class _Block:
     it has started.
     """
 
-    __slots__ = ("buffer", "id", "index", "is_text", "name", "prefix")
+    __slots__ = ("buffer", "id", "index", "is_text", "name", "prefix", "sent")
 
     def __init__(self, *, is_text: bool, id: str = "", name: str = "") -> None:
         self.is_text = is_text
@@ -398,6 +398,8 @@ class _Block:
         self.index: int | None = None
         self.prefix = b""
         self.buffer: list[str] = []
+        #: Tool-call arguments sent live so far (to tell a finished call from an interleaved one).
+        self.sent: list[str] = []
 
     def start_event(self, index: int) -> bytes:
         """Assign the block index and return the ``content_block_start`` event."""
@@ -410,6 +412,15 @@ class _Block:
             block = {"type": "tool_use", "id": self.id, "name": self.name, "input": {}}
         payload = {"type": "content_block_start", "index": index, "content_block": block}
         return b"event: content_block_start\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _complete(fragments: list[str]) -> bool:
+    """Whether the tool-call arguments sent so far are a whole JSON value (checked once per new call)."""
+    try:
+        orjson.loads("".join(fragments))
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 class ChatStreamToMessagesStream:
@@ -425,13 +436,17 @@ class ChatStreamToMessagesStream:
     its deltas and ``content_block_stop``, then ``message_delta`` (stop reason
     and the full usage, input tokens included) and ``message_stop``.
 
-    Anthropic blocks never interleave, OpenAI tool-call deltas may. The first
-    block streams live; a tool call (or text) that shows up while another
-    tool call is open is buffered and sent whole, as one delta, when the
-    choice finishes. Text that precedes the tool calls, the usual shape, is
-    closed as soon as the first tool call arrives. So one OpenAI stream
-    yields text first, then tool calls in the order they appeared, and only
-    the second and later parallel tool calls are delayed.
+    Anthropic blocks never interleave, OpenAI tool-call deltas may. OpenAI
+    streams parallel tool calls one after another: when a new tool-call index
+    arrives and the open call's arguments so far are complete JSON, the open
+    call is closed and the new one streams live, so every call's
+    ``input_json_delta`` fragments arrive as they come. When they are not
+    complete (a server that interleaves calls), the new call is buffered and
+    sent whole, as one delta, when the choice finishes. Text that precedes
+    the tool calls, the usual shape, is closed as soon as the first tool call
+    arrives; text that shows up while a tool call is open is buffered the
+    same way. A fragment for a call already closed cannot be placed and
+    raises :class:`TranslationError` rather than being lost.
 
     The tail (``message_delta``, ``message_stop``) is sent once both the
     finish reason and the usage are known, or at ``data: [DONE]`` /
@@ -593,13 +608,18 @@ class ChatStreamToMessagesStream:
                     # Text before tool calls: it is finished; later text gets a new block.
                     out += self._stop_active()
                     self._text = None
+                elif self._active is not None and not self._active.is_text and _complete(self._active.sent):
+                    out += self._stop_active()  # the previous call is complete: stream the next live
                 out += self._open(block)
             elif block.index is None and function.get("name") and not block.name:
                 block.name = function["name"]
             arguments = function.get("arguments")
             if arguments:
                 if block is self._active:
+                    block.sent.append(arguments)
                     out += block.prefix + dumps_str(arguments) + _DELTA_CLOSE
+                elif block.index is not None:
+                    raise TranslationError(f"tool call {index} continued after the next tool call started")
                 else:
                     block.buffer.append(arguments)
         return out

@@ -1,0 +1,91 @@
+"""Translation fidelity over real sockets: parallel tool calls streamed to an Anthropic client
+arrive fragment by fragment for every call; fields Anthropic cannot take are named 400s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from llmproxy.mock import MockServer
+from tests.support import RunningProxy
+
+Make = Callable[[dict[str, Any]], RunningProxy]
+
+
+def _config(port: int) -> dict[str, Any]:
+    providers = [
+        {
+            "name": "oa",
+            "type": "openai",
+            "base_url": f"http://127.0.0.1:{port}/v1",
+            "keys": ["sk-oa"],
+            "models": {"gpt-x": "mock-gpt"},
+        },
+        {
+            "name": "an",
+            "type": "anthropic",
+            "base_url": f"http://127.0.0.1:{port}",
+            "keys": ["sk-an"],
+            "models": {"claude-x": "mock-claude"},
+        },
+    ]
+    return {"filters": [{"name": "routing", "config": {"providers": providers}}]}
+
+
+def test_parallel_tool_calls_stream_incrementally_to_an_anthropic_client(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(_config(mock.port))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-client", max_retries=0, timeout=10)
+    tools: list[Any] = [{"name": "f", "input_schema": {"type": "object", "properties": {}}}]
+    fragments: dict[int, list[str]] = {}
+    with client.messages.stream(
+        model="gpt-x",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "go"}],
+        tools=tools,
+        extra_headers={"x-mock-tool-calls": "2"},
+    ) as stream:
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "input_json_delta":
+                fragments.setdefault(event.index, []).append(event.delta.partial_json)
+        final = stream.get_final_message()
+    assert sorted(fragments) == [0, 1]
+    assert all(len(parts) == 3 for parts in fragments.values())  # the mock's three fragments, for both calls
+    assert [block.input for block in final.content if block.type == "tool_use"] == [
+        {"q": "call 0", "n": 0},
+        {"q": "call 1", "n": 1},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"reasoning_effort": "low", "max_tokens": 500}, "reasoning_effort"),
+    ],
+)
+def test_what_anthropic_cannot_take_is_a_named_400(
+    mock: MockServer, make_proxy: Make, extra: dict[str, Any], param: str
+) -> None:
+    proxy = make_proxy(_config(mock.port))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "hi"}], **extra)
+    assert err.value.param == param
+    assert not [r for r in mock.requests if r.path == "/v1/messages"]  # refused before any provider call
+
+
+def test_reasoning_effort_fits_the_budget_under_max_tokens(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(_config(mock.port))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    client.chat.completions.create(
+        model="claude-x", messages=[{"role": "user", "content": "hi"}], reasoning_effort="high", max_tokens=3000
+    )
+    sent = mock.requests[-1].body
+    assert sent is not None
+    assert sent["max_tokens"] == 3000 and sent["thinking"] == {"type": "enabled", "budget_tokens": 2999}
