@@ -70,11 +70,14 @@ class Stored:
 
 
 def output_as_input(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A response's output items as input items of the next turn (reasoning items dropped)."""
+    """A response's output items as input items of the next turn (reasoning items only when they
+    carry replayable thinking, in ``encrypted_content``)."""
     items: list[dict[str, Any]] = []
     for item in output:
         kind = item.get("type")
-        if kind == "message":
+        if kind == "reasoning" and item.get("encrypted_content"):
+            items.append({"type": "reasoning", "summary": [], "encrypted_content": item["encrypted_content"]})
+        elif kind == "message":
             items.append({"type": "message", "role": "assistant", "content": item.get("content") or []})
         elif kind == "function_call":
             items.append(

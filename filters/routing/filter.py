@@ -327,7 +327,9 @@ class RoutingFilter(Filter):
         body = self._body
         try:
             if self._bridge:
-                out = responses_request_to_chat(body, model=target.model, history=self._history)
+                out = responses_request_to_chat(
+                    body, model=target.model, history=self._history, keep_thinking=adapter.protocol == "anthropic"
+                )
                 if adapter.protocol == "anthropic":
                     out = chat_request_to_messages(
                         out, model=target.model, default_max_tokens=getattr(adapter, "default_max_tokens", 4096)

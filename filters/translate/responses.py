@@ -24,7 +24,10 @@ role (``input_text``/``output_text``/``refusal`` parts to text,
 ``file`` part), consecutive ``function_call`` items to one assistant
 message's ``tool_calls``, ``function_call_output`` to a ``tool`` message.
 ``reasoning`` input items are not sent (Chat Completions has no way to give
-reasoning back). ``max_output_tokens`` -> ``max_tokens``; ``text.format`` ->
+reasoning back), except, for an Anthropic provider (``keep_thinking``), the
+thinking blocks this module put in their ``encrypted_content``: they become
+the next assistant message's ``thinking_blocks``, replayed with their
+signatures. ``max_output_tokens`` -> ``max_tokens``; ``text.format`` ->
 ``response_format``; ``reasoning.effort`` -> ``reasoning_effort``;
 ``tools`` of type ``function`` and ``tool_choice`` -> their Chat forms;
 ``temperature``, ``top_p``, ``parallel_tool_calls``, ``user`` (or
@@ -37,7 +40,10 @@ the field: hosted tools (``web_search``, ``file_search``, ...),
 ``previous_response_id`` and ``stream_options`` are the caller's business.
 
 Mapping (response): ``reasoning_content`` (DeepSeek, vLLM; ``reasoning`` on
-some servers) becomes a ``reasoning`` item with one ``summary_text``; the
+some servers) becomes a ``reasoning`` item with one ``summary_text``, and
+Anthropic thinking blocks (``thinking_blocks``, signatures included) its
+opaque ``encrypted_content``, which a follow-up request (its input items or
+``previous_response_id``) replays to an Anthropic provider; the
 text a ``message`` item with one ``output_text`` part; each tool call a
 ``function_call`` item. ``finish_reason`` ``length`` gives status
 ``incomplete`` with reason ``max_output_tokens``, ``content_filter`` gives
@@ -46,6 +52,8 @@ text a ``message`` item with one ``output_text`` part; each tool call a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +69,8 @@ __all__ = [
     "ChatStreamToResponsesStream",
     "EventTranslator",
     "chat_response_to_responses",
+    "decode_thinking",
+    "encode_thinking",
     "input_items",
     "new_response_id",
     "responses_request_to_chat",
@@ -81,6 +91,25 @@ def new_response_id() -> str:
 
 def _item_id(prefix: str) -> str:
     return prefix + secrets.token_hex(24)
+
+
+def encode_thinking(blocks: Sequence[JsonObject]) -> str:
+    """Anthropic thinking blocks (signatures included) as a reasoning item's opaque ``encrypted_content``."""
+    return base64.b64encode(orjson.dumps(list(blocks))).decode()
+
+
+def decode_thinking(content: object) -> list[JsonObject]:
+    """The thinking blocks in an ``encrypted_content`` made by :func:`encode_thinking`; [] for any other
+    (a real OpenAI one, garbage): it cannot be replayed to a bridged provider."""
+    if not isinstance(content, str) or not content:
+        return []
+    try:
+        blocks = orjson.loads(base64.b64decode(content, validate=True))
+    except (binascii.Error, ValueError):
+        return []
+    if not isinstance(blocks, list):
+        return []
+    return [b for b in blocks if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")]
 
 
 # ---------------------------------------------------------------------------
@@ -161,9 +190,15 @@ def _tool_output(output: object, param: str) -> str | list[JsonObject]:
     raise TranslationError("function_call_output.output must be a string or a list of parts", param=f"{param}.output")
 
 
-def _messages(items: Sequence[object], first: int = 0) -> list[JsonObject]:
-    """Chat messages for Responses input items; ``first`` numbers the items in error params."""
+def _messages(items: Sequence[object], first: int = 0, *, keep_thinking: bool = False) -> list[JsonObject]:
+    """Chat messages for Responses input items; ``first`` numbers the items in error params.
+
+    With ``keep_thinking``, a reasoning item carrying Anthropic thinking (see
+    :func:`encode_thinking`) becomes the ``thinking_blocks`` of the assistant
+    message that follows it.
+    """
     messages: list[JsonObject] = []
+    thinking: list[JsonObject] = []
     for i, item in enumerate(items, first):
         param = f"input[{i}]"
         if not isinstance(item, dict):
@@ -178,7 +213,12 @@ def _messages(items: Sequence[object], first: int = 0) -> list[JsonObject]:
                 "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
             }
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and isinstance(last.get("content"), (str, type(None))):
+            if (
+                not thinking
+                and last is not None
+                and last["role"] == "assistant"
+                and isinstance(last.get("content"), (str, type(None)))
+            ):
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -191,11 +231,16 @@ def _messages(items: Sequence[object], first: int = 0) -> list[JsonObject]:
                 }
             )
         elif kind == "reasoning":
-            continue  # Chat Completions cannot take reasoning back (see the module docstring)
+            if keep_thinking:
+                thinking.extend(decode_thinking(item.get("encrypted_content")))
+            continue  # otherwise Chat Completions cannot take reasoning back (see the module docstring)
         else:
             raise TranslationError(
                 f"input item type {kind!r} cannot be bridged to this provider", param=f"{param}.type"
             )
+        if thinking and messages and messages[-1]["role"] == "assistant":
+            messages[-1]["thinking_blocks"] = thinking
+            thinking = []
     return messages
 
 
@@ -253,14 +298,22 @@ def _response_format(text: object) -> JsonObject | None:
 
 
 def responses_request_to_chat(
-    body: JsonObject, *, model: str, history: Sequence[JsonObject] = (), stream_usage: bool = True
+    body: JsonObject,
+    *,
+    model: str,
+    history: Sequence[JsonObject] = (),
+    stream_usage: bool = True,
+    keep_thinking: bool = False,
 ) -> JsonObject:
     """Translate a Responses request body into a Chat Completions request body.
 
     ``model`` is the provider's model name; ``history`` the input and output
     items of the conversation before this request (``previous_response_id``),
     sent before this request's ``input``. A stream asks for the usage chunk
-    (``stream_options.include_usage``) when ``stream_usage``. Raises
+    (``stream_options.include_usage``) when ``stream_usage``. ``keep_thinking``
+    (the provider is Anthropic, reached through
+    :func:`~llmproxy.filters.translate.chat_request_to_messages`) replays the
+    thinking blocks of reasoning items as ``thinking_blocks``. Raises
     :class:`TranslationError` naming the field for what cannot be bridged
     (see the module docstring).
     """
@@ -274,8 +327,8 @@ def responses_request_to_chat(
     elif instructions is not None and not isinstance(instructions, str):
         raise TranslationError("'instructions' must be a string", param="instructions")
     if history:
-        messages.extend(_messages(history, -len(history)))
-    messages.extend(_messages(input_items(body)))
+        messages.extend(_messages(history, -len(history), keep_thinking=keep_thinking))
+    messages.extend(_messages(input_items(body), keep_thinking=keep_thinking))
     out: JsonObject = {"model": model, "messages": messages}
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
@@ -372,13 +425,16 @@ def response_skeleton(body: JsonObject, *, response_id: str, model: str, created
     }
 
 
-def _reasoning_item(text: str, status: str = "completed") -> JsonObject:
-    return {
+def _reasoning_item(text: str, status: str = "completed", thinking: Sequence[JsonObject] = ()) -> JsonObject:
+    item: JsonObject = {
         "id": _item_id("rs_"),
         "type": "reasoning",
-        "summary": [{"type": "summary_text", "text": text}],
+        "summary": [{"type": "summary_text", "text": text}] if text else [],
         "status": status,
     }
+    if thinking:
+        item["encrypted_content"] = encode_thinking(thinking)
+    return item
 
 
 def _message_item(text: str, status: str = "completed", item_id: str | None = None) -> JsonObject:
@@ -414,8 +470,10 @@ def chat_response_to_responses(resp: JsonObject, *, request: JsonObject, respons
     status, incomplete = _status(choice.get("finish_reason"))
     output: list[JsonObject] = []
     reasoning = _reasoning_text(message)
-    if reasoning is not None:
-        output.append(_reasoning_item(reasoning))
+    raw_thinking = message.get("thinking_blocks")
+    thinking = [b for b in raw_thinking if isinstance(b, dict)] if isinstance(raw_thinking, list) else []
+    if reasoning is not None or thinking:
+        output.append(_reasoning_item(reasoning or "", thinking=thinking))
     content = message.get("content")
     if isinstance(content, str) and content:
         output.append(_message_item(content, status))
@@ -518,6 +576,7 @@ class ChatStreamToResponsesStream:
         "_started",
         "_summary_prefix",
         "_text_prefix",
+        "_thinking",
         "_usage",
         "failed",
         "response",
@@ -536,6 +595,8 @@ class ChatStreamToResponsesStream:
         self._rs_id = ""
         self._text_prefix = b""
         self._summary_prefix = b""
+        #: Thinking blocks (``thinking_blocks`` deltas) of the open reasoning item.
+        self._thinking: list[JsonObject] = []
         #: Open function-call items by the chat tool-call index.
         self._calls: dict[int, _ToolCall] = {}
         self._finish_reason: str | None = None
@@ -583,16 +644,19 @@ class ChatStreamToResponsesStream:
                 {"item_id": self._msg_id, "output_index": index, "content_index": 0, "part": part},
             )
         else:
-            item = _reasoning_item(text)
+            item = _reasoning_item(text, thinking=self._thinking)
             item["id"] = self._rs_id
+            self._thinking = []
             part = {"type": "summary_text", "text": text}
-            out = self._event(
-                "response.reasoning_summary_text.done",
-                {"item_id": self._rs_id, "output_index": index, "summary_index": 0, "text": text},
-            ) + self._event(
-                "response.reasoning_summary_part.done",
-                {"item_id": self._rs_id, "output_index": index, "summary_index": 0, "part": part},
-            )
+            out = b""
+            if text:
+                out = self._event(
+                    "response.reasoning_summary_text.done",
+                    {"item_id": self._rs_id, "output_index": index, "summary_index": 0, "text": text},
+                ) + self._event(
+                    "response.reasoning_summary_part.done",
+                    {"item_id": self._rs_id, "output_index": index, "summary_index": 0, "part": part},
+                )
         self._output[index] = item
         return out + self._event("response.output_item.done", {"output_index": index, "item": item})
 
@@ -656,18 +720,18 @@ class ChatStreamToResponsesStream:
             + str(index).encode()
             + b',"summary_index":0,"delta":'
         )
-        return (
-            out
-            + self._event("response.output_item.added", {"output_index": index, "item": item})
-            + self._event(
-                "response.reasoning_summary_part.added",
-                {
-                    "item_id": item_id,
-                    "output_index": index,
-                    "summary_index": 0,
-                    "part": {"type": "summary_text", "text": ""},
-                },
-            )
+        return out + self._event("response.output_item.added", {"output_index": index, "item": item})
+
+    def _summary_part(self) -> bytes:
+        """``response.reasoning_summary_part.added``, before the first summary text of the open item."""
+        return self._event(
+            "response.reasoning_summary_part.added",
+            {
+                "item_id": self._rs_id,
+                "output_index": self._msg_index,
+                "summary_index": 0,
+                "part": {"type": "summary_text", "text": ""},
+            },
         )
 
     def _open_call(self, index: int, delta: JsonObject) -> bytes:
@@ -726,8 +790,15 @@ class ChatStreamToResponsesStream:
             if reasoning is not None:
                 if self._kind != "reasoning":
                     out += self._open_text("reasoning")
+                if not self._parts:
+                    out += self._summary_part()
                 self._parts.append(reasoning)
                 out += self._delta(_SUMMARY_DELTA, self._summary_prefix, reasoning)
+            thinking = delta.get("thinking_blocks")
+            if thinking:
+                if self._kind != "reasoning":
+                    out += self._open_text("reasoning")
+                self._thinking.extend(b for b in thinking if isinstance(b, dict))
             content = delta.get("content")
             if content:
                 if self._kind != "message":
