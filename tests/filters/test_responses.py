@@ -328,3 +328,47 @@ def test_bad_responses_config_is_refused(responses: dict[str, Any], message: str
 
     with pytest.raises(ValueError, match=message):
         ConversationSettings.parse(responses)
+
+
+# -- errors in a stream that already started ----------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_upstream_drop_mid_stream_is_a_responses_error_event(client: openai.OpenAI, model: str) -> None:
+    headers = {"x-mock-tokens": "20", "x-mock-fault": "drop", "x-mock-stall-after": "3"}
+    events = list(client.responses.create(model=model, input="hi", stream=True, extra_headers=headers))
+    assert events[0].type == "response.created"
+    last = events[-1]
+    assert last.type == "error" and last.message
+    assert "response.completed" not in [e.type for e in events]
+
+
+def test_provider_error_event_mid_stream_fails_the_response(scripted: Any, make_proxy: Make) -> None:
+    from tests.filters.test_routing_usage import _sse_reply
+
+    start = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c", "content": [], "usage": {}}
+    scripted.default = _sse_reply(
+        [
+            ("message_start", {"type": "message_start", "message": start}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+            ),
+            ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ]
+    )
+    provider = {"name": "an", "type": "anthropic", "base_url": scripted.url, "keys": ["k"], "models": ["c"]}
+    proxy = make_proxy({"filters": [{"name": "routing", "config": {"providers": [provider]}}]})
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0, timeout=10)
+    events = list(client.responses.create(model="c", input="hi", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[-2:] == ["error", "response.failed"]
+    failed = events[-1]
+    assert failed.type == "response.failed"
+    assert failed.response.status == "failed" and failed.response.error is not None
+    assert failed.response.error.message == "Overloaded"
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Hel"]
