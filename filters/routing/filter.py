@@ -245,6 +245,12 @@ class RoutingFilter(Filter):
                     param=HINT_HEADER,
                     code="provider_not_allowed",
                 ) from None
+            if self.factory.table.owner_of(model) is not None:
+                raise BadRequest(
+                    f"model '{model}' is served here, but not for the {self.api} API",
+                    param="model",
+                    code="model_not_supported_for_api",
+                ) from None
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model") from None
         self._body = payload
         self.route = RouteDecision(self.api, self.client_protocol, self.candidates, exchange.filters.index(self), model)
@@ -593,13 +599,24 @@ class RoutingFilter(Filter):
 
     def _models_reply(self, exchange: Exchange) -> None:
         """Every exact model and alias; only those the caller may use when an auth filter (before
-        this one) published a principal with a model allow-list."""
+        this one) published a principal with a model allow-list. In Anthropic's shape (``data``,
+        ``has_more``, ``first_id``, ``last_id``) when the client sent ``anthropic-version``."""
         principal: Principal | None = exchange.vars.get(PRINCIPAL)
-        data = [
-            {"id": mid, "object": "model", "created": 0, "owned_by": owner}
+        models = [
+            (mid, owner)
             for mid, owner in self.factory.table.model_ids()
             if principal is None or principal.allows_model(mid)
         ]
+        if exchange.request.headers.get("anthropic-version") is not None:  # the anthropic SDK's models.list
+            anthropic = [
+                {"type": "model", "id": mid, "display_name": mid, "created_at": "1970-01-01T00:00:00Z"}
+                for mid, _ in models
+            ]
+            first, last = (models[0][0], models[-1][0]) if models else (None, None)
+            body = {"data": anthropic, "has_more": False, "first_id": first, "last_id": last}
+            exchange.send_local_reply(200, body)
+            return
+        data = [{"id": mid, "object": "model", "created": 0, "owned_by": owner} for mid, owner in models]
         exchange.send_local_reply(200, {"object": "list", "data": data})
 
     def _model_reply(self, exchange: Exchange, model: str) -> None:

@@ -89,3 +89,24 @@ def test_reasoning_effort_fits_the_budget_under_max_tokens(mock: MockServer, mak
     sent = mock.requests[-1].body
     assert sent is not None
     assert sent["max_tokens"] == 3000 and sent["thinking"] == {"type": "enabled", "budget_tokens": 2999}
+
+
+def test_models_list_in_anthropic_shape_for_anthropic_clients(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(_config(mock.port))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-client", max_retries=0, timeout=10)
+    page = client.models.list()
+    assert [(m.id, m.type) for m in page.data] == [("gpt-x", "model"), ("claude-x", "model")]
+    assert page.has_more is False and page.first_id == "gpt-x" and page.last_id == "claude-x"
+    oa = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    assert [m.id for m in oa.models.list()] == ["gpt-x", "claude-x"]
+
+
+def test_a_model_served_but_not_for_this_api_says_so(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(_config(mock.port))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="claude-x", input="hi")
+    assert err.value.code == "model_not_supported_for_api" and "not for the embeddings API" in str(err.value)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.embeddings.create(model="nope", input="hi")
+    assert missing.value.code == "model_not_found"
