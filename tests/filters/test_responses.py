@@ -372,3 +372,57 @@ def test_provider_error_event_mid_stream_fails_the_response(scripted: Any, make_
     assert failed.response.status == "failed" and failed.response.error is not None
     assert failed.response.error.message == "Overloaded"
     assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Hel"]
+
+
+# -- failover across protocols -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_failover_from_a_failing_chat_provider_to_anthropic(loop_thread: Any, make_proxy: Make, stream: bool) -> None:
+    """The first provider (bridged to Chat) answers 500; the retry on the Anthropic provider is bridged
+    afresh (Messages this time) and the client gets one clean Responses reply."""
+    from llmproxy.mock import KeyBehaviour, MockConfig, start_mock
+
+    server = loop_thread.call(
+        start_mock("127.0.0.1", 0, MockConfig(tokens=3, keys={"sk-bad": KeyBehaviour(status=500)}))
+    )
+    try:
+        providers = [
+            {
+                "name": "chat",
+                "type": "openai",
+                "native_responses": False,
+                "base_url": f"http://127.0.0.1:{server.port}/v1",
+                "keys": ["sk-bad"],
+                "models": {"m": "mock-chat"},
+            },
+            {
+                "name": "claude",
+                "type": "anthropic",
+                "base_url": f"http://127.0.0.1:{server.port}",
+                "keys": ["sk-good"],
+                "models": {"m": "mock-claude"},
+                "priority": 1,
+            },
+        ]
+        proxy = make_proxy(
+            {
+                "filters": [
+                    {"name": "routing", "config": {"providers": providers}},
+                    {"name": "failover", "config": {"max_attempts": 2}},
+                ]
+            }
+        )
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+        if stream:
+            events = list(client.responses.create(model="m", input="hi", stream=True))
+            assert [e.type for e in events].count("response.created") == 1
+            final = events[-1]
+            assert final.type == "response.completed"
+            text = final.response.output_text
+        else:
+            text = client.responses.create(model="m", input="hi").output_text
+        assert text == "lorem ipsum dolor "
+        assert [r.path for r in server.requests] == ["/v1/chat/completions", "/v1/messages"]
+    finally:
+        loop_thread.call(server.close())
