@@ -388,7 +388,7 @@ class RoutingFilter(Filter):
                 self._mode = _Mode.STREAM
                 if self._bridge:
                     responses = ChatStreamToResponsesStream(
-                        request=self._body, response_id=self._response_id, model=target.model
+                        request=self._echoed(), response_id=self._response_id, model=target.model
                     )
                     self._translator = (
                         ChainedStream(MessagesStreamToChatStream(model=target.model, include_usage=True), responses)
@@ -452,7 +452,7 @@ class RoutingFilter(Filter):
                     else parsed
                 )
                 out = chat_response_to_responses(
-                    chat, request=self._body, response_id=self._response_id, model=target.model
+                    chat, request=self._echoed(), response_id=self._response_id, model=target.model
                 )
             elif self.client_protocol == "openai":
                 out = messages_response_to_chat(parsed, model=target.model)
@@ -471,6 +471,12 @@ class RoutingFilter(Filter):
         if self._bridge and self._keeps():
             return self._save(exchange, out)
         return Action.CONTINUE
+
+    def _echoed(self) -> dict[str, Any]:
+        """The request as the bridged response object echoes it (``store`` false when nothing is kept)."""
+        if self.factory.conversations is None and self._body.get("store") is not False:
+            return {**self._body, "store": False}
+        return self._body
 
     def _keeps(self) -> bool:
         """Whether this bridged response is to be stored."""

@@ -297,6 +297,7 @@ def test_storage_off_is_a_clear_400(mock: MockServer, make_proxy: Make) -> None:
     proxy = make_proxy(_config(mock.port, responses={"store": False}))
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
     first = client.responses.create(model="claude-x", input="hello")
+    assert first.store is False  # nothing is kept, and the response says so
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="claude-x", input="again", previous_response_id=first.id)
     assert err.value.param == "previous_response_id" and err.value.code == "response_storage_disabled"
