@@ -141,6 +141,8 @@ def _part(raw: object, param: str, role: str) -> JsonObject:
         text = part.get("text")
         if not isinstance(text, str):
             raise TranslationError(f"{kind} part needs a string 'text'", param=param)
+        if "cache_control" in part:  # not OpenAI's, sent by clients that know the model is Anthropic's
+            return {"type": "text", "text": text, "cache_control": part["cache_control"]}
         return {"type": "text", "text": text}
     if kind == "refusal":
         text = part.get("refusal")
@@ -174,7 +176,7 @@ def _message(item: JsonObject, param: str) -> JsonObject:
     if not isinstance(content, list):
         raise TranslationError("content must be a string or a list of parts", param=f"{param}.content")
     parts = [_part(p, f"{param}.content[{j}]", role) for j, p in enumerate(content)]
-    if role != "user" and all(p["type"] == "text" for p in parts):
+    if role != "user" and all(p.keys() == {"type", "text"} and p["type"] == "text" for p in parts):
         return {"role": role, "content": "".join(p["text"] for p in parts)}
     return {"role": role, "content": parts}
 

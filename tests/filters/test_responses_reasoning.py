@@ -190,3 +190,23 @@ def test_chat_client_gets_reasoning_content_and_thinking_blocks(client: openai.O
         ],
     )
     assert _assistant_turn(scripted) == EXPECTED_REPLAY
+
+
+def test_cache_tokens_and_cache_control_cross_the_bridge(client: openai.OpenAI, scripted: Scripted) -> None:
+    usage = {"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20, "output_tokens": 3}
+    body = {**_message(), "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "usage": usage}
+    scripted.replies.append(Reply(200, orjson.dumps(body)))
+    cached = {"type": "ephemeral"}
+    reply = client.responses.create(
+        model="claude",
+        input=[
+            {
+                "role": "user",
+                "content": [{"type": "input_text", "text": "long document", "cache_control": cached}],  # type: ignore[typeddict-unknown-key]
+            }
+        ],
+    )
+    assert reply.usage is not None
+    assert reply.usage.input_tokens == 125 and reply.usage.input_tokens_details.cached_tokens == 100
+    sent = scripted.requests[-1].body
+    assert sent["messages"][0]["content"] == [{"type": "text", "text": "long document", "cache_control": cached}]
