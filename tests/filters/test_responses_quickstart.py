@@ -46,3 +46,15 @@ def test_quickstart_responses_json_stream_and_follow_up(quickstart: openai.OpenA
     assert follow.status == "completed" and follow.previous_response_id == first.id
     assert first.usage is not None and follow.usage is not None
     assert follow.usage.input_tokens > first.usage.input_tokens  # the earlier turn is in the prompt
+
+
+def test_quickstart_small_endpoints(quickstart: openai.OpenAI) -> None:
+    import anthropic
+
+    assert quickstart.models.retrieve("quickstart-gpt").id == "quickstart-gpt"
+    claude = anthropic.Anthropic(
+        base_url=str(quickstart.base_url).removesuffix("/v1/"), api_key="sk-any", max_retries=0
+    )
+    count = claude.messages.count_tokens(model="quickstart-gpt", messages=[{"role": "user", "content": "hello there"}])
+    assert count.input_tokens > 0
+    assert [m.id for m in claude.models.list().data][:2] == ["quickstart-gpt", "quickstart-claude"]
