@@ -110,3 +110,73 @@ def test_a_model_served_but_not_for_this_api_says_so(mock: MockServer, make_prox
     with pytest.raises(openai.NotFoundError) as missing:
         client.embeddings.create(model="nope", input="hi")
     assert missing.value.code == "model_not_found"
+
+
+def _chat_provider(scripted: Any) -> dict[str, Any]:
+    provider = {"name": "ds", "type": "openai", "base_url": scripted.url + "/v1", "keys": ["k"], "models": ["ds"]}
+    return {"filters": [{"name": "routing", "config": {"providers": [provider]}}]}
+
+
+def test_reasoning_content_becomes_thinking_for_anthropic_clients(scripted: Any, make_proxy: Make) -> None:
+    """DeepSeek-style ``reasoning_content``, JSON and streamed, reaches an Anthropic client as a thinking block."""
+    import orjson
+
+    from tests.filters.scripted_provider import Reply
+    from tests.filters.test_routing_usage import _sse_reply
+
+    message = {"role": "assistant", "content": "42", "reasoning_content": "6 times 7"}
+    whole = {
+        "id": "c1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+    }
+    base = {"id": "c1", "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> tuple[None, dict[str, Any]]:
+        return None, {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    usage = {**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    scripted.replies.append(Reply(200, orjson.dumps(whole)))
+    scripted.replies.append(
+        _sse_reply(
+            [
+                chunk({"role": "assistant", "content": ""}),
+                chunk({"reasoning_content": "6 times "}),
+                chunk({"reasoning_content": "7"}),
+                chunk({"content": "42"}),
+                chunk({}, "stop"),
+                (None, usage),
+                (None, "[DONE]"),
+            ]
+        )
+    )
+    proxy = make_proxy(_chat_provider(scripted))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-client", max_retries=0, timeout=10)
+    ask: Any = {"model": "ds", "max_tokens": 50, "messages": [{"role": "user", "content": "6*7?"}]}
+    reply = client.messages.create(**ask)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in reply.content] == [
+        ("thinking", "6 times 7"),
+        ("text", "42"),
+    ]
+    with client.messages.stream(**ask) as stream:
+        kinds = [(e.type, getattr(e, "index", None)) for e in stream]
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == [
+        ("thinking", "6 times 7"),
+        ("text", "42"),
+    ]
+    assert ("content_block_stop", 0) in kinds and kinds.index(("content_block_stop", 0)) < kinds.index(
+        ("content_block_start", 1)
+    )
+    # sent back, the thinking block is not given to the provider (DeepSeek refuses reasoning_content in input)
+    client.messages.create(
+        model="ds",
+        max_tokens=50,
+        messages=[
+            {"role": "user", "content": "6*7?"},
+            {"role": "assistant", "content": [b.model_dump() for b in final.content]},
+            {"role": "user", "content": "and 6*8?"},
+        ],
+    )
+    sent = scripted.requests[-1].body
+    assert sent["messages"][1] == {"role": "assistant", "content": "42"}
