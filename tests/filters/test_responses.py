@@ -427,3 +427,39 @@ def test_failover_from_a_failing_chat_provider_to_anthropic(loop_thread: Any, ma
         assert [r.path for r in server.requests] == ["/v1/chat/completions", "/v1/messages"]
     finally:
         loop_thread.call(server.close())
+
+
+def test_azure_is_bridged_to_its_deployment_chat_completions(scripted: Any, make_proxy: Make) -> None:
+    import orjson
+
+    from tests.filters.scripted_provider import Reply
+
+    message = {"role": "assistant", "content": "hi from azure"}
+    scripted.default = Reply(
+        200,
+        orjson.dumps(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 1,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
+            }
+        ),
+    )
+    provider = {
+        "name": "az",
+        "type": "azure",
+        "base_url": scripted.url,
+        "keys": ["az-key"],
+        "api_version": "2024-10-21",
+        "models": {"gpt-az": "my-deployment"},
+    }
+    proxy = make_proxy({"filters": [{"name": "routing", "config": {"providers": [provider]}}]})
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk", max_retries=0, timeout=10)
+    reply = client.responses.create(model="gpt-az", input="hello", instructions="be kind")
+    assert reply.output_text == "hi from azure" and reply.usage is not None and reply.usage.total_tokens == 7
+    seen = scripted.requests[-1]
+    assert seen.target == "/openai/deployments/my-deployment/chat/completions?api-version=2024-10-21"
+    assert seen.headers["api-key"] == "az-key"
+    assert seen.body["messages"] == [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}]
