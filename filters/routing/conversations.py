@@ -15,11 +15,14 @@ Config (the routing section's ``responses`` mapping)::
 
     responses:
       store: true        # false: nothing kept; previous_response_id and GET are a 400
+                       # (default: true, but false with several workers and a memory store)
       ttl: 3600          # seconds a stored response is kept
       max_bytes: 1048576 # largest conversation kept (encoded JSON)
 
-With several workers, use a Redis store (``store: redis``): a memory store is
-per process, and a follow-up may reach another worker.
+With several workers, use a Redis store (``store: redis://...``): a memory
+store is per process, and a follow-up may reach another worker. With
+``server.workers`` above 1 and a memory store, storage is off unless asked
+for, and ``store: true`` is refused at startup.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ _PREFIX = "llmproxy:responses:"
 class ConversationSettings:
     """The ``responses`` config mapping, validated."""
 
-    store: bool = True
+    #: None when the config does not say (on, unless the store is per process with several workers).
+    store: bool | None = None
     ttl: float = 3600.0
     max_bytes: int = 1 << 20
 
@@ -51,7 +55,7 @@ class ConversationSettings:
         sec = Section(raw if raw is not None else {}, "responses", "")
         try:
             out = cls(
-                store=sec.get("store", bool, True),
+                store=sec.get("store", bool, None),
                 ttl=sec.get("ttl", float, 3600.0, lambda v: None if v > 0 else "must be greater than 0"),
                 max_bytes=sec.get("max_bytes", int, 1 << 20, lambda v: None if v >= 1024 else "must be at least 1024"),
             )
@@ -59,6 +63,20 @@ class ConversationSettings:
         except ConfigError as exc:
             raise ValueError(f"{exc.path}: {exc.reason}") from None
         return out
+
+    def enabled(self, *, per_process: bool) -> bool:
+        """Whether responses are kept; ``per_process``: a memory store shared by no other worker.
+
+        Raises ``ValueError("responses.store: ...")`` for ``store: true`` on a per-process store.
+        """
+        if not per_process:
+            return self.store is not False
+        if self.store:
+            raise ValueError(
+                "responses.store: with server.workers above 1 a memory store is per worker, so a follow-up "
+                "could miss its conversation: use a shared store (store: redis://...) or set it false"
+            )
+        return False
 
 
 @dataclass

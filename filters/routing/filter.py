@@ -49,6 +49,7 @@ from llmproxy import (
     FactoryContext,
     Filter,
     FilterFactory,
+    MemoryStore,
     ModelNotFound,
     NotFound,
     Principal,
@@ -663,5 +664,8 @@ class RoutingFactory(FilterFactory):
         table_config = {k: v for k, v in config.items() if k != "responses"}
         self.table: RoutingTable = build_table(table_config, context.mock_ports)
         settings = ConversationSettings.parse(config.get("responses"))
-        #: Bridged Responses kept for previous_response_id (None: ``responses.store: false``).
-        self.conversations = ConversationStore(context.store, settings) if settings.store else None
+        per_process = context.workers > 1 and isinstance(context.store, MemoryStore)
+        #: Bridged Responses kept for previous_response_id (None: storage off, see conversations).
+        self.conversations = (
+            ConversationStore(context.store, settings) if settings.enabled(per_process=per_process) else None
+        )

@@ -463,3 +463,16 @@ def test_azure_is_bridged_to_its_deployment_chat_completions(scripted: Any, make
     assert seen.target == "/openai/deployments/my-deployment/chat/completions?api-version=2024-10-21"
     assert seen.headers["api-key"] == "az-key"
     assert seen.body["messages"] == [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}]
+
+
+def test_storage_with_several_workers_needs_a_shared_store() -> None:
+    from llmproxy import FactoryContext, MemoryStore
+    from llmproxy.filters.routing.filter import RoutingFactory
+
+    routing = _config(9)["filters"][0]["config"]
+    context = FactoryContext(MemoryStore(), workers=2)
+    assert RoutingFactory("routing", routing, context).conversations is None  # off unless asked for
+    with pytest.raises(ValueError, match=r"responses.store: with server.workers above 1"):
+        RoutingFactory("routing", {**routing, "responses": {"store": True}}, context)
+    single = FactoryContext(MemoryStore(), workers=1)
+    assert RoutingFactory("routing", routing, single).conversations is not None
