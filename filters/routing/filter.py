@@ -108,6 +108,14 @@ _APIS: dict[str, tuple[str, str]] = {
 _TRANSLATED_API = {"chat": "messages", "messages": "chat", "responses": "chat"}
 
 
+#: Chat Completions parameters refused on the way on to Messages, by the Responses field they came from.
+_RESPONSES_PARAMS = {
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+    "max_tokens": "max_output_tokens",
+}
+
+
 def _provider_api(api: str, native: frozenset[str]) -> str:
     """The API the provider is asked for when the client called ``api``."""
     if api in native:
@@ -353,7 +361,10 @@ class RoutingFilter(Filter):
             else:
                 out = messages_request_to_chat(body, model=target.model)
         except TranslationError as exc:
-            raise BadRequest(str(exc), param=exc.param, code="invalid_request") from None
+            param = _RESPONSES_PARAMS.get(exc.param or "", exc.param) if self._bridge else exc.param
+            raise BadRequest(
+                str(exc).replace(exc.param or "\0", param or ""), param=param, code="invalid_request"
+            ) from None
         exchange.set_request_json(out)
 
     # -- response -------------------------------------------------------------------

@@ -476,3 +476,13 @@ def test_storage_with_several_workers_needs_a_shared_store() -> None:
         RoutingFactory("routing", {**routing, "responses": {"store": True}}, context)
     single = FactoryContext(MemoryStore(), workers=1)
     assert RoutingFactory("routing", routing, single).conversations is not None
+
+
+def test_refusals_on_the_way_to_anthropic_name_the_responses_field(client: openai.OpenAI) -> None:
+    schema = {"type": "json_schema", "name": "o", "schema": {"type": "object"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="claude-x", input="hi", text={"format": schema})  # type: ignore[typeddict-item]
+    assert err.value.param == "text.format" and "text.format" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="claude-x", input="hi", reasoning={"effort": "low"}, max_output_tokens=500)
+    assert err.value.param == "reasoning.effort"

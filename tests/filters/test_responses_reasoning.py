@@ -42,6 +42,13 @@ def _message() -> dict[str, Any]:
 
 
 def _events() -> Reply:
+    """The same message as an Anthropic stream, sent one byte per chunk (the proxy frames it again)."""
+    reply = _stream_events()
+    reply.piece = 1
+    return reply
+
+
+def _stream_events() -> Reply:
     start = {**_message(), "content": [], "stop_reason": None, "usage": {"input_tokens": 20, "output_tokens": 1}}
     thinking = {"type": "thinking", "thinking": "", "signature": ""}
     tool = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}
