@@ -599,17 +599,12 @@ class RoutingFilter(Filter):
         if stored is None:
             raise NotFound(f"Response with id '{response_id}' not found.", code="not_found")
         if sub:
-            out = stored.response.get("output") or []
-            data = [item for item in stored.items if item not in output_as_input(out)]
+            produced = len(output_as_input(stored.response.get("output") or []))
+            data = stored.items[: len(stored.items) - produced]  # the conversation up to this response
+            if "order=asc" not in self._query:
+                data = data[::-1]  # OpenAI lists input items newest first unless order=asc
             exchange.send_local_reply(
-                200,
-                {
-                    "object": "list",
-                    "data": data,
-                    "first_id": None,
-                    "last_id": None,
-                    "has_more": False,
-                },
+                200, {"object": "list", "data": data, "first_id": None, "last_id": None, "has_more": False}
             )
         else:
             exchange.send_local_reply(200, stored.response)

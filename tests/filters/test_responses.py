@@ -275,6 +275,11 @@ def test_stored_response_get_input_items_delete(client: openai.OpenAI, model: st
     assert got.id == first.id and got.output_text == first.output_text and got.usage == first.usage
     items = client.responses.input_items.list(first.id)
     assert [(i.type, getattr(i, "role", None)) for i in items.data] == [("message", "user")]
+    second = client.responses.create(model=model, input="again", previous_response_id=first.id)
+    newest_first = client.responses.input_items.list(second.id)
+    assert [getattr(i, "role", None) for i in newest_first.data] == ["user", "assistant", "user"]
+    oldest_first = client.responses.input_items.list(second.id, order="asc")
+    assert oldest_first.data[0].content == "hello"  # type: ignore[union-attr]
     deleted = client.responses.delete(first.id)
     assert deleted is None
     with pytest.raises(openai.NotFoundError):
