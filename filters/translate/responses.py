@@ -477,6 +477,8 @@ def chat_response_to_responses(resp: JsonObject, *, request: JsonObject, respons
     if reasoning is not None or thinking:
         output.append(_reasoning_item(reasoning or "", thinking=thinking))
     content = message.get("content")
+    if isinstance(content, list):  # some servers send content parts back
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
     if isinstance(content, str) and content:
         output.append(_message_item(content, status))
     refusal = message.get("refusal")
@@ -568,6 +570,7 @@ class ChatStreamToResponsesStream:
         "_calls",
         "_finish_reason",
         "_kind",
+        "_last_call",
         "_msg_id",
         "_msg_index",
         "_output",
@@ -579,6 +582,7 @@ class ChatStreamToResponsesStream:
         "_summary_prefix",
         "_text_prefix",
         "_thinking",
+        "_unindexed",
         "_usage",
         "failed",
         "response",
@@ -601,6 +605,9 @@ class ChatStreamToResponsesStream:
         self._thinking: list[JsonObject] = []
         #: Open function-call items by the chat tool-call index.
         self._calls: dict[int, _ToolCall] = {}
+        self._last_call: _ToolCall | None = None
+        #: The index given to tool-call deltas that carry none (negative: never a real index).
+        self._unindexed = -(1 << 20)
         self._finish_reason: str | None = None
         self._usage: object = None
         self.response: JsonObject | None = None
@@ -808,11 +815,16 @@ class ChatStreamToResponsesStream:
                 self._parts.append(content)
                 out += self._delta(_TEXT_DELTA, self._text_prefix, content)
             for tc in delta.get("tool_calls") or ():
-                index = tc.get("index", 0)
+                index = tc.get("index")
+                if type(index) is not int:
+                    # some servers omit the index: a call with a new id is a new call, else the latest
+                    fresh = tc.get("id") and (self._last_call is None or self._last_call.call_id != tc["id"])
+                    index = self._unindexed = self._unindexed + 1 if fresh else self._unindexed
                 call = self._calls.get(index)
                 if call is None:
                     out += self._open_call(index, tc)
                     call = self._calls[index]
+                self._last_call = call
                 fragment = (tc.get("function") or {}).get("arguments")
                 if fragment:
                     call.args.append(fragment)

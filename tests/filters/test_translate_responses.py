@@ -302,3 +302,25 @@ def test_thinking_round_trips_through_encrypted_content() -> None:
     assert kept["messages"][1]["thinking_blocks"] == blocks
     plain = responses_request_to_chat({"model": "m", "input": items}, model="m")
     assert "thinking_blocks" not in plain["messages"][1]  # never sent to a Chat provider
+
+
+def test_tool_call_deltas_without_an_index() -> None:
+    translator = ChatStreamToResponsesStream(request={"model": "m"}, response_id="resp_1", model="m")
+
+    def feed(delta: dict[str, Any], finish: str | None = None) -> None:
+        translator.feed(None, orjson.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}))
+
+    feed({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": '{"x"'}}]})
+    feed({"tool_calls": [{"function": {"arguments": ":1}"}}]})
+    feed({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": "{}"}}]})
+    feed({}, "tool_calls")
+    translator.finish()
+    assert translator.response is not None
+    calls = [(i["call_id"], i["name"], i["arguments"]) for i in translator.response["output"]]
+    assert calls == [("a", "f", '{"x":1}'), ("b", "g", "{}")]
+
+
+def test_content_parts_in_a_chat_reply() -> None:
+    chat = {"choices": [{"message": {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}}]}
+    out = chat_response_to_responses(chat, request={}, response_id="r", model="m")
+    assert out["output"][0]["content"][0]["text"] == "ab"
