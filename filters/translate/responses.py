@@ -544,6 +544,7 @@ class _ToolCall:
 
 _TEXT_DELTA = b"event: response.output_text.delta\ndata: "
 _ARGS_DELTA = b"event: response.function_call_arguments.delta\ndata: "
+_REFUSAL_DELTA = b"event: response.refusal.delta\ndata: "
 _SUMMARY_DELTA = b"event: response.reasoning_summary_text.delta\ndata: "
 
 
@@ -642,7 +643,17 @@ class ChatStreamToResponsesStream:
         text = "".join(self._parts)
         self._parts = []
         index = self._msg_index
-        if kind == "message":
+        if kind == "refusal":
+            part = {"type": "refusal", "refusal": text}
+            item = {**_message_item("", item_id=self._msg_id), "content": [part]}
+            out = self._event(
+                "response.refusal.done",
+                {"item_id": self._msg_id, "output_index": index, "content_index": 0, "refusal": text},
+            ) + self._event(
+                "response.content_part.done",
+                {"item_id": self._msg_id, "output_index": index, "content_index": 0, "part": part},
+            )
+        elif kind == "message":
             item = _message_item(text, item_id=self._msg_id)
             part = item["content"][0]
             out = self._event(
@@ -693,7 +704,7 @@ class ChatStreamToResponsesStream:
         out = self._close_text() + self._close_calls()
         self._kind = kind
         index = self._msg_index = len(self._output)
-        if kind == "message":
+        if kind in ("message", "refusal"):
             self._msg_id = item_id = _item_id("msg_")
             item: JsonObject = {
                 "id": item_id,
@@ -703,14 +714,23 @@ class ChatStreamToResponsesStream:
                 "content": [],
             }
             self._output.append(item)
+            refusal = kind == "refusal"
             self._text_prefix = (
-                b'{"type":"response.output_text.delta","item_id":"'
+                (
+                    b'{"type":"response.refusal.delta","item_id":"'
+                    if refusal
+                    else b'{"type":"response.output_text.delta","item_id":"'
+                )
                 + item_id.encode()
                 + b'","output_index":'
                 + str(index).encode()
-                + b',"content_index":0,"logprobs":[],"delta":'
+                + (b',"content_index":0,"delta":' if refusal else b',"content_index":0,"logprobs":[],"delta":')
             )
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            part: JsonObject = (
+                {"type": "refusal", "refusal": ""}
+                if refusal
+                else {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            )
             return (
                 out
                 + self._event("response.output_item.added", {"output_index": index, "item": item})
@@ -814,6 +834,12 @@ class ChatStreamToResponsesStream:
                     out += self._open_text("message")
                 self._parts.append(content)
                 out += self._delta(_TEXT_DELTA, self._text_prefix, content)
+            refusal = delta.get("refusal")
+            if refusal and isinstance(refusal, str):
+                if self._kind != "refusal":
+                    out += self._open_text("refusal")
+                self._parts.append(refusal)
+                out += self._delta(_REFUSAL_DELTA, self._text_prefix, refusal)
             for tc in delta.get("tool_calls") or ():
                 index = tc.get("index")
                 if type(index) is not int:

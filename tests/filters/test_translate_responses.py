@@ -324,3 +324,22 @@ def test_content_parts_in_a_chat_reply() -> None:
     chat = {"choices": [{"message": {"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}}]}
     out = chat_response_to_responses(chat, request={}, response_id="r", model="m")
     assert out["output"][0]["content"][0]["text"] == "ab"
+
+
+def test_streamed_refusal_is_a_refusal_part() -> None:
+    stream = (
+        _chunk({"role": "assistant", "content": ""}) + _chunk({"refusal": "I can't"}) + _chunk({"refusal": " help."})
+    )
+    events = _translate([stream + _chunk({}, "stop") + b"data: [DONE]\n\n"])
+    kinds = [e["type"] for e in events]
+    assert kinds[2:] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.refusal.delta",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[-1]["response"]["output"][0]["content"] == [{"type": "refusal", "refusal": "I can't help."}]
