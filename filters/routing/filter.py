@@ -38,7 +38,7 @@ import contextlib
 import enum
 from collections.abc import Awaitable, Mapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import orjson
 
@@ -64,10 +64,11 @@ from llmproxy.filters.names import PRINCIPAL, ROUTE, USAGE
 from llmproxy.filters.routing.conversations import (
     ConversationSettings,
     ConversationStore,
+    Stored,
     output_as_input,
 )
 from llmproxy.filters.routing.decision import RouteDecision
-from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
+from llmproxy.filters.routing.table import NoProvider, Provider, RoutingTable, Target, build_table
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
 from llmproxy.filters.translate import (
     ChainedStream,
@@ -576,27 +577,35 @@ class RoutingFilter(Filter):
         exchange.vars[USAGE] = openai_shaped(record)
 
     async def _stored_reply(self, exchange: Exchange, ref: str, method: str) -> Action:
-        """``GET``/``DELETE /v1/responses/{id}`` and ``GET .../{id}/input_items`` for bridged
-        responses this proxy stored; 404 for any other id (another principal's included)."""
+        """``GET``/``DELETE /v1/responses/{id}`` and ``GET .../{id}/input_items``: answered here for
+        bridged responses this proxy stored (the caller's own: another principal's is "not found");
+        any other id goes to the one provider that serves ``/v1/responses`` itself, when there is
+        exactly one (it made the response); else 404, or 400 when storage is off."""
         store = self.factory.conversations
-        if store is None:
-            raise BadRequest(
-                "stored responses are off here (routing responses.store)", code="response_storage_disabled"
-            )
         response_id, _, sub = ref.partition("/")
         if sub not in ("", "input_items") or (sub and method != "GET"):
             raise NotFound(f"no route for {method} /v1/responses/{ref}")
-        owner = _owner(exchange)
-        try:
-            if method == "DELETE":
-                if not await store.delete(response_id, owner):
-                    raise NotFound(f"Response with id '{response_id}' not found.", code="not_found")
-                exchange.send_local_reply(200, {"id": response_id, "object": "response", "deleted": True})
-                return Action.CONTINUE
-            stored = await store.load(response_id, owner)
-        except StoreUnavailable:
-            raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
+        stored: Stored | None = None
+        if store is not None:
+            owner = _owner(exchange)
+            try:
+                if method == "DELETE":
+                    if await store.delete(response_id, owner):
+                        exchange.send_local_reply(200, {"id": response_id, "object": "response", "deleted": True})
+                        return Action.CONTINUE
+                else:
+                    stored = await store.load(response_id, owner)
+            except StoreUnavailable:
+                raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
         if stored is None:
+            native = self.factory.table.responses_provider()
+            if native is not None:
+                self._forward(exchange, native, ref)
+                return Action.CONTINUE
+            if store is None:
+                raise BadRequest(
+                    "stored responses are off here (routing responses.store)", code="response_storage_disabled"
+                )
             raise NotFound(f"Response with id '{response_id}' not found.", code="not_found")
         if sub:
             produced = len(output_as_input(stored.response.get("output") or []))
@@ -609,6 +618,18 @@ class RoutingFilter(Filter):
         else:
             exchange.send_local_reply(200, stored.response)
         return Action.CONTINUE
+
+    def _forward(self, exchange: Exchange, provider: Provider, ref: str) -> None:
+        """Send ``/v1/responses/{ref}`` on to ``provider`` (its key, its path), relayed untouched."""
+        key_index = provider.next_key_index()
+        self.current = Target(provider, "", provider.weight)
+        self.key_index = key_index
+        exchange.upstream = provider.targets[key_index]
+        request = exchange.request
+        request.path = provider.adapter.path("responses", "", "") + "/" + quote(ref, safe="/") + self._query
+        for name, value in provider.adapter.static_headers():
+            if request.headers.get_raw(name) is None:
+                request.headers.set_raw(name, value)
 
     def _models_reply(self, exchange: Exchange) -> None:
         """Every exact model and alias; only those the caller may use when an auth filter (before

@@ -229,6 +229,12 @@ class RoutingTable:
                 return provider.name
         return None
 
+    def responses_provider(self) -> Provider | None:
+        """The one provider (with keys) that serves ``/v1/responses`` itself, or None when there
+        are none or several (a stored response's id does not say which provider made it)."""
+        native = [p for p in self.providers.values() if "responses" in p.adapter.native_apis and p.has_keys]
+        return native[0] if len(native) == 1 else None
+
     def model_ids(self) -> list[tuple[str, str]]:
         """(model id, owner) for GET /v1/models: exact names and aliases."""
         seen: dict[str, str] = {}

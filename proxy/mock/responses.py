@@ -9,20 +9,24 @@ per argument fragment, the ``.done`` events, ``response.completed`` or
 ``response.incomplete`` with usage). Every response stored (``store`` not
 false) is kept, the last :data:`MAX_STORED` per server, so a request naming it
 in ``previous_response_id`` is answered with the earlier turns counted in its
-prompt; an unknown one is a 400, as OpenAI answers.
+prompt; an unknown one is a 400, as OpenAI answers. ``GET`` and ``DELETE
+/v1/responses/{id}`` answer for stored ones (:func:`lookup`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
 from llmproxy.mock.content import budget, prompt_tokens, reply_text, split3, tool_plan, tool_tokens
 from llmproxy.mock.replies import Call, Flavour, Stream, Whole, error_reply
 
-__all__ = ["MAX_STORED", "responses"]
+if TYPE_CHECKING:
+    from llmproxy.mock.server import MockServer
+
+__all__ = ["MAX_STORED", "lookup", "responses"]
 
 #: Stored responses kept per server (oldest dropped first).
 MAX_STORED: Final = 1000
@@ -43,7 +47,7 @@ def responses(call: Call) -> Whole | Stream:
     if previous is not None:
         if previous not in store:
             return error_reply(Flavour.OPENAI, 400, f"Previous response with id '{previous}' not found.")
-        history = store[previous]
+        history = store[previous][0]
     s = call.server
     calls = tool_plan(call)
     n, cut = budget(call, "max_output_tokens")
@@ -53,10 +57,6 @@ def responses(call: Call) -> Whole | Stream:
     completion = tool_tokens(calls) if calls else n
     rid = s.next_id(b"resp_").decode()
     status = "incomplete" if cut else "completed"
-    if body.get("store") is not False:
-        store[rid] = prompt + completion
-        while len(store) > MAX_STORED:
-            store.popitem(last=False)
     response: dict[str, Any] = {
         "id": rid,
         "object": "response",
@@ -114,6 +114,10 @@ def responses(call: Call) -> Whole | Stream:
         "output": items,
         "usage": usage,
     }
+    if body.get("store") is not False:
+        store[rid] = (prompt + completion, orjson.dumps(final))
+        while len(store) > MAX_STORED:
+            store.popitem(last=False)
     if not call.stream:
         return Whole(200, orjson.dumps(final), steps=len(calls) * 4 if calls else n)
     seq = iter(range(1 << 30))
@@ -159,3 +163,14 @@ def responses(call: Call) -> Whole | Stream:
     kind = "response.completed" if status == "completed" else "response.incomplete"
     tail = [_event(kind, next(seq), {"response": final})]
     return Stream(preamble, content, tail)
+
+
+def lookup(server: MockServer, method: str, response_id: str) -> Whole:
+    """``GET``/``DELETE /v1/responses/{id}``: the stored response, or its deletion; 404 when unknown."""
+    stored = server.stored_responses.get(response_id)
+    if stored is None:
+        return error_reply(Flavour.OPENAI, 404, f"Response with id '{response_id}' not found.")
+    if method == "DELETE":
+        del server.stored_responses[response_id]
+        return Whole(200, orjson.dumps({"id": response_id, "object": "response", "deleted": True}))
+    return Whole(200, stored[1])

@@ -299,7 +299,10 @@ def test_store_false_is_not_kept(client: openai.OpenAI, model: str) -> None:
 
 
 def test_storage_off_is_a_clear_400(mock: MockServer, make_proxy: Make) -> None:
-    proxy = make_proxy(_config(mock.port, responses={"store": False}))
+    config = _config(mock.port, responses={"store": False})
+    routing = config["filters"][0]["config"]
+    routing["providers"] = routing["providers"][1:]  # no provider serves /v1/responses itself
+    proxy = make_proxy(config)
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
     first = client.responses.create(model="claude-x", input="hello")
     assert first.store is False  # nothing is kept, and the response says so
@@ -491,3 +494,14 @@ def test_refusals_on_the_way_to_anthropic_name_the_responses_field(client: opena
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="claude-x", input="hi", reasoning={"effort": "low"}, max_output_tokens=500)
     assert err.value.param == "reasoning.effort"
+
+
+def test_get_and_delete_of_a_pass_through_response_go_to_its_provider(client: openai.OpenAI, mock: MockServer) -> None:
+    first = client.responses.create(model="gpt-native", input="hello", extra_headers={"x-mock-tokens": "2"})
+    got = client.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == "lorem ipsum "  # the mock's own stored copy
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    bridged = client.responses.create(model="claude-x", input="hello")
+    assert client.responses.retrieve(bridged.id).id == bridged.id  # a bridged one is answered here

@@ -46,6 +46,7 @@ def test_quickstart_responses_json_stream_and_follow_up(quickstart: openai.OpenA
     assert follow.status == "completed" and follow.previous_response_id == first.id
     assert first.usage is not None and follow.usage is not None
     assert follow.usage.input_tokens > first.usage.input_tokens  # the earlier turn is in the prompt
+    assert quickstart.responses.retrieve(first.id).output_text == first.output_text
 
 
 def test_quickstart_small_endpoints(quickstart: openai.OpenAI) -> None:
