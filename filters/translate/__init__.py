@@ -43,15 +43,13 @@ from llmproxy.filters.translate.messages_to_chat import (
     messages_request_to_chat,
 )
 from llmproxy.filters.translate.responses import (
-    ChainedStream,
-    ChatStreamToResponsesStream,
-    EventTranslator,
     chat_response_to_responses,
     input_items,
     new_response_id,
     responses_request_to_chat,
     responses_usage,
 )
+from llmproxy.filters.translate.responses_stream import ChainedStream, ChatStreamToResponsesStream, EventTranslator
 
 __all__ = [
     "ChainedStream",
