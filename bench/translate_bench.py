@@ -13,7 +13,8 @@ finish and usage events) and prints microseconds per event for:
 
 The best of ``--repeat`` runs is reported, per the usual micro-benchmark
 practice (the minimum is the least disturbed by the rest of the machine).
-The budget is about 50 µs per event over pass-through.
+The budget is about 50 µs per event over pass-through (10 µs for the
+Responses bridges: Chat -> Responses, and Anthropic -> Chat -> Responses chained).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmproxy.filters.translate import ChatStreamToMessagesStream, MessagesStreamToChatStream
+from llmproxy.filters.translate import (
+    ChainedStream,
+    ChatStreamToMessagesStream,
+    ChatStreamToResponsesStream,
+    EventTranslator,
+    MessagesStreamToChatStream,
+)
 from llmproxy.http.sse import parse_event
 
 WORDS = [
@@ -123,7 +130,7 @@ def best_of(repeat: int, run: Callable[[], None]) -> float:
 def bench(
     name: str,
     events: list[bytes],
-    make: Callable[[], MessagesStreamToChatStream | ChatStreamToMessagesStream],
+    make: Callable[[], EventTranslator],
     repeat: int,
 ) -> None:
     sink: list[bytes] = []
@@ -172,6 +179,22 @@ def main() -> None:
         "OpenAI -> Anthropic (ChatStreamToMessagesStream)",
         openai_stream(args.events),
         lambda: ChatStreamToMessagesStream(model="claude-sonnet-4-5"),
+        args.repeat,
+    )
+    request = {"model": "gpt-x", "input": "weather?", "stream": True}
+    bench(
+        "Chat -> Responses (ChatStreamToResponsesStream)",
+        openai_stream(args.events),
+        lambda: ChatStreamToResponsesStream(request=request, response_id="resp_1", model="gpt-4o"),
+        args.repeat,
+    )
+    bench(
+        "Anthropic -> Responses (ChainedStream: Messages -> Chat -> Responses)",
+        anthropic_stream(args.events),
+        lambda: ChainedStream(
+            MessagesStreamToChatStream(model="claude", include_usage=True),
+            ChatStreamToResponsesStream(request=request, response_id="resp_1", model="claude"),
+        ),
         args.repeat,
     )
 

@@ -279,10 +279,23 @@ def render_error(error: ProxyError, protocol: ClientProtocol = "openai") -> byte
     return orjson.dumps(error.envelope())
 
 
-def render_sse_error(error: ProxyError, protocol: ClientProtocol = "openai") -> bytes:
-    """Serialise ``error`` as a final SSE event of the client's ``protocol``, for streams that already started."""
+def render_sse_error(error: ProxyError, protocol: ClientProtocol = "openai", *, responses: bool = False) -> bytes:
+    """Serialise ``error`` as a final SSE event of the client's ``protocol``, for streams that already started.
+
+    ``responses``: the client called the Responses API, whose stream error is an ``error`` event
+    with ``type``, ``code``, ``message``, ``param`` and ``sequence_number`` at the top level.
+    """
     if protocol == "anthropic":
         return b"event: error\ndata: " + orjson.dumps(error.anthropic_envelope()) + b"\n\n"
+    if responses:
+        payload = {
+            "type": "error",
+            "code": error.code,
+            "message": error.message,
+            "param": error.param,
+            "sequence_number": 0,
+        }
+        return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
     return b"data: " + orjson.dumps(error.envelope()) + b"\n\n"
 
 

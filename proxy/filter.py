@@ -77,6 +77,13 @@ class Filter:
 
     ``factory`` is the :class:`FilterFactory` that created this filter; its
     config and shared resources are reached through it.
+
+    A hook is either a coroutine function (always awaited) or a plain
+    function; a plain ``on_request_headers``, ``on_request_body``,
+    ``on_response_headers`` or mutating ``on_response_body`` may also return a
+    coroutine for a rare slow path (a shared-store read on some requests
+    only), which the core awaits for its :class:`Action`: the common path
+    then creates no coroutine.
     """
 
     #: Whether ``on_response_body`` may change, drop, hold or inject data.

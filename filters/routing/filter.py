@@ -34,11 +34,12 @@ it is also left OpenAI-shaped on ``exchange.vars["routing.usage"]``. The
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import orjson
 
@@ -49,28 +50,44 @@ from llmproxy import (
     FactoryContext,
     Filter,
     FilterFactory,
+    MemoryStore,
     ModelNotFound,
+    NotFound,
     Principal,
     ServiceUnavailable,
+    StoreUnavailable,
     UpstreamProtocolError,
     Usage,
     parse_event,
     split_events,
 )
 from llmproxy.filters.names import PRINCIPAL, ROUTE, USAGE
+from llmproxy.filters.routing.conversations import (
+    ConversationSettings,
+    ConversationStore,
+    Stored,
+    output_as_input,
+)
 from llmproxy.filters.routing.decision import RouteDecision
-from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
+from llmproxy.filters.routing.table import NoProvider, Provider, RoutingTable, Target, build_table
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
 from llmproxy.filters.translate import (
+    ChainedStream,
     ChatStreamToMessagesStream,
+    ChatStreamToResponsesStream,
+    EventTranslator,
     MessagesStreamToChatStream,
     TranslationError,
     anthropic_error_to_openai,
     chat_request_to_messages,
     chat_response_to_messages,
+    chat_response_to_responses,
+    input_items,
     messages_request_to_chat,
     messages_response_to_chat,
+    new_response_id,
     openai_error_to_anthropic,
+    responses_request_to_chat,
 )
 
 __all__ = ["HINT_HEADER", "RoutingFactory", "RoutingFilter"]
@@ -90,8 +107,25 @@ _APIS: dict[str, tuple[str, str]] = {
 }
 
 
-#: The provider-side API when the client's is reached by translation.
-_TRANSLATED_API = {"chat": "messages", "messages": "chat"}
+#: The provider-side API when the client's is reached by translation (``responses`` is
+#: bridged to Chat Completions, and on to Messages for an Anthropic provider).
+_TRANSLATED_API = {"chat": "messages", "messages": "chat", "responses": "chat"}
+
+
+#: Chat Completions parameters refused on the way on to Messages, by the Responses field they came from.
+_RESPONSES_PARAMS = {
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+    "max_tokens": "max_output_tokens",
+}
+
+
+def _provider_api(api: str, native: frozenset[str]) -> str:
+    """The API the provider is asked for when the client called ``api``."""
+    if api in native:
+        return api
+    translated = _TRANSLATED_API[api]
+    return translated if translated in native else "messages"
 
 
 class _Mode(enum.Enum):
@@ -116,10 +150,13 @@ class RoutingFilter(Filter):
 
     __slots__ = (
         "_body",
+        "_bridge",
+        "_history",
         "_include_usage_asked",
         "_mode",
         "_pieces",
         "_query",
+        "_response_id",
         "_set_aside",
         "_stream",
         "_translator",
@@ -156,14 +193,19 @@ class RoutingFilter(Filter):
         self._stream = False
         self._include_usage_asked = False
         self._mode = _Mode.PASS
-        self._translator: MessagesStreamToChatStream | ChatStreamToMessagesStream | None = None
+        self._translator: EventTranslator | None = None
+        #: A Responses request bridged to Chat Completions (or on to Messages) by this attempt.
+        self._bridge = False
+        #: The bridged response's id, and the items of the conversation before it.
+        self._response_id = ""
+        self._history: list[dict[str, Any]] = []
         #: The usage of the current attempt's stream (provider protocol).
         self._usage: StreamUsage | None = None
         #: The current attempt's JSON body so far (WATCH_JSON).
         self._pieces: list[bytes] = []
 
     # -- request ------------------------------------------------------------------
-    def on_request_headers(self, exchange: Exchange) -> Action:
+    def on_request_headers(self, exchange: Exchange) -> Action | Awaitable[Action]:
         request = exchange.request
         path, _, query = request.path.partition("?")
         self._query = "?" + query if query else ""
@@ -173,6 +215,8 @@ class RoutingFilter(Filter):
         if path.startswith("/v1/models/") and request.method in ("GET", "HEAD"):
             self._model_reply(exchange, unquote(path[len("/v1/models/") :]))
             return Action.CONTINUE
+        if path.startswith("/v1/responses/") and request.method in ("GET", "DELETE"):
+            return self._stored_reply(exchange, unquote(path[len("/v1/responses/") :]), request.method)
         api = _APIS.get(path)
         if api is None:
             return Action.CONTINUE
@@ -188,7 +232,7 @@ class RoutingFilter(Filter):
             self.hint = hint
         return Action.CONTINUE
 
-    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         if not self.api:
             return Action.CONTINUE
         payload = exchange.request_json()
@@ -218,6 +262,12 @@ class RoutingFilter(Filter):
                     param=HINT_HEADER,
                     code="provider_not_allowed",
                 ) from None
+            if self.factory.table.owner_of(model) is not None:
+                raise BadRequest(
+                    f"model '{model}' is served here, but not for the {self.api} API",
+                    param="model",
+                    code="model_not_supported_for_api",
+                ) from None
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here", param="model") from None
         self._body = payload
         self.route = RouteDecision(self.api, self.client_protocol, self.candidates, exchange.filters.index(self), model)
@@ -226,19 +276,51 @@ class RoutingFilter(Filter):
         options = payload.get("stream_options")
         self._include_usage_asked = isinstance(options, dict) and options.get("include_usage") is True
         target = self.candidates[0]
-        self.apply(exchange, target, target.provider.next_key_index())
+        key_index = target.provider.next_key_index()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request %s: routing chose %s model %s key %s for %s %r (%d candidate%s)",
                 exchange.id,
                 target.provider.name,
                 target.model,
-                target.provider.key_ids[self.key_index] if target.provider.key_ids else "-",
+                target.provider.key_ids[key_index] if target.provider.key_ids else "-",
                 self.api,
                 model[:200],
                 len(self.candidates),
                 "" if len(self.candidates) == 1 else "s",
             )
+        if self.api == "responses" and "responses" not in target.provider.adapter.native_apis:
+            previous = payload.get("previous_response_id")
+            if previous is not None:
+                return self._continue_conversation(exchange, previous, target, key_index)
+        self.apply(exchange, target, key_index)
+        return Action.CONTINUE
+
+    async def _continue_conversation(
+        self, exchange: Exchange, previous: object, target: Target, key_index: int
+    ) -> Action:
+        """A bridged follow-up: the stored conversation becomes the history sent before ``input``."""
+        store = self.factory.conversations
+        if store is None:
+            raise BadRequest(
+                "previous_response_id needs stored responses, which are off here (routing responses.store)",
+                param="previous_response_id",
+                code="response_storage_disabled",
+            )
+        if not isinstance(previous, str) or not previous:
+            raise BadRequest("previous_response_id must be a string", param="previous_response_id")
+        try:
+            stored = await store.load(previous, _owner(exchange))
+        except StoreUnavailable:
+            raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
+        if stored is None:
+            raise BadRequest(
+                f"Previous response with id '{previous}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        self._history = stored.items
+        self.apply(exchange, target, key_index)
         return Action.CONTINUE
 
     def apply(self, exchange: Exchange, target: Target, key_index: int) -> None:
@@ -259,7 +341,10 @@ class RoutingFilter(Filter):
         request = exchange.request
         headers = request.headers
         exchange.upstream = provider.targets[key_index]
-        provider_api = self.api if self.api in adapter.native_apis else _TRANSLATED_API[self.api]
+        provider_api = _provider_api(self.api, adapter.native_apis)
+        self._bridge = self.api == "responses" and provider_api != "responses"
+        if self._bridge and not self._response_id:
+            self._response_id = new_response_id()
         request.path = adapter.path(provider_api, target.model, self._query)
         # Protocol-specific client headers (anthropic-*, openai-*) go only to a
         # provider of that protocol; the others are set aside, not lost, so
@@ -276,7 +361,15 @@ class RoutingFilter(Filter):
                 headers.set_raw(name, value)
         body = self._body
         try:
-            if self.client_protocol == adapter.protocol:
+            if self._bridge:
+                out = responses_request_to_chat(
+                    body, model=target.model, history=self._history, keep_thinking=adapter.protocol == "anthropic"
+                )
+                if adapter.protocol == "anthropic":
+                    out = chat_request_to_messages(
+                        out, model=target.model, default_max_tokens=getattr(adapter, "default_max_tokens", 4096)
+                    )
+            elif self.client_protocol == adapter.protocol:
                 out = dict(body)
                 out["model"] = target.model
                 if self._stream and self.api == "chat":
@@ -288,7 +381,10 @@ class RoutingFilter(Filter):
             else:
                 out = messages_request_to_chat(body, model=target.model)
         except TranslationError as exc:
-            raise BadRequest(str(exc), param=exc.param, code="invalid_request") from None
+            param = _RESPONSES_PARAMS.get(exc.param or "", exc.param) if self._bridge else exc.param
+            raise BadRequest(
+                str(exc).replace(exc.param or "\0", param or ""), param=param, code="invalid_request"
+            ) from None
         exchange.set_request_json(out)
 
     # -- response -------------------------------------------------------------------
@@ -308,7 +404,7 @@ class RoutingFilter(Filter):
         if target is None or exchange.response is None:
             return Action.CONTINUE
         provider_protocol = target.provider.protocol
-        translating = provider_protocol != self.client_protocol
+        translating = provider_protocol != self.client_protocol or self._bridge
         if exchange.upstream_error is not None:
             return Action.CONTINUE  # the core renders its own errors in the client's protocol
         if exchange.response.status >= 400:
@@ -322,7 +418,16 @@ class RoutingFilter(Filter):
             self._usage = StreamUsage(provider_protocol)
             if translating:
                 self._mode = _Mode.STREAM
-                if self.client_protocol == "openai":
+                if self._bridge:
+                    responses = ChatStreamToResponsesStream(
+                        request=self._echoed(), response_id=self._response_id, model=target.model
+                    )
+                    self._translator = (
+                        ChainedStream(MessagesStreamToChatStream(model=target.model, include_usage=True), responses)
+                        if provider_protocol == "anthropic"
+                        else responses
+                    )
+                elif self.client_protocol == "openai":
                     self._translator = MessagesStreamToChatStream(
                         model=target.model, include_usage=self._include_usage_asked
                     )
@@ -338,7 +443,7 @@ class RoutingFilter(Filter):
             self._mode = _Mode.WATCH_JSON
         return Action.CONTINUE
 
-    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         """``data`` is one or more whole SSE events for a stream (``sse_batches``), else a piece of the body."""
         mode = self._mode
         if mode is _Mode.PASS:
@@ -372,7 +477,16 @@ class RoutingFilter(Filter):
             return Action.CONTINUE
         try:
             parsed = orjson.loads(data)
-            if self.client_protocol == "openai":
+            if self._bridge:
+                chat = (
+                    messages_response_to_chat(parsed, model=target.model)
+                    if target.provider.protocol == "anthropic"
+                    else parsed
+                )
+                out = chat_response_to_responses(
+                    chat, request=self._echoed(), response_id=self._response_id, model=target.model
+                )
+            elif self.client_protocol == "openai":
                 out = messages_response_to_chat(parsed, model=target.model)
             else:
                 out = chat_response_to_messages(parsed, model=target.model)
@@ -386,6 +500,27 @@ class RoutingFilter(Filter):
         if isinstance(usage, dict):
             self._publish(exchange, from_provider(target.provider.protocol, usage))
         exchange.set_response_data(translated)
+        if self._bridge and self._keeps():
+            return self._save(exchange, out)
+        return Action.CONTINUE
+
+    def _echoed(self) -> dict[str, Any]:
+        """The request as the bridged response object echoes it (``store`` false when nothing is kept)."""
+        if self.factory.conversations is None and self._body.get("store") is not False:
+            return {**self._body, "store": False}
+        return self._body
+
+    def _keeps(self) -> bool:
+        """Whether this bridged response is to be stored."""
+        return self.factory.conversations is not None and self._body.get("store") is not False
+
+    async def _save(self, exchange: Exchange, response: dict[str, Any]) -> Action:
+        """Store a bridged response before its last bytes go out (a follow-up sent right after finds it)."""
+        store = self.factory.conversations
+        assert store is not None
+        items = [*self._history, *input_items(self._body), *output_as_input(response.get("output") or [])]
+        with contextlib.suppress(StoreUnavailable):  # the answer stands; a follow-up gets "not found"
+            await store.save(response, items, _owner(exchange))
         return Action.CONTINUE
 
     # -- usage ------------------------------------------------------------------------
@@ -406,7 +541,7 @@ class RoutingFilter(Filter):
         if found:
             self._publish_stream_usage(exchange)
 
-    def _translate_events(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+    def _translate_events(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         translator = self._translator
         usage = self._usage
         assert translator is not None and usage is not None
@@ -425,6 +560,10 @@ class RoutingFilter(Filter):
         if end_of_stream:
             out.append(translator.finish())
         exchange.set_response_data(out[0] if len(out) == 1 else b"".join(out))
+        if end_of_stream and self._bridge and self._keeps():
+            last = translator.last if isinstance(translator, ChainedStream) else translator
+            if isinstance(last, ChatStreamToResponsesStream) and last.response is not None and not last.failed:
+                return self._save(exchange, last.response)
         return Action.CONTINUE
 
     def _publish_stream_usage(self, exchange: Exchange) -> None:
@@ -456,15 +595,81 @@ class RoutingFilter(Filter):
             attempt.usage = record
         exchange.vars[USAGE] = openai_shaped(record)
 
+    async def _stored_reply(self, exchange: Exchange, ref: str, method: str) -> Action:
+        """``GET``/``DELETE /v1/responses/{id}`` and ``GET .../{id}/input_items``: answered here for
+        bridged responses this proxy stored (the caller's own: another principal's is "not found");
+        any other id goes to the one provider that serves ``/v1/responses`` itself, when there is
+        exactly one (it made the response); else 404, or 400 when storage is off."""
+        store = self.factory.conversations
+        response_id, _, sub = ref.partition("/")
+        if sub not in ("", "input_items") or (sub and method != "GET"):
+            raise NotFound(f"no route for {method} /v1/responses/{ref}")
+        stored: Stored | None = None
+        if store is not None:
+            owner = _owner(exchange)
+            try:
+                if method == "DELETE":
+                    if await store.delete(response_id, owner):
+                        exchange.send_local_reply(200, {"id": response_id, "object": "response", "deleted": True})
+                        return Action.CONTINUE
+                else:
+                    stored = await store.load(response_id, owner)
+            except StoreUnavailable:
+                raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
+        if stored is None:
+            native = self.factory.table.responses_provider()
+            if native is not None:
+                self._forward(exchange, native, ref)
+                return Action.CONTINUE
+            if store is None:
+                raise BadRequest(
+                    "stored responses are off here (routing responses.store)", code="response_storage_disabled"
+                )
+            raise NotFound(f"Response with id '{response_id}' not found.", code="not_found")
+        if sub:
+            produced = len(output_as_input(stored.response.get("output") or []))
+            data = stored.items[: len(stored.items) - produced]  # the conversation up to this response
+            if "order=asc" not in self._query:
+                data = data[::-1]  # OpenAI lists input items newest first unless order=asc
+            exchange.send_local_reply(
+                200, {"object": "list", "data": data, "first_id": None, "last_id": None, "has_more": False}
+            )
+        else:
+            exchange.send_local_reply(200, stored.response)
+        return Action.CONTINUE
+
+    def _forward(self, exchange: Exchange, provider: Provider, ref: str) -> None:
+        """Send ``/v1/responses/{ref}`` on to ``provider`` (its key, its path), relayed untouched."""
+        key_index = provider.next_key_index()
+        self.current = Target(provider, "", provider.weight)
+        self.key_index = key_index
+        exchange.upstream = provider.targets[key_index]
+        request = exchange.request
+        request.path = provider.adapter.path("responses", "", "") + "/" + quote(ref, safe="/") + self._query
+        for name, value in provider.adapter.static_headers():
+            if request.headers.get_raw(name) is None:
+                request.headers.set_raw(name, value)
+
     def _models_reply(self, exchange: Exchange) -> None:
         """Every exact model and alias; only those the caller may use when an auth filter (before
-        this one) published a principal with a model allow-list."""
+        this one) published a principal with a model allow-list. In Anthropic's shape (``data``,
+        ``has_more``, ``first_id``, ``last_id``) when the client sent ``anthropic-version``."""
         principal: Principal | None = exchange.vars.get(PRINCIPAL)
-        data = [
-            {"id": mid, "object": "model", "created": 0, "owned_by": owner}
+        models = [
+            (mid, owner)
             for mid, owner in self.factory.table.model_ids()
             if principal is None or principal.allows_model(mid)
         ]
+        if exchange.request.headers.get("anthropic-version") is not None:  # the anthropic SDK's models.list
+            anthropic = [
+                {"type": "model", "id": mid, "display_name": mid, "created_at": "1970-01-01T00:00:00Z"}
+                for mid, _ in models
+            ]
+            first, last = (models[0][0], models[-1][0]) if models else (None, None)
+            body = {"data": anthropic, "has_more": False, "first_id": first, "last_id": last}
+            exchange.send_local_reply(200, body)
+            return
+        data = [{"id": mid, "object": "model", "created": 0, "owned_by": owner} for mid, owner in models]
         exchange.send_local_reply(200, {"object": "list", "data": data})
 
     def _model_reply(self, exchange: Exchange, model: str) -> None:
@@ -488,6 +693,12 @@ class RoutingFilter(Filter):
         exchange.send_local_reply(200, body)
 
 
+def _owner(exchange: Exchange) -> str:
+    """Whose stored responses these are: the caller's principal name ("" without auth)."""
+    principal: Principal | None = exchange.vars.get(PRINCIPAL)
+    return principal.name if principal is not None else ""
+
+
 class RoutingFactory(FilterFactory):
     """Builds the routing table once from config (see :mod:`llmproxy.filters.routing.table`)."""
 
@@ -496,7 +707,14 @@ class RoutingFactory(FilterFactory):
 
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         super().__init__(name, config, context)
-        self.table: RoutingTable = build_table(config, context.mock_ports)
+        table_config = {k: v for k, v in config.items() if k != "responses"}
+        self.table: RoutingTable = build_table(table_config, context.mock_ports)
+        settings = ConversationSettings.parse(config.get("responses"))
+        per_process = context.workers > 1 and isinstance(context.store, MemoryStore)
+        #: Bridged Responses kept for previous_response_id (None: storage off, see conversations).
+        self.conversations = (
+            ConversationStore(context.store, settings) if settings.enabled(per_process=per_process) else None
+        )
         context.declare_models(_configured_models(self.table))
 
 

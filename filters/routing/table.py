@@ -180,12 +180,13 @@ class NoProvider(Exception):
 
 
 def _serves(provider: Provider, api: str) -> bool:
-    if api in provider.adapter.native_apis:
+    native = provider.adapter.native_apis
+    if api in native:
         return True
-    # chat <-> messages are translated both ways
-    return (api == "chat" and "messages" in provider.adapter.native_apis) or (
-        api == "messages" and "chat" in provider.adapter.native_apis
-    )
+    # chat <-> messages are translated both ways; responses is bridged to either
+    if api == "responses":
+        return "chat" in native or "messages" in native
+    return (api == "chat" and "messages" in native) or (api == "messages" and "chat" in native)
 
 
 class RoutingTable:
@@ -254,6 +255,12 @@ class RoutingTable:
             if provider.models.resolve(model) is not None:
                 return provider.name
         return None
+
+    def responses_provider(self) -> Provider | None:
+        """The one provider (with keys) that serves ``/v1/responses`` itself, or None when there
+        are none or several (a stored response's id does not say which provider made it)."""
+        native = [p for p in self.providers.values() if "responses" in p.adapter.native_apis and p.has_keys]
+        return native[0] if len(native) == 1 else None
 
     def model_ids(self) -> list[tuple[str, str]]:
         """(model id, owner) for GET /v1/models: exact names and aliases."""

@@ -12,6 +12,10 @@ client speaks Anthropic,          :func:`messages_request_to_chat`,
 provider is OpenAI-compatible     :func:`chat_response_to_messages`,
                                   :class:`ChatStreamToMessagesStream`,
                                   :func:`openai_error_to_anthropic`
+client speaks OpenAI Responses,   :func:`responses_request_to_chat`,
+provider is Chat Completions      :func:`chat_response_to_responses`,
+(or Anthropic, chained with the   :class:`ChatStreamToResponsesStream`,
+first row)                        :class:`ChainedStream`
 ================================  ==========================================
 
 A stream translator lives exactly one response: ``feed(event, data)`` takes
@@ -38,17 +42,33 @@ from llmproxy.filters.translate.messages_to_chat import (
     chat_response_to_messages,
     messages_request_to_chat,
 )
+from llmproxy.filters.translate.responses import (
+    chat_response_to_responses,
+    input_items,
+    new_response_id,
+    responses_request_to_chat,
+    responses_usage,
+)
+from llmproxy.filters.translate.responses_stream import ChainedStream, ChatStreamToResponsesStream, EventTranslator
 
 __all__ = [
+    "ChainedStream",
     "ChatStreamToMessagesStream",
+    "ChatStreamToResponsesStream",
+    "EventTranslator",
     "MessagesStreamToChatStream",
     "TranslationError",
     "anthropic_envelope_from_openai",
     "anthropic_error_to_openai",
     "chat_request_to_messages",
     "chat_response_to_messages",
+    "chat_response_to_responses",
+    "input_items",
     "messages_request_to_chat",
     "messages_response_to_chat",
+    "new_response_id",
     "openai_envelope_from_anthropic",
     "openai_error_to_anthropic",
+    "responses_request_to_chat",
+    "responses_usage",
 ]

@@ -8,10 +8,15 @@ Three pure translations, no I/O:
 * :class:`MessagesStreamToChatStream` — one Anthropic SSE stream to one
   ``chat.completion.chunk`` stream, event by event.
 
-Request fields with no Anthropic equivalent are dropped: ``n``,
-``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``,
-``top_logprobs``, ``seed``, ``response_format``, ``modalities``, ``audio``,
-``prediction``, ``reasoning_effort``, ``verbosity``, ``service_tier``,
+``reasoning_effort`` becomes extended ``thinking`` (``low`` 1024,
+``medium`` 4096, ``high`` 16384 budget tokens; ``minimal``/``none`` none).
+Fields that change the answer and have no Anthropic equivalent are refused
+with a :class:`~llmproxy.filters.translate.errors.TranslationError` naming
+them: ``n`` above 1, a ``response_format`` other than ``text``. Request
+fields with no Anthropic equivalent that only tune sampling or delivery are
+dropped: ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``,
+``top_logprobs``, ``seed``, ``modalities``, ``audio``,
+``prediction``, ``verbosity``, ``service_tier``,
 ``store``, ``metadata``, ``prompt_cache_key``, ``web_search_options``,
 ``stream_options`` (the caller passes ``include_usage`` to the stream
 translator), the legacy ``functions``/``function_call`` and ``function``
@@ -131,6 +136,22 @@ def _tool_use_blocks(tool_calls: object, param: str) -> list[JsonObject]:
     return blocks
 
 
+def _thinking_blocks(raw: object) -> list[JsonObject]:
+    """An assistant message's ``thinking_blocks`` (the convention LiteLLM and others use to carry
+    Anthropic reasoning through Chat Completions), replayed as they came: signatures included,
+    as Anthropic requires them to continue a tool loop with thinking on."""
+    if not isinstance(raw, list):
+        return []
+    out: list[JsonObject] = []
+    for block in raw:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "thinking" and isinstance(block.get("signature"), str):
+            out.append({"type": "thinking", "thinking": block.get("thinking") or "", "signature": block["signature"]})
+        elif kind == "redacted_thinking" and isinstance(block.get("data"), str):
+            out.append({"type": "redacted_thinking", "data": block["data"]})
+    return out
+
+
 def _append_turn(turns: list[JsonObject], role: str, blocks: list[JsonObject]) -> None:
     """Add blocks to the conversation, merging consecutive turns of one role."""
     if not blocks:
@@ -184,7 +205,8 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
         elif role == "user":
             _append_turn(turns, "user", _content_blocks(msg.get("content"), f"{param}.content"))
         elif role == "assistant":
-            blocks = _content_blocks(msg.get("content"), f"{param}.content", assistant=True)
+            blocks = _thinking_blocks(msg.get("thinking_blocks"))
+            blocks += _content_blocks(msg.get("content"), f"{param}.content", assistant=True)
             if msg.get("tool_calls"):
                 blocks.extend(_tool_use_blocks(msg["tool_calls"], f"{param}.tool_calls"))
             _append_turn(turns, "assistant", blocks)
@@ -199,6 +221,12 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
         if len(content) == 1 and content[0].keys() == {"type", "text"} and content[0]["type"] == "text":
             turn["content"] = content[0]["text"]
 
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise TranslationError("n > 1 is not supported by this provider (it returns one choice)", param="n")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise TranslationError("response_format is not supported by this provider", param="response_format")
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -207,6 +235,7 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
         "max_tokens": default_max_tokens if max_tokens is None else max_tokens,
         "messages": turns,
     }
+    _thinking(body.get("reasoning_effort"), out, explicit_max=max_tokens is not None)
     if system:
         if len(system) == 1 and system[0].keys() == {"type", "text"}:
             out["system"] = system[0]["text"]
@@ -227,6 +256,34 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
     return out
+
+
+#: ``reasoning_effort`` -> Anthropic thinking budget (None: no thinking).
+_THINKING_BUDGETS: dict[str, int | None] = {"none": None, "minimal": None, "low": 1024, "medium": 4096, "high": 16384}
+
+
+def _thinking(effort: object, out: JsonObject, *, explicit_max: bool) -> None:
+    """Set ``thinking`` for a ``reasoning_effort``. The budget must stay below ``max_tokens``:
+    without a client limit, ``max_tokens`` grows by the budget; with one, the budget shrinks to
+    fit, and a limit too small for Anthropic's 1024-token minimum is refused."""
+    if effort is None:
+        return
+    if not isinstance(effort, str) or effort not in _THINKING_BUDGETS:
+        raise TranslationError(f"unsupported reasoning_effort {effort!r}", param="reasoning_effort")
+    budget = _THINKING_BUDGETS[effort]
+    if budget is None:
+        return
+    max_tokens = out["max_tokens"]
+    if not explicit_max:
+        out["max_tokens"] = max_tokens + budget
+    elif not isinstance(max_tokens, int) or max_tokens <= 1024:
+        raise TranslationError(
+            "reasoning_effort needs max_tokens above 1024 on this provider (thinking budget minimum)",
+            param="reasoning_effort",
+        )
+    else:
+        budget = min(budget, max_tokens - 1)
+    out["thinking"] = {"type": "enabled", "budget_tokens": budget}
 
 
 def _translate_tools(body: JsonObject, out: JsonObject) -> None:
@@ -300,16 +357,28 @@ def messages_response_to_chat(resp: JsonObject, *, model: str) -> JsonObject:
 
     ``model`` is the name the client asked for. Text blocks are joined;
     ``tool_use`` blocks become ``tool_calls`` with compact JSON ``arguments``;
-    thinking and server-tool blocks are dropped. ``content`` is null when
+    ``thinking`` text becomes ``reasoning_content``, and the thinking and
+    ``redacted_thinking`` blocks, signatures included, are kept in
+    ``thinking_blocks`` (sent back on an assistant message, they are replayed
+    to Anthropic); server-tool blocks are dropped. ``content`` is null when
     there are tool calls and no text. Cache reads and writes count into
     ``prompt_tokens``; reads are also reported as ``cached_tokens``.
     """
     texts: list[str] = []
     tool_calls: list[JsonObject] = []
+    reasoning: list[str] = []
+    thinking: list[JsonObject] = []
     for block in resp.get("content") or ():
         kind = block.get("type")
         if kind == "text":
             texts.append(block.get("text", ""))
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking") or "")
+            thinking.append(
+                {"type": "thinking", "thinking": block.get("thinking") or "", "signature": block.get("signature")}
+            )
+        elif kind == "redacted_thinking":
+            thinking.append({"type": "redacted_thinking", "data": block.get("data")})
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
             tool_calls.append(
@@ -326,6 +395,9 @@ def messages_response_to_chat(resp: JsonObject, *, model: str) -> JsonObject:
     }
     if tool_calls:
         message["tool_calls"] = tool_calls
+    if thinking:
+        message["reasoning_content"] = "".join(reasoning)
+        message["thinking_blocks"] = thinking
     usage = resp.get("usage") or {}
     return {
         "id": resp.get("id"),
@@ -389,7 +461,10 @@ class MessagesStreamToChatStream:
     give ``arguments`` fragments, unchanged; ``message_delta`` gives the
     chunk with ``finish_reason``; ``message_stop`` gives the usage chunk
     (``choices: []``, only when ``include_usage``) and ``data: [DONE]``.
-    ``ping``, thinking, citations and server-tool blocks give nothing. An
+    A ``thinking`` block gives ``reasoning_content`` deltas and, at its end,
+    one ``thinking_blocks`` delta with the whole block and its signature (a
+    ``redacted_thinking`` block gives that delta at its start), so a client
+    can send it back. ``ping``, citations and server-tool blocks give nothing. An
     ``error`` event gives ``data: {"error": {...}}`` and ends the stream:
     nothing is emitted after it, not even ``[DONE]``.
     """
@@ -405,6 +480,7 @@ class MessagesStreamToChatStream:
         "_input_tokens",
         "_model",
         "_output_tokens",
+        "_thinking",
         "_tool_prefixes",
     )
 
@@ -418,6 +494,8 @@ class MessagesStreamToChatStream:
         self._content_prefix = b""
         # Anthropic block index -> precomputed arguments prefix of that tool call.
         self._tool_prefixes: dict[int, bytes] = {}
+        # Anthropic block index -> the thinking block being streamed (text parts, signature).
+        self._thinking: dict[int, JsonObject] = {}
         self._input_tokens = 0
         self._cache_creation = 0
         self._cache_read = 0
@@ -470,6 +548,8 @@ class MessagesStreamToChatStream:
                     if prefix is None or not fragment:
                         return b""
                     return prefix + dumps_str(fragment) + _ARGS_CLOSE
+                if dtype == "thinking_delta" or dtype == "signature_delta":
+                    return self._on_thinking_delta(payload.get("index", -1), delta)
                 return b""
             handler = self._HANDLERS.get(kind) if isinstance(kind, str) else None
             return handler(self, payload) if handler is not None else b""
@@ -504,8 +584,14 @@ class MessagesStreamToChatStream:
         if kind == "text":
             text = block.get("text")
             return self._content_prefix + dumps_str(text) + _CONTENT_CLOSE if text else b""
+        if kind == "thinking":
+            self._thinking[payload.get("index", -1)] = {"parts": [], "signature": block.get("signature")}
+            text = block.get("thinking")
+            return self._on_thinking_delta(payload.get("index", -1), {"thinking": text}) if text else b""
+        if kind == "redacted_thinking":
+            return self._thinking_blocks_chunk([{"type": "redacted_thinking", "data": block.get("data")}])
         if kind != "tool_use":
-            return b""  # thinking, server tools: no Chat Completions equivalent
+            return b""  # server tools: no Chat Completions equivalent
         tool_index = str(len(self._tool_prefixes)).encode()
         self._tool_prefixes[payload.get("index", -1)] = (
             self._head + b'{"index":0,"delta":{"tool_calls":[{"index":' + tool_index + b',"function":{"arguments":'
@@ -521,6 +607,33 @@ class MessagesStreamToChatStream:
             + b',"arguments":""}}]}'
             + _CHOICE_TAIL
         )
+
+    def _on_thinking_delta(self, index: int, delta: JsonObject) -> bytes:
+        """Thinking text as ``reasoning_content`` deltas; the signature is kept for the block's end."""
+        state = self._thinking.get(index)
+        if state is None:
+            return b""
+        if isinstance(delta.get("signature"), str):
+            state["signature"] = delta["signature"]
+            return b""
+        text = delta.get("thinking")
+        if not isinstance(text, str) or not text:
+            return b""
+        state["parts"].append(text)
+        return self._head + b'{"index":0,"delta":{"reasoning_content":' + dumps_str(text) + _CONTENT_CLOSE
+
+    def _on_block_stop(self, payload: JsonObject) -> bytes:
+        """The end of a thinking block: the whole block, signature included, as ``thinking_blocks``."""
+        state = self._thinking.pop(payload.get("index", -1), None)
+        if state is None:
+            return b""
+        block = {"type": "thinking", "thinking": "".join(state["parts"]), "signature": state["signature"]}
+        return self._thinking_blocks_chunk([block])
+
+    def _thinking_blocks_chunk(self, blocks: list[JsonObject]) -> bytes:
+        if not self._head:
+            self._start(_fallback_id())
+        return self._head + b'{"index":0,"delta":{"thinking_blocks":' + orjson.dumps(blocks) + b"}" + _CHOICE_TAIL
 
     def _on_message_delta(self, payload: JsonObject) -> bytes:
         self._take_usage(payload.get("usage") or {})
@@ -566,6 +679,7 @@ class MessagesStreamToChatStream:
 MessagesStreamToChatStream._HANDLERS = {
     "message_start": MessagesStreamToChatStream._on_message_start,
     "content_block_start": MessagesStreamToChatStream._on_block_start,
+    "content_block_stop": MessagesStreamToChatStream._on_block_stop,
     "message_delta": MessagesStreamToChatStream._on_message_delta,
     "message_stop": MessagesStreamToChatStream._on_message_stop,
     "error": MessagesStreamToChatStream._on_error,

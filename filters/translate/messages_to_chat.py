@@ -326,8 +326,9 @@ def chat_response_to_messages(resp: JsonObject, *, model: str) -> JsonObject:
     """Translate a ``chat.completion`` into an Anthropic Message.
 
     ``model`` is the name the client asked for. Only ``choices[0]`` is used.
-    ``content`` (and ``refusal``) become a text block, ``tool_calls`` become
-    ``tool_use`` blocks. The id gets a ``msg_`` prefix when it lacks one.
+    ``reasoning_content`` (or ``reasoning``) becomes a leading ``thinking``
+    block with an empty signature, ``content`` (and ``refusal``) a text block,
+    ``tool_calls`` ``tool_use`` blocks. The id gets a ``msg_`` prefix when it lacks one.
     ``input_tokens`` excludes cached prompt tokens, which are reported as
     ``cache_read_input_tokens`` (``cache_creation_input_tokens`` is 0: OpenAI
     does not charge cache writes).
@@ -336,6 +337,11 @@ def chat_response_to_messages(resp: JsonObject, *, model: str) -> JsonObject:
     choice = choices[0] if choices and isinstance(choices[0], dict) else {}
     message = choice.get("message") or {}
     blocks: list[JsonObject] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        # DeepSeek, vLLM, OpenRouter: the model's reasoning, as a thinking block (no signature:
+        # none exists; sent back, it is dropped again on the way to the provider)
+        blocks.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     text = message.get("content")
     if isinstance(text, list):  # some servers send content parts back
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
@@ -377,6 +383,7 @@ _BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","i
 _DELTA_OPEN = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 _TEXT_DELTA = b',"delta":{"type":"text_delta","text":'
 _JSON_DELTA = b',"delta":{"type":"input_json_delta","partial_json":'
+_THINKING_DELTA = b',"delta":{"type":"thinking_delta","thinking":'
 _DELTA_CLOSE = b"}}\n\n"
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
@@ -389,27 +396,43 @@ class _Block:
     it has started.
     """
 
-    __slots__ = ("buffer", "id", "index", "is_text", "name", "prefix")
+    __slots__ = ("buffer", "id", "index", "is_text", "name", "prefix", "sent", "thinking")
 
-    def __init__(self, *, is_text: bool, id: str = "", name: str = "") -> None:
+    def __init__(self, *, is_text: bool, id: str = "", name: str = "", thinking: bool = False) -> None:
         self.is_text = is_text
+        #: A thinking block (the provider's ``reasoning_content``); ``is_text`` is then False.
+        self.thinking = thinking
         self.id = id
         self.name = name
         self.index: int | None = None
         self.prefix = b""
         self.buffer: list[str] = []
+        #: Tool-call arguments sent live so far (to tell a finished call from an interleaved one).
+        self.sent: list[str] = []
 
     def start_event(self, index: int) -> bytes:
         """Assign the block index and return the ``content_block_start`` event."""
         self.index = index
         number = str(index).encode()
-        self.prefix = _DELTA_OPEN + number + (_TEXT_DELTA if self.is_text else _JSON_DELTA)
+        kind = _TEXT_DELTA if self.is_text else _THINKING_DELTA if self.thinking else _JSON_DELTA
+        self.prefix = _DELTA_OPEN + number + kind
         if self.is_text:
             block: JsonObject = {"type": "text", "text": ""}
+        elif self.thinking:
+            block = {"type": "thinking", "thinking": "", "signature": ""}
         else:
             block = {"type": "tool_use", "id": self.id, "name": self.name, "input": {}}
         payload = {"type": "content_block_start", "index": index, "content_block": block}
         return b"event: content_block_start\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _complete(fragments: list[str]) -> bool:
+    """Whether the tool-call arguments sent so far are a whole JSON value (checked once per new call)."""
+    try:
+        orjson.loads("".join(fragments))
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 class ChatStreamToMessagesStream:
@@ -425,13 +448,21 @@ class ChatStreamToMessagesStream:
     its deltas and ``content_block_stop``, then ``message_delta`` (stop reason
     and the full usage, input tokens included) and ``message_stop``.
 
-    Anthropic blocks never interleave, OpenAI tool-call deltas may. The first
-    block streams live; a tool call (or text) that shows up while another
-    tool call is open is buffered and sent whole, as one delta, when the
-    choice finishes. Text that precedes the tool calls, the usual shape, is
-    closed as soon as the first tool call arrives. So one OpenAI stream
-    yields text first, then tool calls in the order they appeared, and only
-    the second and later parallel tool calls are delayed.
+    Anthropic blocks never interleave, OpenAI tool-call deltas may. OpenAI
+    streams parallel tool calls one after another: when a new tool-call index
+    arrives and the open call's arguments so far are complete JSON, the open
+    call is closed and the new one streams live, so every call's
+    ``input_json_delta`` fragments arrive as they come. When they are not
+    complete (a server that interleaves calls), the new call is buffered and
+    sent whole, as one delta, when the choice finishes. Text that precedes
+    the tool calls, the usual shape, is closed as soon as the first tool call
+    arrives; text that shows up while a tool call is open is buffered the
+    same way. A fragment for a call already closed cannot be placed and
+    raises :class:`TranslationError` rather than being lost.
+
+    ``reasoning_content`` (or ``reasoning``) deltas stream as a ``thinking``
+    block (empty signature: the provider has none), closed when the text or
+    the first tool call begins.
 
     The tail (``message_delta``, ``message_stop``) is sent once both the
     finish reason and the usage are known, or at ``data: [DONE]`` /
@@ -446,6 +477,7 @@ class ChatStreamToMessagesStream:
         "_model",
         "_next_index",
         "_pending",
+        "_reasoning",
         "_started",
         "_stop_reason",
         "_text",
@@ -459,6 +491,7 @@ class ChatStreamToMessagesStream:
         self._closed = False
         self._active: _Block | None = None  # the block streaming live
         self._text: _Block | None = None  # where text deltas go now
+        self._reasoning: _Block | None = None  # where reasoning deltas go now
         self._tools: dict[int, _Block] = {}  # OpenAI tool-call index -> block
         self._pending: list[_Block] = []  # buffered blocks, in order of appearance
         self._next_index = 0
@@ -497,6 +530,9 @@ class ChatStreamToMessagesStream:
                 if choice.get("index", 0) == 0:
                     delta = choice.get("delta")
                     if delta:
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                        if reasoning and isinstance(reasoning, str):
+                            out += self._on_reasoning(reasoning)
                         text = delta.get("content")
                         if text and isinstance(text, str):
                             out += self._on_text(text)
@@ -563,12 +599,27 @@ class ChatStreamToMessagesStream:
         self._pending.append(block)
         return b""
 
+    def _on_reasoning(self, text: str) -> bytes:
+        """Reasoning deltas stream as a thinking block (live when nothing else is open)."""
+        block = self._reasoning
+        out = b""
+        if block is None:
+            block = self._reasoning = _Block(is_text=False, thinking=True)
+            out = self._open(block)
+        if block is self._active:
+            return out + block.prefix + dumps_str(text) + _DELTA_CLOSE
+        block.buffer.append(text)
+        return out
+
     def _on_text(self, text: str) -> bytes:
         block = self._text
         out = b""
+        if self._active is not None and self._active is self._reasoning:
+            out = self._stop_active()  # the reasoning that preceded the answer is finished
+            self._reasoning = None
         if block is None:
             block = self._text = _Block(is_text=True)
-            out = self._open(block)
+            out += self._open(block)
         if block is self._active:
             return out + block.prefix + dumps_str(text) + _DELTA_CLOSE
         block.buffer.append(text)
@@ -593,13 +644,21 @@ class ChatStreamToMessagesStream:
                     # Text before tool calls: it is finished; later text gets a new block.
                     out += self._stop_active()
                     self._text = None
+                elif self._active is not None and self._active is self._reasoning:
+                    out += self._stop_active()
+                    self._reasoning = None
+                elif self._active is not None and not self._active.is_text and _complete(self._active.sent):
+                    out += self._stop_active()  # the previous call is complete: stream the next live
                 out += self._open(block)
             elif block.index is None and function.get("name") and not block.name:
                 block.name = function["name"]
             arguments = function.get("arguments")
             if arguments:
                 if block is self._active:
+                    block.sent.append(arguments)
                     out += block.prefix + dumps_str(arguments) + _DELTA_CLOSE
+                elif block.index is not None:
+                    raise TranslationError(f"tool call {index} continued after the next tool call started")
                 else:
                     block.buffer.append(arguments)
         return out
@@ -622,6 +681,7 @@ class ChatStreamToMessagesStream:
             out += self._stop_active()
         self._pending.clear()
         self._text = None
+        self._reasoning = None
         return out
 
     def _tail(self) -> bytes:

@@ -7,7 +7,10 @@ discovery order.
 
 When the chain is built, the runner looks at each factory's
 ``filter_class`` once and keeps, per hook, only the filters that override it
-(with a flag saying whether the hook is a coroutine function). Running a
+(with a flag saying whether the hook is a coroutine function). A plain
+hook may still return a coroutine for a rare slow path (a store read on
+some requests only): it is awaited like an async hook's result, so the
+common path pays no coroutine. Running a
 hook nobody implements is an empty loop; the exchange driver skips it
 altogether by checking the plan first.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
+from types import CoroutineType
 from typing import Any, NamedTuple
 
 from llmproxy.attempt import Attempt
@@ -101,7 +105,7 @@ class Chain:
         for step in plan:
             try:
                 action = step.hook(filters[step.slot], ex)
-                if step.is_async:
+                if step.is_async or type(action) is CoroutineType:
                     action = await action
             except ProxyError:
                 raise
@@ -131,7 +135,7 @@ class Chain:
         for step in self.request_body_plan:
             try:
                 result = step.hook(filters[step.slot], ex, ex.request.body, True)
-                if step.is_async:
+                if step.is_async or type(result) is CoroutineType:
                     await result
             except ProxyError:
                 raise
@@ -264,7 +268,7 @@ class ResponseBodyStage:
             control.response_data = None
             try:
                 action = step.hook(filters[step.slot], ex, data, end_of_stream)
-                if step.is_async:
+                if step.is_async or type(action) is CoroutineType:
                     action = await action
             except ProxyError:
                 raise

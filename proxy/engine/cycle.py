@@ -73,9 +73,13 @@ DEFAULT_ROUTES: dict[str, frozenset[str]] = {
     "/v1/models": frozenset({"GET", "HEAD"}),
 }
 
-#: Paths with an id after a fixed prefix (``GET /v1/models/{id}``: the SDKs' ``models.retrieve``),
-#: checked only when the exact lookup in the routes misses.
-PREFIX_ROUTES: tuple[tuple[str, frozenset[str]], ...] = (("/v1/models/", frozenset({"GET", "HEAD"})),)
+#: Paths with an id after a fixed prefix (``GET /v1/models/{id}``: the SDKs' ``models.retrieve``;
+#: ``GET``/``DELETE /v1/responses/{id}``: stored responses, answered by the routing filter for
+#: bridged ones), checked only when the exact lookup in the routes misses.
+PREFIX_ROUTES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("/v1/models/", frozenset({"GET", "HEAD"})),
+    ("/v1/responses/", frozenset({"GET", "DELETE"})),
+)
 
 
 @dataclass(eq=False)

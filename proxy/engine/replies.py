@@ -49,7 +49,8 @@ def send_error(conn: HttpConnection, ex: Exchange, err: ProxyError) -> None:
         conn.write(body)
         conn.end_response()
     elif ex.is_sse:
-        conn.write(render_sse_error(err, protocol))
+        responses = ex.client_path.startswith("/v1/responses")
+        conn.write(render_sse_error(err, protocol, responses=responses))
         conn.end_response()
     else:
         conn.abort()

@@ -11,8 +11,9 @@ The proxy never imports this package: it reaches it only through the
 :mod:`llmproxy.runtime.mock_hook` when a config has ``mock_upstreams``). Modules, by
 job and protocol: ``config`` (what may be set), ``wire`` (request parsing),
 ``plans`` (status, fault and pacing per request), ``replies`` and
-``content`` (what handlers build), ``openai`` and ``anthropic`` (the
-endpoints), ``delivery`` (heads, framing, faults applied), ``connection``
+``content`` (what handlers build), ``openai``, ``responses`` (OpenAI's
+``/v1/responses``, streamed too, stored for ``previous_response_id``) and
+``anthropic`` (the endpoints), ``delivery`` (heads, framing, faults applied), ``connection``
 (one socket), ``server`` (routes, log, control endpoints, start and
 serve), ``hook``.
 

@@ -19,6 +19,7 @@ import orjson
 
 from llmproxy.mock.content import WORD_JSON, budget, prompt_tokens, reply_text, split3, tool_plan, tool_tokens
 from llmproxy.mock.replies import Call, Flavour, Route, Stream, Whole, error_reply
+from llmproxy.mock.responses import responses
 
 __all__ = ["ROUTES"]
 
@@ -193,54 +194,11 @@ def _models(call: Call) -> Whole | Stream:
     return Whole(200, _MODELS_BODY)
 
 
-def _responses(call: Call) -> Whole | Stream:
-    """``POST /v1/responses``: a minimal non-streaming OpenAI Responses object."""
-    if call.stream:
-        return error_reply(Flavour.OPENAI, 400, "the mock does not stream /v1/responses")
-    n, cut = budget(call, "max_output_tokens")
-    prompt = prompt_tokens({"input": call.body.get("input"), "instructions": call.body.get("instructions")})
-    s = call.server
-    reply = {
-        "id": s.next_id(b"resp_").decode(),
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "incomplete" if cut else "completed",
-        "error": None,
-        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-        "instructions": call.body.get("instructions"),
-        "max_output_tokens": call.body.get("max_output_tokens"),
-        "model": call.model,
-        "output": [
-            {
-                "type": "message",
-                "id": s.next_id(b"msg_").decode(),
-                "status": "incomplete" if cut else "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": reply_text(n), "annotations": []}],
-            }
-        ],
-        "parallel_tool_calls": True,
-        "previous_response_id": None,
-        "temperature": 1.0,
-        "tool_choice": "auto",
-        "tools": [],
-        "top_p": 1.0,
-        "usage": {
-            "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": n,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + n,
-        },
-    }
-    return Whole(200, orjson.dumps(reply), steps=n)
-
-
 # path -> method -> route. Every provider route is recorded and can be faulted.
 ROUTES: Final[dict[str, dict[str, Route]]] = {
     "/v1/chat/completions": {"POST": Route(_chat, Flavour.OPENAI, streams=True)},
     "/v1/completions": {"POST": Route(_completions, Flavour.OPENAI, streams=True)},
     "/v1/embeddings": {"POST": Route(_embeddings, Flavour.OPENAI)},
     "/v1/models": {"GET": Route(_models, Flavour.OPENAI, needs_body=False)},
-    "/v1/responses": {"POST": Route(_responses, Flavour.OPENAI)},
+    "/v1/responses": {"POST": Route(responses, Flavour.OPENAI, streams=True)},
 }

@@ -13,12 +13,13 @@ import asyncio
 import itertools
 import secrets
 import signal
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
 
-from llmproxy.mock import anthropic, openai
+from llmproxy.mock import anthropic, openai, responses
 from llmproxy.mock.config import MockConfig, ReceivedRequest
 from llmproxy.mock.connection import Connection
 from llmproxy.mock.delivery import Delivery, End, Framer
@@ -83,6 +84,10 @@ class MockServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._head_cache: dict[str, RawRequest] = {}
         self._ids = itertools.count(1)
+        #: Stored ``/v1/responses`` replies (id -> prompt tokens of the conversation so far, and the
+        #: final response object),
+        #: for ``previous_response_id``; bounded by :data:`llmproxy.mock.responses.MAX_STORED`.
+        self.stored_responses: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self._id_tag = secrets.token_hex(4).encode()
 
     def __repr__(self) -> str:
@@ -148,6 +153,8 @@ class MockServer:
                 return whole(keep, error_reply(Flavour.OPENAI, 405, f"{raw.method} not allowed on {raw.path}"))
             return whole(keep, action(self))
         methods = _ROUTES.get(raw.path)
+        if methods is None and raw.path.startswith("/v1/responses/") and raw.method in ("GET", "DELETE"):
+            return whole(keep, responses.lookup(self, raw.method, raw.path[len("/v1/responses/") :]))
         if methods is None:
             flavour = Flavour.ANTHROPIC if raw.path.startswith("/v1/messages") else Flavour.OPENAI
             return whole(keep, error_reply(flavour, 404, f"Invalid URL ({raw.method} {raw.path})"))

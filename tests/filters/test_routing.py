@@ -830,11 +830,11 @@ def test_embeddings(routed: RunningProxy, mock: MockServer) -> None:
     result = client.embeddings.create(model="emb", input=["a", "b"])
     assert len(result.data) == 2 and result.model == "mock-embedding"
     assert (mock.requests[-1].path, mock.requests[-1].credential) == ("/v1/embeddings", "sk-oa-1")
-    # an Anthropic-only model cannot embed: not served for this API
-    with pytest.raises(openai.NotFoundError) as info:
+    # an Anthropic-only model cannot embed: served, but not for this API (and the answer says so)
+    with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="claude-x", input="a")
-    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
-    assert "claude-x" in info.value.message
+    assert info.value.body["code"] == "model_not_supported_for_api"  # type: ignore[index]
+    assert "claude-x" in info.value.message and "embeddings" in info.value.message
     assert len(mock.requests) == 1
 
 

@@ -212,7 +212,7 @@ def test_candidates_apply_each_providers_mapping() -> None:
         ("messages", ["oa", "an"]),  # and the openai one serves messages by translation
         ("embeddings", ["oa"]),
         ("completions", ["oa"]),
-        ("responses", ["oa"]),
+        ("responses", ["oa", "an"]),  # passed through to openai, bridged to anthropic
         ("count_tokens", ["an"]),
     ],
 )
@@ -221,12 +221,19 @@ def test_candidates_only_providers_serving_the_api(api: str, expected: list[str]
     assert [t.provider.name for t in rt.candidates("m", api)] == expected
 
 
-def test_azure_serves_no_responses_api() -> None:
+def test_azure_serves_the_responses_api_by_bridging() -> None:
     rt = table({"providers": [provider("az", "azure")]})
-    assert order(rt.candidates("m", "chat")) == ["az:m"]
-    with pytest.raises(NoProvider) as info:
-        rt.candidates("m", "responses")
-    assert info.value.reason == "unknown"
+    assert order(rt.candidates("m", "responses")) == ["az:m"]
+    assert "responses" not in rt.providers["az"].adapter.native_apis
+
+
+def test_native_responses_false_bridges_an_openai_provider() -> None:
+    rt = table({"providers": [{**provider("oa"), "native_responses": False}]})
+    assert order(rt.candidates("m", "responses")) == ["oa:m"]
+    assert "responses" not in rt.providers["oa"].adapter.native_apis
+    assert "chat" in rt.providers["oa"].adapter.native_apis
+    with pytest.raises(ValueError, match=r"native_responses: must be true or false"):
+        table({"providers": [{**provider("oa"), "native_responses": "no"}]})
 
 
 def test_unknown_model_and_pin() -> None:

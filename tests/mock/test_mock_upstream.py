@@ -324,6 +324,48 @@ async def test_responses_api_minimal(oai: openai.AsyncOpenAI) -> None:
     assert reply.model == "gpt-4o"
 
 
+async def test_responses_api_streams_its_event_sequence(oai: openai.AsyncOpenAI) -> None:
+    async with oai.responses.stream(model="gpt-4o", input="hello", extra_headers={"x-mock-tokens": "3"}) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 3,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert final.output_text == text(3) and final.usage is not None and final.usage.output_tokens == 3
+
+
+async def test_responses_api_function_calls_streamed(oai: openai.AsyncOpenAI) -> None:
+    tools: list[Any] = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}]
+    headers = {"x-mock-tool-calls": "2"}
+    async with oai.responses.stream(model="gpt-4o", input="hi", tools=tools, extra_headers=headers) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert kinds.count("response.function_call_arguments.done") == 2
+    calls = [item for item in final.output if item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in calls] == [("f", '{"q":"call 0","n":0}'), ("f", '{"q":"call 1","n":1}')]
+
+
+async def test_responses_api_keeps_responses_for_previous_response_id(oai: openai.AsyncOpenAI) -> None:
+    first = await oai.responses.create(model="gpt-4o", input="a" * 400, extra_headers={"x-mock-tokens": "3"})
+    second = await oai.responses.create(model="gpt-4o", input="b", previous_response_id=first.id)
+    assert first.usage is not None and second.usage is not None
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens == first.usage.total_tokens + 1  # the earlier turn counts in the prompt
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        await oai.responses.create(model="gpt-4o", input="b", previous_response_id="resp_nope")
+    unstored = await oai.responses.create(model="gpt-4o", input="c", store=False)
+    with pytest.raises(openai.BadRequestError):
+        await oai.responses.create(model="gpt-4o", input="d", previous_response_id=unstored.id)
+
+
 async def test_model_prefix_is_prepended_to_the_echo(make_mock: MakeMock) -> None:
     server = await make_mock(model_prefix="mock/")
     async with openai_client(server) as client:
