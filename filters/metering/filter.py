@@ -209,7 +209,7 @@ class MeteringFilter(Filter):
         if not isinstance(payload, dict):
             return None
         try:
-            counted = await count_prompt_async(payload, protocol, model)
+            counted = await count_prompt_async(payload, protocol, model, wire_size=len(exchange.request.body))
         except Exception:
             log.exception("prompt count failed for model %s", model)
             return None

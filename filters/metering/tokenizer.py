@@ -199,15 +199,21 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-async def count_prompt_async(body: dict[str, Any], protocol: Protocol | str, model: str) -> TokenCount:
+async def count_prompt_async(
+    body: dict[str, Any], protocol: Protocol | str, model: str, *, wire_size: int | None = None
+) -> TokenCount:
     """:func:`count_prompt` that never stalls the loop: inline below ``INLINE_LIMIT`` chars, else in a thread.
 
-    The first call for an encoding that is not loaded yet also runs in the thread (loading takes
-    ~0.5-1 s); call :func:`warm` at startup to avoid that.
+    ``wire_size``: the size in bytes of the JSON ``body`` was parsed from, when known; a body no
+    longer than ``INLINE_LIMIT`` bytes cannot hold more characters of text, so it is counted
+    inline without walking it first. The first call for an encoding that is not loaded yet also
+    runs in the thread (loading takes ~0.5-1 s); call :func:`warm` at startup to avoid that.
     """
     choice = encoding_for(model)
     loaded = is_loaded(choice.encoding)
-    if loaded and _text_size(body, INLINE_LIMIT) <= INLINE_LIMIT:
+    if loaded and (
+        (wire_size is not None and wire_size <= INLINE_LIMIT) or _text_size(body, INLINE_LIMIT) <= INLINE_LIMIT
+    ):
         return count_prompt(body, protocol, model)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor(), partial(count_prompt, body, protocol, model))

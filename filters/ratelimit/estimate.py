@@ -38,7 +38,8 @@ async def prompt_tokens(payload: Any, body: bytes, model: str) -> int:
     is estimated from its size (a third of its bytes, an overestimate for any text)."""
     if isinstance(payload, dict):
         try:
-            return (await count_prompt_async(payload, detect_protocol(payload), model)).tokens
+            counted = await count_prompt_async(payload, detect_protocol(payload), model, wire_size=len(body))
+            return counted.tokens
         except Exception:  # not a chat, Responses or Messages body: fall back on its size
             pass
     return len(body) // 3 + 1
