@@ -14,6 +14,15 @@ place, so both SDKs see a normal end:
   ``message_delta`` with ``stop_reason: "max_tokens"`` and the usage, and
   ``message_stop``.
 
+Counting is lazy, so a stream far from its allowance costs no parsing: a
+token is at least one byte of the event that carries it (tiktoken's
+encodings are byte-level; JSON escapes only lengthen text), so events are
+only kept aside (references, no copies) while the tokens counted so far plus
+the bytes kept aside fit in the allowance; they are parsed and counted when
+the next event would not fit (or too much is kept aside), and that event is
+then counted exactly. The count is the same as counting every event, and
+what is kept aside can never cross the allowance.
+
 The filter sits after routing in the chain, so on the response side it sees
 the *provider's* protocol: the ending is written in it and routing
 translates it (and reads its usage) like any provider event.
@@ -29,6 +38,9 @@ from llmproxy import parse_event
 from llmproxy.filters.metering.tokenizer import count_text
 
 __all__ = ["StreamCap"]
+
+#: Bytes of events kept aside uncounted at most (then they are counted, in one go).
+_PENDING_BYTES = 65536
 
 
 def _openai_text(obj: dict[str, Any]) -> str:
@@ -73,6 +85,8 @@ class StreamCap:
         "input_tokens",
         "model",
         "open_block",
+        "pending",
+        "pending_bytes",
         "protocol",
         "upstream_model",
         "used",
@@ -89,11 +103,29 @@ class StreamCap:
         self.upstream_model = model
         #: Anthropic: the index of the content block that is open (-1: none).
         self.open_block = -1
+        #: Events relayed but not counted yet, and their size: ``used + pending_bytes`` never
+        #: exceeds the allowance (see the module docstring).
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
 
     def feed(self, event: bytes) -> bytes | None:
         """One whole SSE event: None to pass it on, or the bytes to send instead (the ending)."""
         if self.cut:
             return b""
+        size = len(event)
+        pending = self.pending_bytes + size
+        if self.used + pending <= self.allowance and pending <= _PENDING_BYTES:
+            self.pending.append(event)  # cannot cross the allowance: count it later, if ever
+            self.pending_bytes = pending
+            return None
+        for earlier in self.pending:
+            self._count(earlier)  # never cuts: they fit even at one token per byte
+        self.pending = []
+        self.pending_bytes = 0
+        return self._count(event)
+
+    def _count(self, event: bytes) -> bytes | None:
+        """Count one event exactly: None to pass it on, or the ending that replaces it."""
         data = parse_event(event).data
         if not data.startswith(b"{"):
             return None
