@@ -1,0 +1,459 @@
+"""The ``tracing`` filter: W3C trace context and OpenTelemetry GenAI spans, exported over OTLP/HTTP.
+
+Place it after ``routing`` and ``failover`` in the chain. Its response hooks
+then run first (response hooks run in reverse order), so
+``on_response_headers`` sees each attempt's provider and upstream model
+before failover re-points the request for the next one; metering (first
+in the chain) has settled each attempt's usage before this filter's
+``on_attempt_complete``, and the exchange's before its
+``on_exchange_complete``. Per exchange:
+
+* ``on_request_headers``: reads ``traceparent`` / ``tracestate``
+  (:mod:`.propagation`; a malformed one is replaced and counted in
+  ``llmproxy_tracing_traceparent_invalid_total``), draws the trace id, the
+  SERVER span id and the first CLIENT span id, and sets the upstream
+  request's ``traceparent`` to that CLIENT span;
+* ``on_request_body``: the GenAI operation (by path), the requested model
+  and the request parameters (``max_tokens``, ``temperature``, ...), read
+  from the JSON parsed once by the core;
+* ``on_response_headers``: which provider and model this attempt went to;
+* ``on_response_body`` (an observer: it never delays a chunk): one C-speed
+  search per batch for the response id, model and finish reasons; the
+  relayed bytes are kept only when content capture is on;
+* ``on_attempt_complete``: a retried attempt's successor gets a fresh CLIENT
+  span id in its ``traceparent`` (siblings under the SERVER span);
+* ``on_exchange_complete``: the record goes to the export queue
+  (:mod:`.pipeline`); the spans are built there, off the event loop
+  (:mod:`.spans`).
+
+With no exporter configured (no ``endpoint``, no
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``, or
+``OTEL_SDK_DISABLED=true`` / ``OTEL_TRACES_EXPORTER=none``) the filter only
+propagates: a valid ``traceparent`` goes upstream unchanged, a missing or
+malformed one is replaced by a new (unsampled) one; no span is built.
+
+Config::
+
+    - name: tracing
+      config:
+        endpoint: http://collector:4318/v1/traces  # default: the OTEL_EXPORTER_OTLP_* variables
+        headers: {}             # extra headers for the collector (e.g. an API key: use ${ENV})
+        service_name: llmproxy  # default: OTEL_SERVICE_NAME, else llmproxy
+        timeout: 5              # seconds per export, retries included
+        max_queue: 2048         # exchanges waiting for export; past it, dropped and counted
+        batch_size: 256         # exchanges per export request
+        schedule_delay: 1.0     # seconds between exports of a partial batch
+        content: false          # record prompts and completions (gen_ai.input/output.messages)
+        redact_patterns: []     # regexes replaced by [REDACTED] in recorded content
+        redact_defaults: true   # also redact API keys, bearer tokens and private keys by shape
+        max_content_chars: 65536
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from prometheus_client import Counter
+
+from llmproxy import (
+    Action,
+    Attempt,
+    ConfigError,
+    Exchange,
+    FactoryContext,
+    Filter,
+    FilterFactory,
+    InvalidJSON,
+    Outcome,
+    Section,
+    __version__,
+)
+from llmproxy.filters.names import ROUTE
+from llmproxy.filters.routing import RouteDecision, RoutingFactory
+from llmproxy.filters.tracing import semconv as sc
+from llmproxy.filters.tracing.content import DEFAULT_PATTERNS, Redactor
+from llmproxy.filters.tracing.pipeline import SpanPipeline
+from llmproxy.filters.tracing.propagation import (
+    TRACEPARENT,
+    TRACESTATE,
+    Parent,
+    format_traceparent,
+    new_span_id,
+    new_trace_id,
+    parse,
+)
+from llmproxy.filters.tracing.spans import AttemptTarget, ExchangeTrace, SpanSettings, build_spans
+
+__all__ = ["PropagatingFilter", "TracingFactory", "TracingFilter"]
+
+log = logging.getLogger("llmproxy.tracing")
+
+_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+_FINISH = re.compile(rb'"(?:finish_reason|stop_reason)"\s*:\s*"([^"\\]{1,64})"')
+#: Client credential fields whose values are redacted from recorded content.
+_CREDENTIALS = (b"authorization", b"x-api-key", b"api-key")
+#: The largest request body kept for content capture.
+_MAX_CAPTURED_BODY = 4 * 1024 * 1024
+_NUMBER = (int, float)
+
+
+def _incoming(exchange: Exchange) -> tuple[Parent | None, bool]:
+    """The client's trace parent, and whether a ``traceparent`` was sent but is invalid."""
+    parents: list[bytes] = []
+    states: list[bytes] = []
+    for name, value in exchange.request.headers.raw():
+        if name == TRACEPARENT:
+            parents.append(value)
+        elif name == TRACESTATE:
+            states.append(value)
+    if not parents:
+        return None, False
+    parent = parse(parents, states)
+    return parent, parent is None
+
+
+def _params(payload: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The ``gen_ai.request.*`` parameters of a request body."""
+    out: list[tuple[str, Any]] = []
+    get = payload.get
+    max_tokens = get("max_tokens")
+    if max_tokens is None:
+        max_tokens = get("max_completion_tokens", get("max_output_tokens"))
+    if type(max_tokens) is int:
+        out.append((sc.REQUEST_MAX_TOKENS, max_tokens))
+    for key, name in (
+        ("temperature", sc.REQUEST_TEMPERATURE),
+        ("top_p", sc.REQUEST_TOP_P),
+        ("top_k", sc.REQUEST_TOP_K),
+        ("frequency_penalty", sc.REQUEST_FREQUENCY_PENALTY),
+        ("presence_penalty", sc.REQUEST_PRESENCE_PENALTY),
+    ):
+        value = get(key)
+        if isinstance(value, _NUMBER) and not isinstance(value, bool):
+            out.append((name, value))
+    seed = get("seed")
+    if type(seed) is int:
+        out.append((sc.REQUEST_SEED, seed))
+    choices = get("n")
+    if type(choices) is int and choices != 1:
+        out.append((sc.REQUEST_CHOICE_COUNT, choices))
+    stop = get("stop", get("stop_sequences"))
+    if isinstance(stop, str):
+        out.append((sc.REQUEST_STOP_SEQUENCES, (stop,)))
+    elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
+        out.append((sc.REQUEST_STOP_SEQUENCES, tuple(stop)))
+    out.append((sc.REQUEST_STREAM, get("stream") is True))
+    return out
+
+
+class PropagatingFilter(Filter):
+    """No exporter: pass a valid ``traceparent`` on, replace a missing or malformed one (counted)."""
+
+    factory: TracingFactory
+    __slots__ = ()
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        parent, invalid = _incoming(exchange)
+        if parent is None:
+            if invalid:
+                self.factory.invalid_traceparent.inc()
+            headers = exchange.request.headers
+            headers.remove("tracestate")
+            headers.set_raw(TRACEPARENT, format_traceparent(new_trace_id(), new_span_id(), False))
+        return Action.CONTINUE
+
+
+class TracingFilter(Filter):
+    """Per-exchange tracing state (see the module docstring)."""
+
+    factory: TracingFactory
+    mutates_response_body: ClassVar[bool] = False
+
+    __slots__ = ("_trace",)
+
+    def __init__(self, factory: FilterFactory) -> None:
+        super().__init__(factory)
+        self._trace: ExchangeTrace | None = None
+
+    def _start(self, exchange: Exchange) -> ExchangeTrace:
+        parent, invalid = _incoming(exchange)
+        headers = exchange.request.headers
+        if invalid:
+            self.factory.invalid_traceparent.inc()
+            headers.remove("tracestate")
+        if parent is None:
+            trace = ExchangeTrace(new_trace_id(), new_span_id(), None, True)
+        else:
+            trace = ExchangeTrace(parent.trace_id, new_span_id(), parent, parent.sampled)
+        span_id = new_span_id()
+        trace.client_span_ids.append(span_id)
+        headers.set_raw(TRACEPARENT, format_traceparent(trace.trace_id, span_id, trace.sampled))
+        if self.factory.capture and trace.sampled:
+            trace.chunks = []
+            trace.client_secrets = tuple(
+                value.decode("latin-1").removeprefix("Bearer ").strip()
+                for name, value in headers.raw()
+                if name in _CREDENTIALS
+            )
+        self._trace = trace
+        return trace
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        self._start(exchange)
+        return Action.CONTINUE
+
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+        trace = self._trace
+        if trace is None or not trace.sampled:
+            return Action.CONTINUE
+        operation = sc.operation_for(exchange.client_path)
+        trace.operation = operation
+        if operation is None:
+            return Action.CONTINUE
+        route = exchange.vars.get(ROUTE)
+        if isinstance(route, RouteDecision):
+            trace.requested_model = route.requested_model
+        try:
+            payload = exchange.request_json()  # parsed once, for every filter
+        except InvalidJSON:
+            return Action.CONTINUE
+        if isinstance(payload, dict):
+            if not trace.requested_model and isinstance(payload.get("model"), str):
+                trace.requested_model = payload["model"]
+            trace.params = _params(payload)
+        if trace.chunks is not None and len(exchange.request.body) <= _MAX_CAPTURED_BODY:
+            trace.body = exchange.request.body  # the client's bytes (a rewrite is serialised at send)
+        return Action.CONTINUE
+
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        trace = self._trace
+        if trace is None or not trace.sampled:
+            exchange.skip_response_body(self)
+            return Action.CONTINUE
+        attempt = exchange.attempt
+        if attempt is not None:
+            route = exchange.vars.get(ROUTE)
+            if isinstance(route, RouteDecision) and route.target is not None:
+                kind = route.target.provider.adapter.type_name
+                trace.targets[attempt.number] = AttemptTarget(sc.PROVIDERS.get(kind, kind), route.model)
+            else:
+                trace.targets[attempt.number] = AttemptTarget(exchange.client_protocol, "")
+        trace.response_id = trace.response_model = None
+        trace.finish_reasons = []
+        if trace.chunks is not None:
+            trace.chunks = []
+        return Action.CONTINUE
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        trace = self._trace
+        if trace is None or not data:
+            return Action.CONTINUE
+        if trace.response_id is None:
+            found = _ID.search(data)
+            if found is not None:
+                trace.response_id = found.group(1).decode("utf-8", "replace")
+                model = _MODEL.search(data)
+                if model is not None:
+                    trace.response_model = model.group(1).decode("utf-8", "replace")
+        if b"_reason" in data:
+            for match in _FINISH.finditer(data):
+                trace.finish_reasons.append(match.group(1).decode("utf-8", "replace"))
+        chunks = trace.chunks
+        if chunks is not None:
+            chunks.append(data)
+        return Action.CONTINUE
+
+    def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> None:
+        trace = self._trace
+        if trace is not None and attempt.outcome is Outcome.RETRIED:
+            span_id = new_span_id()  # the next attempt is a sibling, under the SERVER span
+            trace.client_span_ids.append(span_id)
+            exchange.request.headers.set_raw(TRACEPARENT, format_traceparent(trace.trace_id, span_id, trace.sampled))
+
+    def on_exchange_complete(self, exchange: Exchange) -> None:
+        trace = self._trace
+        if trace is None:  # an earlier filter answered before this one ran
+            trace = self._start(exchange)
+        if not trace.sampled:
+            return
+        now = time.perf_counter()
+        trace.offset_ns = time.time_ns() - int(now * 1e9)
+        trace.end = now
+        trace.start = exchange.started_at
+        trace.first_byte = exchange.first_byte_at
+        trace.attempts = exchange.attempt_history
+        trace.usage = exchange.usage
+        request = exchange.request
+        trace.method = request.method
+        trace.path = exchange.client_path
+        trace.client_addr = exchange.client_addr
+        trace.request_id = exchange.id
+        trace.client_protocol = exchange.client_protocol
+        trace.is_sse = exchange.is_sse
+        response = exchange.response
+        trace.status = response.status if response is not None and exchange.response_started else None
+        error = exchange.error
+        if error is not None:
+            trace.error_type = error.code or type(error).__name__
+        if trace.operation is None:
+            trace.operation = sc.operation_for(exchange.client_path)
+        self.factory.pipeline.submit(trace)
+
+
+def _endpoint(configured: str, environ: Mapping[str, str]) -> str:
+    """The OTLP/HTTP traces URL: the config's, else the standard variables' ("" for none)."""
+    if configured:
+        return configured
+    traces = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if base:
+        return base.rstrip("/") + "/v1/traces"
+    return ""
+
+
+def _disabled(environ: Mapping[str, str]) -> bool:
+    return (
+        environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        or environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none"
+    )
+
+
+def _url(value: str) -> str | None:
+    return None if re.match(r"^https?://[^/\s]+", value) else "must be an http:// or https:// URL"
+
+
+def _compiles(patterns: list[Any]) -> str | None:
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            return "must be a list of regular expressions (strings)"
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            return f"{pattern!r} is not a valid regular expression: {exc}"
+    return None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+class TracingFactory(FilterFactory):
+    """Settings, exporter and export pipeline of the ``tracing`` filter."""
+
+    filter_class = TracingFilter
+    fail_open = True  # tracing never fails an exchange
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        sec = Section(config, "", "")
+        environ = os.environ
+        try:
+            endpoint = sec.get("endpoint", str, "", lambda v: _url(v) if v else None)
+            headers = sec.get("headers", dict, {})
+            service = sec.get("service_name", str, "") or environ.get("OTEL_SERVICE_NAME", "") or "llmproxy"
+            timeout = sec.get("timeout", float, 5.0, _positive)
+            max_queue = sec.get("max_queue", int, 2048, _positive)
+            batch_size = sec.get("batch_size", int, 256, _positive)
+            delay = sec.get("schedule_delay", float, 1.0, _positive)
+            self.capture: bool = sec.get("content", bool, False)
+            patterns = sec.get("redact_patterns", list, [], _compiles)
+            defaults = sec.get("redact_defaults", bool, True)
+            max_content = sec.get("max_content_chars", int, 65536, _positive)
+            sec.finish()
+        except ConfigError as exc:
+            raise ValueError(f"{exc.path}: {exc.reason}") from None
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise ValueError("headers: must map header names to string values")
+        self.endpoint = "" if _disabled(environ) else _endpoint(endpoint, environ)
+        registry = context.metrics
+        self.invalid_traceparent = Counter(
+            "llmproxy_tracing_traceparent_invalid",
+            "Requests whose traceparent was malformed (replaced by a new trace)",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "llmproxy_tracing_spans_dropped",
+            "Spans not exported, by reason (queue_full, export_failed, build_failed, shutdown)",
+            ["reason"],
+            registry=registry,
+        )
+        self.exported = Counter("llmproxy_tracing_spans_exported", "Spans accepted by the collector", registry=registry)
+        self._dropped_children = {
+            reason: self.dropped.labels(reason)
+            for reason in ("queue_full", "export_failed", "build_failed", "shutdown")
+        }
+        self.latest = sc.latest_experimental(environ)
+        self._patterns = [*(DEFAULT_PATTERNS if defaults else ()), *patterns]
+        self._max_content = max_content
+        self.settings = SpanSettings(
+            Resource.create({SERVICE_NAME: service, SERVICE_VERSION: __version__}),
+            InstrumentationScope("llmproxy.filters.tracing", __version__),
+            self.latest,
+            None,
+            max_content,
+        )
+        self.pipeline: SpanPipeline[ExchangeTrace]
+        if not self.endpoint:
+            self.filter_class = PropagatingFilter  # type: ignore[misc,assignment]
+            return
+        exporter: SpanExporter = OTLPSpanExporter(endpoint=self.endpoint, headers=headers or None, timeout=timeout)
+        # the exporter logs every failed batch; the pipeline counts them and logs state changes instead
+        quiet = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.CRITICAL)
+        self.pipeline = SpanPipeline(
+            exporter,
+            self._build,
+            dropped=self._count_dropped,
+            exported=self.exported.inc,
+            max_queue=max_queue,
+            batch_size=batch_size,
+            delay=delay,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Spans are built and exported (an endpoint is configured)."""
+        return bool(self.endpoint)
+
+    def _count_dropped(self, reason: str, count: int) -> None:
+        self._dropped_children[reason].inc(count)
+
+    def _build(self, trace: ExchangeTrace) -> list[Any]:
+        return build_spans(trace, self.settings)
+
+    async def start(self) -> None:
+        if not self.enabled:
+            return
+        if self.capture:
+            self.settings.redactor = Redactor(self._patterns, self._known_secrets())
+        self.pipeline.start()
+        log.info("tracing: exporting spans to %s", self.endpoint)
+
+    def _known_secrets(self) -> list[str]:
+        """The provider keys routing holds: never recorded in content."""
+        routing = self.context.find_factory(RoutingFactory)
+        if routing is None:
+            return []
+        out: list[str] = []
+        for provider in routing.table.providers.values():
+            for target in provider.targets:
+                out.extend(secret.decode("latin-1") for secret in target.secrets)
+        return out
+
+    async def close(self) -> None:
+        if self.enabled:
+            await asyncio.to_thread(self.pipeline.close, 2.0)

@@ -1,0 +1,324 @@
+"""One exchange's trace record (collected on the loop) and the spans made from it (in the export thread).
+
+:class:`ExchangeTrace` holds what the filter saw: ids drawn up front, the
+request's GenAI parameters, per attempt the provider and upstream model it
+went to, the response facts of the relayed attempt, and references to the
+core's finished :class:`~llmproxy.Attempt` and :class:`~llmproxy.Usage`
+objects (immutable once the exchange ended). :func:`build_spans` turns it
+into one SERVER span and one CLIENT span per attempt, with explicit start
+and end times (``perf_counter`` instants moved to the wall clock by one
+offset), so the event loop never creates a span object, touches a
+context variable or formats an attribute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from llmproxy import Attempt, UpstreamError, Usage
+from llmproxy.filters.metering.merged import merged_response
+from llmproxy.filters.tracing import semconv as sc
+from llmproxy.filters.tracing.content import Redactor, input_messages, output_messages
+from llmproxy.filters.tracing.propagation import Parent
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["AttemptTarget", "ExchangeTrace", "SpanSettings", "build_spans"]
+
+_OK = Status(StatusCode.UNSET)
+
+
+@dataclass(slots=True)
+class AttemptTarget:
+    """Where one attempt went, as routing had it when the attempt's response came back."""
+
+    provider: str  # gen_ai.provider.name
+    model: str  # the upstream model
+
+
+@dataclass(slots=True)
+class SpanSettings:
+    """What the export thread needs besides the records (built once by the factory)."""
+
+    resource: Resource
+    scope: InstrumentationScope
+    latest: bool = False
+    #: None: no content on spans.
+    redactor: Redactor | None = None
+    max_content_chars: int = 65536
+
+
+class ExchangeTrace:
+    """One exchange's record; see the module docstring. Filled by the filter, read by :func:`build_spans`."""
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "chunks",
+        "client_addr",
+        "client_protocol",
+        "client_secrets",
+        "client_span_ids",
+        "end",
+        "error_type",
+        "finish_reasons",
+        "first_byte",
+        "is_sse",
+        "method",
+        "offset_ns",
+        "operation",
+        "params",
+        "parent",
+        "path",
+        "request_id",
+        "requested_model",
+        "response_id",
+        "response_model",
+        "sampled",
+        "server_span_id",
+        "start",
+        "status",
+        "targets",
+        "trace_id",
+        "usage",
+    )
+
+    def __init__(self, trace_id: int, server_span_id: int, parent: Parent | None, sampled: bool) -> None:
+        self.trace_id = trace_id
+        self.server_span_id = server_span_id
+        self.parent = parent
+        self.sampled = sampled
+        #: The span id each attempt's upstream request carried (index: attempt number - 1).
+        self.client_span_ids: list[int] = []
+        self.targets: dict[int, AttemptTarget] = {}
+        self.operation: str | None = None
+        self.requested_model = ""
+        self.params: list[tuple[str, Any]] = []
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.finish_reasons: list[str] = []
+        self.chunks: list[bytes] | None = None  # relayed bytes, kept only for content capture
+        self.body: bytes | None = None  # the client's request body, kept only for content capture
+        self.client_secrets: tuple[str, ...] = ()
+        # set when the exchange ends
+        self.attempts: Sequence[Attempt] = ()
+        self.usage: Usage | None = None
+        self.method = ""
+        self.path = ""
+        self.client_addr = ""
+        self.request_id = ""
+        self.client_protocol = "openai"
+        self.is_sse = False
+        self.status: int | None = None
+        self.error_type: str | None = None
+        self.start = 0.0
+        self.end = 0.0
+        self.first_byte = 0.0
+        self.offset_ns = 0
+
+    @property
+    def span_count(self) -> int:
+        return 1 + len(self.attempts)
+
+    def ns(self, instant: float) -> int:
+        """A ``perf_counter`` instant as Unix-epoch nanoseconds."""
+        return int(instant * 1e9) + self.offset_ns
+
+
+def _usage(attrs: dict[str, Any], usage: Usage | None) -> None:
+    if usage is None:
+        return
+    attrs[sc.USAGE_INPUT_TOKENS] = usage.input_tokens
+    attrs[sc.USAGE_OUTPUT_TOKENS] = usage.output_tokens
+    if usage.cache_read_tokens:
+        attrs[sc.USAGE_CACHE_READ_INPUT_TOKENS] = usage.cache_read_tokens
+    if usage.cache_write_tokens:
+        attrs[sc.USAGE_CACHE_CREATION_INPUT_TOKENS] = usage.cache_write_tokens
+    if usage.reasoning_tokens:
+        attrs[sc.USAGE_REASONING_OUTPUT_TOKENS] = usage.reasoning_tokens
+    if usage.cost is not None:
+        attrs[sc.COST_USD] = float(usage.cost.total)
+
+
+def _response(attrs: dict[str, Any], trace: ExchangeTrace) -> None:
+    if trace.response_id:
+        attrs[sc.RESPONSE_ID] = trace.response_id
+    if trace.response_model:
+        attrs[sc.RESPONSE_MODEL] = trace.response_model
+    if trace.finish_reasons:
+        attrs[sc.RESPONSE_FINISH_REASONS] = tuple(trace.finish_reasons)
+
+
+def _provider(attrs: dict[str, Any], provider: str, latest: bool) -> None:
+    if provider:
+        attrs[sc.PROVIDER_NAME] = provider
+        if not latest:
+            attrs[sc.SYSTEM] = provider
+
+
+def _first_token(trace: ExchangeTrace, start: float, latest: bool, attrs: dict[str, Any]) -> list[Event]:
+    if not trace.first_byte or not trace.is_sse:
+        return []
+    seconds = max(trace.first_byte - start, 0.0)
+    if latest:
+        attrs[sc.RESPONSE_TIME_TO_FIRST_CHUNK] = seconds
+    return [Event(sc.FIRST_TOKEN_EVENT, {"gen_ai.response.time_to_first_chunk": seconds}, trace.ns(trace.first_byte))]
+
+
+def _content(attrs: dict[str, Any], trace: ExchangeTrace, settings: SpanSettings) -> None:
+    redactor = settings.redactor
+    if redactor is None:
+        return
+    limit = settings.max_content_chars
+
+    def put(name: str, value: list[dict[str, Any]]) -> None:
+        if value:
+            text = orjson.dumps(redactor.value(value, trace.client_secrets)).decode()
+            attrs[name] = text if len(text) <= limit else text[:limit] + "...[truncated]"
+
+    if trace.body is not None:
+        try:
+            body = orjson.loads(trace.body)
+        except orjson.JSONDecodeError:
+            body = None
+        messages, system = input_messages(body, trace.client_protocol)
+        put(sc.INPUT_MESSAGES, messages)
+        put(sc.SYSTEM_INSTRUCTIONS, system)
+    if trace.chunks:
+        put(
+            sc.OUTPUT_MESSAGES,
+            output_messages(merged_response(trace.chunks, trace.client_protocol, trace.is_sse), trace.client_protocol),
+        )
+
+
+def build_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[ReadableSpan]:
+    """The SERVER span and the CLIENT spans of one exchange (see the module docstring)."""
+    flags = TraceFlags(TraceFlags.SAMPLED if trace.sampled else TraceFlags.DEFAULT)
+    parent = trace.parent
+    state = (
+        TraceState.from_header([parent.tracestate.decode("latin-1")]) if parent and parent.tracestate else TraceState()
+    )
+    server = SpanContext(trace.trace_id, trace.server_span_id, False, flags, state)
+    remote = SpanContext(trace.trace_id, parent.span_id, True, TraceFlags(parent.flags), state) if parent else None
+    latest, operation = settings.latest, trace.operation
+    params = dict(trace.params)
+    spans: list[ReadableSpan] = []
+
+    last_target: AttemptTarget | None = None
+    for attempt in trace.attempts:
+        index = attempt.number - 1
+        if index >= len(trace.client_span_ids):
+            continue
+        target = trace.targets.get(attempt.number) or last_target
+        last_target = target
+        model = (target.model if target else "") or trace.requested_model
+        attrs: dict[str, Any] = {}
+        if operation:
+            attrs[sc.OPERATION_NAME] = operation
+            _provider(attrs, target.provider if target else "", latest)
+            if model:
+                attrs[sc.REQUEST_MODEL] = model
+            attrs.update(params)
+        upstream = attempt.target
+        attrs[sc.SERVER_ADDRESS] = upstream.host
+        attrs[sc.SERVER_PORT] = upstream.port
+        attrs[sc.UPSTREAM_NAME] = upstream.name
+        if attempt.key_id:
+            attrs[sc.KEY_ID] = attempt.key_id
+        attrs[sc.ATTEMPT_NUMBER] = attempt.number
+        attrs[sc.ATTEMPT_OUTCOME] = attempt.outcome.value
+        error = attempt.error
+        synthesized = isinstance(error, UpstreamError) and not attempt.head_sent
+        status = attempt.status
+        error_type: str | None = None
+        if status is not None and not synthesized:
+            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = status
+            if status >= 400:
+                error_type = str(status)
+        if error is not None:
+            error_type = error.code or type(error).__name__
+        if error_type:
+            attrs[sc.ERROR_TYPE] = error_type
+        _usage(attrs, attempt.usage)
+        events: list[Event] = []
+        if attempt.head_sent:
+            _response(attrs, trace)
+            events = _first_token(trace, attempt.started_at, latest, attrs)
+        name = f"{operation} {model}" if operation and model else operation or f"{trace.method} {upstream.name}"
+        spans.append(
+            ReadableSpan(
+                name,
+                SpanContext(trace.trace_id, trace.client_span_ids[index], False, flags, state),
+                server,
+                settings.resource,
+                attrs,
+                events,
+                kind=SpanKind.CLIENT,
+                status=Status(StatusCode.ERROR, error_type) if error_type else _OK,
+                start_time=trace.ns(attempt.started_at),
+                end_time=trace.ns(attempt.ended_at or trace.end),
+                instrumentation_scope=settings.scope,
+            )
+        )
+
+    attrs = {
+        sc.HTTP_REQUEST_METHOD: trace.method,
+        sc.URL_PATH: trace.path.partition("?")[0],
+        sc.REQUEST_ID: trace.request_id,
+        sc.ATTEMPTS: len(trace.attempts),
+    }
+    if trace.client_addr:
+        attrs[sc.CLIENT_ADDRESS] = trace.client_addr
+    if trace.status is not None:
+        attrs[sc.HTTP_RESPONSE_STATUS_CODE] = trace.status
+    error_type = trace.error_type
+    if error_type is None and trace.status is not None and trace.status >= 500:
+        error_type = str(trace.status)
+    if error_type:
+        attrs[sc.ERROR_TYPE] = error_type
+    events = []
+    if operation:
+        attrs[sc.OPERATION_NAME] = operation
+        _provider(attrs, last_target.provider if last_target else "", latest)
+        if trace.requested_model:
+            attrs[sc.REQUEST_MODEL] = trace.requested_model
+        attrs.update(params)
+        _response(attrs, trace)
+        usage = trace.usage
+        if usage is None:
+            for attempt in trace.attempts:
+                if attempt.usage is not None:
+                    usage = attempt.usage if usage is None else usage.merged(attempt.usage)
+        _usage(attrs, usage)
+        events = _first_token(trace, trace.start, latest, attrs)
+        _content(attrs, trace, settings)
+    name = (
+        f"{operation} {trace.requested_model}"
+        if operation and trace.requested_model
+        else operation or f"{trace.method} {attrs[sc.URL_PATH]}"
+    )
+    spans.insert(
+        0,
+        ReadableSpan(
+            name,
+            server,
+            remote,
+            settings.resource,
+            attrs,
+            events,
+            kind=SpanKind.SERVER,
+            status=Status(StatusCode.ERROR, error_type) if error_type else _OK,
+            start_time=trace.ns(trace.start),
+            end_time=trace.ns(trace.end),
+            instrumentation_scope=settings.scope,
+        ),
+    )
+    return spans

@@ -1,0 +1,271 @@
+"""The ``tracing`` filter end to end: the proxy, a scripted provider, an OTLP/HTTP receiver, real sockets.
+
+A retried stream gives one SERVER span and two CLIENT spans (siblings) in the
+client's trace, each attempt's upstream request carrying its CLIENT span's
+id; the GenAI attributes carry the provider's token counts. A malformed
+``traceparent`` is replaced and counted; a collector that refuses or
+stalls costs the requests nothing (drops counted); content is recorded
+only when asked, redacted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.filters.otlp_receiver import Receiver, SpanView
+from tests.filters.scripted_provider import Reply, Scripted
+from tests.filters.test_routing_usage import _sse_reply
+from tests.support import RunningProxy
+
+Make = Callable[[dict[str, Any]], RunningProxy]
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+KEY = "sk-tracing-provider-key-0123456789"
+USAGE = {
+    "prompt_tokens": 11,
+    "completion_tokens": 7,
+    "total_tokens": 18,
+    "prompt_tokens_details": {"cached_tokens": 3},
+    "completion_tokens_details": {"reasoning_tokens": 2},
+}
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    choices = [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    out: dict[str, Any] = {
+        "id": "chatcmpl-trace-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "up-model-2024",
+        "choices": choices,
+    }
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def openai_stream(text: str = "Hello there") -> Reply:
+    words = text.split(" ")
+    events: list[tuple[str | None, dict[str, Any] | str]] = [(None, _chunk({"role": "assistant", "content": ""}))]
+    events += [(None, _chunk({"content": (" " if i else "") + w})) for i, w in enumerate(words)]
+    events += [(None, _chunk({}, "stop")), (None, _chunk({}, usage=USAGE)), (None, "[DONE]")]
+    return _sse_reply(events)
+
+
+def error_reply(status: int) -> Reply:
+    return Reply(status, b'{"error":{"message":"boom","type":"server_error","code":null,"param":null}}')
+
+
+def config(base: str, tracing: dict[str, Any], *, failover: bool = True) -> dict[str, Any]:
+    filters: list[dict[str, Any]] = [
+        {"name": "metering"},
+        {
+            "name": "routing",
+            "config": {
+                "providers": [
+                    {
+                        "name": "p",
+                        "type": "openai",
+                        "base_url": base,
+                        "keys": [KEY, KEY + "-b"],
+                        "models": {"gpt-x": "up-model"},
+                    }
+                ]
+            },
+        },
+    ]
+    if failover:
+        filters.append(
+            {
+                "name": "failover",
+                "config": {
+                    "failure_threshold": 10,
+                    "max_attempts": 3,
+                    "backoff": {"base": 0.01, "max": 0.02},
+                    "health_check": {"enabled": False},
+                },
+            }
+        )
+    filters.append({"name": "tracing", "config": {"schedule_delay": 0.05, "timeout": 1, **tracing}})
+    return {"server": {"access_log": "off"}, "filters": filters}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def client(proxy: RunningProxy, **headers: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="sk-client", max_retries=0, default_headers=headers)
+
+
+def metric(proxy: RunningProxy, name: str, **labels: str) -> float:
+    text = proxy.runtime.admin.registry
+    from prometheus_client import generate_latest
+
+    for family in text_string_to_metric_families(generate_latest(text).decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def by_kind(spans: list[SpanView], kind: str) -> list[SpanView]:
+    return sorted((s for s in spans if s.kind == kind), key=lambda s: s.start)
+
+
+def stream_text(proxy: RunningProxy, **headers: str) -> str:
+    stream = client(proxy, **headers).chat.completions.create(
+        model="gpt-x", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=50, temperature=0.2
+    )
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def parent_of(traceparent: str) -> tuple[str, str, str]:
+    version, trace_id, span_id, flags = traceparent.split("-")
+    assert version == "00"
+    return trace_id, span_id, flags
+
+
+@pytest.mark.parametrize("first", [500, 429])
+def test_a_retried_stream_is_one_server_span_and_two_sibling_client_spans(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make, first: int
+) -> None:
+    scripted.replies.extend([error_reply(first), openai_stream()])
+    proxy = make_proxy(config(f"{scripted.url}/v1", {"endpoint": receiver.url}))
+    assert stream_text(proxy, traceparent=TRACEPARENT, tracestate="vendor=abc") == "Hello there"
+
+    spans = receiver.wait_for(3)
+    assert len(spans) == 3, spans
+    (server,) = by_kind(spans, "server")
+    clients = by_kind(spans, "client")
+    assert len(clients) == 2
+    # the client's trace; the server span's parent is the client's span; attempts are siblings
+    assert {s.trace_id for s in spans} == {CLIENT_TRACE}
+    assert server.parent_id == CLIENT_SPAN
+    assert [c.parent_id for c in clients] == [server.span_id, server.span_id]
+    assert len({server.span_id, *(c.span_id for c in clients)}) == 3
+    # each upstream request carried its own CLIENT span as parent, and the client's tracestate
+    sent = [parent_of(r.headers["traceparent"]) for r in scripted.requests]
+    assert sent == [(CLIENT_TRACE, clients[0].span_id, "01"), (CLIENT_TRACE, clients[1].span_id, "01")]
+    assert [r.headers.get("tracestate") for r in scripted.requests] == ["vendor=abc", "vendor=abc"]
+
+    assert server.name == "chat gpt-x"
+    a = server.attributes
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == "gpt-x"
+    assert a["gen_ai.request.max_tokens"] == 50
+    assert a["gen_ai.request.temperature"] == pytest.approx(0.2)
+    assert a["gen_ai.request.stream"] is True
+    assert a["gen_ai.response.model"] == "up-model-2024"
+    assert a["gen_ai.response.id"] == "chatcmpl-trace-1"
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
+    assert a["gen_ai.usage.input_tokens"] == 11
+    assert a["gen_ai.usage.output_tokens"] == 7
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 3
+    assert a["gen_ai.usage.reasoning.output_tokens"] == 2
+    assert a["http.response.status_code"] == 200
+    assert a["llmproxy.attempts"] == 2
+    assert "error.type" not in a
+    assert [e[0] for e in server.events] == ["gen_ai.first_token"]
+    assert server.start <= server.events[0][1] <= server.end
+    assert server.resource["service.name"] == "llmproxy"
+
+    failed, ok = clients
+    assert failed.name == ok.name == "chat up-model"
+    assert failed.attributes["http.response.status_code"] == first
+    assert failed.attributes["error.type"] == str(first)
+    assert failed.attributes["llmproxy.attempt.outcome"] == "retried"
+    assert failed.status == 2  # STATUS_CODE_ERROR
+    assert failed.events == []
+    assert ok.attributes["http.response.status_code"] == 200
+    assert ok.attributes["gen_ai.request.model"] == "up-model"
+    assert ok.attributes["gen_ai.usage.input_tokens"] == 11
+    assert ok.attributes["gen_ai.usage.output_tokens"] == 7
+    assert ok.attributes["server.address"] == "127.0.0.1"
+    assert ok.attributes["server.port"] == scripted.port
+    assert ok.attributes["llmproxy.attempt.number"] == 2
+    assert [e[0] for e in ok.events] == ["gen_ai.first_token"]
+    assert server.start <= failed.start <= failed.end <= ok.start <= ok.end <= server.end
+    # content is not recorded unless asked
+    assert not any(k.startswith(("gen_ai.input", "gen_ai.output")) for s in spans for k in s.attributes)
+    assert receiver.content_types[0] == "application/x-protobuf"
+
+
+def test_no_traceparent_starts_a_trace_and_sends_it_upstream(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make
+) -> None:
+    scripted.replies.append(openai_stream())
+    proxy = make_proxy(config(f"{scripted.url}/v1", {"endpoint": receiver.url}))
+    stream_text(proxy)
+    spans = receiver.wait_for(2)
+    (server,) = by_kind(spans, "server")
+    (attempt,) = by_kind(spans, "client")
+    assert server.parent_id == ""
+    assert parent_of(scripted.requests[0].headers["traceparent"]) == (server.trace_id, attempt.span_id, "01")
+    assert "tracestate" not in scripted.requests[0].headers
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "garbage",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",  # short
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # uppercase
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # zero span id
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # forbidden version
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",  # version 00 is exactly 55
+    ],
+)
+def test_a_malformed_traceparent_is_replaced_and_counted(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make, bad: str
+) -> None:
+    scripted.replies.append(openai_stream())
+    proxy = make_proxy(config(f"{scripted.url}/v1", {"endpoint": receiver.url}))
+    assert stream_text(proxy, traceparent=bad, tracestate="vendor=abc") == "Hello there"
+    spans = receiver.wait_for(2)
+    (server,) = by_kind(spans, "server")
+    assert server.parent_id == ""
+    assert server.trace_id != CLIENT_TRACE
+    upstream = scripted.requests[0].headers
+    assert parent_of(upstream["traceparent"])[0] == server.trace_id
+    assert "tracestate" not in upstream  # never read (nor passed on) without a valid traceparent
+    assert metric(proxy, "llmproxy_tracing_traceparent_invalid_total") == 1
+
+
+def test_an_unsampled_parent_is_propagated_and_not_recorded(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make
+) -> None:
+    scripted.replies.append(openai_stream())
+    proxy = make_proxy(config(f"{scripted.url}/v1", {"endpoint": receiver.url}))
+    stream_text(proxy, traceparent=f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00")
+    trace_id, span_id, flags = parent_of(scripted.requests[0].headers["traceparent"])
+    assert (trace_id, flags) == (CLIENT_TRACE, "00")
+    assert span_id != CLIENT_SPAN
+    time.sleep(0.3)
+    assert receiver.spans == []
+
+
+def test_without_an_exporter_the_filter_only_propagates(scripted: Scripted, make_proxy: Make) -> None:
+    scripted.replies.extend([openai_stream(), openai_stream()])
+    proxy = make_proxy(config(f"{scripted.url}/v1", {}))
+    factory = next(f for f in proxy.runtime.chain.factories if f.name == "tracing")
+    assert not factory.enabled
+    stream_text(proxy, traceparent=TRACEPARENT)
+    assert scripted.requests[0].headers["traceparent"] == TRACEPARENT  # passed on unchanged
+    stream_text(proxy, traceparent="junk")
+    trace_id, _, flags = parent_of(scripted.requests[1].headers["traceparent"])
+    assert trace_id != CLIENT_TRACE and flags == "00"
+    assert metric(proxy, "llmproxy_tracing_traceparent_invalid_total") == 1
