@@ -269,3 +269,178 @@ def test_without_an_exporter_the_filter_only_propagates(scripted: Scripted, make
     trace_id, _, flags = parent_of(scripted.requests[1].headers["traceparent"])
     assert trace_id != CLIENT_TRACE and flags == "00"
     assert metric(proxy, "llmproxy_tracing_traceparent_invalid_total") == 1
+
+
+def timed_requests(proxy: RunningProxy, count: int) -> list[float]:
+    took = []
+    api = client(proxy)
+    for _ in range(count):
+        started = time.perf_counter()
+        api.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}])
+        took.append(time.perf_counter() - started)
+    return took
+
+
+def wait_metric(proxy: RunningProxy, name: str, minimum: float, timeout: float = 6.0, **labels: str) -> float:
+    deadline = time.monotonic() + timeout
+    value = metric(proxy, name, **labels)
+    while value < minimum and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = metric(proxy, name, **labels)
+    return value
+
+
+JSON_REPLY = Reply(
+    200,
+    b'{"id":"chatcmpl-j","object":"chat.completion","model":"up-model","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}',
+)
+
+
+@pytest.mark.parametrize("mode", ["refuse", "reject", "slow", "down"])
+def test_a_collector_that_fails_costs_requests_nothing_and_drops_are_counted(
+    scripted: Scripted, make_proxy: Make, mode: str
+) -> None:
+    scripted.default = JSON_REPLY
+    collector = Receiver(mode if mode != "down" else "ok", delay=3.0)
+    if mode == "down":
+        collector.close()  # nothing listens there any more: connections are refused
+    try:
+        tracing = {"endpoint": collector.url, "timeout": 0.5, "max_queue": 4, "batch_size": 2}
+        proxy = make_proxy(config(f"{scripted.url}/v1", tracing, failover=False))
+        took = timed_requests(proxy, 30)
+        # a collector that never answers in time holds the export thread, never a request
+        assert max(took) < 0.5, took
+        dropped = wait_metric(proxy, "llmproxy_tracing_spans_dropped_total", 2, reason="export_failed")
+        assert dropped >= 2
+        if mode == "slow":  # the queue filled while the thread waited on the collector
+            assert metric(proxy, "llmproxy_tracing_spans_dropped_total", reason="queue_full") > 0
+        assert metric(proxy, "llmproxy_tracing_spans_exported_total") == 0
+        started = time.monotonic()
+        proxy.stop(0.5)
+        assert time.monotonic() - started < 4.0  # shutdown does not wait out the exporter's retries
+    finally:
+        if mode != "down":
+            collector.close()
+
+
+def test_spans_are_exported_again_when_the_collector_recovers(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make
+) -> None:
+    scripted.default = JSON_REPLY
+    receiver.mode = "reject"
+    proxy = make_proxy(config(f"{scripted.url}/v1", {"endpoint": receiver.url, "batch_size": 1}, failover=False))
+    timed_requests(proxy, 2)
+    assert wait_metric(proxy, "llmproxy_tracing_spans_dropped_total", 4, reason="export_failed") == 4
+    receiver.mode = "ok"
+    timed_requests(proxy, 1)
+    spans = receiver.wait_for(2)
+    assert len(spans) == 2
+    assert wait_metric(proxy, "llmproxy_tracing_spans_exported_total", 2) == 2
+
+
+def test_content_is_recorded_when_asked_merged_and_redacted(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make
+) -> None:
+    from tests.filters.test_tracing_merge import OPENAI_TOOLS
+
+    scripted.replies.append(Reply(200, [OPENAI_TOOLS], "text/event-stream"))
+    tracing = {"endpoint": receiver.url, "content": True, "redact_patterns": [r"\b\d{3}-\d{2}-\d{4}\b"]}
+    proxy = make_proxy(config(f"{scripted.url}/v1", tracing))
+    secret = f"my key sk-live-abcdefghijklmnop1234, ssn 123-45-6789, theirs {KEY}"
+    stream = client(proxy).chat.completions.create(
+        model="gpt-x",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": secret}],
+        stream=True,
+    )
+    calls = [c for c in stream]
+    assert calls
+    (server,) = by_kind(receiver.wait_for(2), "server")
+    inputs = json_attr(server, "gen_ai.input.messages")
+    assert inputs == [
+        {"role": "system", "parts": [{"type": "text", "content": "Be brief."}]},
+        {
+            "role": "user",
+            "parts": [{"type": "text", "content": "my key [REDACTED], ssn [REDACTED], theirs [REDACTED]"}],
+        },
+    ]
+    assert json_attr(server, "gen_ai.output.messages") == [
+        {
+            "role": "assistant",
+            "parts": [
+                {"type": "text", "content": "Checking both."},
+                {"type": "tool_call", "id": "call_a", "name": "weather", "arguments": {"city": "Paris"}},
+                {"type": "tool_call", "id": "call_b", "name": "time", "arguments": {"tz": "CET"}},
+            ],
+            "finish_reason": "tool_calls",
+        }
+    ]
+    assert server.attributes["gen_ai.response.finish_reasons"] == ("tool_calls",)
+
+
+def json_attr(span: SpanView, name: str) -> Any:
+    import json
+
+    return json.loads(span.attributes[name])
+
+
+def test_anthropic_client_and_provider(scripted: Scripted, receiver: Receiver, make_proxy: Make) -> None:
+    import anthropic
+
+    from tests.filters.test_tracing_merge import ANTHROPIC_TOOLS
+
+    scripted.replies.append(Reply(200, [ANTHROPIC_TOOLS], "text/event-stream"))
+    cfg = config(scripted.url, {"endpoint": receiver.url})
+    cfg["filters"][1]["config"]["providers"][0].update(type="anthropic", models={"claude-x": "claude-up"})
+    proxy = make_proxy(cfg)
+    api = anthropic.Anthropic(base_url=proxy.url, api_key="sk-client", max_retries=0)
+    with api.messages.stream(model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["text", "tool_use", "tool_use"]
+    spans = receiver.wait_for(2)
+    (server,) = by_kind(spans, "server")
+    (attempt,) = by_kind(spans, "client")
+    for span in (server, attempt):
+        a = span.attributes
+        assert a["gen_ai.provider.name"] == "anthropic"
+        assert a["gen_ai.usage.input_tokens"] == 35  # input + cache read (the GenAI rule)
+        assert a["gen_ai.usage.cache_read.input_tokens"] == 5
+        assert a["gen_ai.usage.output_tokens"] == 42
+        assert a["gen_ai.response.id"] == "msg_1"
+        assert a["gen_ai.response.model"] == "claude-x"
+        assert a["gen_ai.response.finish_reasons"] == ("tool_use",)
+        assert a["gen_ai.request.max_tokens"] == 64
+    assert server.name == "chat claude-x" and attempt.name == "chat claude-up"
+    assert server.attributes["url.path"] == "/v1/messages"
+
+
+@pytest.mark.parametrize("latest", [False, True])
+def test_semconv_opt_in_switches_to_the_latest_names(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make, monkeypatch: pytest.MonkeyPatch, latest: bool
+) -> None:
+    if latest:
+        monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", "http,gen_ai_latest_experimental")
+    scripted.replies.append(openai_stream())
+    proxy = make_proxy(config(f"{scripted.url}/v1", {"endpoint": receiver.url}))
+    stream_text(proxy)
+    (server,) = by_kind(receiver.wait_for(2), "server")
+    assert server.attributes["gen_ai.provider.name"] == "openai"
+    assert ("gen_ai.system" in server.attributes) is not latest
+    assert ("gen_ai.response.time_to_first_chunk" in server.attributes) is latest
+
+
+def test_the_attribute_names_are_the_conventions() -> None:
+    import warnings
+
+    from llmproxy.filters.tracing import semconv as sc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as g
+
+    released = {v for k, v in vars(g).items() if k.startswith("GEN_AI_") and isinstance(v, str)}
+    ours = {v for k, v in vars(sc).items() if k.isupper() and isinstance(v, str) and v.startswith("gen_ai.")}
+    assert ours - released == {sc.FIRST_TOKEN_EVENT}  # an event name, not an attribute
+    assert set(sc.PROVIDERS.values()) <= {m.value for m in g.GenAiProviderNameValues}
+    assert set(sc.OPERATIONS.values()) <= {m.value for m in g.GenAiOperationNameValues}
