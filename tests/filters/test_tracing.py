@@ -444,3 +444,49 @@ def test_the_attribute_names_are_the_conventions() -> None:
     assert ours - released == {sc.FIRST_TOKEN_EVENT}  # an event name, not an attribute
     assert set(sc.PROVIDERS.values()) <= {m.value for m in g.GenAiProviderNameValues}
     assert set(sc.OPERATIONS.values()) <= {m.value for m in g.GenAiOperationNameValues}
+
+
+def test_the_quickstart_exports_when_the_standard_variable_is_set(receiver: Receiver) -> None:
+    """``OTEL_EXPORTER_OTLP_ENDPOINT`` alone turns export on for ``llmproxy serve -c conf/quickstart.yaml``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from tests.redis_server import free_port
+    from tests.support import wait_healthy
+
+    root = Path(__file__).resolve().parents[2]
+    port = free_port()
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}", "OTEL_SERVICE_NAME": "qs"}
+    env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmproxy", "serve", "-c", str(root / "conf" / "quickstart.yaml"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=root,
+    )
+    try:
+        wait_healthy(port, proc, lambda: proc.communicate(timeout=5)[0])
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=b'{"model":"quickstart-gpt","messages":[{"role":"user","content":"hi"}]}',
+            headers={"content-type": "application/json", "traceparent": TRACEPARENT},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+        spans = receiver.wait_for(2, timeout=10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    (server,) = by_kind(spans, "server")
+    (attempt,) = by_kind(spans, "client")
+    assert server.trace_id == attempt.trace_id == CLIENT_TRACE
+    assert server.resource["service.name"] == "qs"
+    assert server.attributes["gen_ai.request.model"] == "quickstart-gpt"
+    assert attempt.attributes["gen_ai.request.model"] == "mock-gpt-4o-mini"
+    assert server.attributes["gen_ai.usage.output_tokens"] > 0
