@@ -82,6 +82,7 @@ from llmproxy.filters.names import ROUTE
 from llmproxy.filters.routing import RouteDecision, RoutingFactory
 from llmproxy.filters.tracing import semconv as sc
 from llmproxy.filters.tracing.content import DEFAULT_PATTERNS, Redactor
+from llmproxy.filters.tracing.export import exporter_for
 from llmproxy.filters.tracing.pipeline import SpanPipeline
 from llmproxy.filters.tracing.propagation import (
     TRACEPARENT,
@@ -92,7 +93,7 @@ from llmproxy.filters.tracing.propagation import (
     new_trace_id,
     parse,
 )
-from llmproxy.filters.tracing.spans import AttemptTarget, ExchangeTrace, SpanSettings, build_spans
+from llmproxy.filters.tracing.spans import AttemptTarget, ExchangeTrace, SpanSettings
 
 __all__ = ["PropagatingFilter", "TracingFactory", "TracingFilter"]
 
@@ -123,15 +124,15 @@ def _incoming(exchange: Exchange) -> tuple[Parent | None, bool]:
     return parent, parent is None
 
 
-def _params(payload: dict[str, Any]) -> list[tuple[str, Any]]:
+def _params(payload: dict[str, Any]) -> dict[str, Any]:
     """The ``gen_ai.request.*`` parameters of a request body."""
-    out: list[tuple[str, Any]] = []
+    out: dict[str, Any] = {}
     get = payload.get
     max_tokens = get("max_tokens")
     if max_tokens is None:
         max_tokens = get("max_completion_tokens", get("max_output_tokens"))
     if type(max_tokens) is int:
-        out.append((sc.REQUEST_MAX_TOKENS, max_tokens))
+        out[sc.REQUEST_MAX_TOKENS] = max_tokens
     for key, name in (
         ("temperature", sc.REQUEST_TEMPERATURE),
         ("top_p", sc.REQUEST_TOP_P),
@@ -141,19 +142,19 @@ def _params(payload: dict[str, Any]) -> list[tuple[str, Any]]:
     ):
         value = get(key)
         if isinstance(value, _NUMBER) and not isinstance(value, bool):
-            out.append((name, value))
+            out[name] = value
     seed = get("seed")
     if type(seed) is int:
-        out.append((sc.REQUEST_SEED, seed))
+        out[sc.REQUEST_SEED] = seed
     choices = get("n")
     if type(choices) is int and choices != 1:
-        out.append((sc.REQUEST_CHOICE_COUNT, choices))
+        out[sc.REQUEST_CHOICE_COUNT] = choices
     stop = get("stop", get("stop_sequences"))
     if isinstance(stop, str):
-        out.append((sc.REQUEST_STOP_SEQUENCES, (stop,)))
+        out[sc.REQUEST_STOP_SEQUENCES] = (stop,)
     elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
-        out.append((sc.REQUEST_STOP_SEQUENCES, tuple(stop)))
-    out.append((sc.REQUEST_STREAM, get("stream") is True))
+        out[sc.REQUEST_STOP_SEQUENCES] = tuple(stop)
+    out[sc.REQUEST_STREAM] = get("stream") is True
     return out
 
 
@@ -253,6 +254,9 @@ class TracingFilter(Filter):
         trace.finish_reasons = []
         if trace.chunks is not None:
             trace.chunks = []
+        response = exchange.response
+        if response is not None and response.status >= 400:
+            exchange.skip_response_body(self)  # an error body has no id, model or completion to record
         return Action.CONTINUE
 
     def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
@@ -405,7 +409,7 @@ class TracingFactory(FilterFactory):
             None,
             max_content,
         )
-        self.pipeline: SpanPipeline[ExchangeTrace]
+        self.pipeline: SpanPipeline
         if not self.endpoint:
             self.filter_class = PropagatingFilter  # type: ignore[misc,assignment]
             return
@@ -415,8 +419,7 @@ class TracingFactory(FilterFactory):
         if quiet.level == logging.NOTSET:
             quiet.setLevel(logging.CRITICAL)
         self.pipeline = SpanPipeline(
-            exporter,
-            self._build,
+            exporter_for(exporter, self.settings),
             dropped=self._count_dropped,
             exported=self.exported.inc,
             max_queue=max_queue,
@@ -431,9 +434,6 @@ class TracingFactory(FilterFactory):
 
     def _count_dropped(self, reason: str, count: int) -> None:
         self._dropped_children[reason].inc(count)
-
-    def _build(self, trace: ExchangeTrace) -> list[Any]:
-        return build_spans(trace, self.settings)
 
     async def start(self) -> None:
         if not self.enabled:

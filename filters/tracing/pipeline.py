@@ -5,8 +5,8 @@ through the tracer, context variables and all) and logs a warning for
 every span it drops. Here the loop side is one ``deque.append`` under an
 uncontended lock per finished exchange (:meth:`SpanPipeline.submit`): the
 exchange's trace record goes in as collected, and the export thread turns
-records into ``ReadableSpan`` objects, encodes them (OTLP protobuf) and
-sends them. So:
+records into spans, encodes them (OTLP protobuf) and sends them
+(:mod:`.export`). So:
 
 * nothing on the loop waits for the collector, ever; a full queue drops the
   record (``reason="queue_full"``), an export that fails or times out drops
@@ -28,34 +28,24 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from llmproxy.filters.tracing.export import BatchExport
+from llmproxy.filters.tracing.spans import ExchangeTrace
 
-__all__ = ["SpanPipeline", "TraceRecord"]
+__all__ = ["SpanPipeline"]
 
 log = logging.getLogger("llmproxy.tracing")
 
-
-class TraceRecord(Protocol):
-    """What the pipeline queues: a record that knows how many spans it will make."""
-
-    @property
-    def span_count(self) -> int: ...
+R = ExchangeTrace
 
 
-R = TypeVar("R", bound=TraceRecord)
-
-
-class SpanPipeline(Generic[R]):
+class SpanPipeline:
     """Queue records on the loop, build and export their spans in one daemon thread (see the module docstring)."""
 
     def __init__(
         self,
-        exporter: SpanExporter,
-        build: Callable[[R], Sequence[ReadableSpan]],
+        exporter: BatchExport,
         *,
         dropped: Callable[[str, int], None],
         exported: Callable[[int], None],
@@ -65,7 +55,6 @@ class SpanPipeline(Generic[R]):
         name: str = "llmproxy-tracing",
     ) -> None:
         self._exporter = exporter
-        self._build = build
         self._dropped = dropped
         self._exported = exported
         self._max_queue = max_queue
@@ -154,28 +143,22 @@ class SpanPipeline(Generic[R]):
                 self._export(batch)
 
     def _export(self, batch: list[R]) -> None:
-        spans: list[ReadableSpan] = []
-        for record in batch:
-            try:
-                spans.extend(self._build(record))
-            except Exception:
-                log.exception("could not build the spans of a trace record")
-                self._dropped("build_failed", record.span_count)
-        if not spans:
-            return
-        try:
-            result = self._exporter.export(spans)
-        except Exception:
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self._exported(len(spans))
+        outcome = self._exporter.export(batch, self._unbuilt)
+        if outcome.unbuilt:
+            self._dropped("build_failed", outcome.unbuilt)
+        if outcome.sent:
+            self._exported(outcome.sent)
             if self._failing:
                 self._failing = False
                 log.warning("tracing: span export works again")
-        else:
-            self._dropped("export_failed", len(spans))
+        if outcome.failed:
+            self._dropped("export_failed", outcome.failed)
             if not self._failing:
                 self._failing = True
                 log.warning(
                     "tracing: span export failed (collector down, slow or refusing); spans are dropped and counted"
                 )
+
+    @staticmethod
+    def _unbuilt(record: R) -> None:
+        log.exception("could not encode the spans of exchange %s", record.request_id)

@@ -31,7 +31,7 @@ from llmproxy.filters.tracing.propagation import Parent
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["AttemptTarget", "ExchangeTrace", "SpanSettings", "build_spans"]
+__all__ = ["AttemptTarget", "ExchangeTrace", "SpanData", "SpanSettings", "build_spans", "plan_spans"]
 
 _OK = Status(StatusCode.UNSET)
 
@@ -101,7 +101,7 @@ class ExchangeTrace:
         self.targets: dict[int, AttemptTarget] = {}
         self.operation: str | None = None
         self.requested_model = ""
-        self.params: list[tuple[str, Any]] = []
+        self.params: dict[str, Any] = {}
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.finish_reasons: list[str] = []
@@ -164,13 +164,15 @@ def _provider(attrs: dict[str, Any], provider: str, latest: bool) -> None:
             attrs[sc.SYSTEM] = provider
 
 
-def _first_token(trace: ExchangeTrace, start: float, latest: bool, attrs: dict[str, Any]) -> list[Event]:
+def _first_token(
+    trace: ExchangeTrace, start: float, latest: bool, attrs: dict[str, Any]
+) -> list[tuple[str, int, dict[str, Any]]]:
     if not trace.first_byte or not trace.is_sse:
         return []
     seconds = max(trace.first_byte - start, 0.0)
     if latest:
         attrs[sc.RESPONSE_TIME_TO_FIRST_CHUNK] = seconds
-    return [Event(sc.FIRST_TOKEN_EVENT, {"gen_ai.response.time_to_first_chunk": seconds}, trace.ns(trace.first_byte))]
+    return [(sc.FIRST_TOKEN_EVENT, trace.ns(trace.first_byte), {sc.RESPONSE_TIME_TO_FIRST_CHUNK: seconds})]
 
 
 def _content(attrs: dict[str, Any], trace: ExchangeTrace, settings: SpanSettings) -> None:
@@ -199,19 +201,27 @@ def _content(attrs: dict[str, Any], trace: ExchangeTrace, settings: SpanSettings
         )
 
 
-def build_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[ReadableSpan]:
-    """The SERVER span and the CLIENT spans of one exchange (see the module docstring)."""
-    flags = TraceFlags(TraceFlags.SAMPLED if trace.sampled else TraceFlags.DEFAULT)
-    parent = trace.parent
-    state = (
-        TraceState.from_header([parent.tracestate.decode("latin-1")]) if parent and parent.tracestate else TraceState()
-    )
-    server = SpanContext(trace.trace_id, trace.server_span_id, False, flags, state)
-    remote = SpanContext(trace.trace_id, parent.span_id, True, TraceFlags(parent.flags), state) if parent else None
-    latest, operation = settings.latest, trace.operation
-    params = dict(trace.params)
-    spans: list[ReadableSpan] = []
+@dataclass(slots=True)
+class SpanData:
+    """One span, ready to encode: what both encoders (:mod:`.otlp`, :func:`build_spans`) take."""
 
+    name: str
+    server: bool  # SERVER, else CLIENT
+    span_id: int
+    parent_id: int  # 0: a root span
+    parent_remote: bool
+    start: int  # Unix-epoch nanoseconds
+    end: int
+    attributes: dict[str, Any]
+    events: list[tuple[str, int, dict[str, Any]]]
+    error: str | None  # error.type: the span's status is ERROR
+
+
+def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
+    """The SERVER span (first) and the CLIENT spans of one exchange (see the module docstring)."""
+    latest, operation = settings.latest, trace.operation
+    params = trace.params
+    spans: list[SpanData] = []
     last_target: AttemptTarget | None = None
     for attempt in trace.attempts:
         index = attempt.number - 1
@@ -248,30 +258,30 @@ def build_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[ReadableSp
         if error_type:
             attrs[sc.ERROR_TYPE] = error_type
         _usage(attrs, attempt.usage)
-        events: list[Event] = []
+        events: list[tuple[str, int, dict[str, Any]]] = []
         if attempt.head_sent:
             _response(attrs, trace)
             events = _first_token(trace, attempt.started_at, latest, attrs)
         name = f"{operation} {model}" if operation and model else operation or f"{trace.method} {upstream.name}"
         spans.append(
-            ReadableSpan(
+            SpanData(
                 name,
-                SpanContext(trace.trace_id, trace.client_span_ids[index], False, flags, state),
-                server,
-                settings.resource,
+                False,
+                trace.client_span_ids[index],
+                trace.server_span_id,
+                False,
+                trace.ns(attempt.started_at),
+                trace.ns(attempt.ended_at or trace.end),
                 attrs,
                 events,
-                kind=SpanKind.CLIENT,
-                status=Status(StatusCode.ERROR, error_type) if error_type else _OK,
-                start_time=trace.ns(attempt.started_at),
-                end_time=trace.ns(attempt.ended_at or trace.end),
-                instrumentation_scope=settings.scope,
+                error_type,
             )
         )
 
+    path = trace.path.partition("?")[0]
     attrs = {
         sc.HTTP_REQUEST_METHOD: trace.method,
-        sc.URL_PATH: trace.path.partition("?")[0],
+        sc.URL_PATH: path,
         sc.REQUEST_ID: trace.request_id,
         sc.ATTEMPTS: len(trace.attempts),
     }
@@ -300,25 +310,54 @@ def build_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[ReadableSp
         _usage(attrs, usage)
         events = _first_token(trace, trace.start, latest, attrs)
         _content(attrs, trace, settings)
-    name = (
-        f"{operation} {trace.requested_model}"
-        if operation and trace.requested_model
-        else operation or f"{trace.method} {attrs[sc.URL_PATH]}"
-    )
+    model = trace.requested_model
+    name = f"{operation} {model}" if operation and model else operation or f"{trace.method} {path}"
+    parent = trace.parent
     spans.insert(
         0,
-        ReadableSpan(
+        SpanData(
             name,
-            server,
-            remote,
-            settings.resource,
+            True,
+            trace.server_span_id,
+            parent.span_id if parent else 0,
+            parent is not None,
+            trace.ns(trace.start),
+            trace.ns(trace.end),
             attrs,
             events,
-            kind=SpanKind.SERVER,
-            status=Status(StatusCode.ERROR, error_type) if error_type else _OK,
-            start_time=trace.ns(trace.start),
-            end_time=trace.ns(trace.end),
-            instrumentation_scope=settings.scope,
+            error_type,
         ),
     )
     return spans
+
+
+def build_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[ReadableSpan]:
+    """The spans of one exchange as the SDK's ``ReadableSpan`` objects (for an SDK ``SpanExporter``)."""
+    flags = TraceFlags(TraceFlags.SAMPLED if trace.sampled else TraceFlags.DEFAULT)
+    parent = trace.parent
+    state = TraceState()
+    if parent is not None and parent.tracestate:
+        state = TraceState.from_header([parent.tracestate.decode("latin-1")])
+    out: list[ReadableSpan] = []
+    for data in plan_spans(trace, settings):
+        context = SpanContext(trace.trace_id, data.span_id, False, flags, state)
+        parent_context = None
+        if data.parent_id:
+            parent_flags = TraceFlags(parent.flags) if data.parent_remote and parent is not None else flags
+            parent_context = SpanContext(trace.trace_id, data.parent_id, data.parent_remote, parent_flags, state)
+        out.append(
+            ReadableSpan(
+                data.name,
+                context,
+                parent_context,
+                settings.resource,
+                data.attributes,
+                [Event(name, attrs, at) for name, at, attrs in data.events],
+                kind=SpanKind.SERVER if data.server else SpanKind.CLIENT,
+                status=Status(StatusCode.ERROR, data.error) if data.error else _OK,
+                start_time=data.start,
+                end_time=data.end,
+                instrumentation_scope=settings.scope,
+            )
+        )
+    return out

@@ -53,7 +53,7 @@ class SpanView:
 
 
 class Receiver:
-    def __init__(self, mode: str = "ok", delay: float = 0.0) -> None:
+    def __init__(self, mode: str = "ok", delay: float = 0.0, port: int = 0) -> None:
         self.mode = mode
         self.delay = delay
         self.spans: list[SpanView] = []
@@ -86,7 +86,7 @@ class Receiver:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1/traces"

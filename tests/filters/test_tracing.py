@@ -490,3 +490,43 @@ def test_the_quickstart_exports_when_the_standard_variable_is_set(receiver: Rece
     assert server.attributes["gen_ai.request.model"] == "quickstart-gpt"
     assert attempt.attributes["gen_ai.request.model"] == "mock-gpt-4o-mini"
     assert server.attributes["gen_ai.usage.output_tokens"] > 0
+
+
+def test_a_fallback_to_another_provider_names_each_attempts_provider_and_model(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make
+) -> None:
+    scripted.replies.extend(
+        [Reply(500, b'{"type":"error","error":{"type":"api_error","message":"down"}}'), openai_stream()]
+    )
+    cfg = config(f"{scripted.url}/v1", {"endpoint": receiver.url})
+    providers = cfg["filters"][1]["config"]["providers"]
+    providers[0]["priority"] = 1
+    providers.insert(
+        0,
+        {
+            "name": "a",
+            "type": "anthropic",
+            "base_url": scripted.url,
+            "keys": ["sk-ant-first-0123456789"],
+            "models": {"gpt-x": "claude-up"},
+        },
+    )
+    proxy = make_proxy(cfg)
+    assert stream_text(proxy, traceparent=TRACEPARENT) == "Hello there"
+    spans = receiver.wait_for(3)
+    (server,) = by_kind(spans, "server")
+    first, second = by_kind(spans, "client")
+    assert scripted.requests[0].target == "/v1/messages" and scripted.requests[1].target == "/v1/chat/completions"
+    assert (first.attributes["gen_ai.provider.name"], first.attributes["gen_ai.request.model"]) == (
+        "anthropic",
+        "claude-up",
+    )
+    assert (second.attributes["gen_ai.provider.name"], second.attributes["gen_ai.request.model"]) == (
+        "openai",
+        "up-model",
+    )
+    assert first.attributes["llmproxy.upstream.name"] == "a" and second.attributes["llmproxy.upstream.name"] == "p"
+    assert first.parent_id == second.parent_id == server.span_id
+    assert server.attributes["gen_ai.provider.name"] == "openai"
+    sent = [parent_of(r.headers["traceparent"])[1] for r in scripted.requests]
+    assert sent == [first.span_id, second.span_id]
