@@ -53,11 +53,14 @@ _STATUS_UNSET = b"\x7a\x00"
 _KIND = {True: b"\x30\x02", False: b"\x30\x03"}  # SPAN_KIND_SERVER, SPAN_KIND_CLIENT
 
 
+_BYTE = [bytes((i,)) for i in range(256)]
+
+
 def _varint(value: int) -> bytes:
     if value < 0:
         value += 1 << 64  # int64 two's complement
     if value < 0x80:
-        return bytes((value,))
+        return _BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -68,7 +71,8 @@ def _varint(value: int) -> bytes:
 
 def _field(tag: int, payload: bytes) -> bytes:
     """A length-delimited field (``tag`` is the whole one-byte tag)."""
-    return bytes((tag,)) + _varint(len(payload)) + payload
+    size = len(payload)
+    return _BYTE[tag] + (_BYTE[size] if size < 0x80 else _varint(size)) + payload
 
 
 def _text(tag: int, value: str) -> bytes:
@@ -100,15 +104,26 @@ class OtlpEncoder:
 
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str) -> None:
         self._cache: dict[tuple[str, Any], bytes] = {}
+        self._keys: dict[str, bytes] = {}
         resource_bytes = _field(0x0A, b"".join(_field(0x0A, _key_value(k, v)) for k, v in resource.items()))
         self._scope = _field(0x0A, _text(0x0A, scope_name) + _text(0x12, scope_version))
         self._resource = resource_bytes
 
     def _attributes(self, tag: int, attributes: dict[str, Any]) -> list[bytes]:
-        cache = self._cache
+        cache, keys = self._cache, self._keys
+        tag_byte = _BYTE[tag]
         out: list[bytes] = []
         for key, value in attributes.items():
-            if key in _UNIQUE or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            if type(value) is int:  # counts, ports, statuses: the key's bytes are kept, the value written
+                key_bytes = keys.get(key)
+                if key_bytes is None:
+                    key_bytes = keys[key] = _text(0x0A, key)
+                number = b"\x18" + _varint(value)  # at most 11 bytes
+                inner = key_bytes + b"\x12" + _BYTE[len(number)] + number
+                size = len(inner)
+                out.append(tag_byte + (_BYTE[size] if size < 0x80 else _varint(size)) + inner)
+                continue
+            if key in _UNIQUE or type(value) is float:
                 out.append(_field(tag, _key_value(key, value)))
                 continue
             entry = (key, value)
