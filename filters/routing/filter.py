@@ -58,6 +58,7 @@ from llmproxy import (
 )
 from llmproxy.filters.names import PRINCIPAL, ROUTE, USAGE
 from llmproxy.filters.routing.decision import RouteDecision
+from llmproxy.filters.routing.facts import may_finish, take_finish, take_head, take_json
 from llmproxy.filters.routing.table import NoProvider, RoutingTable, Target, build_table
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
 from llmproxy.filters.translate import (
@@ -325,6 +326,7 @@ class RoutingFilter(Filter):
         if mode is _Mode.PASS:
             return Action.CONTINUE
         if mode is _Mode.WATCH_STREAM:
+            self._facts(exchange, data)
             if USAGE_OBJECT.search(data) is not None:  # the byte check: most batches stop here
                 self._watch_events(exchange, data)
             elif end_of_stream:
@@ -335,7 +337,9 @@ class RoutingFilter(Filter):
                 self._pieces.append(data)
             if end_of_stream:
                 # same protocol: the provider's is the client's
-                self._publish_json_usage(exchange, b"".join(self._pieces), self.client_protocol)
+                body = b"".join(self._pieces)
+                self._facts(exchange, body)
+                self._publish_json_usage(exchange, body, self.client_protocol)
                 self._pieces = []
             return Action.CONTINUE
         if mode is _Mode.STREAM:
@@ -366,10 +370,22 @@ class RoutingFilter(Filter):
         usage = parsed.get("usage") if isinstance(parsed, dict) else None
         if isinstance(usage, dict):
             self._publish(exchange, from_provider(target.provider.protocol, usage))
+        if exchange.attempt is not None:
+            take_json(exchange.attempt, parsed)
         exchange.set_response_data(translated)
         return Action.CONTINUE
 
-    # -- usage ------------------------------------------------------------------------
+    # -- usage and response facts -----------------------------------------------------
+    @staticmethod
+    def _facts(exchange: Exchange, data: bytes) -> None:
+        """The provider's response id, model and finish reasons, onto the attempt (:mod:`.facts`)."""
+        attempt = exchange.attempt
+        if attempt is not None and data:
+            if attempt.response_id is None:
+                take_head(attempt, data)
+            if may_finish(data):
+                take_finish(attempt, data)
+
     def _watch_events(self, exchange: Exchange, data: bytes) -> None:
         """Same-protocol stream: take the usage of the events that carry one; drop the usage-only
         chunk that routing asked for (``include_usage``) when the client did not."""
@@ -393,6 +409,7 @@ class RoutingFilter(Filter):
         assert translator is not None and usage is not None
         out: list[bytes] = []
         if data:
+            self._facts(exchange, data)
             if USAGE_OBJECT.search(data) is not None:
                 for _, payload in usage_events(data):
                     usage.take(payload)

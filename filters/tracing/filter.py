@@ -1,30 +1,31 @@
 """The ``tracing`` filter: W3C trace context and OpenTelemetry GenAI spans, exported over OTLP/HTTP.
 
-Place it after ``routing`` and ``failover`` in the chain. Its response hooks
-then run first (response hooks run in reverse order), so
-``on_response_headers`` sees each attempt's provider and upstream model
-before failover re-points the request for the next one; metering (first
-in the chain) has settled each attempt's usage before this filter's
-``on_attempt_complete``, and the exchange's before its
-``on_exchange_complete``. Per exchange:
+Place it after ``routing`` and ``failover`` in the chain: its
+``on_request_body`` then sees where the first attempt goes, and its
+``on_attempt_complete`` (after failover re-pointed the request in a response
+hook) where the next one goes; metering (first in the chain) has settled
+each attempt's usage before this filter's ``on_attempt_complete``, and the
+exchange's before its ``on_exchange_complete``. Per exchange:
 
-* ``on_request_headers``: reads ``traceparent`` / ``tracestate``
+* ``on_request_body``: reads ``traceparent`` / ``tracestate``
   (:mod:`.propagation`; a malformed one is replaced and counted in
   ``llmproxy_tracing_traceparent_invalid_total``), draws the trace id, the
-  SERVER span id and the first CLIENT span id, and sets the upstream
-  request's ``traceparent`` to that CLIENT span;
-* ``on_request_body``: the GenAI operation (by path), the requested model
-  and the request parameters (``max_tokens``, ``temperature``, ...), read
-  from the JSON parsed once by the core;
-* ``on_response_headers``: which provider and model this attempt went to;
-* ``on_response_body`` (an observer: it never delays a chunk): one C-speed
-  search per batch for the response id, model and finish reasons; the
-  relayed bytes are kept only when content capture is on;
-* ``on_attempt_complete``: a retried attempt's successor gets a fresh CLIENT
-  span id in its ``traceparent`` (siblings under the SERVER span);
+  SERVER span id and the first CLIENT span id, sets the upstream request's
+  ``traceparent`` to that CLIENT span; notes the GenAI operation (by path),
+  the requested model, the request parameters (``max_tokens``,
+  ``temperature``, ...: from the JSON the core parsed once) and the first
+  attempt's provider and upstream model;
+* ``on_attempt_complete``: copies the attempt (status, error, usage, the
+  response id, model and finish reasons routing read) into the record; a
+  retried attempt's successor gets a fresh CLIENT span id in its
+  ``traceparent`` (siblings under the SERVER span);
 * ``on_exchange_complete``: the record goes to the export queue
-  (:mod:`.pipeline`); the spans are built there, off the event loop
-  (:mod:`.spans`).
+  (:mod:`.pipeline`); the spans are planned and encoded there, off the event
+  loop (:mod:`.spans`, :mod:`.otlp`).
+
+No response body is looked at, unless ``content: true``
+(:class:`CapturingFilter`: an observer keeps references to the relayed
+bytes, merged into the completion in the export thread).
 
 With no exporter configured (no ``endpoint``, no
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``, or
@@ -93,15 +94,12 @@ from llmproxy.filters.tracing.propagation import (
     new_trace_id,
     parse,
 )
-from llmproxy.filters.tracing.spans import AttemptTarget, ExchangeTrace, SpanSettings
+from llmproxy.filters.tracing.spans import AttemptRecord, AttemptTarget, ExchangeTrace, SpanSettings, tokens
 
-__all__ = ["PropagatingFilter", "TracingFactory", "TracingFilter"]
+__all__ = ["CapturingFilter", "PropagatingFilter", "TracingFactory", "TracingFilter"]
 
 log = logging.getLogger("llmproxy.tracing")
 
-_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
-_FINISH = re.compile(rb'"(?:finish_reason|stop_reason)"\s*:\s*"([^"\\]{1,64})"')
 #: Client credential fields whose values are redacted from recorded content.
 _CREDENTIALS = (b"authorization", b"x-api-key", b"api-key")
 #: The largest request body kept for content capture.
@@ -179,7 +177,6 @@ class TracingFilter(Filter):
     """Per-exchange tracing state (see the module docstring)."""
 
     factory: TracingFactory
-    mutates_response_body: ClassVar[bool] = False
 
     __slots__ = ("_trace",)
 
@@ -197,27 +194,16 @@ class TracingFilter(Filter):
             trace = ExchangeTrace(new_trace_id(), new_span_id(), None, True)
         else:
             trace = ExchangeTrace(parent.trace_id, new_span_id(), parent, parent.sampled)
-        span_id = new_span_id()
-        trace.client_span_ids.append(span_id)
+        span_id = trace.next_span_id = new_span_id()
         headers.set_raw(TRACEPARENT, format_traceparent(trace.trace_id, span_id, trace.sampled))
-        if self.factory.capture and trace.sampled:
-            trace.chunks = []
-            trace.client_secrets = tuple(
-                value.decode("latin-1").removeprefix("Bearer ").strip()
-                for name, value in headers.raw()
-                if name in _CREDENTIALS
-            )
         self._trace = trace
         return trace
 
-    def on_request_headers(self, exchange: Exchange) -> Action:
-        self._start(exchange)
-        return Action.CONTINUE
-
     def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
-        trace = self._trace
-        if trace is None or not trace.sampled:
+        trace = self._start(exchange)
+        if not trace.sampled:
             return Action.CONTINUE
+        trace.next_target = _target(exchange)
         operation = sc.operation_for(exchange.client_path)
         trace.operation = operation
         if operation is None:
@@ -233,57 +219,20 @@ class TracingFilter(Filter):
             if not trace.requested_model and isinstance(payload.get("model"), str):
                 trace.requested_model = payload["model"]
             trace.params = _params(payload)
-        if trace.chunks is not None and len(exchange.request.body) <= _MAX_CAPTURED_BODY:
-            trace.body = exchange.request.body  # the client's bytes (a rewrite is serialised at send)
-        return Action.CONTINUE
-
-    def on_response_headers(self, exchange: Exchange) -> Action:
-        trace = self._trace
-        if trace is None or not trace.sampled:
-            exchange.skip_response_body(self)
-            return Action.CONTINUE
-        attempt = exchange.attempt
-        if attempt is not None:
-            route = exchange.vars.get(ROUTE)
-            if isinstance(route, RouteDecision) and route.target is not None:
-                kind = route.target.provider.adapter.type_name
-                trace.targets[attempt.number] = AttemptTarget(sc.PROVIDERS.get(kind, kind), route.model)
-            else:
-                trace.targets[attempt.number] = AttemptTarget(exchange.client_protocol, "")
-        trace.response_id = trace.response_model = None
-        trace.finish_reasons = []
-        if trace.chunks is not None:
-            trace.chunks = []
-        response = exchange.response
-        if response is not None and response.status >= 400:
-            exchange.skip_response_body(self)  # an error body has no id, model or completion to record
-        return Action.CONTINUE
-
-    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
-        trace = self._trace
-        if trace is None or not data:
-            return Action.CONTINUE
-        if trace.response_id is None:
-            found = _ID.search(data)
-            if found is not None:
-                trace.response_id = found.group(1).decode("utf-8", "replace")
-                model = _MODEL.search(data)
-                if model is not None:
-                    trace.response_model = model.group(1).decode("utf-8", "replace")
-        if b"_reason" in data:
-            for match in _FINISH.finditer(data):
-                trace.finish_reasons.append(match.group(1).decode("utf-8", "replace"))
-        chunks = trace.chunks
-        if chunks is not None:
-            chunks.append(data)
         return Action.CONTINUE
 
     def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> None:
         trace = self._trace
-        if trace is not None and attempt.outcome is Outcome.RETRIED:
-            span_id = new_span_id()  # the next attempt is a sibling, under the SERVER span
-            trace.client_span_ids.append(span_id)
+        if trace is None:
+            return
+        if trace.sampled:
+            trace.attempts.append(AttemptRecord.of(attempt, trace.next_span_id, trace.next_target))
+        if attempt.outcome is Outcome.RETRIED:
+            # the next attempt is a sibling under the SERVER span; failover has re-pointed it already
+            span_id = trace.next_span_id = new_span_id()
             exchange.request.headers.set_raw(TRACEPARENT, format_traceparent(trace.trace_id, span_id, trace.sampled))
+            if trace.sampled:
+                trace.next_target = _target(exchange)
 
     def on_exchange_complete(self, exchange: Exchange) -> None:
         trace = self._trace
@@ -296,10 +245,13 @@ class TracingFilter(Filter):
         trace.end = now
         trace.start = exchange.started_at
         trace.first_byte = exchange.first_byte_at
-        trace.attempts = exchange.attempt_history
-        trace.usage = exchange.usage
-        request = exchange.request
-        trace.method = request.method
+        usage = exchange.usage
+        if usage is None:  # no metering: the sum of what the provider reported
+            for attempt in exchange.attempt_history:
+                if attempt.usage is not None:
+                    usage = attempt.usage if usage is None else usage.merged(attempt.usage)
+        trace.usage = tokens(usage)
+        trace.method = exchange.request.method
         trace.path = exchange.client_path
         trace.client_addr = exchange.client_addr
         trace.request_id = exchange.id
@@ -313,6 +265,52 @@ class TracingFilter(Filter):
         if trace.operation is None:
             trace.operation = sc.operation_for(exchange.client_path)
         self.factory.pipeline.submit(trace)
+
+
+class CapturingFilter(TracingFilter):
+    """``content: true``: also keeps the client's request body and the relayed bytes (an observer)."""
+
+    mutates_response_body: ClassVar[bool] = False
+
+    __slots__ = ()
+
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+        super().on_request_body(exchange, body, end_of_stream)
+        trace = self._trace
+        if trace is not None and trace.sampled:
+            trace.chunks = []
+            trace.client_secrets = tuple(
+                value.decode("latin-1").removeprefix("Bearer ").strip()
+                for name, value in exchange.request.headers.raw()
+                if name in _CREDENTIALS
+            )
+            if len(exchange.request.body) <= _MAX_CAPTURED_BODY:
+                trace.body = exchange.request.body  # the client's bytes (a rewrite is serialised at send)
+        return Action.CONTINUE
+
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        trace = self._trace
+        response = exchange.response
+        if trace is None or trace.chunks is None or (response is not None and response.status >= 400):
+            exchange.skip_response_body(self)  # nothing to record (an error body is no completion)
+        else:
+            trace.chunks = []  # a new attempt: an earlier one's bytes never reached the client
+        return Action.CONTINUE
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        trace = self._trace
+        if data and trace is not None and trace.chunks is not None:
+            trace.chunks.append(data)
+        return Action.CONTINUE
+
+
+def _target(exchange: Exchange) -> AttemptTarget | None:
+    """Where routing points the next attempt: its provider (GenAI name) and upstream model."""
+    route = exchange.vars.get(ROUTE)
+    if isinstance(route, RouteDecision) and route.target is not None:
+        kind = route.target.provider.adapter.type_name
+        return AttemptTarget(sc.PROVIDERS.get(kind, kind), route.model)
+    return None
 
 
 def _endpoint(configured: str, environ: Mapping[str, str]) -> str:
@@ -410,9 +408,13 @@ class TracingFactory(FilterFactory):
             max_content,
         )
         self.pipeline: SpanPipeline
+        self._shared: Filter | None = None
         if not self.endpoint:
             self.filter_class = PropagatingFilter  # type: ignore[misc,assignment]
+            self._shared = PropagatingFilter(self)  # stateless: one for every exchange
             return
+        if self.capture:
+            self.filter_class = CapturingFilter  # type: ignore[misc]
         exporter: SpanExporter = OTLPSpanExporter(endpoint=self.endpoint, headers=headers or None, timeout=timeout)
         # the exporter logs every failed batch; the pipeline counts them and logs state changes instead
         quiet = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
@@ -426,6 +428,10 @@ class TracingFactory(FilterFactory):
             batch_size=batch_size,
             delay=delay,
         )
+
+    def create(self, exchange: Exchange) -> Filter:
+        shared = self._shared
+        return shared if shared is not None else self.filter_class(self)
 
     @property
     def enabled(self) -> bool:

@@ -1,20 +1,21 @@
 """One exchange's trace record (collected on the loop) and the spans made from it (in the export thread).
 
 :class:`ExchangeTrace` holds what the filter saw: ids drawn up front, the
-request's GenAI parameters, per attempt the provider and upstream model it
-went to, the response facts of the relayed attempt, and references to the
-core's finished :class:`~llmproxy.Attempt` and :class:`~llmproxy.Usage`
-objects (immutable once the exchange ended). :func:`build_spans` turns it
-into one SERVER span and one CLIENT span per attempt, with explicit start
-and end times (``perf_counter`` instants moved to the wall clock by one
-offset), so the event loop never creates a span object, touches a
-context variable or formats an attribute.
+request's GenAI parameters, and one :class:`AttemptRecord` per attempt
+(copied from the core's :class:`~llmproxy.Attempt` when it completes: the
+record keeps no core object alive while it waits in the export queue).
+:func:`plan_spans` turns it into one SERVER span and one CLIENT span per
+attempt (:class:`SpanData`), with explicit start and end times
+(``perf_counter`` instants moved to the wall clock by one offset), so the
+event loop never creates a span object, touches a context variable or
+formats an attribute; :mod:`.otlp` encodes them, :func:`build_spans` makes
+SDK ``ReadableSpan`` objects of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from opentelemetry.sdk.resources import Resource
@@ -28,17 +29,42 @@ from llmproxy.filters.tracing import semconv as sc
 from llmproxy.filters.tracing.content import Redactor, input_messages, output_messages
 from llmproxy.filters.tracing.propagation import Parent
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-__all__ = ["AttemptTarget", "ExchangeTrace", "SpanData", "SpanSettings", "build_spans", "plan_spans"]
+__all__ = [
+    "AttemptRecord",
+    "AttemptTarget",
+    "ExchangeTrace",
+    "SpanData",
+    "SpanSettings",
+    "Tokens",
+    "build_spans",
+    "plan_spans",
+    "tokens",
+]
 
 _OK = Status(StatusCode.UNSET)
+
+#: ``(input, output, cache_read, cache_write, reasoning, cost in USD or None)`` of a Usage.
+Tokens = tuple[int, int, int, int, int, float | None]
+
+
+def tokens(usage: Usage | None) -> Tokens | None:
+    """The counts of ``usage`` as a plain tuple (None for none)."""
+    if usage is None:
+        return None
+    cost = float(usage.cost.total) if usage.cost is not None else None
+    return (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
+        cost,
+    )
 
 
 @dataclass(slots=True)
 class AttemptTarget:
-    """Where one attempt went, as routing had it when the attempt's response came back."""
+    """Where one attempt went, as routing had it when the attempt was sent."""
 
     provider: str  # gen_ai.provider.name
     model: str  # the upstream model
@@ -56,8 +82,64 @@ class SpanSettings:
     max_content_chars: int = 65536
 
 
+@dataclass(slots=True)
+class AttemptRecord:
+    """One finished attempt, copied from the core's :class:`~llmproxy.Attempt`."""
+
+    number: int
+    span_id: int
+    provider: str
+    model: str
+    host: str
+    port: int
+    upstream: str
+    key_id: str
+    outcome: str
+    status: int | None  # None: no response from the provider (the core synthesized one)
+    error_type: str | None
+    head_sent: bool
+    started: float
+    ended: float
+    tokens: Tokens | None
+    response_id: str | None
+    response_model: str | None
+    finish_reasons: tuple[str, ...]
+
+    @classmethod
+    def of(cls, attempt: Attempt, span_id: int, target: AttemptTarget | None) -> AttemptRecord:
+        error = attempt.error
+        synthesized = isinstance(error, UpstreamError) and not attempt.head_sent
+        status = None if synthesized else attempt.status
+        error_type: str | None = None
+        if status is not None and status >= 400:
+            error_type = str(status)
+        if error is not None:
+            error_type = error.code or type(error).__name__
+        upstream = attempt.target
+        return cls(
+            attempt.number,
+            span_id,
+            target.provider if target is not None else "",
+            target.model if target is not None else "",
+            upstream.host,
+            upstream.port,
+            upstream.name,
+            attempt.key_id,
+            attempt.outcome.value,
+            status,
+            error_type,
+            attempt.head_sent,
+            attempt.started_at,
+            attempt.ended_at,
+            tokens(attempt.usage),
+            attempt.response_id,
+            attempt.response_model,
+            attempt.finish_reasons,
+        )
+
+
 class ExchangeTrace:
-    """One exchange's record; see the module docstring. Filled by the filter, read by :func:`build_spans`."""
+    """One exchange's record; see the module docstring. Filled by the filter, read by :func:`plan_spans`."""
 
     __slots__ = (
         "attempts",
@@ -66,13 +148,13 @@ class ExchangeTrace:
         "client_addr",
         "client_protocol",
         "client_secrets",
-        "client_span_ids",
         "end",
         "error_type",
-        "finish_reasons",
         "first_byte",
         "is_sse",
         "method",
+        "next_span_id",
+        "next_target",
         "offset_ns",
         "operation",
         "params",
@@ -80,13 +162,10 @@ class ExchangeTrace:
         "path",
         "request_id",
         "requested_model",
-        "response_id",
-        "response_model",
         "sampled",
         "server_span_id",
         "start",
         "status",
-        "targets",
         "trace_id",
         "usage",
     )
@@ -96,21 +175,18 @@ class ExchangeTrace:
         self.server_span_id = server_span_id
         self.parent = parent
         self.sampled = sampled
-        #: The span id each attempt's upstream request carried (index: attempt number - 1).
-        self.client_span_ids: list[int] = []
-        self.targets: dict[int, AttemptTarget] = {}
+        #: The span id the next attempt's upstream request carries, and where it goes.
+        self.next_span_id = 0
+        self.next_target: AttemptTarget | None = None
+        self.attempts: list[AttemptRecord] = []
         self.operation: str | None = None
         self.requested_model = ""
         self.params: dict[str, Any] = {}
-        self.response_id: str | None = None
-        self.response_model: str | None = None
-        self.finish_reasons: list[str] = []
         self.chunks: list[bytes] | None = None  # relayed bytes, kept only for content capture
         self.body: bytes | None = None  # the client's request body, kept only for content capture
         self.client_secrets: tuple[str, ...] = ()
         # set when the exchange ends
-        self.attempts: Sequence[Attempt] = ()
-        self.usage: Usage | None = None
+        self.usage: Tokens | None = None
         self.method = ""
         self.path = ""
         self.client_addr = ""
@@ -133,28 +209,28 @@ class ExchangeTrace:
         return int(instant * 1e9) + self.offset_ns
 
 
-def _usage(attrs: dict[str, Any], usage: Usage | None) -> None:
-    if usage is None:
+def _usage(attrs: dict[str, Any], counts: Tokens | None) -> None:
+    if counts is None:
         return
-    attrs[sc.USAGE_INPUT_TOKENS] = usage.input_tokens
-    attrs[sc.USAGE_OUTPUT_TOKENS] = usage.output_tokens
-    if usage.cache_read_tokens:
-        attrs[sc.USAGE_CACHE_READ_INPUT_TOKENS] = usage.cache_read_tokens
-    if usage.cache_write_tokens:
-        attrs[sc.USAGE_CACHE_CREATION_INPUT_TOKENS] = usage.cache_write_tokens
-    if usage.reasoning_tokens:
-        attrs[sc.USAGE_REASONING_OUTPUT_TOKENS] = usage.reasoning_tokens
-    if usage.cost is not None:
-        attrs[sc.COST_USD] = float(usage.cost.total)
+    attrs[sc.USAGE_INPUT_TOKENS] = counts[0]
+    attrs[sc.USAGE_OUTPUT_TOKENS] = counts[1]
+    if counts[2]:
+        attrs[sc.USAGE_CACHE_READ_INPUT_TOKENS] = counts[2]
+    if counts[3]:
+        attrs[sc.USAGE_CACHE_CREATION_INPUT_TOKENS] = counts[3]
+    if counts[4]:
+        attrs[sc.USAGE_REASONING_OUTPUT_TOKENS] = counts[4]
+    if counts[5] is not None:
+        attrs[sc.COST_USD] = counts[5]
 
 
-def _response(attrs: dict[str, Any], trace: ExchangeTrace) -> None:
-    if trace.response_id:
-        attrs[sc.RESPONSE_ID] = trace.response_id
-    if trace.response_model:
-        attrs[sc.RESPONSE_MODEL] = trace.response_model
-    if trace.finish_reasons:
-        attrs[sc.RESPONSE_FINISH_REASONS] = tuple(trace.finish_reasons)
+def _response(attrs: dict[str, Any], attempt: AttemptRecord) -> None:
+    if attempt.response_id:
+        attrs[sc.RESPONSE_ID] = attempt.response_id
+    if attempt.response_model:
+        attrs[sc.RESPONSE_MODEL] = attempt.response_model
+    if attempt.finish_reasons:
+        attrs[sc.RESPONSE_FINISH_REASONS] = attempt.finish_reasons
 
 
 def _provider(attrs: dict[str, Any], provider: str, latest: bool) -> None:
@@ -222,61 +298,50 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     latest, operation = settings.latest, trace.operation
     params = trace.params
     spans: list[SpanData] = []
-    last_target: AttemptTarget | None = None
+    relayed: AttemptRecord | None = None
     for attempt in trace.attempts:
-        index = attempt.number - 1
-        if index >= len(trace.client_span_ids):
-            continue
-        target = trace.targets.get(attempt.number) or last_target
-        last_target = target
-        model = (target.model if target else "") or trace.requested_model
+        model = attempt.model or trace.requested_model
         attrs: dict[str, Any] = {}
         if operation:
             attrs[sc.OPERATION_NAME] = operation
-            _provider(attrs, target.provider if target else "", latest)
+            _provider(attrs, attempt.provider, latest)
             if model:
                 attrs[sc.REQUEST_MODEL] = model
             attrs.update(params)
-        upstream = attempt.target
-        attrs[sc.SERVER_ADDRESS] = upstream.host
-        attrs[sc.SERVER_PORT] = upstream.port
-        attrs[sc.UPSTREAM_NAME] = upstream.name
+        attrs[sc.SERVER_ADDRESS] = attempt.host
+        attrs[sc.SERVER_PORT] = attempt.port
+        attrs[sc.UPSTREAM_NAME] = attempt.upstream
         if attempt.key_id:
             attrs[sc.KEY_ID] = attempt.key_id
         attrs[sc.ATTEMPT_NUMBER] = attempt.number
-        attrs[sc.ATTEMPT_OUTCOME] = attempt.outcome.value
-        error = attempt.error
-        synthesized = isinstance(error, UpstreamError) and not attempt.head_sent
-        status = attempt.status
-        error_type: str | None = None
-        if status is not None and not synthesized:
-            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = status
-            if status >= 400:
-                error_type = str(status)
-        if error is not None:
-            error_type = error.code or type(error).__name__
+        attrs[sc.ATTEMPT_OUTCOME] = attempt.outcome
+        if attempt.status is not None:
+            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = attempt.status
+        error_type = attempt.error_type
         if error_type:
             attrs[sc.ERROR_TYPE] = error_type
-        _usage(attrs, attempt.usage)
+        _usage(attrs, attempt.tokens)
+        _response(attrs, attempt)
         events: list[tuple[str, int, dict[str, Any]]] = []
         if attempt.head_sent:
-            _response(attrs, trace)
-            events = _first_token(trace, attempt.started_at, latest, attrs)
-        name = f"{operation} {model}" if operation and model else operation or f"{trace.method} {upstream.name}"
+            relayed = attempt
+            events = _first_token(trace, attempt.started, latest, attrs)
+        name = f"{operation} {model}" if operation and model else operation or f"{trace.method} {attempt.upstream}"
         spans.append(
             SpanData(
                 name,
                 False,
-                trace.client_span_ids[index],
+                attempt.span_id,
                 trace.server_span_id,
                 False,
-                trace.ns(attempt.started_at),
-                trace.ns(attempt.ended_at or trace.end),
+                trace.ns(attempt.started),
+                trace.ns(attempt.ended or trace.end),
                 attrs,
                 events,
                 error_type,
             )
         )
+    last = relayed or (trace.attempts[-1] if trace.attempts else None)
 
     path = trace.path.partition("?")[0]
     attrs = {
@@ -297,17 +362,14 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     events = []
     if operation:
         attrs[sc.OPERATION_NAME] = operation
-        _provider(attrs, last_target.provider if last_target else "", latest)
+        if last is not None:
+            _provider(attrs, last.provider, latest)
         if trace.requested_model:
             attrs[sc.REQUEST_MODEL] = trace.requested_model
         attrs.update(params)
-        _response(attrs, trace)
-        usage = trace.usage
-        if usage is None:
-            for attempt in trace.attempts:
-                if attempt.usage is not None:
-                    usage = attempt.usage if usage is None else usage.merged(attempt.usage)
-        _usage(attrs, usage)
+        if relayed is not None:
+            _response(attrs, relayed)
+        _usage(attrs, trace.usage)
         events = _first_token(trace, trace.start, latest, attrs)
         _content(attrs, trace, settings)
     model = trace.requested_model

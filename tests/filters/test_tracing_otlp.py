@@ -10,33 +10,42 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from llmproxy import Attempt, Headers, Outcome, Response, UpstreamTarget, UpstreamTimeout, Usage
 from llmproxy.filters.tracing.otlp import OtlpEncoder
 from llmproxy.filters.tracing.propagation import Parent
-from llmproxy.filters.tracing.spans import AttemptTarget, ExchangeTrace, SpanSettings, build_spans, plan_spans
+from llmproxy.filters.tracing.spans import (
+    AttemptRecord,
+    AttemptTarget,
+    ExchangeTrace,
+    SpanSettings,
+    build_spans,
+    plan_spans,
+    tokens,
+)
 
 TARGET = UpstreamTarget(name="p", scheme="https", host="api.example.com", port=443, key_id="abc123")
 
 
 def record(parent: Parent | None, model: str = "gpt-x") -> ExchangeTrace:
     trace = ExchangeTrace(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x1111, parent, True)
-    trace.client_span_ids += [0x2222, 0x3333]
     failed = Attempt(1, TARGET)
     failed.finish(Outcome.RETRIED, UpstreamTimeout("slow", phase="headers"))
     ok = Attempt(2, TARGET)
     ok.response = Response(200, Headers())
     ok.head_sent = True
     ok.usage = Usage(12, 7, cache_read_tokens=3, reasoning_tokens=1)
+    ok.response_id, ok.response_model, ok.finish_reasons = "chatcmpl-1", "up-é", ("stop", "length")
     ok.finish(Outcome.COMPLETED)
-    trace.attempts = [failed, ok]
-    trace.targets = {1: AttemptTarget("openai", "up-a"), 2: AttemptTarget("azure.ai.openai", "up-é")}
+    trace.attempts = [
+        AttemptRecord.of(failed, 0x2222, AttemptTarget("openai", "up-a")),
+        AttemptRecord.of(ok, 0x3333, AttemptTarget("azure.ai.openai", "up-é")),
+    ]
     trace.operation = "chat"
     trace.requested_model = model
     trace.params = {"gen_ai.request.temperature": 0.25, "gen_ai.request.stream": True, "gen_ai.request.max_tokens": 9}
-    trace.response_id, trace.response_model, trace.finish_reasons = "chatcmpl-1", "up-é", ["stop", "length"]
     trace.method, trace.path = "POST", "/v1/chat/completions?x=1"
     trace.request_id, trace.client_addr = "req-1", "10.0.0.1"
     trace.status, trace.is_sse = 200, True
     trace.start, trace.end = ok.started_at - 0.01, ok.ended_at + 0.001
     trace.first_byte, trace.offset_ns = ok.ended_at, 10**18
-    trace.usage = ok.usage
+    trace.usage = tokens(ok.usage)
     return trace
 
 
