@@ -102,13 +102,21 @@ log = logging.getLogger("llmproxy.tracing")
 
 #: Client credential fields whose values are redacted from recorded content.
 _CREDENTIALS = (b"authorization", b"x-api-key", b"api-key")
+_DROP_NONE: frozenset[bytes] = frozenset()
+_DROP_PARENT = frozenset({TRACEPARENT})
+_DROP_STATE = frozenset({TRACESTATE})  # a tracestate without a traceparent
+_DROP_BOTH = frozenset({TRACEPARENT, TRACESTATE})
 #: The largest request body kept for content capture.
 _MAX_CAPTURED_BODY = 4 * 1024 * 1024
 _NUMBER = (int, float)
 
 
-def _incoming(exchange: Exchange) -> tuple[Parent | None, bool]:
-    """The client's trace parent, and whether a ``traceparent`` was sent but is invalid."""
+def _incoming(exchange: Exchange) -> tuple[Parent | None, frozenset[bytes]]:
+    """The client's trace parent, and the fields to drop before ours is set.
+
+    ``traceparent`` goes when the client sent one; ``tracestate`` too when the
+    ``traceparent`` is invalid (it must not be read, nor passed on, without one).
+    """
     parents: list[bytes] = []
     states: list[bytes] = []
     for name, value in exchange.request.headers.raw():
@@ -117,9 +125,14 @@ def _incoming(exchange: Exchange) -> tuple[Parent | None, bool]:
         elif name == TRACESTATE:
             states.append(value)
     if not parents:
-        return None, False
+        return None, _DROP_STATE if states else _DROP_NONE
     parent = parse(parents, states)
-    return parent, parent is None
+    return parent, _DROP_PARENT if parent is not None else _DROP_BOTH
+
+
+def _send(exchange: Exchange, drop: frozenset[bytes], value: bytes) -> None:
+    """Set the upstream ``traceparent`` (generated hex: it needs no field check, see ``Headers.edit_raw``)."""
+    exchange.request.headers.edit_raw(drop, ((TRACEPARENT, value),))
 
 
 def _params(payload: dict[str, Any]) -> dict[str, Any]:
@@ -163,13 +176,11 @@ class PropagatingFilter(Filter):
     __slots__ = ()
 
     def on_request_headers(self, exchange: Exchange) -> Action:
-        parent, invalid = _incoming(exchange)
+        parent, drop = _incoming(exchange)
         if parent is None:
-            if invalid:
+            if drop is _DROP_BOTH:
                 self.factory.invalid_traceparent.inc()
-            headers = exchange.request.headers
-            headers.remove("tracestate")
-            headers.set_raw(TRACEPARENT, format_traceparent(new_trace_id(), new_span_id(), False))
+            _send(exchange, drop, format_traceparent(new_trace_id(), new_span_id(), False))
         return Action.CONTINUE
 
 
@@ -185,17 +196,15 @@ class TracingFilter(Filter):
         self._trace: ExchangeTrace | None = None
 
     def _start(self, exchange: Exchange) -> ExchangeTrace:
-        parent, invalid = _incoming(exchange)
-        headers = exchange.request.headers
-        if invalid:
+        parent, drop = _incoming(exchange)
+        if drop is _DROP_BOTH:
             self.factory.invalid_traceparent.inc()
-            headers.remove("tracestate")
         if parent is None:
             trace = ExchangeTrace(new_trace_id(), new_span_id(), None, True)
         else:
             trace = ExchangeTrace(parent.trace_id, new_span_id(), parent, parent.sampled)
         span_id = trace.next_span_id = new_span_id()
-        headers.set_raw(TRACEPARENT, format_traceparent(trace.trace_id, span_id, trace.sampled))
+        _send(exchange, drop, format_traceparent(trace.trace_id, span_id, trace.sampled))
         self._trace = trace
         return trace
 
@@ -230,7 +239,7 @@ class TracingFilter(Filter):
         if attempt.outcome is Outcome.RETRIED:
             # the next attempt is a sibling under the SERVER span; failover has re-pointed it already
             span_id = trace.next_span_id = new_span_id()
-            exchange.request.headers.set_raw(TRACEPARENT, format_traceparent(trace.trace_id, span_id, trace.sampled))
+            _send(exchange, _DROP_PARENT, format_traceparent(trace.trace_id, span_id, trace.sampled))
             if trace.sampled:
                 trace.next_target = _target(exchange)
 
