@@ -48,6 +48,7 @@ Config::
         redact_patterns: []     # regexes replaced by [REDACTED] in recorded content
         redact_defaults: true   # also redact API keys, bearer tokens and private keys by shape
         max_content_chars: 65536
+        sample_ratio: 1.0       # share of new traces recorded (default: OTEL_TRACES_SAMPLER(_ARG), else 1)
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -200,7 +202,8 @@ class TracingFilter(Filter):
         if drop is _DROP_BOTH:
             self.factory.invalid_traceparent.inc()
         if parent is None:
-            trace = ExchangeTrace(new_trace_id(), new_span_id(), None, True)
+            ratio = self.factory.sample_ratio
+            trace = ExchangeTrace(new_trace_id(), new_span_id(), None, ratio >= 1.0 or random.random() < ratio)
         else:
             trace = ExchangeTrace(parent.trace_id, new_span_id(), parent, parent.sampled)
         span_id = trace.next_span_id = new_span_id()
@@ -342,6 +345,23 @@ def _disabled(environ: Mapping[str, str]) -> bool:
     )
 
 
+def _env_ratio(environ: Mapping[str, str]) -> float:
+    """The root sampling ratio of ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (1 when unset).
+
+    Decisions are always parent-based: a client's sampled flag is followed.
+    """
+    sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler in ("always_off", "parentbased_always_off"):
+        return 0.0
+    if sampler in ("traceidratio", "parentbased_traceidratio"):
+        try:
+            ratio = float(environ.get("OTEL_TRACES_SAMPLER_ARG", "1"))
+        except ValueError:
+            return 1.0
+        return min(max(ratio, 0.0), 1.0)
+    return 1.0
+
+
 def _url(value: str) -> str | None:
     return None if re.match(r"^https?://[^/\s]+", value) else "must be an http:// or https:// URL"
 
@@ -383,12 +403,15 @@ class TracingFactory(FilterFactory):
             patterns = sec.get("redact_patterns", list, [], _compiles)
             defaults = sec.get("redact_defaults", bool, True)
             max_content = sec.get("max_content_chars", int, 65536, _positive)
+            ratio = sec.get("sample_ratio", float, None, lambda v: None if 0 <= v <= 1 else "must be between 0 and 1")
             sec.finish()
         except ConfigError as exc:
             raise ValueError(f"{exc.path}: {exc.reason}") from None
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise ValueError("headers: must map header names to string values")
         self.endpoint = "" if _disabled(environ) else _endpoint(endpoint, environ)
+        #: The share of new traces (no sampled parent decision from the client) that are recorded.
+        self.sample_ratio: float = ratio if ratio is not None else _env_ratio(environ)
         registry = context.metrics
         self.invalid_traceparent = Counter(
             "llmproxy_tracing_traceparent_invalid",

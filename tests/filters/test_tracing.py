@@ -530,3 +530,41 @@ def test_a_fallback_to_another_provider_names_each_attempts_provider_and_model(
     assert server.attributes["gen_ai.provider.name"] == "openai"
     sent = [parent_of(r.headers["traceparent"])[1] for r in scripted.requests]
     assert sent == [first.span_id, second.span_id]
+
+
+@pytest.mark.parametrize("how", ["config", "env"])
+def test_sampling_off_propagates_unsampled_and_records_nothing(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    tracing: dict[str, Any] = {"endpoint": receiver.url}
+    if how == "config":
+        tracing["sample_ratio"] = 0
+    else:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    scripted.replies.extend([openai_stream(), openai_stream()])
+    proxy = make_proxy(config(f"{scripted.url}/v1", tracing))
+    stream_text(proxy)
+    assert parent_of(scripted.requests[0].headers["traceparent"])[2] == "00"
+    stream_text(proxy, traceparent=TRACEPARENT)  # a sampled parent is followed
+    assert parent_of(scripted.requests[1].headers["traceparent"])[:1] == (CLIENT_TRACE,)
+    spans = receiver.wait_for(2)
+    assert {s.trace_id for s in spans} == {CLIENT_TRACE}
+
+
+@pytest.mark.parametrize(
+    ("tracing", "field"),
+    [
+        ({"endpoint": "collector:4318"}, "endpoint: must be an http:// or https:// URL"),
+        ({"redact_patterns": ["(unclosed"]}, "redact_patterns: '(unclosed' is not a valid regular expression"),
+        ({"sample_ratio": 2}, "sample_ratio: must be between 0 and 1"),
+        ({"max_queue": 0}, "max_queue: must be greater than 0"),
+        ({"contents": True}, "contents"),
+    ],
+)
+def test_bad_config_names_the_field(make_proxy: Make, tracing: dict[str, Any], field: str) -> None:
+    from llmproxy.runtime.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError)) as caught:
+        make_proxy(config("http://127.0.0.1:9/v1", tracing))
+    assert field in str(caught.value)
