@@ -29,7 +29,11 @@ The provider's usage becomes the current attempt's ``attempt.usage`` (a
 :class:`llmproxy.Usage`, read in the provider's protocol by
 :mod:`llmproxy.filters.routing.usage`), for every protocol pair and mode;
 it is also left OpenAI-shaped on ``exchange.vars["routing.usage"]``. The
-``metering`` filter completes what the provider did not report.
+``metering`` filter completes what the provider did not report. In the
+same modes the provider's response id, model and finish reasons go on
+``attempt.response_id``, ``response_model`` and ``finish_reasons``
+(:mod:`llmproxy.filters.routing.facts`: byte searches, two ``in`` tests per
+stream batch), for the ``tracing`` filter.
 """
 
 from __future__ import annotations
