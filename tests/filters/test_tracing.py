@@ -568,3 +568,40 @@ def test_bad_config_names_the_field(make_proxy: Make, tracing: dict[str, Any], f
     with pytest.raises((ConfigError, ValueError)) as caught:
         make_proxy(config("http://127.0.0.1:9/v1", tracing))
     assert field in str(caught.value)
+
+
+ANTHROPIC_JSON = Reply(
+    200,
+    b'{"id":"msg_j","type":"message","role":"assistant","model":"claude-up-1","content":[{"type":"text",'
+    b'"text":"ok \\"id\\": \\"no\\""}],"stop_reason":"max_tokens","usage":{"input_tokens":4,"output_tokens":2}}',
+)
+
+
+@pytest.mark.parametrize("kind", ["json", "json-translated", "stream-translated"])
+def test_the_response_facts_are_the_providers(
+    scripted: Scripted, receiver: Receiver, make_proxy: Make, kind: str
+) -> None:
+    from tests.filters.test_tracing_merge import ANTHROPIC_TOOLS
+
+    cfg = config(f"{scripted.url}/v1", {"endpoint": receiver.url}, failover=False)
+    if kind == "json":
+        scripted.replies.append(JSON_REPLY)
+        expected = ("chatcmpl-j", "up-model", ("stop",))
+    else:
+        cfg["filters"][1]["config"]["providers"][0].update(type="anthropic", base_url=scripted.url)
+        if kind == "json-translated":
+            scripted.replies.append(ANTHROPIC_JSON)
+            expected = ("msg_j", "claude-up-1", ("max_tokens",))
+        else:
+            scripted.replies.append(Reply(200, [ANTHROPIC_TOOLS], "text/event-stream"))
+            expected = ("msg_1", "claude-x", ("tool_use",))
+    proxy = make_proxy(cfg)
+    api = client(proxy)
+    if kind == "stream-translated":
+        list(api.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}], stream=True))
+    else:
+        api.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}])
+    spans = receiver.wait_for(2)
+    for span in spans:
+        a = span.attributes
+        assert (a["gen_ai.response.id"], a["gen_ai.response.model"], a["gen_ai.response.finish_reasons"]) == expected
