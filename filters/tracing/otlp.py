@@ -150,6 +150,11 @@ class OtlpEncoder:
             b"\x41",
             _FIXED64(data.end),
         )
+        group = data.static
+        encoded = group.encoded
+        if encoded is None:
+            encoded = group.encoded = b"".join(self._attributes(0x4A, dict(group.pairs)))
+        parts.append(encoded)
         parts += self._attributes(0x4A, data.attributes)
         for name, at, attrs in data.events:
             parts.append(

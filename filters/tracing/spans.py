@@ -14,7 +14,7 @@ SDK ``ReadableSpan`` objects of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -35,6 +35,7 @@ __all__ = [
     "ExchangeTrace",
     "SpanData",
     "SpanSettings",
+    "StaticGroup",
     "Tokens",
     "build_spans",
     "plan_spans",
@@ -80,6 +81,8 @@ class SpanSettings:
     #: None: no content on spans.
     redactor: Redactor | None = None
     max_content_chars: int = 65536
+    #: The static attribute groups seen so far (see :class:`StaticGroup`); export thread only.
+    groups: dict[tuple[Any, ...], StaticGroup] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -277,9 +280,31 @@ def _content(attrs: dict[str, Any], trace: ExchangeTrace, settings: SpanSettings
         )
 
 
+class StaticGroup:
+    """The attributes a span shares with many others (operation, provider, model, parameters, host, ...).
+
+    :func:`plan_spans` keeps one group per distinct combination (bounded by
+    :data:`MAX_GROUPS`), so an encoder can write a group's bytes once and
+    reuse them (``encoded``, set by :mod:`.otlp`).
+    """
+
+    __slots__ = ("encoded", "pairs")
+
+    def __init__(self, pairs: tuple[tuple[str, Any], ...]) -> None:
+        self.pairs = pairs
+        self.encoded: bytes | None = None
+
+
+#: Distinct static groups kept; past it, groups are built per span (still correct, only slower).
+MAX_GROUPS = 4096
+
+
 @dataclass(slots=True)
 class SpanData:
-    """One span, ready to encode: what both encoders (:mod:`.otlp`, :func:`build_spans`) take."""
+    """One span, ready to encode: what both encoders (:mod:`.otlp`, :func:`build_spans`) take.
+
+    Its attributes are ``static``'s pairs, then ``attributes`` (those of this span alone).
+    """
 
     name: str
     server: bool  # SERVER, else CLIENT
@@ -288,33 +313,93 @@ class SpanData:
     parent_remote: bool
     start: int  # Unix-epoch nanoseconds
     end: int
+    static: StaticGroup
     attributes: dict[str, Any]
     events: list[tuple[str, int, dict[str, Any]]]
     error: str | None  # error.type: the span's status is ERROR
 
+    def all_attributes(self) -> dict[str, Any]:
+        out = dict(self.static.pairs)
+        out.update(self.attributes)
+        return out
+
+
+def _group(groups: dict[tuple[Any, ...], StaticGroup], key: tuple[Any, ...], attrs: dict[str, Any]) -> StaticGroup:
+    group = StaticGroup(tuple(attrs.items()))
+    if len(groups) < MAX_GROUPS:
+        groups[key] = group
+    return group
+
+
+def _client_group(
+    groups: dict[tuple[Any, ...], StaticGroup],
+    operation: str | None,
+    model: str,
+    params: tuple[tuple[str, Any], ...],
+    attempt: AttemptRecord,
+    latest: bool,
+) -> StaticGroup:
+    key = (
+        False,
+        operation,
+        attempt.provider,
+        model,
+        params,
+        attempt.host,
+        attempt.port,
+        attempt.upstream,
+        attempt.key_id,
+    )
+    group = groups.get(key)
+    if group is not None:
+        return group
+    attrs: dict[str, Any] = {}
+    if operation:
+        attrs[sc.OPERATION_NAME] = operation
+        _provider(attrs, attempt.provider, latest)
+        if model:
+            attrs[sc.REQUEST_MODEL] = model
+        attrs.update(params)
+    attrs[sc.SERVER_ADDRESS] = attempt.host
+    attrs[sc.SERVER_PORT] = attempt.port
+    attrs[sc.UPSTREAM_NAME] = attempt.upstream
+    if attempt.key_id:
+        attrs[sc.KEY_ID] = attempt.key_id
+    return _group(groups, key, attrs)
+
+
+def _server_group(
+    groups: dict[tuple[Any, ...], StaticGroup],
+    trace: ExchangeTrace,
+    path: str,
+    params: tuple[tuple[str, Any], ...],
+    provider: str,
+    latest: bool,
+) -> StaticGroup:
+    operation, model = trace.operation, trace.requested_model
+    key = (True, trace.method, path, operation, provider, model, params)
+    group = groups.get(key)
+    if group is not None:
+        return group
+    attrs: dict[str, Any] = {sc.HTTP_REQUEST_METHOD: trace.method, sc.URL_PATH: path}
+    if operation:
+        attrs[sc.OPERATION_NAME] = operation
+        _provider(attrs, provider, latest)
+        if model:
+            attrs[sc.REQUEST_MODEL] = model
+        attrs.update(params)
+    return _group(groups, key, attrs)
+
 
 def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     """The SERVER span (first) and the CLIENT spans of one exchange (see the module docstring)."""
-    latest, operation = settings.latest, trace.operation
-    params = trace.params
-    spans: list[SpanData] = []
+    latest, operation, groups = settings.latest, trace.operation, settings.groups
+    params = tuple(trace.params.items())
+    spans: list[SpanData] = [None]  # type: ignore[list-item]  # the SERVER span goes first
     relayed: AttemptRecord | None = None
     for attempt in trace.attempts:
         model = attempt.model or trace.requested_model
-        attrs: dict[str, Any] = {}
-        if operation:
-            attrs[sc.OPERATION_NAME] = operation
-            _provider(attrs, attempt.provider, latest)
-            if model:
-                attrs[sc.REQUEST_MODEL] = model
-            attrs.update(params)
-        attrs[sc.SERVER_ADDRESS] = attempt.host
-        attrs[sc.SERVER_PORT] = attempt.port
-        attrs[sc.UPSTREAM_NAME] = attempt.upstream
-        if attempt.key_id:
-            attrs[sc.KEY_ID] = attempt.key_id
-        attrs[sc.ATTEMPT_NUMBER] = attempt.number
-        attrs[sc.ATTEMPT_OUTCOME] = attempt.outcome
+        attrs: dict[str, Any] = {sc.ATTEMPT_NUMBER: attempt.number, sc.ATTEMPT_OUTCOME: attempt.outcome}
         if attempt.status is not None:
             attrs[sc.HTTP_RESPONSE_STATUS_CODE] = attempt.status
         error_type = attempt.error_type
@@ -336,6 +421,7 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
                 False,
                 trace.ns(attempt.started),
                 trace.ns(attempt.ended or trace.end),
+                _client_group(groups, operation, model, params, attempt, latest),
                 attrs,
                 events,
                 error_type,
@@ -344,12 +430,7 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     last = relayed or (trace.attempts[-1] if trace.attempts else None)
 
     path = trace.path.partition("?")[0]
-    attrs = {
-        sc.HTTP_REQUEST_METHOD: trace.method,
-        sc.URL_PATH: path,
-        sc.REQUEST_ID: trace.request_id,
-        sc.ATTEMPTS: len(trace.attempts),
-    }
+    attrs = {sc.REQUEST_ID: trace.request_id, sc.ATTEMPTS: len(trace.attempts)}
     if trace.client_addr:
         attrs[sc.CLIENT_ADDRESS] = trace.client_addr
     if trace.status is not None:
@@ -361,12 +442,6 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
         attrs[sc.ERROR_TYPE] = error_type
     events = []
     if operation:
-        attrs[sc.OPERATION_NAME] = operation
-        if last is not None:
-            _provider(attrs, last.provider, latest)
-        if trace.requested_model:
-            attrs[sc.REQUEST_MODEL] = trace.requested_model
-        attrs.update(params)
         if relayed is not None:
             _response(attrs, relayed)
         _usage(attrs, trace.usage)
@@ -375,20 +450,18 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     model = trace.requested_model
     name = f"{operation} {model}" if operation and model else operation or f"{trace.method} {path}"
     parent = trace.parent
-    spans.insert(
-        0,
-        SpanData(
-            name,
-            True,
-            trace.server_span_id,
-            parent.span_id if parent else 0,
-            parent is not None,
-            trace.ns(trace.start),
-            trace.ns(trace.end),
-            attrs,
-            events,
-            error_type,
-        ),
+    spans[0] = SpanData(
+        name,
+        True,
+        trace.server_span_id,
+        parent.span_id if parent else 0,
+        parent is not None,
+        trace.ns(trace.start),
+        trace.ns(trace.end),
+        _server_group(groups, trace, path, params, last.provider if last is not None else "", latest),
+        attrs,
+        events,
+        error_type,
     )
     return spans
 
@@ -413,7 +486,7 @@ def build_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[ReadableSp
                 context,
                 parent_context,
                 settings.resource,
-                data.attributes,
+                data.all_attributes(),
                 [Event(name, attrs, at) for name, at, attrs in data.events],
                 kind=SpanKind.SERVER if data.server else SpanKind.CLIENT,
                 status=Status(StatusCode.ERROR, data.error) if data.error else _OK,
