@@ -96,7 +96,7 @@ from llmproxy.filters.tracing.propagation import (
     new_trace_id,
     parse,
 )
-from llmproxy.filters.tracing.spans import AttemptRecord, AttemptTarget, ExchangeTrace, SpanSettings, tokens
+from llmproxy.filters.tracing.spans import AttemptRecord, AttemptTarget, ExchangeTrace, SpanSettings
 
 __all__ = ["CapturingFilter", "PropagatingFilter", "TracingFactory", "TracingFilter"]
 
@@ -257,12 +257,6 @@ class TracingFilter(Filter):
         trace.end = now
         trace.start = exchange.started_at
         trace.first_byte = exchange.first_byte_at
-        usage = exchange.usage
-        if usage is None:  # no metering: the sum of what the provider reported
-            for attempt in exchange.attempt_history:
-                if attempt.usage is not None:
-                    usage = attempt.usage if usage is None else usage.merged(attempt.usage)
-        trace.usage = tokens(usage)
         trace.method = exchange.request.method
         trace.path = exchange.client_path
         trace.client_addr = exchange.client_addr

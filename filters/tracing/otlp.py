@@ -38,7 +38,6 @@ _UNIQUE = frozenset(
     {
         sc.RESPONSE_ID,
         sc.REQUEST_ID,
-        sc.CLIENT_ADDRESS,
         sc.INPUT_MESSAGES,
         sc.OUTPUT_MESSAGES,
         sc.SYSTEM_INSTRUCTIONS,
@@ -61,6 +60,8 @@ def _varint(value: int) -> bytes:
         value += 1 << 64  # int64 two's complement
     if value < 0x80:
         return _BYTE[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -104,24 +105,22 @@ class OtlpEncoder:
 
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str) -> None:
         self._cache: dict[tuple[str, Any], bytes] = {}
-        self._keys: dict[str, bytes] = {}
+        self._int_prefixes: dict[tuple[int, str, int], bytes] = {}
+        self._names: dict[str, bytes] = {}
         resource_bytes = _field(0x0A, b"".join(_field(0x0A, _key_value(k, v)) for k, v in resource.items()))
         self._scope = _field(0x0A, _text(0x0A, scope_name) + _text(0x12, scope_version))
         self._resource = resource_bytes
 
     def _attributes(self, tag: int, attributes: dict[str, Any]) -> list[bytes]:
-        cache, keys = self._cache, self._keys
-        tag_byte = _BYTE[tag]
+        cache, prefixes = self._cache, self._int_prefixes
         out: list[bytes] = []
         for key, value in attributes.items():
-            if type(value) is int:  # counts, ports, statuses: the key's bytes are kept, the value written
-                key_bytes = keys.get(key)
-                if key_bytes is None:
-                    key_bytes = keys[key] = _text(0x0A, key)
-                number = b"\x18" + _varint(value)  # at most 11 bytes
-                inner = key_bytes + b"\x12" + _BYTE[len(number)] + number
-                size = len(inner)
-                out.append(tag_byte + (_BYTE[size] if size < 0x80 else _varint(size)) + inner)
+            if type(value) is int and 0 <= value < 1 << 63:  # counts: a kept prefix, then the varint
+                number = _varint(value)
+                prefix = prefixes.get((tag, key, len(number)))
+                if prefix is None:
+                    prefix = self._int_prefix(tag, key, len(number))
+                out.append(prefix + number)
                 continue
             if key in _UNIQUE or type(value) is float:
                 out.append(_field(tag, _key_value(key, value)))
@@ -134,6 +133,14 @@ class OtlpEncoder:
                     cache[entry] = encoded
             out.append(encoded)
         return out
+
+    def _int_prefix(self, tag: int, key: str, size: int) -> bytes:
+        """The bytes of an integer ``KeyValue`` field before its ``size``-byte varint."""
+        key_bytes = _text(0x0A, key)
+        inner = len(key_bytes) + 3 + size  # key, then AnyValue's tag and length, int_value's tag
+        prefix = _BYTE[tag] + _varint(inner) + key_bytes + b"\x12" + _BYTE[size + 1] + b"\x18"
+        self._int_prefixes[(tag, key, size)] = prefix
+        return prefix
 
     def span(self, trace: ExchangeTrace, data: SpanData, trace_id: bytes, trace_state: bytes) -> bytes:
         """One ``Span`` message."""

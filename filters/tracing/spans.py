@@ -170,7 +170,6 @@ class ExchangeTrace:
         "start",
         "status",
         "trace_id",
-        "usage",
     )
 
     def __init__(self, trace_id: int, server_span_id: int, parent: Parent | None, sampled: bool) -> None:
@@ -189,7 +188,6 @@ class ExchangeTrace:
         self.body: bytes | None = None  # the client's request body, kept only for content capture
         self.client_secrets: tuple[str, ...] = ()
         # set when the exchange ends
-        self.usage: Tokens | None = None
         self.method = ""
         self.path = ""
         self.client_addr = ""
@@ -341,6 +339,10 @@ def _client_group(
 ) -> StaticGroup:
     key = (
         False,
+        attempt.number,
+        attempt.outcome,
+        attempt.status,
+        attempt.error_type,
         operation,
         attempt.provider,
         model,
@@ -365,6 +367,12 @@ def _client_group(
     attrs[sc.UPSTREAM_NAME] = attempt.upstream
     if attempt.key_id:
         attrs[sc.KEY_ID] = attempt.key_id
+    attrs[sc.ATTEMPT_NUMBER] = attempt.number
+    attrs[sc.ATTEMPT_OUTCOME] = attempt.outcome
+    if attempt.status is not None:
+        attrs[sc.HTTP_RESPONSE_STATUS_CODE] = attempt.status
+    if attempt.error_type:
+        attrs[sc.ERROR_TYPE] = attempt.error_type
     return _group(groups, key, attrs)
 
 
@@ -374,14 +382,19 @@ def _server_group(
     path: str,
     params: tuple[tuple[str, Any], ...],
     provider: str,
+    error_type: str | None,
     latest: bool,
 ) -> StaticGroup:
-    operation, model = trace.operation, trace.requested_model
-    key = (True, trace.method, path, operation, provider, model, params)
+    operation, model, attempts = trace.operation, trace.requested_model, len(trace.attempts)
+    key = (True, trace.method, path, trace.status, error_type, attempts, operation, provider, model, params)
     group = groups.get(key)
     if group is not None:
         return group
-    attrs: dict[str, Any] = {sc.HTTP_REQUEST_METHOD: trace.method, sc.URL_PATH: path}
+    attrs: dict[str, Any] = {sc.HTTP_REQUEST_METHOD: trace.method, sc.URL_PATH: path, sc.ATTEMPTS: attempts}
+    if trace.status is not None:
+        attrs[sc.HTTP_RESPONSE_STATUS_CODE] = trace.status
+    if error_type:
+        attrs[sc.ERROR_TYPE] = error_type
     if operation:
         attrs[sc.OPERATION_NAME] = operation
         _provider(attrs, provider, latest)
@@ -399,12 +412,8 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     relayed: AttemptRecord | None = None
     for attempt in trace.attempts:
         model = attempt.model or trace.requested_model
-        attrs: dict[str, Any] = {sc.ATTEMPT_NUMBER: attempt.number, sc.ATTEMPT_OUTCOME: attempt.outcome}
-        if attempt.status is not None:
-            attrs[sc.HTTP_RESPONSE_STATUS_CODE] = attempt.status
+        attrs: dict[str, Any] = {}
         error_type = attempt.error_type
-        if error_type:
-            attrs[sc.ERROR_TYPE] = error_type
         _usage(attrs, attempt.tokens)
         _response(attrs, attempt)
         events: list[tuple[str, int, dict[str, Any]]] = []
@@ -430,21 +439,14 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     last = relayed or (trace.attempts[-1] if trace.attempts else None)
 
     path = trace.path.partition("?")[0]
-    attrs = {sc.REQUEST_ID: trace.request_id, sc.ATTEMPTS: len(trace.attempts)}
+    attrs = {sc.REQUEST_ID: trace.request_id}
     if trace.client_addr:
         attrs[sc.CLIENT_ADDRESS] = trace.client_addr
-    if trace.status is not None:
-        attrs[sc.HTTP_RESPONSE_STATUS_CODE] = trace.status
     error_type = trace.error_type
     if error_type is None and trace.status is not None and trace.status >= 500:
         error_type = str(trace.status)
-    if error_type:
-        attrs[sc.ERROR_TYPE] = error_type
     events = []
-    if operation:
-        if relayed is not None:
-            _response(attrs, relayed)
-        _usage(attrs, trace.usage)
+    if operation:  # usage and response facts are the CLIENT spans' (a backend summing spans counts them once)
         events = _first_token(trace, trace.start, latest, attrs)
         _content(attrs, trace, settings)
     model = trace.requested_model
@@ -458,7 +460,7 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
         parent is not None,
         trace.ns(trace.start),
         trace.ns(trace.end),
-        _server_group(groups, trace, path, params, last.provider if last is not None else "", latest),
+        _server_group(groups, trace, path, params, last.provider if last is not None else "", error_type, latest),
         attrs,
         events,
         error_type,

@@ -17,7 +17,6 @@ from llmproxy.filters.tracing.spans import (
     SpanSettings,
     build_spans,
     plan_spans,
-    tokens,
 )
 
 TARGET = UpstreamTarget(name="p", scheme="https", host="api.example.com", port=443, key_id="abc123")
@@ -45,7 +44,6 @@ def record(parent: Parent | None, model: str = "gpt-x") -> ExchangeTrace:
     trace.status, trace.is_sse = 200, True
     trace.start, trace.end = ok.started_at - 0.01, ok.ended_at + 0.001
     trace.first_byte, trace.offset_ns = ok.ended_at, 10**18
-    trace.usage = tokens(ok.usage)
     return trace
 
 
