@@ -330,7 +330,12 @@ class RoutingFilter(Filter):
         if mode is _Mode.PASS:
             return Action.CONTINUE
         if mode is _Mode.WATCH_STREAM:
-            self._facts(exchange, data)
+            attempt = exchange.attempt  # the response facts (inline: this runs for every batch)
+            if attempt is not None:
+                if attempt.response_id is None:
+                    take_head(attempt, data)
+                if b'_reason":"' in data or b'_reason": "' in data:
+                    take_finish(attempt, data)
             if USAGE_OBJECT.search(data) is not None:  # the byte check: most batches stop here
                 self._watch_events(exchange, data)
             elif end_of_stream:

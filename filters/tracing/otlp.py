@@ -122,7 +122,13 @@ class OtlpEncoder:
                     prefix = self._int_prefix(tag, key, len(number))
                 out.append(prefix + number)
                 continue
-            if key in _UNIQUE or type(value) is float:
+            if type(value) is float:
+                prefix = prefixes.get((tag, key, 0))
+                if prefix is None:
+                    prefix = self._float_prefix(tag, key)
+                out.append(prefix + _DOUBLE(value))
+                continue
+            if key in _UNIQUE:
                 out.append(_field(tag, _key_value(key, value)))
                 continue
             entry = (key, value)
@@ -133,6 +139,13 @@ class OtlpEncoder:
                     cache[entry] = encoded
             out.append(encoded)
         return out
+
+    def _float_prefix(self, tag: int, key: str) -> bytes:
+        """The bytes of a ``double_value`` ``KeyValue`` field before its 8 bytes (kept under size 0)."""
+        key_bytes = _text(0x0A, key)
+        prefix = _BYTE[tag] + _varint(len(key_bytes) + 11) + key_bytes + b"\x12\x09\x21"
+        self._int_prefixes[(tag, key, 0)] = prefix
+        return prefix
 
     def _int_prefix(self, tag: int, key: str, size: int) -> bytes:
         """The bytes of an integer ``KeyValue`` field before its ``size``-byte varint."""
