@@ -1,7 +1,7 @@
 """How a batch of exchange records reaches the collector: two interchangeable strategies.
 
-* :class:`WireExport` (the default): spans planned (:func:`~.spans.plan_spans`),
-  written as OTLP protobuf by :class:`~.otlp.OtlpEncoder`, and posted by the
+* :class:`WireExport` (the default): spans written as OTLP protobuf straight
+  from the records by :class:`~.otlp.ExchangeWriter`, and posted by the
   SDK exporter's HTTP client (its endpoint, headers, TLS, compression,
   timeout and retry with backoff, from the config and the standard
   ``OTEL_EXPORTER_OTLP_*`` variables). That client is the exporter's
@@ -23,8 +23,8 @@ from typing import Any, Protocol
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from llmproxy.filters.tracing.otlp import OtlpEncoder
-from llmproxy.filters.tracing.spans import ExchangeTrace, SpanSettings, build_spans, plan_spans
+from llmproxy.filters.tracing.otlp import ExchangeWriter
+from llmproxy.filters.tracing.spans import ExchangeTrace, SpanSettings, build_spans
 
 __all__ = ["BatchExport", "Outcome", "SdkExport", "WireExport", "exporter_for"]
 
@@ -53,7 +53,7 @@ class WireExport:
         self._settings = settings
         resource = settings.resource
         scope = settings.scope
-        self._encoder = OtlpEncoder(dict(resource.attributes), scope.name, scope.version or "")
+        self._encoder = ExchangeWriter(dict(resource.attributes), scope.name, scope.version or "")
 
     def encode(self, records: list[ExchangeTrace], on_error: Callable[[ExchangeTrace], None]) -> tuple[bytes, int, int]:
         """``(request bytes, spans encoded, spans that could not be)``."""
@@ -62,9 +62,8 @@ class WireExport:
         count = unbuilt = 0
         for record in records:
             try:
-                spans = plan_spans(record, settings)
-                parts.append(encoder.spans(record, spans))
-                count += len(spans)
+                parts.append(encoder.exchange(record, settings))
+                count += record.span_count
             except Exception:
                 on_error(record)
                 unbuilt += record.span_count

@@ -38,7 +38,10 @@ __all__ = [
     "StaticGroup",
     "Tokens",
     "build_spans",
+    "client_group",
+    "content_attributes",
     "plan_spans",
+    "server_group",
     "tokens",
 ]
 
@@ -252,7 +255,7 @@ def _first_token(
     return [(sc.FIRST_TOKEN_EVENT, trace.ns(trace.first_byte), {sc.RESPONSE_TIME_TO_FIRST_CHUNK: seconds})]
 
 
-def _content(attrs: dict[str, Any], trace: ExchangeTrace, settings: SpanSettings) -> None:
+def content_attributes(attrs: dict[str, Any], trace: ExchangeTrace, settings: SpanSettings) -> None:
     redactor = settings.redactor
     if redactor is None:
         return
@@ -329,7 +332,7 @@ def _group(groups: dict[tuple[Any, ...], StaticGroup], key: tuple[Any, ...], att
     return group
 
 
-def _client_group(
+def client_group(
     groups: dict[tuple[Any, ...], StaticGroup],
     operation: str | None,
     model: str,
@@ -376,7 +379,7 @@ def _client_group(
     return _group(groups, key, attrs)
 
 
-def _server_group(
+def server_group(
     groups: dict[tuple[Any, ...], StaticGroup],
     trace: ExchangeTrace,
     path: str,
@@ -430,7 +433,7 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
                 False,
                 trace.ns(attempt.started),
                 trace.ns(attempt.ended or trace.end),
-                _client_group(groups, operation, model, params, attempt, latest),
+                client_group(groups, operation, model, params, attempt, latest),
                 attrs,
                 events,
                 error_type,
@@ -448,7 +451,7 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     events = []
     if operation:  # usage and response facts are the CLIENT spans' (a backend summing spans counts them once)
         events = _first_token(trace, trace.start, latest, attrs)
-        _content(attrs, trace, settings)
+        content_attributes(attrs, trace, settings)
     model = trace.requested_model
     name = f"{operation} {model}" if operation and model else operation or f"{trace.method} {path}"
     parent = trace.parent
@@ -460,7 +463,7 @@ def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
         parent is not None,
         trace.ns(trace.start),
         trace.ns(trace.end),
-        _server_group(groups, trace, path, params, last.provider if last is not None else "", error_type, latest),
+        server_group(groups, trace, path, params, last.provider if last is not None else "", error_type, latest),
         attrs,
         events,
         error_type,
