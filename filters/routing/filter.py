@@ -117,10 +117,12 @@ class RoutingFilter(Filter):
     sse_batches = True
 
     __slots__ = (
+        "_before",
         "_body",
         "_include_usage_asked",
         "_mode",
         "_pieces",
+        "_previous",
         "_query",
         "_set_aside",
         "_stream",
@@ -290,6 +292,7 @@ class RoutingFilter(Filter):
         self._translator = None
         self._usage = None
         self._pieces = []
+        self._previous = self._before = b""
         target = self.current
         if target is None or exchange.response is None:
             return Action.CONTINUE
@@ -330,16 +333,17 @@ class RoutingFilter(Filter):
         if mode is _Mode.PASS:
             return Action.CONTINUE
         if mode is _Mode.WATCH_STREAM:
-            attempt = exchange.attempt  # the response facts (inline: this runs for every batch)
-            if attempt is not None:
-                if attempt.response_id is None:
-                    take_head(attempt, data)
-                if b'_reason":"' in data or b'_reason": "' in data:
-                    take_finish(attempt, data)
+            attempt = exchange.attempt
+            if attempt is not None and attempt.response_id is None:
+                take_head(attempt, data)  # the id and model are in the first event
             if USAGE_OBJECT.search(data) is not None:  # the byte check: most batches stop here
                 self._watch_events(exchange, data)
+                self._stream_finish(exchange, data)
             elif end_of_stream:
                 self._publish_stream_usage(exchange)
+                self._stream_finish(exchange, data)
+            else:  # the finish reasons come just before the usage (or the end): kept, not searched
+                self._before, self._previous = self._previous, data
             return Action.CONTINUE
         if mode is _Mode.WATCH_JSON:
             if data:
@@ -394,6 +398,18 @@ class RoutingFilter(Filter):
                 take_head(attempt, data)
             if may_finish(data):
                 take_finish(attempt, data)
+
+    def _stream_finish(self, exchange: Exchange, data: bytes) -> None:
+        """The finish reasons of a stream, from the batch that carried its usage (or ended it) and the two
+        before: OpenAI's come in the chunk before the usage chunk (or before ``[DONE]``), Anthropic's with
+        its usage. Searched once or twice per stream, not per batch (a choice that finished further back
+        is not seen)."""
+        attempt = exchange.attempt
+        if attempt is None or attempt.finish_reasons:
+            return
+        for piece in (self._before, self._previous, data):
+            if piece and may_finish(piece):
+                take_finish(attempt, piece)
 
     def _watch_events(self, exchange: Exchange, data: bytes) -> None:
         """Same-protocol stream: take the usage of the events that carry one; drop the usage-only

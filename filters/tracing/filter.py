@@ -108,8 +108,9 @@ _DROP_NONE: frozenset[bytes] = frozenset()
 _DROP_PARENT = frozenset({TRACEPARENT})
 _DROP_STATE = frozenset({TRACESTATE})  # a tracestate without a traceparent
 _DROP_BOTH = frozenset({TRACEPARENT, TRACESTATE})
-#: The largest request body kept for content capture.
-_MAX_CAPTURED_BODY = 4 * 1024 * 1024
+#: The most bytes of a request body, and of a response, kept for content capture
+#: (a longer completion is recorded as far as it was kept).
+_MAX_CAPTURED = 1024 * 1024
 _NUMBER = (int, float)
 
 
@@ -290,7 +291,7 @@ class CapturingFilter(TracingFilter):
                 for name, value in exchange.request.headers.raw()
                 if name in _CREDENTIALS
             )
-            if len(exchange.request.body) <= _MAX_CAPTURED_BODY:
+            if len(exchange.request.body) <= _MAX_CAPTURED:
                 trace.body = exchange.request.body  # the client's bytes (a rewrite is serialised at send)
         return Action.CONTINUE
 
@@ -301,12 +302,16 @@ class CapturingFilter(TracingFilter):
             exchange.skip_response_body(self)  # nothing to record (an error body is no completion)
         else:
             trace.chunks = []  # a new attempt: an earlier one's bytes never reached the client
+            trace.captured = 0
         return Action.CONTINUE
 
     def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
         trace = self._trace
         if data and trace is not None and trace.chunks is not None:
             trace.chunks.append(data)
+            trace.captured += len(data)
+            if trace.captured > _MAX_CAPTURED:  # the record waits in the queue: keep it bounded
+                exchange.skip_response_body(self)
         return Action.CONTINUE
 
 

@@ -150,6 +150,7 @@ class ExchangeTrace:
     __slots__ = (
         "attempts",
         "body",
+        "captured",
         "chunks",
         "client_addr",
         "client_protocol",
@@ -188,6 +189,7 @@ class ExchangeTrace:
         self.requested_model = ""
         self.params: dict[str, Any] = {}
         self.chunks: list[bytes] | None = None  # relayed bytes, kept only for content capture
+        self.captured = 0  # their size
         self.body: bytes | None = None  # the client's request body, kept only for content capture
         self.client_secrets: tuple[str, ...] = ()
         # set when the exchange ends
