@@ -55,6 +55,7 @@ class Attempt:
     __slots__ = (
         "ended_at",
         "error",
+        "finish_reasons",
         "head_sent",
         "is_sse",
         "key_id",
@@ -62,6 +63,8 @@ class Attempt:
         "outcome",
         "responded_at",
         "response",
+        "response_id",
+        "response_model",
         "started_at",
         "target",
         "usage",
@@ -85,6 +88,13 @@ class Attempt:
         #: Tokens spent by this attempt (:class:`~llmproxy.usage.Usage`): set by
         #: routing from the provider's report, completed by ``metering``.
         self.usage: Usage | None = None
+        #: What the provider's response said about itself (its ``id``, ``model`` and the
+        #: finish / stop reasons, in order), read by routing with byte searches on the
+        #: provider's side of a translation; None / empty when it was not read (an error
+        #: status, an API routing does not meter, no routing in the chain).
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.finish_reasons: tuple[str, ...] = ()
         self.started_at = time.perf_counter()
         #: ``time.perf_counter()`` when the upstream's response head arrived (or its failure
         #: before one); 0 before that. Minus ``started_at``: the provider's time to its head.

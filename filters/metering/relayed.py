@@ -44,7 +44,7 @@ import orjson
 
 from llmproxy import parse_event, split_events
 
-__all__ = ["RelayedOutput", "relayed_output"]
+__all__ = ["RelayedOutput", "event_data", "relayed_output"]
 
 
 @dataclass(slots=True)
@@ -236,7 +236,7 @@ def _loads(data: bytes) -> object:
         return None
 
 
-def _data(raw: bytes) -> bytes:
+def event_data(raw: bytes) -> bytes:
     """The ``data`` of one raw event.
 
     Fast path for the shapes providers send, ``[event: NAME\\n]data: JSON\\n\\n``
@@ -279,7 +279,7 @@ def relayed_output(chunks: list[bytes], protocol: Literal["openai", "anthropic"]
     events = split_events(stream)
     done = False
     for raw in events:
-        data = _data(raw)
+        data = event_data(raw)
         if not data:
             continue
         if data == b"[DONE]":

@@ -29,7 +29,11 @@ The provider's usage becomes the current attempt's ``attempt.usage`` (a
 :class:`llmproxy.Usage`, read in the provider's protocol by
 :mod:`llmproxy.filters.routing.usage`), for every protocol pair and mode;
 it is also left OpenAI-shaped on ``exchange.vars["routing.usage"]``. The
-``metering`` filter completes what the provider did not report.
+``metering`` filter completes what the provider did not report. In the
+same modes the provider's response id, model and finish reasons go on
+``attempt.response_id``, ``response_model`` and ``finish_reasons``
+(:mod:`llmproxy.filters.routing.facts`: byte searches, two ``in`` tests per
+stream batch), for the ``tracing`` filter.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from llmproxy.filters.routing.conversations import (
     output_as_input,
 )
 from llmproxy.filters.routing.decision import RouteDecision
+from llmproxy.filters.routing.facts import may_finish, take_finish, take_head, take_json
 from llmproxy.filters.routing.table import NoProvider, Provider, RoutingTable, Target, build_table
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
 from llmproxy.filters.translate import (
@@ -149,12 +154,14 @@ class RoutingFilter(Filter):
     sse_batches = True
 
     __slots__ = (
+        "_before",
         "_body",
         "_bridge",
         "_history",
         "_include_usage_asked",
         "_mode",
         "_pieces",
+        "_previous",
         "_query",
         "_response_id",
         "_set_aside",
@@ -400,6 +407,7 @@ class RoutingFilter(Filter):
         self._translator = None
         self._usage = None
         self._pieces = []
+        self._previous = self._before = b""
         target = self.current
         if target is None or exchange.response is None:
             return Action.CONTINUE
@@ -449,17 +457,26 @@ class RoutingFilter(Filter):
         if mode is _Mode.PASS:
             return Action.CONTINUE
         if mode is _Mode.WATCH_STREAM:
+            attempt = exchange.attempt
+            if attempt is not None and attempt.response_id is None:
+                take_head(attempt, data)  # the id and model are in the first event
             if USAGE_OBJECT.search(data) is not None:  # the byte check: most batches stop here
                 self._watch_events(exchange, data)
+                self._stream_finish(exchange, data)
             elif end_of_stream:
                 self._publish_stream_usage(exchange)
+                self._stream_finish(exchange, data)
+            else:  # the finish reasons come just before the usage (or the end): kept, not searched
+                self._before, self._previous = self._previous, data
             return Action.CONTINUE
         if mode is _Mode.WATCH_JSON:
             if data:
                 self._pieces.append(data)
             if end_of_stream:
                 # same protocol: the provider's is the client's
-                self._publish_json_usage(exchange, b"".join(self._pieces), self.client_protocol)
+                body = b"".join(self._pieces)
+                self._facts(exchange, body)
+                self._publish_json_usage(exchange, body, self.client_protocol)
                 self._pieces = []
             return Action.CONTINUE
         if mode is _Mode.STREAM:
@@ -499,6 +516,8 @@ class RoutingFilter(Filter):
         usage = parsed.get("usage") if isinstance(parsed, dict) else None
         if isinstance(usage, dict):
             self._publish(exchange, from_provider(target.provider.protocol, usage))
+        if exchange.attempt is not None:
+            take_json(exchange.attempt, parsed)
         exchange.set_response_data(translated)
         if self._bridge and self._keeps():
             return self._save(exchange, out)
@@ -523,7 +542,29 @@ class RoutingFilter(Filter):
             await store.save(response, items, _owner(exchange))
         return Action.CONTINUE
 
-    # -- usage ------------------------------------------------------------------------
+    # -- usage and response facts -----------------------------------------------------
+    @staticmethod
+    def _facts(exchange: Exchange, data: bytes) -> None:
+        """The provider's response id, model and finish reasons, onto the attempt (:mod:`.facts`)."""
+        attempt = exchange.attempt
+        if attempt is not None and data:
+            if attempt.response_id is None:
+                take_head(attempt, data)
+            if may_finish(data):
+                take_finish(attempt, data)
+
+    def _stream_finish(self, exchange: Exchange, data: bytes) -> None:
+        """The finish reasons of a stream, from the batch that carried its usage (or ended it) and the two
+        before: OpenAI's come in the chunk before the usage chunk (or before ``[DONE]``), Anthropic's with
+        its usage. Searched once or twice per stream, not per batch (a choice that finished further back
+        is not seen)."""
+        attempt = exchange.attempt
+        if attempt is None or attempt.finish_reasons:
+            return
+        for piece in (self._before, self._previous, data):
+            if piece and may_finish(piece):
+                take_finish(attempt, piece)
+
     def _watch_events(self, exchange: Exchange, data: bytes) -> None:
         """Same-protocol stream: take the usage of the events that carry one; drop the usage-only
         chunk that routing asked for (``include_usage``) when the client did not."""
@@ -547,6 +588,7 @@ class RoutingFilter(Filter):
         assert translator is not None and usage is not None
         out: list[bytes] = []
         if data:
+            self._facts(exchange, data)
             if USAGE_OBJECT.search(data) is not None:
                 for _, payload in usage_events(data):
                     usage.take(payload)

@@ -12,7 +12,7 @@ from llmproxy.runtime.config import ConfigError, load_config, parse_config
 def test_quickstart_config_is_valid() -> None:
     cfg = load_config(Path(__file__).resolve().parents[2] / "conf" / "quickstart.yaml")
     assert cfg.mock_upstreams[0].name == "quickstart"
-    assert [f.name for f in cfg.filters] == ["metering", "routing", "headers"]
+    assert [f.name for f in cfg.filters] == ["metering", "routing", "tracing", "headers"]
 
 
 def test_interpolation() -> None:
