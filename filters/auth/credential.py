@@ -47,7 +47,7 @@ def presented_key(fields: list[tuple[bytes, bytes]]) -> bytes | str:
                     return MALFORMED
             if value[:1] == b" ":
                 value = value.lstrip(b" ")
-        if not value or b" " in value or seen & bit:
+        if not value or 32 in value or seen & bit:  # 32: a space
             return MALFORMED
         if key is None:
             key = value

@@ -287,7 +287,7 @@ class FailoverFilter(Filter):
         self._seen = len(data)
         content = failed = False
         for event in split_events(new):
-            if content and b"error" not in event:
+            if content and event.find(b"error") < 0:
                 continue  # after the first content only an error event still matters (a byte check)
             kind = classify(event)
             if kind is Kind.ERROR:
@@ -295,7 +295,7 @@ class FailoverFilter(Filter):
                 break
             if kind is Kind.CONTENT:
                 content = True
-                if b"error" not in new:
+                if new.find(b"error") < 0:
                     break  # the rest cannot hold an error event
             elif kind is Kind.END:
                 self._ended = True

@@ -155,7 +155,7 @@ def check_head(head: bytes | bytearray, max_count: int) -> HeadInfo:
         if ctl.start() < head.find(b"\r\n"):
             raise BadRequest("control character in request line", code="invalid_request_line")
         raise BadRequest("control character in header field", code="invalid_header")
-    if b"\r\n " in head or b"\r\n\t" in head:
+    if head.find(b"\r\n ") >= 0 or head.find(b"\r\n\t") >= 0:
         raise BadRequest("obsolete line folding in request head", code="invalid_framing")
     content_length: bytes | None = None
     transfer_encoding: list[bytes] = []
@@ -216,7 +216,7 @@ def request_target(target: bytes, host: bytes | None) -> tuple[bytes, bytes | No
     with an origin-form target.
     """
     if target.startswith(b"/"):
-        if target.startswith(b"//") or b"#" in target:
+        if target.startswith(b"//") or 35 in target:  # 35: "#"
             raise BadRequest("invalid request target", code="invalid_request_target")
         if host == b"":
             raise BadRequest("empty Host header value", code="invalid_host")
@@ -230,7 +230,7 @@ def request_target(target: bytes, host: bytes | None) -> tuple[bytes, bytes | No
     path = target[match.end() :]
     if not path.startswith(b"/"):
         path = b"/" + path  # empty, or a query alone
-    if path.startswith(b"//") or b"#" in path:
+    if path.startswith(b"//") or 35 in path:  # 35: "#"
         raise BadRequest("invalid request target", code="invalid_request_target")
     return path, authority
 

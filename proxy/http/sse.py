@@ -19,6 +19,10 @@ from llmproxy.errors import UpstreamEventTooLarge
 
 __all__ = ["SseEvent", "SseFramer", "format_event", "parse_event", "split_events"]
 
+#: ``b"\r"`` as an int: ``13 in data`` is a plain byte scan, while ``b"\r" in data`` first
+#: tries the operand as an int and raises (and clears) a TypeError, ~2.5k instructions on 3.11.
+_CR = 13
+
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 #: A boundary is at most 4 bytes: a search resumes this far before the end of
 #: what was already searched, so a boundary split across reads (``\r\n\r`` then
@@ -57,7 +61,7 @@ class SseFramer:
         """
         if self._failed:
             raise self._too_large()
-        if not self._crlf and b"\r" in data:
+        if not self._crlf and _CR in data:
             self._crlf = True
         buf = self._buf
         if not buf:
@@ -96,7 +100,7 @@ class SseFramer:
         than ``max_event``) is returned as is, unsplit and uncopied.
         """
         if not self._buf and not self._failed and len(data) <= self._max and data.endswith(b"\n\n"):
-            if b"\r" not in data:
+            if _CR not in data:
                 return data
             self._crlf = True
         events = self.feed(data)
@@ -150,7 +154,7 @@ def split_events(data: bytes, max_event: int | None = None) -> list[bytes]:
     LF-terminated event is returned as is, unsplit.
     """
     limit = len(data) + 1 if max_event is None else max_event
-    if len(data) <= limit and data.endswith(b"\n\n") and data.count(b"\n\n") == 1 and b"\r" not in data:
+    if len(data) <= limit and data.endswith(b"\n\n") and data.count(b"\n\n") == 1 and _CR not in data:
         return [data]
     framer = SseFramer(max_event=limit)
     events = framer.feed(data)
