@@ -45,7 +45,7 @@ import asyncio
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -64,6 +64,7 @@ __all__ = [
     "count_prompt_async",
     "count_text",
     "detect_protocol",
+    "text_counter",
     "warm",
 ]
 
@@ -116,6 +117,19 @@ def count_text(text: str, model: str) -> TokenCount:
     if len(text) <= _CHUNK:
         return TokenCount(len(encode(text)) if text else 0, name, approximate)
     return TokenCount(sum(len(encode(piece)) for piece in _pieces(text)), name, approximate)
+
+
+def text_counter(model: str) -> Callable[[str], int]:
+    """A function giving the tokens of a text in ``model``'s encoding: :func:`count_text`'s
+    count with the encoding looked up once (for callers that count many small texts)."""
+    encode = _encoder(model)[0]
+
+    def count(text: str) -> int:
+        if len(text) <= _CHUNK:
+            return len(encode(text)) if text else 0
+        return sum(len(encode(piece)) for piece in _pieces(text))
+
+    return count
 
 
 def count_completion_text(text: str, model: str) -> TokenCount:

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from llmproxy import parse_event
-from llmproxy.filters.metering.tokenizer import count_text
+from llmproxy.filters.metering.tokenizer import text_counter
 
 __all__ = ["StreamCap"]
 
@@ -44,6 +44,13 @@ _PENDING_BYTES = 65536
 
 
 def _openai_text(obj: dict[str, Any]) -> str:
+    choices = obj.get("choices")
+    if type(choices) is list and len(choices) == 1:  # the common chunk: one choice, text only
+        delta = choices[0].get("delta") if type(choices[0]) is dict else None
+        if type(delta) is dict and "tool_calls" not in delta and "reasoning_content" not in delta:
+            content = delta.get("content")
+            if "reasoning" not in delta:
+                return content if type(content) is str else ""
     out: list[str] = []
     for choice in obj.get("choices") or ():
         if not isinstance(choice, dict):
@@ -80,6 +87,7 @@ class StreamCap:
 
     __slots__ = (
         "allowance",
+        "count",
         "cut",
         "id",
         "input_tokens",
@@ -95,6 +103,7 @@ class StreamCap:
     def __init__(self, protocol: str, model: str, allowance: int, input_tokens: int) -> None:
         self.protocol = protocol
         self.model = model
+        self.count = text_counter(model)
         self.allowance = allowance
         self.input_tokens = input_tokens
         self.used = 0
@@ -126,7 +135,10 @@ class StreamCap:
 
     def _count(self, event: bytes) -> bytes | None:
         """Count one event exactly: None to pass it on, or the ending that replaces it."""
-        data = parse_event(event).data
+        if event.startswith(b"data: {") and event.find(b"\n") == len(event) - 2 and 13 not in event:
+            data = event[6:-2]  # one LF-ended data line, the usual OpenAI chunk
+        else:
+            data = parse_event(event).data
         if not data.startswith(b"{"):
             return None
         try:
@@ -148,12 +160,13 @@ class StreamCap:
                 self.open_block = -1
             text = _anthropic_text(obj)
         else:
-            self.id = self.id or str(obj.get("id") or "")
-            self.upstream_model = str(obj.get("model") or self.upstream_model)
+            if not self.id:  # every chunk repeats them: the first that has them is enough
+                self.id = str(obj.get("id") or "")
+                self.upstream_model = str(obj.get("model") or self.upstream_model)
             text = _openai_text(obj)
         if not text:
             return None
-        tokens = count_text(text, self.model).tokens
+        tokens = self.count(text)
         if self.used + tokens <= self.allowance:
             self.used += tokens
             return None
