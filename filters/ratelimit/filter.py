@@ -325,6 +325,9 @@ class RateLimitFilter(Filter):
             field = out_field or ("max_tokens" if "messages" in payload else "max_output_tokens")
             payload[field] = allowance
             exchange.mark_request_json_changed()
+            route = exchange.vars.get(ROUTE)
+            if isinstance(route, RouteDecision):
+                route.output_cap = allowance  # routing keeps it on a retry elsewhere
 
     # -- response ---------------------------------------------------------------------
     def on_response_headers(self, exchange: Exchange) -> Action:
