@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llmproxy import Exchange
@@ -84,6 +84,15 @@ class RouteDecision:
     def translated(self) -> bool:
         """The provider speaks another protocol than the client (requests and responses are translated)."""
         return self.target is not None and self.provider_protocol != self.client_protocol
+
+    def client_json(self, exchange: Exchange) -> dict[str, Any]:
+        """The client's request JSON as routing read it, before any translation (do not modify).
+
+        ``exchange.request_json()`` is the body for the current provider; this is what the
+        client sent, e.g. to tell a field the client set from one a translation added.
+        """
+        routing: RoutingFilter = exchange.filters[self._slot]  # type: ignore[assignment]
+        return routing._body
 
     def repoint(self, exchange: Exchange, target: Target, key_index: int) -> None:
         """Send ``exchange``'s next attempt to ``target`` with its ``key_index``-th key."""

@@ -91,3 +91,18 @@ def test_the_clamp_holds_when_failover_moves_to_another_key(scripted: Scripted, 
     assert first.headers["authorization"] != second.headers["authorization"]
     assert 0 < first.body["max_tokens"] < BUDGET
     assert second.body.get("max_tokens") == first.body["max_tokens"], second.body
+
+
+def test_a_translated_default_max_tokens_is_not_the_clients_cap(scripted: Scripted, make_proxy: Make) -> None:
+    """An OpenAI client without ``max_tokens`` on an Anthropic provider: the translation's default
+    ``max_tokens`` (4096, above the budget) is not a cap the client asked for, so the hard budget
+    grants what is left and clamps it, as it does without translation."""
+    scripted.replies.append(Reply(200, _ANTHROPIC_REPLY))
+    raw = rl_config(0, {}, {"bob": {"budgets": {"tokens": BUDGET, "period": "day"}}}, provider_type="anthropic")
+    routing = next(f for f in raw["filters"] if f["name"] == "routing")
+    routing["config"]["providers"][0]["base_url"] = scripted.url
+    proxy = make_proxy(raw)
+    reply = _client(proxy).chat.completions.create(model=MODEL, messages=HI)
+    assert reply.choices[0].message.content == "hi"
+    (seen,) = scripted.requests
+    assert seen.target.endswith("/messages") and 0 < seen.body["max_tokens"] < BUDGET, seen.body
