@@ -106,3 +106,20 @@ def test_a_translated_default_max_tokens_is_not_the_clients_cap(scripted: Script
     assert reply.choices[0].message.content == "hi"
     (seen,) = scripted.requests
     assert seen.target.endswith("/messages") and 0 < seen.body["max_tokens"] < BUDGET, seen.body
+
+
+def test_cap_output_lowers_every_field_of_the_providers_api_and_raises_none() -> None:
+    from llmproxy.filters.routing.cap import cap_output
+
+    cases: list[tuple[dict[str, Any], str, dict[str, Any]]] = [
+        ({}, "chat", {"max_tokens": 50}),
+        ({"max_completion_tokens": 900}, "chat", {"max_completion_tokens": 50}),
+        ({"max_tokens": 10}, "chat", {"max_tokens": 10}),  # already below: kept
+        ({"max_tokens": 4096}, "messages", {"max_tokens": 50}),
+        ({}, "responses", {"max_output_tokens": 50}),
+        ({"max_output_tokens": 70}, "responses", {"max_output_tokens": 50}),
+        ({}, "embeddings", {}),
+    ]
+    for body, api, expected in cases:
+        cap_output(body, api, 50)
+        assert body == expected, (api, body)
