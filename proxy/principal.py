@@ -15,7 +15,7 @@ and an auth filter does not need to know their schema.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -46,8 +46,9 @@ class Principal:
     models: tuple[str, ...] = ()
     #: The principal's own ``limits`` section (read by the ``ratelimit`` filter).
     limits: Mapping[str, Any] = field(default_factory=_empty)
-    #: The principal's own ``budgets`` section (read by the ``ratelimit`` filter).
-    budgets: Mapping[str, Any] = field(default_factory=_empty)
+    #: The principal's own ``budgets`` section (read by the ``ratelimit`` filter): one budget
+    #: mapping, or a sequence of them (several budgets, e.g. tokens per day and USD per month).
+    budgets: Mapping[str, Any] | Sequence[Mapping[str, Any]] = field(default_factory=_empty)
     #: Free-form labels from the config (owner, cost centre, ...).
     metadata: Mapping[str, str] = field(default_factory=_empty)
 

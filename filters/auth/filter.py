@@ -40,7 +40,7 @@ Config::
             team: research                 # optional
             models: ["demo", "gpt-4o*"]    # optional allow-list (fnmatch); absent = any model
             limits: {...}                  # optional, for the ratelimit filter (Principal.limits)
-            budgets: {...}                 # optional (Principal.budgets)
+            budgets: [{...}, ...]          # optional, one or several (Principal.budgets)
             metadata: {owner: x}           # optional str -> str
         keys_file: keys.yaml               # optional
         reload_interval: 1                 # seconds between keys_file checks

@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from llmproxy import ConfigError, Principal, Section, read_yaml
+from llmproxy.filters.ratelimit.rules import principal_rules
 
 __all__ = [
     "HASH_PREFIX",
@@ -100,13 +101,13 @@ class KeyTable:
 
 
 def _same(a: Principal, b: Principal) -> bool:
-    return (a.name, a.key_id, a.team, a.models, dict(a.limits), dict(a.budgets), dict(a.metadata)) == (
+    return (a.name, a.key_id, a.team, a.models, dict(a.limits), _plain(a.budgets), dict(a.metadata)) == (
         b.name,
         b.key_id,
         b.team,
         b.models,
         dict(b.limits),
-        dict(b.budgets),
+        _plain(b.budgets),
         dict(b.metadata),
     )
 
@@ -158,7 +159,7 @@ def _read_entry(sec: Section) -> tuple[Principal, bytes, bool]:
     if models is not None and not (models and all(isinstance(m, str) and m for m in models)):
         raise sec.error("models", "must be a non-empty list of model names or fnmatch patterns (omit for any)")
     limits = sec.get("limits", dict, {})
-    budgets = sec.get("budgets", dict, {})
+    budgets = _budgets(sec)
     metadata = sec.get("metadata", dict, {})
     for label, value in metadata.items():
         if not isinstance(label, str) or not isinstance(value, str):
@@ -170,10 +171,29 @@ def _read_entry(sec: Section) -> tuple[Principal, bytes, bool]:
         team=team,
         models=tuple(models or ()),
         limits=MappingProxyType(limits),
-        budgets=MappingProxyType(budgets),
+        budgets=budgets,
         metadata=MappingProxyType(metadata),
     )
+    if limits or budgets:
+        try:  # the ratelimit filter's schema, checked now rather than at the first request
+            principal_rules(name, limits, budgets)
+        except ConfigError as exc:
+            raise sec.error(exc.path, exc.reason) from None
     return principal, bytes.fromhex(key_hash[len(HASH_PREFIX) :]), plain is not None
+
+
+def _budgets(sec: Section) -> Mapping[str, Any] | tuple[Mapping[str, Any], ...]:
+    """``budgets``: one budget mapping, or a list of them (several budgets, each enforced)."""
+    raw = sec.get("budgets", (dict, list), {})
+    if isinstance(raw, dict):
+        return MappingProxyType(raw)
+    if not all(isinstance(item, dict) for item in raw):
+        raise sec.error("budgets", "must be a budget mapping or a list of budget mappings")
+    return tuple(MappingProxyType(item) for item in raw)
+
+
+def _plain(budgets: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Any:
+    return dict(budgets) if isinstance(budgets, Mapping) else [dict(b) for b in budgets]
 
 
 def _check_name(value: str) -> str | None:

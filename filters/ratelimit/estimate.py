@@ -16,7 +16,7 @@ from typing import Any
 from llmproxy import BadRequest
 from llmproxy.filters.metering.tokenizer import count_prompt_async, detect_protocol
 
-__all__ = ["OUTPUT_FIELDS", "output_cap", "prompt_tokens"]
+__all__ = ["OUTPUT_FIELDS", "asks_cap", "output_cap", "prompt_tokens"]
 
 #: The request fields that cap the output, in the order they are looked for.
 OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -31,6 +31,15 @@ def output_cap(payload: dict[str, Any], default: int) -> tuple[int, str | None]:
                 raise BadRequest(f"'{name}' must be a non-negative integer", param=name, code="invalid_value")
             return value, name
     return default, None
+
+
+def asks_cap(payload: dict[str, Any]) -> bool:
+    """Whether a request sets an output cap itself (any of :data:`OUTPUT_FIELDS`, not null).
+
+    Used on the client's own request when routing translated it: a translation to
+    Anthropic's Messages adds a default ``max_tokens`` the client never asked for.
+    """
+    return any(payload.get(name) is not None for name in OUTPUT_FIELDS)
 
 
 async def prompt_tokens(payload: Any, body: bytes, model: str) -> int:

@@ -74,7 +74,7 @@ from llmproxy import (
 from llmproxy.filters.metering import MeteringFactory
 from llmproxy.filters.names import PRINCIPAL, ROUTE
 from llmproxy.filters.ratelimit.cut import StreamCap
-from llmproxy.filters.ratelimit.estimate import output_cap, prompt_tokens
+from llmproxy.filters.ratelimit.estimate import asks_cap, output_cap, prompt_tokens
 from llmproxy.filters.ratelimit.ledger import Ledger
 from llmproxy.filters.ratelimit.rules import (
     BudgetRule,
@@ -178,7 +178,10 @@ class RateLimitFilter(Filter):
                 out_cap = default
             upstream_model = (route.model if route else "") or model
             prompt = await prompt_tokens(payload, body, upstream_model)
-        plan = self._build(matched, prompt, out_cap, out_field is not None)
+        sent_cap, explicit = out_cap, out_field is not None
+        if explicit and route is not None and route.translated and not asks_cap(route.client_json(exchange)):
+            explicit, out_cap = False, min(out_cap, default)  # the translation's default, not the client's
+        plan = self._build(matched, prompt, out_cap, explicit)
         try:
             reservation = await factory.store.reserve(plan.quotas)
         except StoreUnavailable as exc:
@@ -200,7 +203,7 @@ class RateLimitFilter(Filter):
         plan.slots = [s.slot for s in states]
         self._plan = plan
         factory.admitted(plan, states)
-        self._clamp(exchange, payload, plan, prompt, out_cap, out_field, upstream_model)
+        self._clamp(exchange, payload, plan, prompt, sent_cap, out_field, upstream_model)
         return Action.CONTINUE
 
     def _build(
@@ -325,6 +328,9 @@ class RateLimitFilter(Filter):
             field = out_field or ("max_tokens" if "messages" in payload else "max_output_tokens")
             payload[field] = allowance
             exchange.mark_request_json_changed()
+            route = exchange.vars.get(ROUTE)
+            if isinstance(route, RouteDecision):
+                route.output_cap = allowance  # routing keeps it on a retry elsewhere
 
     # -- response ---------------------------------------------------------------------
     def on_response_headers(self, exchange: Exchange) -> Action:

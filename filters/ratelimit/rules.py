@@ -21,6 +21,7 @@ a value the request does not have (no team, no such header) does not apply.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -41,6 +42,7 @@ __all__ = [
 KEY_PARTS = ("principal", "team", "model", "provider")
 PERIODS = ("day", "month", "total")
 #: Headers that carry credentials: never a counter key (keys are stored and shown).
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "cookie", "proxy-authorization"})
 
 
@@ -253,7 +255,10 @@ def principal_rules(
     """The rules of a principal's own sections (keyed by the principal).
 
     ``limits``: ``{rpm, tpm, tpm_counts, concurrent, window, on_store_error}``;
-    ``budgets``: one mapping or a list of ``{tokens | usd, period, hard, on_store_error}``.
+    ``budgets``: one mapping or a list of ``{tokens | usd, period, hard, on_store_error, name}``,
+    each its own rule (all enforced; a refusal names the one that is spent): the rule is named
+    ``principal:<name>:<budget name>``, the budget's name being its optional ``name`` or
+    ``budget<index>``.
     Raises :class:`ConfigError` naming the field (an auth filter can call this at
     startup to refuse a bad key entry early).
     """
@@ -270,8 +275,17 @@ def principal_rules(
         items = list(budgets)
     else:
         raise ConfigError("", "budgets", "must be a mapping or a list of mappings")
+    seen: set[str] = set()
     for i, item in enumerate(items):
         path = f"budgets[{i}]" if not isinstance(budgets, Mapping) else "budgets"
         raw = dict(item) if isinstance(item, Mapping) else item
-        budget_rules.append(parse_budget(raw, path, name=f"principal:{name}:budget{i}", default_key=("principal",)))
+        label = f"budget{i}"
+        if isinstance(raw, dict) and "name" in raw:
+            label = raw.pop("name")
+            if not isinstance(label, str) or not _LABEL.fullmatch(label):
+                raise ConfigError("", f"{path}.name", "must be 1-64 letters, digits or _ . - (it names the budget)")
+        if label in seen:
+            raise ConfigError("", f"{path}.name", f"budget name {label!r} is used twice")
+        seen.add(label)
+        budget_rules.append(parse_budget(raw, path, name=f"principal:{name}:{label}", default_key=("principal",)))
     return tuple(limit_rules), tuple(budget_rules)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llmproxy import Exchange
@@ -21,7 +21,8 @@ class RouteDecision:
     key's short hash). ``attempted`` lists the (provider, key index) pairs
     chosen so far. A filter that moves the request elsewhere (failover)
     calls :meth:`repoint`: routing rewrites the upstream, path, headers and
-    body for the new choice, translating when its protocol differs.
+    body for the new choice, translating when its protocol differs, and
+    keeping :attr:`output_cap`.
     """
 
     __slots__ = (
@@ -31,6 +32,7 @@ class RouteDecision:
         "candidates",
         "client_protocol",
         "key_index",
+        "output_cap",
         "requested_model",
         "target",
     )
@@ -51,6 +53,12 @@ class RouteDecision:
         self.target: Target | None = None
         self.key_index = 0
         self.attempted: list[tuple[str, int]] = []
+        #: A ceiling on the output tokens of every later attempt, set by a filter after routing
+        #: (the ``ratelimit`` filter's hard budget): routing writes it into each body it builds
+        #: for a retry (another key or provider), in the provider API's field
+        #: (:func:`~llmproxy.filters.routing.cap.cap_output`). The filter lowers the current
+        #: attempt's body itself. None: no ceiling.
+        self.output_cap: int | None = None
         #: Where routing's filter sits in ``exchange.filters`` (an index, not the object:
         #: no reference cycle, so an exchange is freed by reference counting alone).
         self._slot = slot
@@ -76,6 +84,15 @@ class RouteDecision:
     def translated(self) -> bool:
         """The provider speaks another protocol than the client (requests and responses are translated)."""
         return self.target is not None and self.provider_protocol != self.client_protocol
+
+    def client_json(self, exchange: Exchange) -> dict[str, Any]:
+        """The client's request JSON as routing read it, before any translation (do not modify).
+
+        ``exchange.request_json()`` is the body for the current provider; this is what the
+        client sent, e.g. to tell a field the client set from one a translation added.
+        """
+        routing: RoutingFilter = exchange.filters[self._slot]  # type: ignore[assignment]
+        return routing._body
 
     def repoint(self, exchange: Exchange, target: Target, key_index: int) -> None:
         """Send ``exchange``'s next attempt to ``target`` with its ``key_index``-th key."""

@@ -66,6 +66,7 @@ from llmproxy import (
     split_events,
 )
 from llmproxy.filters.names import PRINCIPAL, ROUTE, USAGE
+from llmproxy.filters.routing.cap import cap_output
 from llmproxy.filters.routing.conversations import (
     ConversationSettings,
     ConversationStore,
@@ -392,6 +393,8 @@ class RoutingFilter(Filter):
             raise BadRequest(
                 str(exc).replace(exc.param or "\0", param or ""), param=param, code="invalid_request"
             ) from None
+        if route is not None and route.output_cap is not None:
+            cap_output(out, provider_api, route.output_cap)
         exchange.set_request_json(out)
 
     # -- response -------------------------------------------------------------------
