@@ -464,7 +464,10 @@ class MessagesStreamToChatStream:
     A ``thinking`` block gives ``reasoning_content`` deltas and, at its end,
     one ``thinking_blocks`` delta with the whole block and its signature (a
     ``redacted_thinking`` block gives that delta at its start), so a client
-    can send it back. ``ping``, citations and server-tool blocks give nothing. An
+    can send it back. Each streamed block carries an ``index`` (its position
+    among the stream's thinking blocks): the openai SDK's stream accumulator
+    merges list deltas by ``index`` and raises on a second entry without one.
+    ``ping``, citations and server-tool blocks give nothing. An
     ``error`` event gives ``data: {"error": {...}}`` and ends the stream:
     nothing is emitted after it, not even ``[DONE]``.
     """
@@ -481,6 +484,7 @@ class MessagesStreamToChatStream:
         "_model",
         "_output_tokens",
         "_thinking",
+        "_thinking_count",
         "_tool_prefixes",
     )
 
@@ -496,6 +500,7 @@ class MessagesStreamToChatStream:
         self._tool_prefixes: dict[int, bytes] = {}
         # Anthropic block index -> the thinking block being streamed (text parts, signature).
         self._thinking: dict[int, JsonObject] = {}
+        self._thinking_count = 0
         self._input_tokens = 0
         self._cache_creation = 0
         self._cache_read = 0
@@ -589,7 +594,7 @@ class MessagesStreamToChatStream:
             text = block.get("thinking")
             return self._on_thinking_delta(payload.get("index", -1), {"thinking": text}) if text else b""
         if kind == "redacted_thinking":
-            return self._thinking_blocks_chunk([{"type": "redacted_thinking", "data": block.get("data")}])
+            return self._thinking_blocks_chunk({"type": "redacted_thinking", "data": block.get("data")})
         if kind != "tool_use":
             return b""  # server tools: no Chat Completions equivalent
         tool_index = str(len(self._tool_prefixes)).encode()
@@ -628,12 +633,14 @@ class MessagesStreamToChatStream:
         if state is None:
             return b""
         block = {"type": "thinking", "thinking": "".join(state["parts"]), "signature": state["signature"]}
-        return self._thinking_blocks_chunk([block])
+        return self._thinking_blocks_chunk(block)
 
-    def _thinking_blocks_chunk(self, blocks: list[JsonObject]) -> bytes:
+    def _thinking_blocks_chunk(self, block: JsonObject) -> bytes:
         if not self._head:
             self._start(_fallback_id())
-        return self._head + b'{"index":0,"delta":{"thinking_blocks":' + orjson.dumps(blocks) + b"}" + _CHOICE_TAIL
+        block["index"] = self._thinking_count
+        self._thinking_count += 1
+        return self._head + b'{"index":0,"delta":{"thinking_blocks":[' + orjson.dumps(block) + b"]}" + _CHOICE_TAIL
 
     def _on_message_delta(self, payload: JsonObject) -> bytes:
         self._take_usage(payload.get("usage") or {})

@@ -4,7 +4,10 @@ Each file in ``tests/data/translate/`` is one recorded-style case: ``kind``
 names the translator, ``args`` its keyword arguments, ``input`` what the
 provider (or client) sent and ``expected`` what the translator must produce.
 Streams are lists of raw SSE events; they are compared event by event as
-(event name, JSON value) pairs, ignoring only the chunk's ``created``.
+(event name, JSON value) pairs, ignoring only the chunk's ``created``. Streams to a
+Responses client (``*_stream_to_responses``) are stored as ``{"event", "data"}`` pairs with
+the random ids renumbered in first-seen order and ``created_at`` dropped. Every stream is also
+replayed split at every byte, in every direction, by ``test_translate_splits``.
 
 The SDK tests serve the translated bytes through ``httpx2.MockTransport``
 (the SDKs' own transport seam, no sockets), cut into small pieces so the SDK
@@ -27,7 +30,9 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from llmproxy.filters.translate import (
+    ChainedStream,
     ChatStreamToMessagesStream,
+    ChatStreamToResponsesStream,
     MessagesStreamToChatStream,
     TranslationError,
     anthropic_error_to_openai,
@@ -37,6 +42,7 @@ from llmproxy.filters.translate import (
     messages_response_to_chat,
     openai_error_to_anthropic,
 )
+from tests.filters.sse_replay import events, renumber
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "translate"
 CASES = sorted(DATA.glob("*.json"))
@@ -82,7 +88,18 @@ def split_events(stream: bytes) -> list[str]:
     return [event + "\n\n" for event in text.split("\n\n") if event]
 
 
-Translator = MessagesStreamToChatStream | ChatStreamToMessagesStream
+Translator = MessagesStreamToChatStream | ChatStreamToMessagesStream | ChatStreamToResponsesStream | ChainedStream
+
+#: Streams to a Responses client: from a Chat provider, and from an Anthropic one (through Chat).
+RESPONSES_KINDS = ("chat_stream_to_responses", "messages_stream_to_responses")
+
+
+def responses_translator(kind: str, model: str) -> ChatStreamToResponsesStream | ChainedStream:
+    """The routing filter's translator for a Responses client of a Chat (or Anthropic) provider."""
+    responses = ChatStreamToResponsesStream(request={"model": model}, response_id="resp_golden", model=model)
+    if kind == "messages_stream_to_responses":
+        return ChainedStream(MessagesStreamToChatStream(model=model, include_usage=True), responses)
+    return responses
 
 
 def run_stream(translator: Translator, events: list[str]) -> bytes:
@@ -123,6 +140,9 @@ def translate(case: dict[str, Any]) -> Any:
         return split_events(run_stream(MessagesStreamToChatStream(**args), data))
     if kind == "chat_stream_to_messages":
         return split_events(run_stream(ChatStreamToMessagesStream(**args), data))
+    if kind in RESPONSES_KINDS:
+        translator = responses_translator(kind, args["model"])
+        return [{"event": n, "data": d} for n, d in renumber()(events(run_stream(translator, data)))]
     raise AssertionError(f"unknown kind {kind}")
 
 
@@ -147,6 +167,7 @@ def test_golden_set_covers_every_direction() -> None:
         "chat_stream_to_messages",
         "anthropic_error_to_openai",
         "openai_error_to_anthropic",
+        *RESPONSES_KINDS,
     }
 
 
