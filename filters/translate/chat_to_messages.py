@@ -25,6 +25,11 @@ role messages, a message's ``name``, an image's ``detail`` and a tool's
 dropped too. ``temperature`` is passed through unchanged: OpenAI allows up to
 2, Anthropic up to 1, and the provider's 400 says so.
 
+``cache_control`` on a content part (not OpenAI's, sent by clients that know
+the provider is Anthropic; a Responses ``input_text`` part's too) is kept, but
+never more than Anthropic's 4 breakpoints: past 4, the earliest marks in prompt
+order are dropped and the last 4 kept (see :func:`_cap_cache_breakpoints`).
+
 Content the provider cannot take (audio parts, ``file_id`` files, non-base64
 ``data:`` URLs) raises :class:`~llmproxy.filters.translate.errors.TranslationError`
 rather than being silently lost.
@@ -255,7 +260,39 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
     user = body.get("user") or body.get("safety_identifier")
     if isinstance(user, str) and user:
         out["metadata"] = {"user_id": user}
+    _cap_cache_breakpoints(out)
     return out
+
+
+#: Anthropic refuses a request with more blocks marked ``cache_control`` than this.
+MAX_CACHE_BREAKPOINTS = 4
+
+
+def _cap_cache_breakpoints(out: JsonObject) -> None:
+    """Keep only the last :data:`MAX_CACHE_BREAKPOINTS` ``cache_control`` marks, in prompt order.
+
+    Anthropic reads a prompt as tools, then system, then messages, and caches
+    the prefix up to each breakpoint; the latest breakpoints cover the most,
+    so the earliest marks are the ones dropped (the blocks stay). Marks inside
+    ``tool_result`` content count too.
+    """
+    marked: list[JsonObject] = []
+
+    def scan(blocks: object) -> None:
+        if not isinstance(blocks, list):
+            return
+        for block in blocks:
+            if "cache_control" in block:
+                marked.append(block)
+            if block.get("type") == "tool_result":
+                scan(block.get("content"))
+
+    scan(out.get("tools"))
+    scan(out.get("system"))
+    for turn in out["messages"]:
+        scan(turn["content"])
+    for block in marked[: max(len(marked) - MAX_CACHE_BREAKPOINTS, 0)]:
+        del block["cache_control"]
 
 
 #: ``reasoning_effort`` -> Anthropic thinking budget (None: no thinking).
