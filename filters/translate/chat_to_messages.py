@@ -87,7 +87,11 @@ def _file_block(file: object, param: str) -> JsonObject:
     if not isinstance(data, str) or not data.startswith("data:application/pdf;base64,"):
         raise TranslationError("only inline base64 PDF files are supported", param=param)
     source = {"type": "base64", "media_type": "application/pdf", "data": data.partition(",")[2]}
-    return {"type": "document", "source": source}
+    block: JsonObject = {"type": "document", "source": source}
+    filename = file.get("filename") if isinstance(file, dict) else None
+    if isinstance(filename, str) and filename:
+        block["title"] = filename
+    return block
 
 
 def _content_blocks(content: object, param: str, *, assistant: bool = False) -> list[JsonObject]:
@@ -250,15 +254,21 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
     stop = body.get("stop")
     if isinstance(stop, str):
         out["stop_sequences"] = [stop]
-    elif isinstance(stop, list) and stop:
-        out["stop_sequences"] = stop
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if stop:
+            out["stop_sequences"] = stop
+    elif stop is not None:
+        raise TranslationError("stop must be a string or a list of strings", param="stop")
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
     if body.get("stream") is not None:
         out["stream"] = bool(body["stream"])
+    for key in ("user", "safety_identifier"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise TranslationError(f"{key} must be a string", param=key)
     user = body.get("user") or body.get("safety_identifier")
-    if isinstance(user, str) and user:
+    if user:
         out["metadata"] = {"user_id": user}
     _cap_cache_breakpoints(out)
     return out
