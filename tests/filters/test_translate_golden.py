@@ -213,6 +213,24 @@ def anthropic_provider_sent(events: list[str]) -> tuple[str, dict[int, str], str
     return "".join(text), args, error
 
 
+def anthropic_thinking_sent(events: list[str]) -> list[dict[str, Any]]:
+    """The thinking and redacted_thinking blocks of a provider stream, as whole blocks."""
+    blocks: dict[int, dict[str, Any]] = {}
+    for raw in events:
+        payload = json.loads(parse_sse(raw)[1])
+        if payload["type"] == "content_block_start" and payload["content_block"]["type"] == "redacted_thinking":
+            blocks[payload["index"]] = payload["content_block"]
+        elif payload["type"] == "content_block_start" and payload["content_block"]["type"] == "thinking":
+            blocks[payload["index"]] = {"type": "thinking", "thinking": "", "signature": ""}
+        elif payload["type"] == "content_block_delta" and payload["index"] in blocks:
+            delta = payload["delta"]
+            if delta["type"] == "thinking_delta":
+                blocks[payload["index"]]["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                blocks[payload["index"]]["signature"] = delta["signature"]
+    return [blocks[i] for i in sorted(blocks)]
+
+
 @pytest.mark.parametrize("path", stream_cases("messages_stream_to_chat"), ids=lambda p: p.stem)
 def test_openai_sdk_reassembles_translated_stream(path: Path) -> None:
     case = load(path)
@@ -238,6 +256,10 @@ def test_openai_sdk_reassembles_translated_stream(path: Path) -> None:
     assert [call.function.arguments for call in calls] == [args[i] for i in sorted(args)]
     assert [json.loads(call.function.arguments) for call in calls] == [json.loads(args[i]) for i in sorted(args)]
     assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # Thinking blocks, signatures included, come out of the SDK's accumulator whole and in order.
+    assert [
+        {k: v for k, v in b.items() if k != "index"} for b in getattr(message, "thinking_blocks", None) or ()
+    ] == anthropic_thinking_sent(case["input"])
     if case["args"]["include_usage"]:
         assert final.usage is not None and final.usage.total_tokens > 0
 
