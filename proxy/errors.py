@@ -147,8 +147,16 @@ class ProxyError(Exception):
         }
 
     def anthropic_envelope(self) -> dict[str, object]:
-        """Anthropic's error body for this error (its ``type`` follows the status)."""
-        return {"type": "error", "error": {"type": anthropic_type_for_status(self.status), "message": self.message}}
+        """Anthropic's error body for this error (its ``type`` follows the status).
+
+        Anthropic's shape has no ``param``: a ``param`` the message does not
+        already mention leads the message (``"param: message"``, the form of
+        Anthropic's own validation errors), so the field is still named.
+        """
+        message = self.message
+        if self.param and self.param not in message:
+            message = f"{self.param}: {message}"
+        return {"type": "error", "error": {"type": anthropic_type_for_status(self.status), "message": message}}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, message={self.message!r})"

@@ -147,6 +147,11 @@ class _Mode(enum.Enum):
 _METERED_APIS = frozenset({"chat", "messages", "completions", "embeddings", "responses"})
 
 
+def _bridges(target: Target) -> bool:
+    """Whether a Responses request to ``target`` is bridged (its provider has no ``/v1/responses``)."""
+    return "responses" not in target.provider.adapter.native_apis
+
+
 class RoutingFilter(Filter):
     """Per-exchange routing state (also the failover filter's handle on routing)."""
 
@@ -297,19 +302,31 @@ class RoutingFilter(Filter):
                 len(self.candidates),
                 "" if len(self.candidates) == 1 else "s",
             )
-        if self.api == "responses" and "responses" not in target.provider.adapter.native_apis:
+        if self.api == "responses":
             previous = payload.get("previous_response_id")
-            if previous is not None:
-                return self._continue_conversation(exchange, previous, target, key_index)
+            if previous is not None and any(_bridges(t) for t in self.candidates):
+                return self._continue_conversation(exchange, previous, key_index)
         self.apply(exchange, target, key_index)
         return Action.CONTINUE
 
-    async def _continue_conversation(
-        self, exchange: Exchange, previous: object, target: Target, key_index: int
-    ) -> Action:
-        """A bridged follow-up: the stored conversation becomes the history sent before ``input``."""
+    async def _continue_conversation(self, exchange: Exchange, previous: object, key_index: int) -> Action:
+        """A follow-up (``previous_response_id``) that some candidate would bridge.
+
+        The conversation lives where it was made: a bridged one in the
+        conversation store, a pass-through one at its provider. So before the
+        first attempt the candidates are cut to those able to continue it, and
+        a failover retry stays among them: when the id is stored here, the
+        history is loaded once, for whichever bridged target serves (the
+        first or a retry), and the pass-through targets (which do not know
+        the id) are left out; when it is not, the bridged targets are left
+        out (they have nothing to continue) and the id goes on as it is. With
+        a bridged first choice, an id found nowhere (or storage off, or the
+        store down) is the client's 400 (503) as before.
+        """
+        candidates = self.candidates
+        first_bridges = _bridges(candidates[0])
         store = self.factory.conversations
-        if store is None:
+        if store is None and first_bridges:
             raise BadRequest(
                 "previous_response_id needs stored responses, which are off here (routing responses.store)",
                 param="previous_response_id",
@@ -317,18 +334,27 @@ class RoutingFilter(Filter):
             )
         if not isinstance(previous, str) or not previous:
             raise BadRequest("previous_response_id must be a string", param="previous_response_id")
-        try:
-            stored = await store.load(previous, _owner(exchange))
-        except StoreUnavailable:
-            raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
-        if stored is None:
+        stored = None
+        if store is not None:
+            try:
+                stored = await store.load(previous, _owner(exchange))
+            except StoreUnavailable:
+                if first_bridges:
+                    raise ServiceUnavailable("stored responses are unavailable (shared store down)") from None
+        if stored is None and first_bridges:
             raise BadRequest(
                 f"Previous response with id '{previous}' not found.",
                 param="previous_response_id",
                 code="previous_response_not_found",
             )
-        self._history = stored.items
-        self.apply(exchange, target, key_index)
+        if stored is not None:
+            self._history = stored.items
+        kept = [t for t in candidates if _bridges(t) is (stored is not None)]
+        self.candidates = kept
+        if self.route is not None:
+            self.route.candidates = kept
+        target = kept[0]
+        self.apply(exchange, target, key_index if target is candidates[0] else target.provider.next_key_index())
         return Action.CONTINUE
 
     def apply(self, exchange: Exchange, target: Target, key_index: int) -> None:

@@ -25,6 +25,11 @@ role messages, a message's ``name``, an image's ``detail`` and a tool's
 dropped too. ``temperature`` is passed through unchanged: OpenAI allows up to
 2, Anthropic up to 1, and the provider's 400 says so.
 
+``cache_control`` on a content part (not OpenAI's, sent by clients that know
+the provider is Anthropic; a Responses ``input_text`` part's too) is kept, but
+never more than Anthropic's 4 breakpoints: past 4, the earliest marks in prompt
+order are dropped and the last 4 kept (see :func:`_cap_cache_breakpoints`).
+
 Content the provider cannot take (audio parts, ``file_id`` files, non-base64
 ``data:`` URLs) raises :class:`~llmproxy.filters.translate.errors.TranslationError`
 rather than being silently lost.
@@ -82,7 +87,11 @@ def _file_block(file: object, param: str) -> JsonObject:
     if not isinstance(data, str) or not data.startswith("data:application/pdf;base64,"):
         raise TranslationError("only inline base64 PDF files are supported", param=param)
     source = {"type": "base64", "media_type": "application/pdf", "data": data.partition(",")[2]}
-    return {"type": "document", "source": source}
+    block: JsonObject = {"type": "document", "source": source}
+    filename = file.get("filename") if isinstance(file, dict) else None
+    if isinstance(filename, str) and filename:
+        block["title"] = filename
+    return block
 
 
 def _content_blocks(content: object, param: str, *, assistant: bool = False) -> list[JsonObject]:
@@ -245,17 +254,55 @@ def chat_request_to_messages(body: JsonObject, *, model: str, default_max_tokens
     stop = body.get("stop")
     if isinstance(stop, str):
         out["stop_sequences"] = [stop]
-    elif isinstance(stop, list) and stop:
-        out["stop_sequences"] = stop
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if stop:
+            out["stop_sequences"] = stop
+    elif stop is not None:
+        raise TranslationError("stop must be a string or a list of strings", param="stop")
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
     if body.get("stream") is not None:
         out["stream"] = bool(body["stream"])
+    for key in ("user", "safety_identifier"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise TranslationError(f"{key} must be a string", param=key)
     user = body.get("user") or body.get("safety_identifier")
-    if isinstance(user, str) and user:
+    if user:
         out["metadata"] = {"user_id": user}
+    _cap_cache_breakpoints(out)
     return out
+
+
+#: Anthropic refuses a request with more blocks marked ``cache_control`` than this.
+MAX_CACHE_BREAKPOINTS = 4
+
+
+def _cap_cache_breakpoints(out: JsonObject) -> None:
+    """Keep only the last :data:`MAX_CACHE_BREAKPOINTS` ``cache_control`` marks, in prompt order.
+
+    Anthropic reads a prompt as tools, then system, then messages, and caches
+    the prefix up to each breakpoint; the latest breakpoints cover the most,
+    so the earliest marks are the ones dropped (the blocks stay). Marks inside
+    ``tool_result`` content count too.
+    """
+    marked: list[JsonObject] = []
+
+    def scan(blocks: object) -> None:
+        if not isinstance(blocks, list):
+            return
+        for block in blocks:
+            if "cache_control" in block:
+                marked.append(block)
+            if block.get("type") == "tool_result":
+                scan(block.get("content"))
+
+    scan(out.get("tools"))
+    scan(out.get("system"))
+    for turn in out["messages"]:
+        scan(turn["content"])
+    for block in marked[: max(len(marked) - MAX_CACHE_BREAKPOINTS, 0)]:
+        del block["cache_control"]
 
 
 #: ``reasoning_effort`` -> Anthropic thinking budget (None: no thinking).
@@ -464,7 +511,10 @@ class MessagesStreamToChatStream:
     A ``thinking`` block gives ``reasoning_content`` deltas and, at its end,
     one ``thinking_blocks`` delta with the whole block and its signature (a
     ``redacted_thinking`` block gives that delta at its start), so a client
-    can send it back. ``ping``, citations and server-tool blocks give nothing. An
+    can send it back. Each streamed block carries an ``index`` (its position
+    among the stream's thinking blocks): the openai SDK's stream accumulator
+    merges list deltas by ``index`` and raises on a second entry without one.
+    ``ping``, citations and server-tool blocks give nothing. An
     ``error`` event gives ``data: {"error": {...}}`` and ends the stream:
     nothing is emitted after it, not even ``[DONE]``.
     """
@@ -481,6 +531,7 @@ class MessagesStreamToChatStream:
         "_model",
         "_output_tokens",
         "_thinking",
+        "_thinking_count",
         "_tool_prefixes",
     )
 
@@ -496,6 +547,7 @@ class MessagesStreamToChatStream:
         self._tool_prefixes: dict[int, bytes] = {}
         # Anthropic block index -> the thinking block being streamed (text parts, signature).
         self._thinking: dict[int, JsonObject] = {}
+        self._thinking_count = 0
         self._input_tokens = 0
         self._cache_creation = 0
         self._cache_read = 0
@@ -589,7 +641,7 @@ class MessagesStreamToChatStream:
             text = block.get("thinking")
             return self._on_thinking_delta(payload.get("index", -1), {"thinking": text}) if text else b""
         if kind == "redacted_thinking":
-            return self._thinking_blocks_chunk([{"type": "redacted_thinking", "data": block.get("data")}])
+            return self._thinking_blocks_chunk({"type": "redacted_thinking", "data": block.get("data")})
         if kind != "tool_use":
             return b""  # server tools: no Chat Completions equivalent
         tool_index = str(len(self._tool_prefixes)).encode()
@@ -628,12 +680,14 @@ class MessagesStreamToChatStream:
         if state is None:
             return b""
         block = {"type": "thinking", "thinking": "".join(state["parts"]), "signature": state["signature"]}
-        return self._thinking_blocks_chunk([block])
+        return self._thinking_blocks_chunk(block)
 
-    def _thinking_blocks_chunk(self, blocks: list[JsonObject]) -> bytes:
+    def _thinking_blocks_chunk(self, block: JsonObject) -> bytes:
         if not self._head:
             self._start(_fallback_id())
-        return self._head + b'{"index":0,"delta":{"thinking_blocks":' + orjson.dumps(blocks) + b"}" + _CHOICE_TAIL
+        block["index"] = self._thinking_count
+        self._thinking_count += 1
+        return self._head + b'{"index":0,"delta":{"thinking_blocks":[' + orjson.dumps(block) + b"]}" + _CHOICE_TAIL
 
     def _on_message_delta(self, payload: JsonObject) -> bytes:
         self._take_usage(payload.get("usage") or {})

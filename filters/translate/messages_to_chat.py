@@ -18,6 +18,12 @@ history are dropped as well. Content the provider cannot take (documents
 other than base64 PDF or plain text, unknown block types) raises
 :class:`~llmproxy.filters.translate.errors.TranslationError`.
 
+Mapped: ``metadata.user_id`` to ``user``, ``stop_sequences`` to ``stop``,
+images (base64 and URL sources) to ``image_url`` parts, base64 PDF documents
+to ``file`` parts (``title`` as ``filename``), plain-text documents to text;
+a ``stop_sequences``, ``metadata`` or ``metadata.user_id`` of the wrong type
+is a :class:`~llmproxy.filters.translate.errors.TranslationError` naming it.
+
 Text joins: several system blocks are joined with ``"\\n"`` into one system
 message; several text blocks of one tool result are joined with ``"\\n"``; an
 assistant turn's text blocks are joined with nothing (they are one output).
@@ -248,8 +254,11 @@ def messages_request_to_chat(body: JsonObject, *, model: str) -> JsonObject:
         out["max_tokens"] = body["max_tokens"]
     _translate_tools(body, out)
     stop = body.get("stop_sequences")
-    if isinstance(stop, list) and stop:
-        out["stop"] = stop
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if stop:
+            out["stop"] = stop
+    elif stop is not None:
+        raise TranslationError("stop_sequences must be a list of strings", param="stop_sequences")
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             out[key] = body[key]
@@ -257,8 +266,14 @@ def messages_request_to_chat(body: JsonObject, *, model: str) -> JsonObject:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
     metadata = body.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
-        out["user"] = metadata["user_id"]
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TranslationError("metadata must be an object", param="metadata")
+    user_id = metadata.get("user_id") if metadata else None
+    if isinstance(user_id, str):
+        if user_id:
+            out["user"] = user_id
+    elif user_id is not None:
+        raise TranslationError("metadata.user_id must be a string", param="metadata.user_id")
     return out
 
 

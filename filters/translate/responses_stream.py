@@ -345,7 +345,10 @@ class ChatStreamToResponsesStream:
             if thinking:
                 if self._kind != "reasoning":
                     out += self._open_text("reasoning")
-                self._thinking.extend(b for b in thinking if isinstance(b, dict))
+                # without the stream's ``index`` (see MessagesStreamToChatStream): the blocks as Anthropic sent them
+                self._thinking.extend(
+                    {k: v for k, v in b.items() if k != "index"} for b in thinking if isinstance(b, dict)
+                )
             content = delta.get("content")
             if content:
                 if self._kind != "message":

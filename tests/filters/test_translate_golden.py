@@ -4,7 +4,10 @@ Each file in ``tests/data/translate/`` is one recorded-style case: ``kind``
 names the translator, ``args`` its keyword arguments, ``input`` what the
 provider (or client) sent and ``expected`` what the translator must produce.
 Streams are lists of raw SSE events; they are compared event by event as
-(event name, JSON value) pairs, ignoring only the chunk's ``created``.
+(event name, JSON value) pairs, ignoring only the chunk's ``created``. Streams to a
+Responses client (``*_stream_to_responses``) are stored as ``{"event", "data"}`` pairs with
+the random ids renumbered in first-seen order and ``created_at`` dropped. Every stream is also
+replayed split at every byte, in every direction, by ``test_translate_splits``.
 
 The SDK tests serve the translated bytes through ``httpx2.MockTransport``
 (the SDKs' own transport seam, no sockets), cut into small pieces so the SDK
@@ -27,7 +30,9 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from llmproxy.filters.translate import (
+    ChainedStream,
     ChatStreamToMessagesStream,
+    ChatStreamToResponsesStream,
     MessagesStreamToChatStream,
     TranslationError,
     anthropic_error_to_openai,
@@ -37,6 +42,7 @@ from llmproxy.filters.translate import (
     messages_response_to_chat,
     openai_error_to_anthropic,
 )
+from tests.filters.sse_replay import events, renumber
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "translate"
 CASES = sorted(DATA.glob("*.json"))
@@ -82,7 +88,18 @@ def split_events(stream: bytes) -> list[str]:
     return [event + "\n\n" for event in text.split("\n\n") if event]
 
 
-Translator = MessagesStreamToChatStream | ChatStreamToMessagesStream
+Translator = MessagesStreamToChatStream | ChatStreamToMessagesStream | ChatStreamToResponsesStream | ChainedStream
+
+#: Streams to a Responses client: from a Chat provider, and from an Anthropic one (through Chat).
+RESPONSES_KINDS = ("chat_stream_to_responses", "messages_stream_to_responses")
+
+
+def responses_translator(kind: str, model: str) -> ChatStreamToResponsesStream | ChainedStream:
+    """The routing filter's translator for a Responses client of a Chat (or Anthropic) provider."""
+    responses = ChatStreamToResponsesStream(request={"model": model}, response_id="resp_golden", model=model)
+    if kind == "messages_stream_to_responses":
+        return ChainedStream(MessagesStreamToChatStream(model=model, include_usage=True), responses)
+    return responses
 
 
 def run_stream(translator: Translator, events: list[str]) -> bytes:
@@ -123,6 +140,9 @@ def translate(case: dict[str, Any]) -> Any:
         return split_events(run_stream(MessagesStreamToChatStream(**args), data))
     if kind == "chat_stream_to_messages":
         return split_events(run_stream(ChatStreamToMessagesStream(**args), data))
+    if kind in RESPONSES_KINDS:
+        translator = responses_translator(kind, args["model"])
+        return [{"event": n, "data": d} for n, d in renumber()(events(run_stream(translator, data)))]
     raise AssertionError(f"unknown kind {kind}")
 
 
@@ -147,6 +167,7 @@ def test_golden_set_covers_every_direction() -> None:
         "chat_stream_to_messages",
         "anthropic_error_to_openai",
         "openai_error_to_anthropic",
+        *RESPONSES_KINDS,
     }
 
 
@@ -192,6 +213,24 @@ def anthropic_provider_sent(events: list[str]) -> tuple[str, dict[int, str], str
     return "".join(text), args, error
 
 
+def anthropic_thinking_sent(events: list[str]) -> list[dict[str, Any]]:
+    """The thinking and redacted_thinking blocks of a provider stream, as whole blocks."""
+    blocks: dict[int, dict[str, Any]] = {}
+    for raw in events:
+        payload = json.loads(parse_sse(raw)[1])
+        if payload["type"] == "content_block_start" and payload["content_block"]["type"] == "redacted_thinking":
+            blocks[payload["index"]] = payload["content_block"]
+        elif payload["type"] == "content_block_start" and payload["content_block"]["type"] == "thinking":
+            blocks[payload["index"]] = {"type": "thinking", "thinking": "", "signature": ""}
+        elif payload["type"] == "content_block_delta" and payload["index"] in blocks:
+            delta = payload["delta"]
+            if delta["type"] == "thinking_delta":
+                blocks[payload["index"]]["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                blocks[payload["index"]]["signature"] = delta["signature"]
+    return [blocks[i] for i in sorted(blocks)]
+
+
 @pytest.mark.parametrize("path", stream_cases("messages_stream_to_chat"), ids=lambda p: p.stem)
 def test_openai_sdk_reassembles_translated_stream(path: Path) -> None:
     case = load(path)
@@ -217,6 +256,10 @@ def test_openai_sdk_reassembles_translated_stream(path: Path) -> None:
     assert [call.function.arguments for call in calls] == [args[i] for i in sorted(args)]
     assert [json.loads(call.function.arguments) for call in calls] == [json.loads(args[i]) for i in sorted(args)]
     assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # Thinking blocks, signatures included, come out of the SDK's accumulator whole and in order.
+    assert [
+        {k: v for k, v in b.items() if k != "index"} for b in getattr(message, "thinking_blocks", None) or ()
+    ] == anthropic_thinking_sent(case["input"])
     if case["args"]["include_usage"]:
         assert final.usage is not None and final.usage.total_tokens > 0
 

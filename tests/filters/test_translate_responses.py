@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 import pytest
 
-from llmproxy import SseFramer, parse_event
 from llmproxy.filters.translate import (
     ChatStreamToResponsesStream,
     TranslationError,
@@ -17,6 +16,7 @@ from llmproxy.filters.translate import (
     responses_request_to_chat,
 )
 from llmproxy.filters.translate.responses import decode_thinking, encode_thinking
+from tests.filters.sse_replay import replay, splits
 
 
 def test_request_mapping() -> None:
@@ -199,14 +199,8 @@ STREAM = (
 
 
 def _translate(pieces: list[bytes]) -> list[dict[str, Any]]:
-    framer = SseFramer(1 << 20)
     translator = ChatStreamToResponsesStream(request={"model": "m"}, response_id="resp_1", model="m")
-    out = b""
-    for piece in pieces:
-        for event in framer.feed(piece):
-            parsed = parse_event(event)
-            out += translator.feed(parsed.event, parsed.data)
-    out += translator.finish()
+    out = replay(translator, pieces)
     events = []
     for raw in out.split(b"\n\n"):
         if raw:
@@ -277,8 +271,8 @@ def test_stream_events_and_every_split() -> None:
     assert final["output"][1]["content"][0]["text"] == "Héllo"
     assert final["usage"]["input_tokens"] == 3 and final["usage"]["output_tokens"] == 4
     expected = _normal(whole)
-    for cut in range(1, len(STREAM)):
-        assert _normal(_translate([STREAM[:cut], STREAM[cut:]])) == expected, cut
+    for pieces in splits(STREAM):
+        assert _normal(_translate(pieces)) == expected, [len(p) for p in pieces]
 
 
 def test_stream_cut_before_finish_fails() -> None:
