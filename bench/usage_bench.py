@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from translate_bench import anthropic_stream, openai_stream
 
+from llmproxy import Attempt, UpstreamTarget
 from llmproxy.filters.metering.filter import MeteringFilter
 from llmproxy.filters.routing.filter import RoutingFilter, _Mode
 from llmproxy.filters.routing.usage import StreamUsage
@@ -57,17 +58,12 @@ class _Target:
     provider = _Provider()
 
 
-class _Attempt:
-    key_id = "k1"
-    usage: Any = None
-
-
 class _Exchange:
     """What routing's and metering's ``on_response_body`` touch on an exchange."""
 
     def __init__(self) -> None:
         self.vars: dict[str, Any] = {}
-        self.attempt = _Attempt()
+        self.attempt = Attempt(1, UpstreamTarget.from_url("p", "http://upstream.test"))  # the real one
         self.data: bytes | None = None
 
     def set_response_data(self, data: bytes) -> None:
@@ -93,6 +89,7 @@ def _routing(protocol: str, api: str, include_usage_asked: bool) -> RoutingFilte
     routing.client_protocol = protocol
     routing.current = _Target()  # type: ignore[assignment]
     routing._mode = _Mode.WATCH_STREAM
+    routing._previous = routing._before = b""  # as _choose_mode leaves them for a new response
     routing._usage = StreamUsage(protocol)
     routing._stream = True
     routing._include_usage_asked = include_usage_asked
