@@ -21,8 +21,9 @@ dropped: ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs
 ``stream_options`` (the caller passes ``include_usage`` to the stream
 translator), the legacy ``functions``/``function_call`` and ``function``
 role messages, a message's ``name``, an image's ``detail`` and a tool's
-``strict``. Non-function tools (``custom``, ``allowed_tools`` choices) are
-dropped too. ``temperature`` is passed through unchanged: OpenAI allows up to
+``strict``. Non-function tools (``custom``) and ``tool_choice`` values
+Anthropic has no equivalent for (``allowed_tools``) are refused with a 400
+naming ``tools[i].type`` / ``tool_choice``. ``temperature`` is passed through unchanged: OpenAI allows up to
 2, Anthropic up to 1, and the provider's 400 says so.
 
 ``cache_control`` on a content part (not OpenAI's, sent by clients that know
@@ -335,10 +336,14 @@ def _thinking(effort: object, out: JsonObject, *, explicit_max: bool) -> None:
 
 def _translate_tools(body: JsonObject, out: JsonObject) -> None:
     tools: list[JsonObject] = []
-    for tool in body.get("tools") or ():
+    for i, tool in enumerate(body.get("tools") or ()):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or tool.get("type") != "function":
-            continue  # custom / hosted tools have no Anthropic equivalent
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise TranslationError(  # custom tools have no Anthropic equivalent: refused, not dropped
+                f"tools of type {kind!r} cannot be sent to an Anthropic model (only function tools)",
+                param=f"tools[{i}].type",
+            )
         entry: JsonObject = {"name": function.get("name")}
         if function.get("description"):
             entry["description"] = function["description"]
@@ -357,6 +362,9 @@ def _translate_tools(body: JsonObject, out: JsonObject) -> None:
         tool_choice = {"type": "none"}
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         tool_choice = {"type": "tool", "name": choice["function"].get("name")}
+    elif choice is not None:  # allowed_tools, custom: no Anthropic equivalent, refused rather than ignored
+        kind = choice.get("type") if isinstance(choice, dict) else choice
+        raise TranslationError(f"tool_choice {kind!r} cannot be sent to an Anthropic model", param="tool_choice")
     if body.get("parallel_tool_calls") is False:
         if tool_choice is None:
             tool_choice = {"type": "auto"}

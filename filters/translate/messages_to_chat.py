@@ -12,9 +12,10 @@ Request fields with no Chat Completions equivalent are dropped: ``top_k``,
 ``thinking``, ``service_tier``, ``container``, ``mcp_servers``,
 ``context_management``, every ``cache_control`` (OpenAI caches on its own),
 ``citations``, a tool result's ``is_error``, ``metadata`` other than
-``user_id``, and server tools (``web_search_*``, ``bash_*``, ``text_editor_*``
-and every other tool with a versioned ``type``). Thinking blocks in the
-history are dropped as well. Content the provider cannot take (documents
+``user_id``. Server tools (``web_search_*``, ``bash_*``, ``text_editor_*``
+and every other tool with a versioned ``type``) run at Anthropic: they are
+refused with a 400 naming ``tools[i].type``. Thinking blocks in the
+history are dropped. Content the provider cannot take (documents
 other than base64 PDF or plain text, unknown block types) raises
 :class:`~llmproxy.filters.translate.errors.TranslationError`.
 
@@ -193,9 +194,13 @@ def _system_message(system: object) -> JsonObject | None:
 
 def _translate_tools(body: JsonObject, out: JsonObject) -> None:
     tools: list[JsonObject] = []
-    for tool in body.get("tools") or ():
+    for i, tool in enumerate(body.get("tools") or ()):
         if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
-            continue  # server tools run at Anthropic; nothing to call on the OpenAI side
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise TranslationError(  # server tools run at Anthropic: refused, not dropped
+                f"server tools ({kind!r}) run at Anthropic and cannot be sent to this model",
+                param=f"tools[{i}].type",
+            )
         function: JsonObject = {"name": tool.get("name")}
         if tool.get("description"):
             function["description"] = tool["description"]

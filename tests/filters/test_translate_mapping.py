@@ -108,6 +108,22 @@ def _user(part: Any) -> list[Any]:
             {"messages": _user({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}})},
             "messages[0].content[0]",
         ),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+                    {"type": "custom", "custom": {"name": "g"}},
+                ]
+            },
+            "tools[1].type",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+            },
+            "tool_choice",
+        ),
     ],
 )
 def test_chat_fields_anthropic_cannot_take_are_named(extra: dict[str, Any], param: str) -> None:
@@ -139,6 +155,15 @@ def test_chat_fields_anthropic_cannot_take_are_named(extra: dict[str, Any], para
         (
             {"messages": _user({"type": "image", "source": {"type": "file", "file_id": "file_1"}})},
             "messages[0].content[0].source",
+        ),
+        (
+            {
+                "tools": [
+                    {"name": "f", "input_schema": {"type": "object"}},
+                    {"type": "web_search_20250305", "name": "ws"},
+                ]
+            },
+            "tools[1].type",
         ),
     ],
 )
