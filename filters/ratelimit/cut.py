@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from llmproxy import parse_event
+from llmproxy import parse_event, split_events
 from llmproxy.filters.metering.tokenizer import text_counter
 
 __all__ = ["StreamCap"]
@@ -132,6 +132,28 @@ class StreamCap:
         self.pending = []
         self.pending_bytes = 0
         return self._count(event)
+
+    def feed_batch(self, data: bytes) -> bytes | None:
+        """One or more whole SSE events (a read's worth): None to pass them on as they are, or
+        the bytes to send instead (the events before the cut, then the ending)."""
+        if self.cut:
+            return b""
+        pending = self.pending_bytes + len(data)
+        if self.used + pending <= self.allowance and pending <= _PENDING_BYTES:
+            self.pending.append(data)  # the whole batch fits even at one token per byte
+            self.pending_bytes = pending
+            return None
+        for earlier in self.pending:
+            for event in split_events(earlier):
+                self._count(event)  # never cuts (see feed)
+        self.pending = []
+        self.pending_bytes = 0
+        events = split_events(data)
+        for i, event in enumerate(events):
+            replaced = self.feed(event)
+            if replaced is not None:
+                return b"".join(events[:i]) + replaced
+        return None
 
     def _count(self, event: bytes) -> bytes | None:
         """Count one event exactly: None to pass it on, or the ending that replaces it."""

@@ -120,6 +120,8 @@ class RateLimitFilter(Filter):
 
     factory: RateLimitFactory
     mutates_response_body: ClassVar[bool] = True
+    #: A stream's events come a read's worth at a time: the cap looks at a batch at once.
+    sse_batches: ClassVar[bool] = True
 
     __slots__ = ("_cap", "_facts", "_fields", "_plan", "_settled", "_spent", "_unknown")
 
@@ -349,7 +351,7 @@ class RateLimitFilter(Filter):
         cap = self._cap
         if cap is None or not data:
             return Action.CONTINUE
-        replaced = cap.feed(data)
+        replaced = cap.feed_batch(data)
         if replaced is not None:
             exchange.set_response_data(replaced)
             if cap.cut and replaced:

@@ -87,3 +87,23 @@ def test_a_stream_far_from_its_allowance_is_never_parsed() -> None:
     events = _openai_stream()
     assert all(cap.feed(e) is None for e in events)
     assert cap.used == 0 and len(cap.pending) == len(events)  # kept aside, not counted
+
+
+@pytest.mark.parametrize(("protocol", "events"), [("openai", _openai_stream()), ("anthropic", _anthropic_stream())])
+@pytest.mark.parametrize("per_batch", [2, 3, 5])
+def test_batches_give_the_bytes_events_one_by_one_give(protocol: str, events: list[bytes], per_batch: int) -> None:
+    total = StreamCap(protocol, MODEL, 10**9, 5)
+    _run(total, events, exact=True)
+    for allowance in range(1, total.used + 2):
+        one_by_one = StreamCap(protocol, MODEL, allowance, 5)
+        want = b"".join(
+            e if out is None else out for e, out in zip(events, _run(one_by_one, events, exact=True), strict=True)
+        )
+        batched = StreamCap(protocol, MODEL, allowance, 5)
+        got = b""
+        for start in range(0, len(events), per_batch):
+            batch = b"".join(events[start : start + per_batch])
+            out = batched.feed_batch(batch)
+            got += batch if out is None else out
+        assert got == want, allowance
+        assert batched.cut == one_by_one.cut

@@ -106,6 +106,10 @@ class Monitor:
         self.sock.close()
 
 
+#: What redis-py sends when it opens a pooled connection.
+_CONNECTION_SETUP = frozenset({"hello", "client", "select"})
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_one_evalsha_at_admission_and_one_at_settlement(
     redis_server: RedisServer, mock: MockServer, make_proxy: Make, stream: bool
@@ -141,5 +145,10 @@ def test_one_evalsha_at_admission_and_one_at_settlement(
         commands = monitor.commands()
     finally:
         monitor.close()
-    # one EVALSHA to reserve, one to settle (the metered usage differs from the estimate), nothing else
-    assert commands == ["evalsha"] * (2 * n), commands
+    # One EVALSHA to reserve, one to settle (the metered usage differs from the estimate), nothing
+    # else. A settlement can overlap the next request's admission (the client has its last byte
+    # before the settle is sent), so the pool may open one more connection: its handshake
+    # (HELLO, CLIENT SETINFO) is per connection, not per request, and is left out.
+    per_request = [c for c in commands if c not in _CONNECTION_SETUP]
+    assert per_request == ["evalsha"] * (2 * n), commands
+    assert commands.count("hello") <= 1, commands
