@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from translate_bench import anthropic_stream, openai_stream
+from translate_bench import anthropic_stream, best_of, openai_stream
 
 from llmproxy import Attempt, UpstreamTarget
 from llmproxy.filters.metering.filter import MeteringFilter
@@ -94,15 +92,6 @@ def _routing(protocol: str, api: str, include_usage_asked: bool) -> RoutingFilte
     routing._stream = True
     routing._include_usage_asked = include_usage_asked
     return routing
-
-
-def best_of(repeat: int, run: Callable[[], None]) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter_ns()
-        run()
-        best = min(best, time.perf_counter_ns() - start)
-    return best
 
 
 def bench(name: str, events: list[bytes], protocol: str, api: str, asked: bool, repeat: int) -> float:

@@ -121,16 +121,9 @@ class StreamCap:
         """One whole SSE event: None to pass it on, or the bytes to send instead (the ending)."""
         if self.cut:
             return b""
-        size = len(event)
-        pending = self.pending_bytes + size
-        if self.used + pending <= self.allowance and pending <= _PENDING_BYTES:
-            self.pending.append(event)  # cannot cross the allowance: count it later, if ever
-            self.pending_bytes = pending
+        if self._keep_aside(event):
             return None
-        for earlier in self.pending:
-            self._count(earlier)  # never cuts: they fit even at one token per byte
-        self.pending = []
-        self.pending_bytes = 0
+        self._flush()
         return self._count(event)
 
     def feed_batch(self, data: bytes) -> bytes | None:
@@ -138,22 +131,33 @@ class StreamCap:
         the bytes to send instead (the events before the cut, then the ending)."""
         if self.cut:
             return b""
-        pending = self.pending_bytes + len(data)
-        if self.used + pending <= self.allowance and pending <= _PENDING_BYTES:
-            self.pending.append(data)  # the whole batch fits even at one token per byte
-            self.pending_bytes = pending
+        if self._keep_aside(data):
             return None
-        for earlier in self.pending:
-            for event in split_events(earlier):
-                self._count(event)  # never cuts (see feed)
-        self.pending = []
-        self.pending_bytes = 0
+        self._flush()
         events = split_events(data)
         for i, event in enumerate(events):
             replaced = self.feed(event)
             if replaced is not None:
                 return b"".join(events[:i]) + replaced
         return None
+
+    def _keep_aside(self, data: bytes) -> bool:
+        """Keep ``data`` (whole events) uncounted if it cannot cross the allowance even at one
+        token per byte; False when it must be counted now."""
+        pending = self.pending_bytes + len(data)
+        if self.used + pending <= self.allowance and pending <= _PENDING_BYTES:
+            self.pending.append(data)
+            self.pending_bytes = pending
+            return True
+        return False
+
+    def _flush(self) -> None:
+        """Count what was kept aside (never cuts: it fits even at one token per byte)."""
+        for earlier in self.pending:
+            for event in split_events(earlier):
+                self._count(event)
+        self.pending = []
+        self.pending_bytes = 0
 
     def _count(self, event: bytes) -> bytes | None:
         """Count one event exactly: None to pass it on, or the ending that replaces it."""

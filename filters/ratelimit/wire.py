@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from llmproxy import QuotaState, RateLimited
 
-__all__ = ["FIELD_NAMES", "BudgetExceeded", "as_text", "duration", "header_fields", "reset_duration", "rfc3339"]
+__all__ = ["FIELD_NAMES", "BudgetExceeded", "as_text", "duration", "header_fields", "reset_duration", "reset_instant"]
 
 
 class BudgetExceeded(RateLimited):
@@ -60,16 +60,11 @@ def reset_duration(seconds: float) -> bytes:
     return text
 
 
-def rfc3339(seconds_from_now: float) -> str:
-    """The instant ``seconds_from_now`` as RFC 3339 UTC (``2026-12-03T07:10:00Z``), rounded up
-    to the whole second (never earlier than the real reset)."""
-    return _instant(math.ceil(time.time() + seconds_from_now)).decode()
-
-
-_INSTANTS: dict[int, bytes] = {}
-
-
-def _instant(epoch: int) -> bytes:
+def reset_instant(seconds_from_now: float) -> bytes:
+    """The ``anthropic-ratelimit-*-reset`` value: the instant ``seconds_from_now`` as RFC 3339
+    UTC (``2026-12-03T07:10:00Z``), rounded up to the whole second (never earlier than the real
+    reset); cached per second."""
+    epoch = math.ceil(time.time() + seconds_from_now)
     text = _INSTANTS.get(epoch)
     if text is None:
         if len(_INSTANTS) >= 8192:
@@ -77,6 +72,10 @@ def _instant(epoch: int) -> bytes:
         at = datetime.fromtimestamp(epoch, UTC)
         text = _INSTANTS[epoch] = at.strftime("%Y-%m-%dT%H:%M:%SZ").encode()
     return text
+
+
+#: :func:`reset_instant` texts already made, by whole seconds since the epoch.
+_INSTANTS: dict[int, bytes] = {}
 
 
 _PARTS = ("limit", "remaining", "reset")
@@ -122,7 +121,7 @@ def header_fields(
     for kind, snap in (("requests", requests), (token_kind, tokens)):
         if snap is not None:
             limit, remaining, reset = _NAMES[proto, kind]
-            when = _instant(math.ceil(time.time() + snap.reset)) if anthropic else reset_duration(snap.reset)
+            when = reset_instant(snap.reset) if anthropic else reset_duration(snap.reset)
             out += ((limit, b"%d" % snap.limit), (remaining, b"%d" % snap.remaining), (reset, when))
     return out
 
