@@ -66,7 +66,7 @@ from llmproxy.filters.metering.relayed import relayed_output
 from llmproxy.filters.metering.tokenizer import count_prompt_async, count_text, warm
 from llmproxy.filters.names import ROUTE
 from llmproxy.filters.routing import RouteDecision, RoutingFactory
-from llmproxy.filters.routing.table import NoProvider
+from llmproxy.filters.routing.table import NoProvider, Target
 
 __all__ = ["USAGE_HEADER", "MeteringFactory", "MeteringFilter"]
 
@@ -154,10 +154,16 @@ class MeteringFilter(Filter):
     async def _settle(self, exchange: Exchange, attempt: Attempt) -> Usage:
         factory = self.factory
         route = _route(exchange)
-        model = (route.model if route else "") or self._requested_model
-        provider = (route.provider if route else "") or attempt.target.name
+        # the attempt's own target: the route may already point at a retry's
+        sent = route.target_of(attempt.number) if route is not None else None
+        target = sent[0] if sent is not None else None
+        model = (target.model if target else "") or self._requested_model
+        provider = (target.provider.name if target else "") or attempt.target.name
         client_protocol = (route.client_protocol if route else "") or exchange.client_protocol
-        provider_protocol = (route.provider_protocol if route else "") or client_protocol
+        provider_protocol = (target.provider.protocol if target else "") or client_protocol
+        if route is not None and target is not None and target is not route.target:
+            # the body now holds the retry's request (maybe in another protocol): count the client's
+            provider_protocol = ""
         usage = attempt.usage
         status = attempt.status
         spent = usage is not None or (
@@ -198,14 +204,21 @@ class MeteringFilter(Filter):
                 usage.approximate = usage.approximate or counted_out.approximate
         elif need_output:
             usage.output_tokens = 0
-        usage.cost = factory.price(usage, route)
+        usage.cost = factory.price(usage, target)
         return usage
 
     async def _count_prompt(self, exchange: Exchange, protocol: str, model: str) -> tuple[int, str, bool] | None:
-        try:
-            payload = exchange.request_json()
-        except InvalidJSON:
-            return None  # not JSON: nothing to count
+        """Count the prompt of the current request body in ``protocol``; "" counts the client's
+        request as routing read it (an attempt that is no longer the current one)."""
+        if not protocol:
+            route = _route(exchange)
+            payload: Any = route.client_json(exchange) if route is not None else None
+            protocol = exchange.client_protocol
+        else:
+            try:
+                payload = exchange.request_json()
+            except InvalidJSON:
+                return None  # not JSON: nothing to count
         if not isinstance(payload, dict):
             return None
         try:
@@ -256,7 +269,9 @@ class MeteringHeaderFilter(MeteringFilter):
         attempt, response = exchange.attempt, exchange.response
         usage = attempt.usage if attempt is not None else None
         if usage is not None and response is not None:
-            price = self.factory.price(usage, _route(exchange))
+            route = _route(exchange)
+            sent = route.target_of(attempt.number) if route is not None and attempt is not None else None
+            price = self.factory.price(usage, sent[0] if sent is not None else None)
             response.headers.set(
                 USAGE_HEADER,
                 f"input={usage.input_tokens}; output={usage.output_tokens}; cached={usage.cache_read_tokens}; "
@@ -356,10 +371,9 @@ class MeteringFactory(FilterFactory):
                 continue
         return None
 
-    def price(self, usage: Usage, route: RouteDecision | None) -> Cost | None:
+    def price(self, usage: Usage, target: Target | None) -> Cost | None:
         """``usage``'s cost: its model priced for the provider's type (``openai``, ``anthropic``...)
-        when routing chose the target, else for the provider's name."""
-        target = route.target if route is not None else None
+        when routing chose the ``target``, else for the provider's name."""
         provider = target.provider.adapter.type_name if target is not None else usage.provider
         return cost(usage, self.prices.lookup(provider, usage.model))
 

@@ -34,6 +34,7 @@ class RouteDecision:
         "key_index",
         "output_cap",
         "requested_model",
+        "sent",
         "target",
     )
 
@@ -53,6 +54,9 @@ class RouteDecision:
         self.target: Target | None = None
         self.key_index = 0
         self.attempted: list[tuple[str, int]] = []
+        #: (first attempt number, target, key index) for every choice, in order: the choice
+        #: made for attempt n holds until the next one (see :meth:`target_of`).
+        self.sent: list[tuple[int, Target, int]] = []
         #: A ceiling on the output tokens of every later attempt, set by a filter after routing
         #: (the ``ratelimit`` filter's hard budget): routing writes it into each body it builds
         #: for a retry (another key or provider), in the provider API's field
@@ -84,6 +88,21 @@ class RouteDecision:
     def translated(self) -> bool:
         """The provider speaks another protocol than the client (requests and responses are translated)."""
         return self.target is not None and self.provider_protocol != self.client_protocol
+
+    def target_of(self, attempt_number: int) -> tuple[Target, int] | None:
+        """The target and key index attempt ``attempt_number`` was sent to, or None.
+
+        ``target`` is where the *next* attempt goes: by the time an attempt
+        completes, failover may already have re-pointed the route for a retry.
+        A filter accounting for a finished attempt (its model, provider, price)
+        asks here instead.
+        """
+        found = None
+        for first, target, key_index in self.sent:
+            if first > attempt_number:
+                break
+            found = (target, key_index)
+        return found
 
     def client_json(self, exchange: Exchange) -> dict[str, Any]:
         """The client's request JSON as routing read it, before any translation (do not modify).

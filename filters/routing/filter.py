@@ -372,6 +372,7 @@ class RoutingFilter(Filter):
         if route is not None:
             route.target, route.key_index = target, key_index
             route.attempted.append((provider.name, key_index))
+            route.sent.append((exchange.attempts + 1, target, key_index))
         request = exchange.request
         headers = request.headers
         exchange.upstream = provider.targets[key_index]

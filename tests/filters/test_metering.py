@@ -295,3 +295,36 @@ def test_the_provider_is_asked_for_an_uncompressed_body_whatever_the_client_acce
     assert scripted.requests[-1].headers.get("accept-encoding") == "identity"
     usage = _exchange_usage()
     assert (usage.input_tokens, usage.output_tokens, usage.input_source) == (11, 3, Source.PROVIDER)
+
+
+def test_a_failed_over_attempt_is_accounted_to_its_own_provider_and_model(scripted: Scripted, make_proxy: Make) -> None:
+    """Failover re-points the route before the failed attempt completes: that attempt's usage
+    still names the provider and model it was sent to (and is priced as such), not the retry's."""
+    tf.UsageRecorderFactory.instances.clear()
+    ok = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "mock-gpt",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
+    }
+    scripted.replies.append(Reply(500, b'{"error": {"message": "boom", "type": "server_error"}}'))
+    scripted.default = Reply(200, json.dumps(ok).encode())
+    config = _config(f"{scripted.url}/v1")
+    routing = config["filters"][1]["config"]
+    first = {**routing["providers"][0], "name": "first", "models": {"gpt-x": "mock-first"}}
+    second = {**routing["providers"][0], "name": "second", "priority": 1, "models": {"gpt-x": "mock-gpt"}}
+    routing["providers"] = [first, second]
+    config["filters"].insert(2, {"name": "failover", "config": {}})
+    proxy = make_proxy(config)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-client", max_retries=0, timeout=10)
+    client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hello"}])
+    assert [r.body["model"] for r in scripted.requests] == ["mock-first", "mock-gpt"]
+    usage = _exchange_usage()  # waits for the exchange to complete
+    rec = tf.UsageRecorderFactory.instances[-1]
+    (_, failed), (_, served) = rec.attempts
+    assert (failed.provider, failed.model, failed.output_tokens) == ("first", "mock-first", 0)
+    assert failed.cost is None  # mock-first has no price: not priced as the retry's mock-gpt
+    assert (served.provider, served.model, served.input_tokens) == ("second", "mock-gpt", 11)
+    assert served.cost is not None and usage.input_tokens == 11
