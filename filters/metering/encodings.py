@@ -20,6 +20,8 @@ Encodings are loaded once, lazily, under a lock, and cached for the process.
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.util
 import os
@@ -165,5 +167,22 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         enc = _cache.get(name)
         if enc is None:
             enc = loader()
+            # tiktoken keeps the Python rank dict only to pickle the encoding; counting uses the
+            # Rust copy. Dropped, it frees ~23 MiB for o200k_base (~12 for cl100k_base).
+            enc._mergeable_ranks = {}
             _cache[name] = enc
+            _release_freed_memory()
     return enc
+
+
+def _release_freed_memory() -> None:
+    """Return the heap the load freed (the file, the rank dict, its checks) to the system.
+
+    glibc keeps freed memory in its arenas; ``malloc_trim`` gives back what it can (~8 MiB after
+    o200k_base). A no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

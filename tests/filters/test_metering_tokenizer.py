@@ -408,3 +408,15 @@ def test_responses_input_image() -> None:
     body = {"input": [{"role": "user", "content": [part]}]}
     counted = count_prompt(body, "responses", "gpt-4o")
     assert counted == TokenCount(3 + 1 + 1105 + 3, "o200k_base", False)
+
+
+@pytest.mark.parametrize("name", [encodings.CL100K, encodings.O200K])
+def test_a_loaded_encoding_keeps_no_python_rank_table(name: str) -> None:
+    """tiktoken's Python copy of the ranks (tens of MiB for o200k_base) is dropped after the
+    Rust tokenizer is built: counting and decoding still work without it."""
+    if not encodings.installed(name):
+        pytest.skip(f"{name} is not installed")
+    enc = encodings.get_encoding(name)
+    assert enc._mergeable_ranks == {}
+    ids = enc.encode_ordinary("hello world, the ranks live in Rust")
+    assert enc.decode(ids) == "hello world, the ranks live in Rust"
