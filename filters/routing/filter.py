@@ -484,9 +484,7 @@ class RoutingFilter(Filter):
     def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         """``data`` is one or more whole SSE events for a stream (``sse_batches``), else a piece of the body."""
         mode = self._mode
-        if mode is _Mode.PASS:
-            return Action.CONTINUE
-        if mode is _Mode.WATCH_STREAM:
+        if mode is _Mode.WATCH_STREAM:  # the hot one: every batch of a same-protocol stream
             attempt = exchange.attempt
             if attempt is not None and attempt.response_id is None:
                 take_head(attempt, data)  # the id and model are in the first event
@@ -498,6 +496,8 @@ class RoutingFilter(Filter):
                 self._stream_finish(exchange, data)
             else:  # the finish reasons come just before the usage (or the end): kept, not searched
                 self._before, self._previous = self._previous, data
+            return Action.CONTINUE
+        if mode is _Mode.PASS:
             return Action.CONTINUE
         if mode is _Mode.WATCH_JSON:
             if data:
