@@ -33,6 +33,8 @@ Config::
     cooldown: 30              # seconds a 429 cools a key without retry-after
     eject_for: 30             # seconds before an ejected key is probed (or tried, without health checks)
     max_attempts: 3           # per request, the first included
+    share_interval: 1.0       # seconds a worker's view of a key's shared health is used before it
+                              # is read again (0: read on every request); its own findings apply at once
     deadline: 60              # seconds after which no new attempt starts
     backoff: {base: 0.05, max: 2.0}
     health_check:             # omit or enabled: false to disable
@@ -351,6 +353,7 @@ class FailoverFactory(FilterFactory):
             cooldown = sec.get("cooldown", float, 30.0, _positive)
             eject_for = sec.get("eject_for", float, 30.0, _positive)
             self.max_attempts = sec.get("max_attempts", int, 3, _at_least(1))
+            share_interval = sec.get("share_interval", float, 1.0, _at_least(0))
             self.deadline = sec.get("deadline", float, 60.0, _positive)
             backoff = Section(sec.get("backoff", dict, {}), "backoff", "")
             self.backoff_base = backoff.get("base", float, 0.05, _positive)
@@ -389,6 +392,7 @@ class FailoverFactory(FilterFactory):
             cooldown=cooldown,
             eject_for=eject_for,
             trial_after_ejection=not self.health_checks,
+            share_interval=share_interval,
             clock=clock,
             on_store_error=self.store_errors.inc,
         )
@@ -482,7 +486,7 @@ class FailoverFactory(FilterFactory):
             except StoreUnavailable:
                 continue
             records = [self.record(provider, i) for i in range(len(provider.targets))]
-            await self.book.refresh(records)
+            await self.book.refresh(records, force=True)
             now = self.book.clock()
             due = [
                 i

@@ -92,6 +92,7 @@ class HealthBook:
         cooldown: float,
         eject_for: float,
         trial_after_ejection: bool,
+        share_interval: float = 0.0,
         clock: Callable[[], float] = time.time,
         on_store_error: Callable[[], None] | None = None,
     ) -> None:
@@ -106,6 +107,10 @@ class HealthBook:
         self.eject_for = eject_for
         self.trial_after_ejection = trial_after_ejection
         self.view: dict[str, KeyHealth] = {}
+        #: Seconds a record read from the store is used before :meth:`refresh` reads it again.
+        self.share_interval = share_interval
+        #: Record key -> time.monotonic() until which its view is fresh enough.
+        self._fresh_until: dict[str, float] = {}
         self.store_available = True
         self.store_errors = 0
 
@@ -132,8 +137,23 @@ class HealthBook:
             log.warning("shared store reachable again; key health is shared again")
         self.store_available = True
 
-    async def refresh(self, keys: list[str]) -> None:
-        """Read the records of ``keys`` into the view (kept as is if the store is down)."""
+    async def refresh(self, keys: list[str], *, force: bool = False) -> None:
+        """Read the records of ``keys`` into the view (kept as is if the store is down).
+
+        Only records read longer than ``share_interval`` ago are read (all of them with
+        ``force``): on a shared store, admission costs a round trip at most once per interval,
+        not per request. Another instance's finding is seen within that interval; this
+        worker's own changes are in the view at once.
+        """
+        if self.share_interval > 0 and not force:
+            now = time.monotonic()
+            fresh = self._fresh_until
+            keys = [k for k in keys if fresh.get(k, 0.0) <= now]
+            if not keys:
+                return
+            until = now + self.share_interval
+            for k in keys:  # before the await: concurrent requests do not read them again
+                fresh[k] = until
         try:
             results = await self.store.get_many(keys)
         except StoreUnavailable as exc:

@@ -236,7 +236,7 @@ def test_redis_outage_serves_from_the_last_view_and_catches_up(
     url = redis_server.url
     mock = start_mock_with({K401: KeyBehaviour(status=401)})
     keys = [K401, KA, KGOOD, KC]
-    proxy = make_proxy(config(url, [provider(mock.port, keys)], {"eject_for": 30}))
+    proxy = make_proxy(config(url, [provider(mock.port, keys)], {"eject_for": 30, "share_interval": 0.2}))
 
     assert chat(proxy.port).status == 200
     assert key_state(proxy.port, K401)["state"] == "ejected"
@@ -259,6 +259,7 @@ def test_redis_outage_serves_from_the_last_view_and_catches_up(
     # Redis is back, empty (no persistence). Another instance ejects KC meanwhile.
     redis_server.restart()
     loop_thread.call(_eject_elsewhere(url, "p", KC))
+    time.sleep(0.3)  # past share_interval: the view is read again
     before = {k: hits(mock, k) for k in keys}
     replies = [chat(proxy.port) for _ in range(8)]
     assert [r.status for r in replies] == [200] * 8
@@ -307,7 +308,9 @@ def test_frozen_redis_costs_one_timeout_then_requests_run_at_normal_speed(
     mock = start_mock_with()
     keys = [KGOOD, KGOOD2, KA]
     # socket_timeout 0.5 s (the default); the breaker probes every 0.2 s
-    proxy = make_proxy(config(url + "?probe_interval=0.2", [provider(mock.port, keys)], {"failure_threshold": 1}))
+    proxy = make_proxy(  # share_interval 0: every request reads the (frozen) store
+        config(url + "?probe_interval=0.2", [provider(mock.port, keys)], {"failure_threshold": 1, "share_interval": 0})
+    )
     assert chat(proxy.port).status == 200
     assert admin(proxy.port)["store_available"] is True
 
@@ -335,3 +338,23 @@ def test_frozen_redis_costs_one_timeout_then_requests_run_at_normal_speed(
     assert key_state(proxy.port, KA)["state"] == "ejected"
     shared = loop_thread.call(_read_states(url, "p", [KA, KGOOD]))
     assert shared == {KA: "ejected", KGOOD: "healthy"}  # the write reached Redis
+
+
+def test_shared_health_is_read_once_per_share_interval_not_per_request(
+    redis_server: RedisServer, start_mock_with: StartMock, make_proxy: Make, loop_thread: LoopThread
+) -> None:
+    """Admission reads key health from Redis at most once per ``share_interval``: another
+    instance's ejection is honoured after the interval, and requests within it cost no read."""
+    url = redis_server.url
+    mock = start_mock_with({})
+    keys = [KA, KGOOD, KC]
+    proxy = make_proxy(config(url, [provider(mock.port, keys)], {"eject_for": 30, "share_interval": 1.5}))
+    assert chat(proxy.port).status == 200  # the first request reads the view
+    loop_thread.call(_eject_elsewhere(url, "p", KC))
+    before = hits(mock, KC)
+    assert [chat(proxy.port).status for _ in range(3)] == [200] * 3
+    assert hits(mock, KC) == before + 1  # within the interval: the old view, round robin reaches KC
+    time.sleep(1.6)
+    before = hits(mock, KC)
+    assert [chat(proxy.port).status for _ in range(6)] == [200] * 6
+    assert hits(mock, KC) == before  # read again: KC is ejected here too
