@@ -39,6 +39,7 @@ counters (N times the limit): refused at startup unless ``per_worker: true``.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import logging
 import math
@@ -96,6 +97,8 @@ _REQ, _TOK, _CONC, _BTOK, _BUSD = range(5)
 _KIND_NAMES = ("requests", "tokens", "concurrent", "budget_tokens", "budget_usd")
 #: Principals whose own rules are kept parsed (auth filters publish one object per key).
 _PRINCIPAL_CACHE = 4096
+#: Seconds after an admission by which the decision and budget metrics show it.
+_FLUSH_DELAY = 0.25
 _EMBEDDINGS = "/v1/embeddings"
 
 
@@ -510,7 +513,12 @@ class RateLimitFactory(FilterFactory):
         #: Label children, cached (``labels()`` costs more than the increment).
         self._admitted: dict[str, Any] = {}
         self._budget_gauges: dict[str, Any] = {}
-        self._budget_view: dict[str, dict[str, Any]] = {}
+        #: Budget counter key -> (budget name, kind, used, limit) as last seen (the admin page).
+        self._budget_view: dict[str, tuple[str, int, int, int]] = {}
+        #: Counted since the last :meth:`flush_metrics`: admissions by rule, budget values by key.
+        self._pending_admitted: dict[str, int] = {}
+        self._dirty_budgets: dict[str, tuple[str, int, int, int]] = {}
+        self._flush_armed = False
         context.add_admin_page("/admin/ratelimit", self.admin_page)
 
     def rules_for(self, principal: Principal) -> tuple[tuple[LimitRule, ...], tuple[BudgetRule, ...]]:
@@ -544,28 +552,46 @@ class RateLimitFactory(FilterFactory):
         return int(price.total * 1_000_000) if price is not None else 0
 
     def admitted(self, plan: _Plan, states: tuple[QuotaState, ...]) -> None:
+        """Count an admission: plain dict writes here, the prometheus metrics at the next flush
+        (at most ``_FLUSH_DELAY`` later; a label child's ``inc`` takes a lock, per request)."""
+        pending = self._pending_admitted
         counted: LimitRule | BudgetRule | None = None
         for rule in plan.rules:  # a rule's quotas are adjacent: count each rule once
             if rule is not counted:
                 counted = rule
-                child = self._admitted.get(rule.name)
-                if child is None:
-                    child = self._admitted[rule.name] = self.decisions.labels(rule.name, "admitted")
-                child.inc()
-        for quota, kind, state, rule in zip(plan.quotas, plan.kinds, states, plan.rules, strict=True):
-            if kind in (_BTOK, _BUSD):
-                gauge = self._budget_gauges.get(quota.key)
-                if gauge is None:
-                    if len(self._budget_gauges) >= _PRINCIPAL_CACHE:
-                        self._budget_gauges.clear()
-                    gauge = self._budget_gauges[quota.key] = self.budget_used.labels(rule.name, quota.key)
-                gauge.set(state.used)
-                self._budget_view[quota.key] = {
-                    "budget": rule.name,
-                    "unit": "tokens" if kind == _BTOK else "usd",
-                    "used": state.used if kind == _BTOK else str(Decimal(state.used) / 1_000_000),
-                    "limit": state.limit if kind == _BTOK else str(Decimal(state.limit) / 1_000_000),
-                }
+                pending[rule.name] = pending.get(rule.name, 0) + 1
+        if plan.budgets:
+            view, dirty = self._budget_view, self._dirty_budgets
+            for quota, kind, state, rule in zip(plan.quotas, plan.kinds, states, plan.rules, strict=True):
+                if kind in (_BTOK, _BUSD):
+                    view[quota.key] = dirty[quota.key] = (rule.name, kind, state.used, state.limit)
+        if not self._flush_armed:
+            self._flush_armed = True
+            asyncio.get_running_loop().call_later(_FLUSH_DELAY, self.flush_metrics)
+
+    def flush_metrics(self) -> None:
+        """Move the admissions and budget values counted since the last flush into the metrics."""
+        self._flush_armed = False
+        pending, self._pending_admitted = self._pending_admitted, {}
+        for name, count in pending.items():
+            child = self._admitted.get(name)
+            if child is None:
+                child = self._admitted[name] = self.decisions.labels(name, "admitted")
+            child.inc(count)
+        dirty, self._dirty_budgets = self._dirty_budgets, {}
+        for key, (name, _kind, used, _limit) in dirty.items():
+            gauge = self._budget_gauges.get(key)
+            if gauge is None:
+                if len(self._budget_gauges) >= _PRINCIPAL_CACHE:
+                    self._budget_gauges.clear()
+                gauge = self._budget_gauges[key] = self.budget_used.labels(name, key)
+            gauge.set(used)
+        if len(self._budget_view) > _PRINCIPAL_CACHE:
+            self._budget_view.clear()
+
+    async def close(self) -> None:
+        self.flush_metrics()
+        await super().close()
 
     def store_failed(self, operation: str, exc: StoreUnavailable) -> None:
         self.store_errors.labels(operation).inc()
@@ -578,6 +604,14 @@ class RateLimitFactory(FilterFactory):
         return {
             "rules": [r.name for r in self.rules],
             "budgets_configured": [b.name for b in self.budgets],
-            "budgets": list(self._budget_view.values()),
+            "budgets": [
+                {
+                    "budget": name,
+                    "unit": "tokens" if kind == _BTOK else "usd",
+                    "used": used if kind == _BTOK else str(Decimal(used) / 1_000_000),
+                    "limit": limit if kind == _BTOK else str(Decimal(limit) / 1_000_000),
+                }
+                for name, kind, used, limit in self._budget_view.values()
+            ],
             "ledger": self.ledger.view(),
         }

@@ -69,6 +69,11 @@ class Facts:
         return self.headers.get(part[7:])  # header:NAME
 
 
+def _matcher(patterns: tuple[str, ...]) -> Any:
+    """One compiled ``fullmatch``-style matcher for any of the ``fnmatch`` ``patterns``."""
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
+
+
 @dataclass(frozen=True, slots=True)
 class Match:
     """Patterns per fact; an empty tuple matches anything."""
@@ -78,19 +83,27 @@ class Match:
     principal: tuple[str, ...] = ()
     team: tuple[str, ...] = ()
     headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: The non-empty pattern sets, compiled once: (fact name or header name, is a header, matcher).
+    _checks: tuple[tuple[str, bool, Any], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (name, False, _matcher(patterns))
+            for name, patterns in (
+                ("model", self.model),
+                ("provider", self.provider),
+                ("principal", self.principal),
+                ("team", self.team),
+            )
+            if patterns
+        ]
+        checks += [(name, True, _matcher(patterns)) for name, patterns in self.headers]
+        object.__setattr__(self, "_checks", tuple(checks))
 
     def matches(self, facts: Facts) -> bool:
-        for patterns, value in (
-            (self.model, facts.model),
-            (self.provider, facts.provider),
-            (self.principal, facts.principal),
-            (self.team, facts.team),
-        ):
-            if patterns and (value is None or not any(fnmatch.fnmatchcase(value, p) for p in patterns)):
-                return False
-        for name, patterns in self.headers:
-            got = facts.headers.get(name)
-            if got is None or not any(fnmatch.fnmatchcase(got, p) for p in patterns):
+        for name, header, match in self._checks:
+            value = facts.headers.get(name) if header else getattr(facts, name)
+            if value is None or match(value) is None:
                 return False
         return True
 
@@ -105,8 +118,10 @@ class _Rule:
 
     def counter_key(self, facts: Facts) -> str | None:
         """``name|part=value|...``, or None when a key part has no value for this request."""
-        if not self.match.matches(facts):
+        if self.match._checks and not self.match.matches(facts):
             return None
+        if not self.key:
+            return self.name
         out = [self.name]
         for part in self.key:
             value = facts.value(part)

@@ -465,3 +465,33 @@ def test_the_limits_demo(make_proxy: Make) -> None:
     last = as_key("sk-demo-bob")
     assert last.json()["error"]["code"] == "insufficient_quota"
     assert as_key("sk-demo-nobody").status == 401
+
+
+def test_compiled_rule_matching_agrees_with_fnmatch() -> None:
+    """A rule's compiled patterns match exactly what ``fnmatch.fnmatchcase`` matches, any one
+    of a field's patterns sufficing, every given field required (headers included)."""
+    import fnmatch
+    import random
+
+    from llmproxy import Headers
+    from llmproxy.filters.ratelimit.rules import Facts, Match
+
+    rng = random.Random(7)
+    pieces = ["gpt", "-", "4", "o", "*", "?", "[ab]", "[!c]", "claude", ".", "\n", ""]
+    values = ["", "gpt-4o", "gpt-4", "claude-3", "a", "c", "gpt\n4", "ab.c", "GPT-4O", "gpt-4o-mini"]
+    for _ in range(400):
+        patterns = tuple(
+            "".join(rng.choice(pieces) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
+        )
+        model, team, header = rng.choice(values), rng.choice([*values, None]), rng.choice([*values, None])
+        headers = Headers.from_pairs([("x-sel", header)] if header is not None else [])
+        facts = Facts(model, "prov", "alice", team, headers)
+        expected = any(fnmatch.fnmatchcase(model, p) for p in patterns)
+        assert Match(model=patterns).matches(facts) is expected, (patterns, model)
+        team_expected = team is not None and any(fnmatch.fnmatchcase(team, p) for p in patterns)
+        assert Match(team=patterns).matches(facts) is team_expected, (patterns, team)
+        header_expected = header is not None and any(fnmatch.fnmatchcase(header, p) for p in patterns)
+        assert Match(headers=(("x-sel", patterns),)).matches(facts) is header_expected, (patterns, header)
+        both = Match(model=patterns, headers=(("x-sel", patterns),)).matches(facts)
+        assert both is (expected and header_expected)
+    assert Match().matches(Facts("", "", "", None, Headers.from_pairs([])))

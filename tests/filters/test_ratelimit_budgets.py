@@ -153,3 +153,27 @@ def test_team_budgets_share_one_counter(mock: MockServer, make_proxy: Make) -> N
     with pytest.raises(openai.RateLimitError):
         oai(proxy, "ann").chat.completions.create(model=MODEL, messages=HI, max_tokens=5)
     assert oai(proxy, "cid").chat.completions.create(model=MODEL, messages=HI, max_tokens=5).choices
+
+
+def test_decision_and_budget_metrics_show_every_admission(mock: MockServer, make_proxy: Make) -> None:
+    """Admissions are counted in plain numbers and moved into the metrics shortly after: a scrape
+    a moment later shows each one, and the budget gauge the counter's value."""
+    from .test_failover import metric
+
+    proxy = make_proxy(
+        rl_config(
+            mock.port,
+            {"rules": [{"name": "all", "key": [], "rpm": 1000}]},
+            {"bob": {"budgets": [{"tokens": 10_000, "period": "day"}]}},
+        )
+    )
+    client = oai(proxy, "bob")
+    for _ in range(3):
+        client.chat.completions.create(model=MODEL, messages=HI)
+    time.sleep(0.5)  # past the flush delay
+    assert metric(proxy.port, "llmproxy_ratelimit_decisions_total", rule="all", decision="admitted") == 3
+    assert (
+        metric(proxy.port, "llmproxy_ratelimit_decisions_total", rule="principal:bob:budget0", decision="admitted") == 3
+    )
+    gauge = metric(proxy.port, "llmproxy_ratelimit_budget_used", budget="principal:bob:budget0")
+    assert gauge is not None and gauge > 0
