@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,8 +141,19 @@ class Proxy:
         self._host = config.server.host
         self.port = 0
 
-    async def start(self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False) -> None:
-        """Build everything and start listening; raises ConfigError on bad config, OSError when the bind fails."""
+    async def start(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Build everything and start listening; raises ConfigError on bad config, OSError when the bind fails.
+
+        ``sock``: a listening socket to accept on (a supervisor's, shared by its workers)
+        instead of binding ``host:port``.
+        """
         cfg = self.config
         logs.set_worker(self.worker_id)  # every log line of this process names its worker
         self.store = await make_store(cfg.store, cfg.file)
@@ -157,13 +169,16 @@ class Proxy:
         self._install(runtime, context)
         _freeze_startup_heap()  # after the filters' start(): price books and tokenizer tables too
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._new_connection,
-            host or cfg.server.host,
-            cfg.server.port if port is None else port,
-            reuse_port=reuse_port or None,
-            backlog=4096,
-        )
+        if sock is not None:
+            self._server = await loop.create_server(self._new_connection, sock=sock, backlog=4096)
+        else:
+            self._server = await loop.create_server(
+                self._new_connection,
+                host or cfg.server.host,
+                cfg.server.port if port is None else port,
+                reuse_port=reuse_port or None,
+                backlog=4096,
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         self._host = host or cfg.server.host
         self._warn_open_relay(runtime)
@@ -403,6 +418,7 @@ async def serve_worker(
     reuse_port: bool,
     mock_ports: dict[str, tuple[str, int]] | None,
     on_ready: Callable[[Proxy], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (then drain); SIGHUP reloads its config file.
 
@@ -423,7 +439,7 @@ async def serve_worker(
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        await proxy.start(host, port, reuse_port=reuse_port)
+        await proxy.start(host, port, reuse_port=reuse_port, sock=sock)
     except BaseException:
         await proxy.shutdown(0)
         raise

@@ -67,6 +67,11 @@ class ServerSettings:
     pid_file: str | None = None
     #: Relayed responses carry ``x-llmproxy-overhead-ms`` (time spent in the proxy).
     overhead_header: bool = False
+    #: With several workers: ``shared`` (one listening socket, opened by the supervisor and
+    #: inherited by every worker: a worker that dies leaves no accepted-but-unserved
+    #: connections behind) or ``reuseport`` (a socket per worker with SO_REUSEPORT: the kernel
+    #: spreads connections, but those queued on a killed worker's socket are reset).
+    listen: str = "shared"
 
 
 @dataclass(frozen=True)
@@ -356,6 +361,7 @@ def _read_server(sec: Section) -> ServerSettings:
         admin_allow=tuple(str(a) for a in sec.get("admin_allow", list, ["127.0.0.1", "::1"], _ip_entries)),
         pid_file=sec.get("pid_file", str, None, lambda v: None if v.strip() else "must not be empty"),
         overhead_header=sec.get("overhead_header", bool, False),
+        listen=sec.get("listen", str, "shared", _one_of("shared", "reuseport")),
     )
     sec.finish()
     return server

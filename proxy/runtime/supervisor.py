@@ -7,8 +7,8 @@ worker runs in this process. With more, this process becomes a
     supervisor (sync loop: waitpid + signal flags, no event loop)
       |-- mock upstreams (one process, when the config has mock_upstreams)
       |-- worker 0   \\
-      |-- worker 1    }  each listens on the same port (SO_REUSEPORT)
-      '-- ...        /
+      |-- worker 1    }  accept on one listening socket the supervisor opened (server.listen:
+      '-- ...        /   shared, the default), or each on its own (reuseport: SO_REUSEPORT)
 
 Contract:
 
@@ -24,6 +24,12 @@ Contract:
 * SIGHUP re-reads and checks the config once here; an invalid config is
   logged and nothing changes, a valid one is passed on (SIGHUP) to every
   worker, which swaps it in, and restarted workers start from it;
+* with ``server.listen: shared`` the supervisor binds and listens once, before any
+  fork, and every worker (a restarted one too) accepts on that socket: connections the
+  kernel queued are never tied to one worker, so a worker killed with SIGKILL loses only
+  the exchanges it had accepted; with ``reuseport`` each worker binds its own socket
+  (SO_REUSEPORT) and connections still queued on a killed worker's socket are reset
+  (unless ``net.ipv4.tcp_migrate_req`` is set);
 * a worker never outlives the supervisor: it asks the kernel for SIGTERM when
   its parent dies (``PR_SET_PDEATHSIG``) and checks ``getppid()`` after that,
   so it drains and exits like on a normal shutdown.
@@ -89,7 +95,18 @@ def run(config: Config, host: str | None = None, port: int | None = None, pid_fi
     with _pid_file(pid_file):
         if config.server.workers == 1:
             return _run_single(config, host, port)
-        return Supervisor(config, host, port).run()
+        listener = None
+        if config.server.listen == "shared":
+            try:
+                listener = _listen(host, port)
+            except OSError as exc:
+                print(f"error: {_bind_message(host, port, exc)}", file=sys.stderr)
+                return 1
+        try:
+            return Supervisor(config, host, port, listener).run()
+        finally:
+            if listener is not None:
+                listener.close()
 
 
 def _run_single(config: Config, host: str, port: int) -> int:
@@ -122,6 +139,24 @@ def _check_bind(host: str, port: int, *, pick: bool) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         return int(sock.getsockname()[1]) if pick and port == 0 else port
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts on (``server.listen: shared``)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @contextlib.contextmanager
@@ -184,6 +219,7 @@ def worker_main(
     worker_id: int,
     mock_ports: dict[str, tuple[str, int]],
     on_ready: Callable[[], None],
+    listener: socket.socket | None = None,
 ) -> int:
     """The body of a forked worker process, run right after the fork; its exit code.
 
@@ -193,7 +229,11 @@ def worker_main(
     """
     multiproc.worker_started()  # its metrics files, before anything counts
     try:
-        uvloop.run(serve_worker(config, host, port, worker_id, True, mock_ports, lambda _proxy: on_ready()))
+        uvloop.run(
+            serve_worker(
+                config, host, port, worker_id, listener is None, mock_ports, lambda _proxy: on_ready(), listener
+            )
+        )
     except ConfigError as exc:
         print(f"error: worker {worker_id}: {exc}", file=sys.stderr)
         return _EXIT_START_FAILED
@@ -262,8 +302,10 @@ def _describe(status: int) -> str:
 class Supervisor:
     """Keeps ``server.workers`` worker processes (and the mocks' process) alive; see the module docstring."""
 
-    def __init__(self, config: Config, host: str, port: int) -> None:
+    def __init__(self, config: Config, host: str, port: int, listener: socket.socket | None = None) -> None:
+        """``listener``: the socket the workers share (None: each binds its own, SO_REUSEPORT)."""
         self.config = config
+        self.listener = listener
         self.host = host
         self.port = port
         self.pid = os.getpid()
@@ -335,6 +377,8 @@ class Supervisor:
                 _child_signals()
                 _die_with_parent(self.pid)
                 if slot.worker_id is None:
+                    if self.listener is not None:
+                        self.listener.close()  # the mocks never accept on the proxy's port
                     code = _mock_main(self.config.mock_upstreams, self.mock_ports)
                 else:
                     ready_w = self._ready_w
@@ -349,6 +393,7 @@ class Supervisor:
                         slot.worker_id,
                         self.mock_ports,
                         ready,
+                        self.listener,
                     )
             finally:
                 os._exit(code)
@@ -421,6 +466,8 @@ class Supervisor:
         """Pass ``signum`` on to the workers; the mocks' process is stopped once they all exited
         (draining workers still stream from it)."""
         self._stopping = True
+        if self.listener is not None:
+            self.listener.close()  # once the workers closed theirs, the port refuses connections
         for slot in self.slots:
             slot.restart_at = None
             if slot.pid and slot.worker_id is not None:

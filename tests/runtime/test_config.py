@@ -42,6 +42,7 @@ def test_interpolation() -> None:
         ({"server": {"port": "abc"}}, "server.port", "must be an integer"),
         ({"server": {"workers": 0}}, "server.workers", "between 1 and 256"),
         ({"server": {"access_log": "yes"}}, "server.access_log", "must be one of"),
+        ({"server": {"listen": "both"}}, "server.listen", "must be one of"),
         ({"server": {"admin_allow": ["localhost"]}}, "server.admin_allow", "entry 0 ('localhost') is not an IP"),
         ({"server": {"admin_allow": ["::1", "10.0.0.0/33"]}}, "server.admin_allow", "entry 1 ('10.0.0.0/33')"),
         ({"limits": {"max_body_bytes": -1}}, "limits.max_body_bytes", "greater than 0"),
