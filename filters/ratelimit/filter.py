@@ -328,12 +328,15 @@ class RateLimitFilter(Filter):
         if allowance is None:
             return
         allowance = max(1, allowance)
-        self._cap = StreamCap(self.factory.protocol_of(exchange), model, allowance, prompt)
+        route = exchange.vars.get(ROUTE)
+        asked = route.client_json(exchange) if isinstance(route, RouteDecision) else payload
+        if not isinstance(asked, dict) or asked.get("stream"):
+            # only a stream can be cut (the client's flag: a provider body may say it by path)
+            self._cap = StreamCap(self.factory.protocol_of(exchange), model, allowance, prompt)
         if allowance < out_cap and isinstance(payload, dict):
             field = out_field or ("max_tokens" if "messages" in payload else "max_output_tokens")
             payload[field] = allowance
             exchange.mark_request_json_changed()
-            route = exchange.vars.get(ROUTE)
             if isinstance(route, RouteDecision):
                 route.output_cap = allowance  # routing keeps it on a retry elsewhere
 
