@@ -251,7 +251,8 @@ def test_safety_blocks_are_errors(gproxy: RunningProxy) -> None:
             client.chat.completions.create(model="gem", messages=[{"role": "user", "content": marker}])
         assert exc.value.body["code"] == "content_filter"  # type: ignore[index]
         with pytest.raises(openai.APIError) as streamed:
-            list(client.chat.completions.create(model="gem", messages=[{"role": "user", "content": marker}], stream=True))
+            messages = [{"role": "user", "content": marker}]
+            list(client.chat.completions.create(model="gem", messages=messages, stream=True))  # type: ignore[arg-type]
         assert "blocked" in str(streamed.value)
     with pytest.raises(anthropic.BadRequestError) as ant:
         _ant(gproxy).messages.create(
