@@ -552,7 +552,7 @@ class GeminiStreamDecoder:
         if isinstance(error, dict):
             return out + self._error(_envelope(error, 500)[1])
         metadata = payload.get("usageMetadata")
-        if isinstance(metadata, dict):
+        if isinstance(metadata, dict) and metadata != self._metadata:  # the running counts repeat: one record
             self._metadata = metadata
             self.usage = gemini_usage(metadata, final=False)
         blocked = _blocked(payload)
