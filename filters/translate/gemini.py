@@ -18,7 +18,9 @@ Request (Chat Completions -> ``GenerateContentRequest``):
 * ``temperature``, ``top_p``, ``max_tokens``/``max_completion_tokens``,
   ``stop``, ``n``, ``seed``, ``presence_penalty``, ``frequency_penalty`` ->
   ``generationConfig``; ``response_format`` json_object/json_schema ->
-  ``responseMimeType: application/json`` (and ``responseJsonSchema``).
+  ``responseMimeType: application/json`` (and ``responseJsonSchema``);
+  ``reasoning_effort`` -> ``thinkingConfig`` (none/minimal 0, low 1024,
+  medium 8192, high 24576 budget tokens, thought summaries included).
 
 Response: text parts -> ``content``, ``thought: true`` parts ->
 ``reasoning_content``, ``functionCall`` parts -> ``tool_calls`` (arguments
@@ -63,6 +65,8 @@ JsonObject = dict[str, Any]
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", re.S)
 _SCHEMA_DROP = frozenset({"$schema", "additionalProperties", "strict"})
 _FILTERED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE"})
+#: reasoning_effort -> Gemini 2.5's thinkingBudget (0 turns thinking off; thought summaries come back).
+_THINKING_BUDGETS = {"none": 0, "minimal": 0, "low": 1024, "medium": 8192, "high": 24576}
 _TOOL_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 _GENERATION = {
     "temperature": "temperature",
@@ -294,6 +298,14 @@ def chat_request_to_gemini(body: JsonObject) -> JsonObject:
             schema = fmt.get("json_schema")
             if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
                 config["responseJsonSchema"] = schema["schema"]
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in _THINKING_BUDGETS:
+            raise TranslationError(
+                f"reasoning_effort: must be one of {', '.join(_THINKING_BUDGETS)}", param="reasoning_effort"
+            )
+        budget = _THINKING_BUDGETS[effort]
+        config["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": budget > 0}
     if config:
         out["generationConfig"] = config
     return out

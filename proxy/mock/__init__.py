@@ -14,7 +14,8 @@ job and protocol: ``config`` (what may be set), ``wire`` (request parsing),
 ``content`` (what handlers build), ``openai``, ``responses`` (OpenAI's
 ``/v1/responses``, streamed too, stored for ``previous_response_id``) and
 ``anthropic`` and ``gemini`` (``.../models/{model}:generateContent`` and
-``:streamGenerateContent``, routed by path suffix) (the endpoints), ``delivery`` (heads, framing, faults applied), ``connection``
+``:streamGenerateContent``, routed by path suffix) (the endpoints),
+``delivery`` (heads, framing, faults applied), ``connection``
 (one socket), ``server`` (routes, log, control endpoints, start and
 serve), ``hook``.
 

@@ -276,3 +276,21 @@ def test_stream_cut_is_an_error_event(gproxy: RunningProxy) -> None:
     with httpx.stream("POST", url, json=payload, headers={"x-mock-fault": "drop", "x-mock-stall-after": "2"}) as r:
         body = b"".join(r.iter_bytes())
     assert b'"error"' in body
+
+
+def test_failover_moves_off_a_rate_limited_gemini_key(mock: MockServer, make_proxy: Make) -> None:
+    from llmproxy.mock import KeyBehaviour
+
+    mock.config.keys["goog-limited-key"] = KeyBehaviour(status=429)
+    raw = _config(mock)
+    routing = raw["filters"][1]["config"]
+    routing["providers"][0]["keys"] = ["goog-limited-key", "goog-good-key"]
+    raw["filters"].insert(2, {"name": "failover", "config": {"max_attempts": 2, "backoff": {"base": 0.001}}})
+    tf.UsageRecorderFactory.instances.clear()
+    proxy = make_proxy(raw)
+    client = _oai(proxy)
+    for _ in range(2):  # whichever key the round robin starts on
+        reply = client.chat.completions.create(model="gem", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content
+    keys = [r.headers.get("x-goog-api-key") for r in mock.requests]
+    assert "goog-limited-key" in keys and keys.count("goog-good-key") == 2
