@@ -75,7 +75,7 @@ from llmproxy import (
 from llmproxy.filters.metering import MeteringFactory
 from llmproxy.filters.names import PRINCIPAL, ROUTE
 from llmproxy.filters.ratelimit.cut import StreamCap
-from llmproxy.filters.ratelimit.estimate import asks_cap, output_cap, prompt_tokens
+from llmproxy.filters.ratelimit.estimate import asks_cap, output_cap, prompt_tokens, set_output_cap
 from llmproxy.filters.ratelimit.ledger import Ledger
 from llmproxy.filters.ratelimit.rules import (
     BudgetRule,
@@ -334,8 +334,7 @@ class RateLimitFilter(Filter):
             # only a stream can be cut (the client's flag: a provider body may say it by path)
             self._cap = StreamCap(self.factory.protocol_of(exchange), model, allowance, prompt)
         if allowance < out_cap and isinstance(payload, dict):
-            field = out_field or ("max_tokens" if "messages" in payload else "max_output_tokens")
-            payload[field] = allowance
+            set_output_cap(payload, out_field, allowance)
             exchange.mark_request_json_changed()
             if isinstance(route, RouteDecision):
                 route.output_cap = allowance  # routing keeps it on a retry elsewhere

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from llmproxy.mock import anthropic, openai, responses
+from llmproxy.mock import anthropic, gemini, openai, responses
 from llmproxy.mock.config import MockConfig, ReceivedRequest
 from llmproxy.mock.connection import Connection
 from llmproxy.mock.delivery import Delivery, End, Framer
@@ -153,6 +153,9 @@ class MockServer:
                 return whole(keep, error_reply(Flavour.OPENAI, 405, f"{raw.method} not allowed on {raw.path}"))
             return whole(keep, action(self))
         methods = _ROUTES.get(raw.path)
+        gemini_route = gemini.route_of(raw.path) if methods is None else None
+        if gemini_route is not None:
+            methods = {"POST": gemini.ROUTE}
         if methods is None and raw.path.startswith("/v1/responses/") and raw.method in ("GET", "DELETE"):
             return whole(keep, responses.lookup(self, raw.method, raw.path[len("/v1/responses/") :]))
         if methods is None:
@@ -177,6 +180,8 @@ class MockServer:
         credential = credential_of(headers)
         model = body.get("model") if body is not None else None
         stream = route.streams and body is not None and body.get("stream") is True
+        if gemini_route is not None:  # the model and the streaming are in the path
+            model, stream = gemini_route[0], gemini_route[1] and body is not None
         self.record(
             ReceivedRequest(
                 raw.method,
