@@ -59,9 +59,8 @@ def _signed(
     try:
         return target.signer.sign(method, url, fields, body)
     except Exception as exc:  # the signer's own failure (no credentials, expired): this attempt fails
-        raise UpstreamError(
-            f"the request to '{target.name}' could not be signed: {exc}", code="upstream_auth"
-        ) from None
+        message = f"the request to '{target.name}' could not be signed: {exc}"
+        raise UpstreamError(message, code="upstream_auth") from None
 
 
 async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
