@@ -85,9 +85,29 @@ def from_anthropic(usage: dict[str, Any]) -> Usage:
     return record
 
 
+def from_bedrock(usage: dict[str, Any]) -> Usage:
+    """A :class:`Usage` from a Bedrock Converse ``usage`` object (``inputTokens`` excludes the
+    cached parts, as Anthropic's ``input_tokens`` does: the record's input is the whole prompt)."""
+    cache_read = _int(usage.get("cacheReadInputTokens"))
+    cache_write = _int(usage.get("cacheWriteInputTokens"))
+    output = usage.get("outputTokens")
+    record = Usage(
+        input_tokens=_int(usage.get("inputTokens")) + cache_read + cache_write,
+        output_tokens=_int(output),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        provider_usage=usage,
+    )
+    if type(output) is not int:
+        record.extra["partial"] = True
+    return record
+
+
 def from_provider(protocol: str, usage: dict[str, Any]) -> Usage:
-    """:func:`from_anthropic` or :func:`from_openai` by the provider's protocol."""
-    return from_anthropic(usage) if protocol == "anthropic" else from_openai(usage)
+    """:func:`from_anthropic`, :func:`from_bedrock` or :func:`from_openai` by the provider's protocol."""
+    if protocol == "anthropic":
+        return from_anthropic(usage)
+    return from_bedrock(usage) if protocol == "bedrock" else from_openai(usage)
 
 
 def usage_events(data: bytes) -> list[tuple[bytes, dict[str, Any]]]:

@@ -55,8 +55,33 @@ class Adapter:
     #: (a local OpenAI-compatible server such as vLLM or Ollama).
     needs_key: ClassVar[bool] = True
 
+    #: A provider whose wire format is not its ``protocol``'s (Bedrock's Converse, Claude on
+    #: Vertex): an object with ``request(body, stream) -> body`` (the ``protocol``-shaped request
+    #: to the wire's), ``response(parsed, model)``, ``stream(model)`` (an event translator from the
+    #: wire's SSE events to the ``protocol``'s, or None), ``error(status, error_type, body)`` (the
+    #: ``protocol``'s error JSON), ``error_type(headers)``, ``usage_protocol`` (how its usage
+    #: objects read) and ``translates_response``. None: the provider speaks ``protocol`` itself.
+    wire: Any = None
+
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
+
+    def default_base_url(self) -> str | None:
+        """The ``base_url`` when the config gives none (from other options, such as a region)."""
+        return None
+
+    def default_keys(self) -> list[str]:
+        """The keys when the config gives none (an environment variable the provider's SDKs read)."""
+        return []
+
+    def target_extras(self, key: str) -> dict[str, Any]:
+        """Extra :class:`llmproxy.UpstreamTarget` fields for the target of ``key`` (``signer``,
+        ``stream_decoder``); called once per key at startup."""
+        return {}
+
+    def stream_path(self, api: str, provider_model: str) -> str | None:
+        """The request target of a streaming request, when it differs from :meth:`path`'s."""
+        return None
 
     def credential_headers(self, key: str) -> tuple[tuple[bytes, bytes], ...]:
         """The headers that carry ``key`` to this provider."""
