@@ -79,11 +79,15 @@ from llmproxy.filters.routing.table import NoProvider, Provider, RoutingTable, T
 from llmproxy.filters.routing.usage import USAGE_OBJECT, StreamUsage, from_provider, openai_shaped, usage_events
 from llmproxy.filters.translate import (
     ChainedStream,
+    ChatCodec,
     ChatStreamToMessagesStream,
     ChatStreamToResponsesStream,
+    CodecRefusal,
     EventTranslator,
     MessagesStreamToChatStream,
+    StreamDecoder,
     TranslationError,
+    anthropic_envelope_from_openai,
     anthropic_error_to_openai,
     chat_request_to_messages,
     chat_response_to_messages,
@@ -140,6 +144,7 @@ class _Mode(enum.Enum):
     WATCH_JSON = "watch_json"  # same protocol, JSON: read the usage at the end, change nothing
     WATCH_STREAM = "watch_stream"  # same protocol, stream: read usage events (and drop an injected usage chunk)
     STREAM = "stream"
+    CODEC_STREAM = "codec_stream"  # a codec provider's stream, decoded to chat (and on to the client's API)
     JSON = "json"
     ERROR = "error"
 
@@ -164,6 +169,8 @@ class RoutingFilter(Filter):
         "_before",
         "_body",
         "_bridge",
+        "_codec",
+        "_decoder",
         "_history",
         "_include_usage_asked",
         "_mode",
@@ -208,6 +215,9 @@ class RoutingFilter(Filter):
         self._include_usage_asked = False
         self._mode = _Mode.PASS
         self._translator: EventTranslator | None = None
+        #: The current provider's chat-pivot codec (None for openai/anthropic), and its stream decoder.
+        self._codec: ChatCodec | None = None
+        self._decoder: StreamDecoder | None = None
         #: A Responses request bridged to Chat Completions (or on to Messages) by this attempt.
         self._bridge = False
         #: The bridged response's id, and the items of the conversation before it.
@@ -380,11 +390,20 @@ class RoutingFilter(Filter):
         self._bridge = self.api == "responses" and provider_api != "responses"
         if self._bridge and not self._response_id:
             self._response_id = new_response_id()
-        request.path = adapter.path(provider_api, target.model, self._query)
+        codec = self._codec = adapter.codec
+        request.path = adapter.request_path(provider_api, target.model, self._query, stream=self._stream)
         # Protocol-specific client headers (anthropic-*, openai-*) go only to a
         # provider of that protocol; the others are set aside, not lost, so
         # that a retry on a provider of the other protocol gets them back.
-        keep, drop = (b"anthropic-", b"openai-") if adapter.protocol == "anthropic" else (b"openai-", b"anthropic-")
+        # A codec provider (another protocol) gets neither kind.
+        keep: tuple[bytes, ...]
+        drop: tuple[bytes, ...]
+        if codec is not None:
+            keep, drop = (), (b"openai-", b"anthropic-")
+        elif adapter.protocol == "anthropic":
+            keep, drop = (b"anthropic-",), (b"openai-",)
+        else:
+            keep, drop = (b"openai-",), (b"anthropic-",)
         items = headers.raw()
         present = {k for k, _ in items}
         items.extend(kv for kv in self._set_aside if kv[0].startswith(keep) and kv[0] not in present)
@@ -396,7 +415,15 @@ class RoutingFilter(Filter):
                 headers.set_raw(name, value)
         body = self._body
         try:
-            if self._bridge:
+            if codec is not None:
+                if self._bridge:
+                    chat = responses_request_to_chat(body, model=target.model, history=self._history)
+                elif self.client_protocol == "anthropic":
+                    chat = messages_request_to_chat(body, model=target.model)
+                else:
+                    chat = body
+                out = codec.encode_request(chat, model=target.model)
+            elif self._bridge:
                 out = responses_request_to_chat(
                     body, model=target.model, history=self._history, keep_thinking=adapter.protocol == "anthropic"
                 )
@@ -441,6 +468,7 @@ class RoutingFilter(Filter):
         """Set how this response's body is handled (see _Mode); PAUSE when it is translated whole."""
         self._mode = _Mode.PASS
         self._translator = None
+        self._decoder = None
         self._usage = None
         self._pieces = []
         self._previous = self._before = b""
@@ -460,6 +488,9 @@ class RoutingFilter(Filter):
                 exchange.response.headers.set("content-type", "application/json")
                 return Action.PAUSE
             return Action.CONTINUE
+        codec = self._codec
+        if codec is not None:
+            return self._choose_codec_mode(exchange, codec, target)
         if exchange.is_sse:
             self._usage = StreamUsage(wire.usage_protocol if rewire else provider_protocol)
             if translating:
@@ -494,6 +525,29 @@ class RoutingFilter(Filter):
             self._mode = _Mode.WATCH_JSON
         return Action.CONTINUE
 
+    def _choose_codec_mode(self, exchange: Exchange, codec: ChatCodec, target: Target) -> Action:
+        """The mode for a codec provider's success response: always translated (see :mod:`.codec`)."""
+        streamed = exchange.is_sse if codec.framing == "sse" else self._stream
+        if not streamed:
+            self._mode = _Mode.JSON
+            return Action.PAUSE
+        self._mode = _Mode.CODEC_STREAM
+        chat_client = self.client_protocol == "openai" and not self._bridge
+        decoder = codec.stream_decoder(model=target.model, include_usage=not chat_client or self._include_usage_asked)
+        self._decoder = decoder
+        if self._bridge:
+            responses = ChatStreamToResponsesStream(
+                request=self._echoed(), response_id=self._response_id, model=target.model
+            )
+            self._translator = ChainedStream(decoder, responses)
+        elif self.client_protocol == "anthropic":
+            self._translator = ChainedStream(decoder, ChatStreamToMessagesStream(model=target.model))
+        else:
+            self._translator = decoder
+        if exchange.response is not None and codec.framing != "sse":
+            exchange.response.headers.set("content-type", "text/event-stream")
+        return Action.CONTINUE
+
     def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
         """``data`` is one or more whole SSE events for a stream (``sse_batches``), else a piece of the body."""
         mode = self._mode
@@ -524,11 +578,15 @@ class RoutingFilter(Filter):
             return Action.CONTINUE
         if mode is _Mode.STREAM:
             return self._translate_events(exchange, data, end_of_stream)
+        if mode is _Mode.CODEC_STREAM:
+            return self._decode_events(exchange, data, end_of_stream)
         if not end_of_stream:
             return Action.PAUSE
         status = exchange.response.status if exchange.response is not None else 502
         target = self.current
         assert target is not None
+        if self._codec is not None:
+            return self._codec_body(exchange, self._codec, target, data, status, error=mode is _Mode.ERROR)
         if mode is _Mode.ERROR:
             wire = target.provider.adapter.wire
             if wire is not None and wire.translates_response:
@@ -574,6 +632,52 @@ class RoutingFilter(Filter):
         if exchange.attempt is not None:
             take_json(exchange.attempt, parsed)
         exchange.set_response_data(translated)
+        if self._bridge and self._keeps():
+            return self._save(exchange, out)
+        return Action.CONTINUE
+
+    def _codec_body(
+        self, exchange: Exchange, codec: ChatCodec, target: Target, data: bytes, status: int, *, error: bool
+    ) -> Action | Awaitable[Action]:
+        """A codec provider's whole JSON body (or error body), in the client's protocol."""
+        envelope: dict[str, Any] | None = None
+        if error:
+            status, envelope = codec.decode_error(data, status)
+        else:
+            try:
+                parsed = orjson.loads(data)
+                if not isinstance(parsed, dict):
+                    raise TranslationError("response is not a JSON object")
+                usage = codec.usage(parsed)
+                if usage is not None:
+                    self._publish(exchange, usage)
+                chat = codec.decode_response(parsed, model=target.model)
+            except CodecRefusal as refusal:
+                status, envelope = refusal.status, refusal.envelope
+            except (orjson.JSONDecodeError, TranslationError) as exc:
+                raise UpstreamProtocolError(f"provider response cannot be translated: {exc}") from None
+        if envelope is not None:
+            if exchange.response is not None:
+                exchange.response.status = status
+            if self.client_protocol == "anthropic":
+                inner = envelope.get("error")
+                envelope = anthropic_envelope_from_openai(inner if isinstance(inner, dict) else None, status=status)
+            exchange.set_response_data(orjson.dumps(envelope))
+            return Action.CONTINUE
+        if self._bridge:
+            out = chat_response_to_responses(
+                chat, request=self._echoed(), response_id=self._response_id, model=target.model
+            )
+        elif self.client_protocol == "anthropic":
+            out = chat_response_to_messages(chat, model=target.model)
+        else:
+            out = chat
+        if exchange.attempt is not None:
+            take_json(exchange.attempt, chat)
+            if chat.get("choices"):
+                reasons = tuple(c.get("finish_reason") for c in chat["choices"] if isinstance(c, dict))
+                exchange.attempt.finish_reasons += tuple(r for r in reasons if isinstance(r, str))
+        exchange.set_response_data(orjson.dumps(out))
         if self._bridge and self._keeps():
             return self._save(exchange, out)
         return Action.CONTINUE
@@ -666,6 +770,39 @@ class RoutingFilter(Filter):
             last = translator.last if isinstance(translator, (ChainedStream, SseChain)) else translator
             if isinstance(last, ChainedStream):
                 last = last.last
+            if isinstance(last, ChatStreamToResponsesStream) and last.response is not None and not last.failed:
+                return self._save(exchange, last.response)
+        return Action.CONTINUE
+
+    def _decode_events(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
+        """A codec provider's stream (SSE events, or raw bytes for ``framing = "bytes"``) to the client."""
+        translator = self._translator
+        decoder = self._decoder
+        assert translator is not None and decoder is not None
+        codec = self._codec
+        assert codec is not None
+        out: list[bytes] = []
+        seen = decoder.usage
+        try:
+            if data:
+                if codec.framing == "sse":
+                    for raw in split_events(data):
+                        event = parse_event(raw)
+                        out.append(translator.feed(event.event, event.data))
+                else:
+                    out.append(translator.feed(None, data))
+            if end_of_stream:
+                out.append(translator.finish())
+        except TranslationError as exc:
+            raise UpstreamProtocolError(f"provider sent an event that cannot be translated: {exc}") from None
+        if decoder.usage is not seen and decoder.usage is not None:
+            self._publish(exchange, decoder.usage)
+        sent = out[0] if len(out) == 1 else b"".join(out)
+        if sent:
+            self._facts(exchange, sent)
+        exchange.set_response_data(sent)
+        if end_of_stream and self._bridge and self._keeps():
+            last = translator.last if isinstance(translator, ChainedStream) else translator
             if isinstance(last, ChatStreamToResponsesStream) and last.response is not None and not last.failed:
                 return self._save(exchange, last.response)
         return Action.CONTINUE

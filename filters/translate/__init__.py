@@ -18,6 +18,10 @@ provider is Chat Completions      :func:`chat_response_to_responses`,
 first row)                        :class:`ChainedStream`
 ================================  ==========================================
 
+Any other provider protocol is a :class:`ChatCodec` (:mod:`.codec`): it maps
+to and from Chat Completions, and the routing filter composes the client's
+API with it.
+
 A stream translator lives exactly one response: ``feed(event, data)`` takes
 one upstream SSE event (name or None, and the joined ``data:`` bytes) and
 returns the framed client bytes for it; ``finish()`` returns what must still
@@ -30,6 +34,7 @@ from llmproxy.filters.translate.chat_to_messages import (
     chat_request_to_messages,
     messages_response_to_chat,
 )
+from llmproxy.filters.translate.codec import CODECS, ChatCodec, CodecRefusal, StreamDecoder, register_codec
 from llmproxy.filters.translate.errors import (
     TranslationError,
     anthropic_envelope_from_openai,
@@ -52,11 +57,15 @@ from llmproxy.filters.translate.responses import (
 from llmproxy.filters.translate.responses_stream import ChainedStream, ChatStreamToResponsesStream, EventTranslator
 
 __all__ = [
+    "CODECS",
     "ChainedStream",
+    "ChatCodec",
     "ChatStreamToMessagesStream",
     "ChatStreamToResponsesStream",
+    "CodecRefusal",
     "EventTranslator",
     "MessagesStreamToChatStream",
+    "StreamDecoder",
     "TranslationError",
     "anthropic_envelope_from_openai",
     "anthropic_error_to_openai",
@@ -69,6 +78,7 @@ __all__ = [
     "new_response_id",
     "openai_envelope_from_anthropic",
     "openai_error_to_anthropic",
+    "register_codec",
     "responses_request_to_chat",
     "responses_usage",
 ]

@@ -422,13 +422,14 @@ class ChainedStream:
 
     ``first`` must frame its output as ``data: ...\\n\\n`` events without
     ``event:`` lines (as :class:`~llmproxy.filters.translate.MessagesStreamToChatStream`
-    does), so the events are cut without a general SSE parser. :attr:`last`
-    is ``second`` (for its final ``response``).
+    does, and every codec's stream decoder), so the events are cut without a general SSE
+    parser. :attr:`last` is ``second`` (a :class:`ChatStreamToResponsesStream` for its final
+    ``response``, or a :class:`~llmproxy.filters.translate.ChatStreamToMessagesStream`).
     """
 
     __slots__ = ("_feed", "first", "last")
 
-    def __init__(self, first: EventTranslator, second: ChatStreamToResponsesStream) -> None:
+    def __init__(self, first: EventTranslator, second: EventTranslator) -> None:
         self.first = first
         self.last = second
         self._feed: Callable[[bytes | None, bytes], bytes] = second.feed

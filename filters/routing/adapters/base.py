@@ -14,13 +14,18 @@ with :func:`register`, import the module in ``adapters/__init__.py``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from llmproxy.filters.translate.codec import ChatCodec
 
 __all__ = ["ADAPTERS", "API", "Adapter", "Protocol", "register"]
 
 #: The APIs a client can call, by the path it called.
 API = Literal["chat", "completions", "embeddings", "responses", "messages", "count_tokens"]
-Protocol = Literal["openai", "anthropic"]
+#: ``openai`` and ``anthropic`` are translated directly; any other protocol is a codec's name
+#: (:mod:`llmproxy.filters.translate.codec`), reached through Chat Completions.
+Protocol = str
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -54,6 +59,10 @@ class Adapter:
     #: interpolation is refused at startup unless its config says ``needs_key: false``
     #: (a local OpenAI-compatible server such as vLLM or Ollama).
     needs_key: ClassVar[bool] = True
+    #: The chat-pivot codec of a protocol other than ``openai``/``anthropic`` (its ``name`` is
+    #: the adapter's ``protocol``); None for those two. Such an adapter serves ``chat`` only:
+    #: routing composes messages and responses clients through Chat Completions.
+    codec: ClassVar[ChatCodec | None] = None
 
     #: A provider whose wire format is not its ``protocol``'s (Bedrock's Converse, Claude on
     #: Vertex): an object with ``request(body, stream) -> body`` (the ``protocol``-shaped request
@@ -97,3 +106,8 @@ class Adapter:
         ``query`` is the client's query string (with its ``?``), or ``""``.
         """
         raise NotImplementedError
+
+    def request_path(self, api: str, provider_model: str, query: str, *, stream: bool) -> str:
+        """:meth:`path`, for a provider whose streaming endpoint differs (Gemini's
+        ``:streamGenerateContent``); ``stream`` is the client's ``stream: true``."""
+        return self.path(api, provider_model, query)
