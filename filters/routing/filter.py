@@ -99,7 +99,6 @@ from llmproxy.filters.translate import (
     openai_error_to_anthropic,
     responses_request_to_chat,
 )
-from llmproxy.filters.translate.bedrock import ConverseStreamToMessagesStream, SseChain
 
 __all__ = ["HINT_HEADER", "RoutingFactory", "RoutingFilter"]
 
@@ -442,19 +441,13 @@ class RoutingFilter(Filter):
                 )
             else:
                 out = messages_request_to_chat(body, model=target.model)
-            if route is not None and route.output_cap is not None:
-                cap_output(out, provider_api, route.output_cap)
-            wire = adapter.wire
-            if wire is not None:  # the provider's own wire format (Bedrock Converse, Claude on Vertex)
-                out = wire.request(out, self._stream)
-                stream_path = adapter.stream_path(provider_api, target.model) if self._stream else None
-                if stream_path is not None:
-                    request.path = stream_path
         except TranslationError as exc:
             param = _RESPONSES_PARAMS.get(exc.param or "", exc.param) if self._bridge else exc.param
             raise BadRequest(
                 str(exc).replace(exc.param or "\0", param or ""), param=param, code="invalid_request"
             ) from None
+        if route is not None and route.output_cap is not None:
+            cap_output(out, provider_api, route.output_cap)
         exchange.set_request_json(out)
 
     # -- response -------------------------------------------------------------------
@@ -476,14 +469,12 @@ class RoutingFilter(Filter):
         if target is None or exchange.response is None:
             return Action.CONTINUE
         provider_protocol = target.provider.protocol
-        wire = target.provider.adapter.wire
-        rewire = wire is not None and wire.translates_response
-        translating = provider_protocol != self.client_protocol or self._bridge or rewire
+        translating = provider_protocol != self.client_protocol or self._bridge
         if exchange.upstream_error is not None:
             return Action.CONTINUE  # the core renders its own errors in the client's protocol
         if exchange.response.status >= 400:
             # provider errors speak the provider's protocol
-            if provider_protocol != self.client_protocol or rewire:
+            if provider_protocol != self.client_protocol:
                 self._mode = _Mode.ERROR
                 exchange.response.headers.set("content-type", "application/json")
                 return Action.PAUSE
@@ -492,13 +483,10 @@ class RoutingFilter(Filter):
         if codec is not None:
             return self._choose_codec_mode(exchange, codec, target)
         if exchange.is_sse:
-            self._usage = StreamUsage(wire.usage_protocol if rewire else provider_protocol)
+            self._usage = StreamUsage(provider_protocol)
             if translating:
                 self._mode = _Mode.STREAM
-                first = wire.stream(target.model) if rewire else None
-                if first is not None and not self._bridge and self.client_protocol == provider_protocol:
-                    self._translator = first  # the wire's events to the client's (= the provider's) protocol
-                elif self._bridge:
+                if self._bridge:
                     responses = ChatStreamToResponsesStream(
                         request=self._echoed(), response_id=self._response_id, model=target.model
                     )
@@ -513,8 +501,6 @@ class RoutingFilter(Filter):
                     )
                 else:
                     self._translator = ChatStreamToMessagesStream(model=target.model)
-                if first is not None and self._translator is not first:
-                    self._translator = SseChain(first, self._translator)
             elif self.api in _METERED_APIS:
                 self._mode = _Mode.WATCH_STREAM
             return Action.CONTINUE
@@ -588,13 +574,6 @@ class RoutingFilter(Filter):
         if self._codec is not None:
             return self._codec_body(exchange, self._codec, target, data, status, error=mode is _Mode.ERROR)
         if mode is _Mode.ERROR:
-            wire = target.provider.adapter.wire
-            if wire is not None and wire.translates_response:
-                assert exchange.response is not None
-                data = wire.error(status, wire.error_type(exchange.response.headers), data)
-                if self.client_protocol == target.provider.protocol:
-                    exchange.set_response_data(data)
-                    return Action.CONTINUE
             if self.client_protocol == "openai":
                 exchange.set_response_data(anthropic_error_to_openai(data, status))
             else:
@@ -602,9 +581,6 @@ class RoutingFilter(Filter):
             return Action.CONTINUE
         try:
             parsed = orjson.loads(data)
-            wire = target.provider.adapter.wire
-            if wire is not None and wire.translates_response:
-                parsed = wire.response(parsed, target.model)
             if self._bridge:
                 chat = (
                     messages_response_to_chat(parsed, model=target.model)
@@ -614,8 +590,6 @@ class RoutingFilter(Filter):
                 out = chat_response_to_responses(
                     chat, request=self._echoed(), response_id=self._response_id, model=target.model
                 )
-            elif self.client_protocol == target.provider.protocol:
-                out = parsed  # (through a wire: already in the client's protocol)
             elif self.client_protocol == "openai":
                 out = messages_response_to_chat(parsed, model=target.model)
             else:
@@ -746,10 +720,8 @@ class RoutingFilter(Filter):
         usage = self._usage
         assert translator is not None and usage is not None
         out: list[bytes] = []
-        rewired = isinstance(translator, (SseChain, ConverseStreamToMessagesStream))
         if data:
-            if not rewired:
-                self._facts(exchange, data)
+            self._facts(exchange, data)
             if USAGE_OBJECT.search(data) is not None:
                 for _, payload in usage_events(data):
                     usage.take(payload)
@@ -762,14 +734,9 @@ class RoutingFilter(Filter):
                     raise UpstreamProtocolError(f"provider sent an event that cannot be translated: {exc}") from None
         if end_of_stream:
             out.append(translator.finish())
-        joined = out[0] if len(out) == 1 else b"".join(out)
-        if rewired:  # the wire's events carry no id or model: read them from what the client gets
-            self._facts(exchange, joined)
-        exchange.set_response_data(joined)
+        exchange.set_response_data(out[0] if len(out) == 1 else b"".join(out))
         if end_of_stream and self._bridge and self._keeps():
-            last = translator.last if isinstance(translator, (ChainedStream, SseChain)) else translator
-            if isinstance(last, ChainedStream):
-                last = last.last
+            last = translator.last if isinstance(translator, ChainedStream) else translator
             if isinstance(last, ChatStreamToResponsesStream) and last.response is not None and not last.failed:
                 return self._save(exchange, last.response)
         return Action.CONTINUE
