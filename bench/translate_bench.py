@@ -14,7 +14,8 @@ finish and usage events) and prints microseconds per event for:
 The best of ``--repeat`` runs is reported, per the usual micro-benchmark
 practice (the minimum is the least disturbed by the rest of the machine).
 The budget is about 50 µs per event over pass-through (10 µs for the
-Responses bridges: Chat -> Responses, and Anthropic -> Chat -> Responses chained).
+Responses bridges: Chat -> Responses, and Anthropic -> Chat -> Responses chained;
+10 µs for Gemini -> Chat, the codec's own decoder, issue 17).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from llmproxy.filters.translate import (
     EventTranslator,
     MessagesStreamToChatStream,
 )
+from llmproxy.filters.translate.gemini import GeminiStreamDecoder
 from llmproxy.http.sse import parse_event
 
 WORDS = [
@@ -118,6 +120,29 @@ def openai_stream(n: int) -> list[bytes]:
     return events
 
 
+def gemini_stream(n: int) -> list[bytes]:
+    """A ``streamGenerateContent?alt=sse`` stream as Gemini frames it: each event a whole
+    ``GenerateContentResponse`` with the usage so far, calls whole, CRLF event ends."""
+    common = {"modelVersion": "gemini-2.5-flash", "responseId": "pBXzaJ2hM9XkxN8PqfTtwQ4"}
+    running = {
+        "promptTokenCount": 1200,
+        "totalTokenCount": 1200,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 1200}],
+    }
+
+    def chunk(parts: list[dict[str, object]], finish: str | None = None, usage: object = running) -> bytes:
+        candidate: dict[str, object] = {"content": {"parts": parts, "role": "model"}, "index": 0}
+        if finish is not None:
+            candidate["finishReason"] = finish
+        return b"data: " + orjson.dumps({"candidates": [candidate], "usageMetadata": usage, **common}) + b"\r\n\r\n"
+
+    events = [chunk([{"text": WORDS[i % len(WORDS)]}]) for i in range(n)]
+    events.append(chunk([{"functionCall": {"name": "get_weather", "args": {"city": "Paris", "unit": "C"}}}]))
+    final = {"promptTokenCount": 1200, "candidatesTokenCount": n, "thoughtsTokenCount": 40, "totalTokenCount": 1240 + n}
+    events.append(chunk([{"text": ""}], "STOP", final))
+    return events
+
+
 def best_of(repeat: int, run: Callable[[], None]) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -194,6 +219,29 @@ def main() -> None:
         lambda: ChainedStream(
             MessagesStreamToChatStream(model="claude", include_usage=True),
             ChatStreamToResponsesStream(request=request, response_id="resp_1", model="claude"),
+        ),
+        args.repeat,
+    )
+    bench(
+        "Gemini -> OpenAI (GeminiStreamDecoder)",
+        gemini_stream(args.events),
+        lambda: GeminiStreamDecoder(model="gemini-2.5-flash", include_usage=True),
+        args.repeat,
+    )
+    bench(
+        "Gemini -> Anthropic (ChainedStream: Gemini -> Chat -> Messages)",
+        gemini_stream(args.events),
+        lambda: ChainedStream(
+            GeminiStreamDecoder(model="gemini", include_usage=True), ChatStreamToMessagesStream(model="gemini")
+        ),
+        args.repeat,
+    )
+    bench(
+        "Gemini -> Responses (ChainedStream: Gemini -> Chat -> Responses)",
+        gemini_stream(args.events),
+        lambda: ChainedStream(
+            GeminiStreamDecoder(model="gemini", include_usage=True),
+            ChatStreamToResponsesStream(request=request, response_id="resp_1", model="gemini"),
         ),
         args.repeat,
     )

@@ -16,14 +16,28 @@ from typing import Any
 from llmproxy import BadRequest
 from llmproxy.filters.metering.tokenizer import count_prompt_async, detect_protocol
 
-__all__ = ["OUTPUT_FIELDS", "asks_cap", "output_cap", "prompt_tokens"]
+__all__ = ["GEMINI_FIELD", "OUTPUT_FIELDS", "asks_cap", "output_cap", "prompt_tokens", "set_output_cap"]
 
 #: The request fields that cap the output, in the order they are looked for.
 OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
+#: Gemini's output cap (``generationConfig.maxOutputTokens``), named as :func:`output_cap` reports it.
+GEMINI_FIELD = "generationConfig.maxOutputTokens"
+
+
 def output_cap(payload: dict[str, Any], default: int) -> tuple[int, str | None]:
-    """``(cap, field)``: the request's output cap and the field it came from (None: the default)."""
+    """``(cap, field)``: the request's output cap and the field it came from (None: the default).
+
+    A Gemini body (routed to a ``type: gemini`` provider) has it nested: ``field`` is then
+    :data:`GEMINI_FIELD`, which :func:`set_output_cap` understands.
+    """
+    config = payload.get("generationConfig")
+    if isinstance(config, dict) and "contents" in payload:
+        value = config.get("maxOutputTokens")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value, GEMINI_FIELD
+        return default, None
     for name in OUTPUT_FIELDS:
         if name in payload and payload[name] is not None:
             value = payload[name]
@@ -31,6 +45,19 @@ def output_cap(payload: dict[str, Any], default: int) -> tuple[int, str | None]:
                 raise BadRequest(f"'{name}' must be a non-negative integer", param=name, code="invalid_value")
             return value, name
     return default, None
+
+
+def set_output_cap(payload: dict[str, Any], field: str | None, cap: int) -> None:
+    """Set the upstream body's output cap: in ``field`` (as :func:`output_cap` named it), or, with
+    none, in the body's protocol's own field (Gemini's nested one, Messages' ``max_tokens``,
+    else ``max_output_tokens``)."""
+    if field is None and "contents" in payload and "messages" not in payload:
+        field = GEMINI_FIELD
+    if field == GEMINI_FIELD:
+        config = payload.get("generationConfig")
+        payload["generationConfig"] = {**(config if isinstance(config, dict) else {}), "maxOutputTokens": cap}
+        return
+    payload[field or ("max_tokens" if "messages" in payload else "max_output_tokens")] = cap
 
 
 def asks_cap(payload: dict[str, Any]) -> bool:

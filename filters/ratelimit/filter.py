@@ -74,7 +74,7 @@ from llmproxy import (
 from llmproxy.filters.metering import MeteringFactory
 from llmproxy.filters.names import PRINCIPAL, ROUTE
 from llmproxy.filters.ratelimit.cut import StreamCap
-from llmproxy.filters.ratelimit.estimate import asks_cap, output_cap, prompt_tokens
+from llmproxy.filters.ratelimit.estimate import asks_cap, output_cap, prompt_tokens, set_output_cap
 from llmproxy.filters.ratelimit.ledger import Ledger
 from llmproxy.filters.ratelimit.rules import (
     BudgetRule,
@@ -327,8 +327,7 @@ class RateLimitFilter(Filter):
         allowance = max(1, allowance)
         self._cap = StreamCap(self.factory.protocol_of(exchange), model, allowance, prompt)
         if allowance < out_cap and isinstance(payload, dict):
-            field = out_field or ("max_tokens" if "messages" in payload else "max_output_tokens")
-            payload[field] = allowance
+            set_output_cap(payload, out_field, allowance)
             exchange.mark_request_json_changed()
             route = exchange.vars.get(ROUTE)
             if isinstance(route, RouteDecision):

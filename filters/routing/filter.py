@@ -421,6 +421,9 @@ class RoutingFilter(Filter):
                     chat = messages_request_to_chat(body, model=target.model)
                 else:
                     chat = body
+                if route is not None and route.output_cap is not None:  # capped in chat's field, then encoded
+                    chat = dict(chat)
+                    cap_output(chat, "chat", route.output_cap)
                 out = codec.encode_request(chat, model=target.model)
             elif self._bridge:
                 out = responses_request_to_chat(
@@ -446,7 +449,7 @@ class RoutingFilter(Filter):
             raise BadRequest(
                 str(exc).replace(exc.param or "\0", param or ""), param=param, code="invalid_request"
             ) from None
-        if route is not None and route.output_cap is not None:
+        if route is not None and route.output_cap is not None and codec is None:
             cap_output(out, provider_api, route.output_cap)
         exchange.set_request_json(out)
 

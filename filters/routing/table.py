@@ -4,7 +4,7 @@ Config (the ``routing`` filter's section)::
 
     providers:
       - name: openai                 # required, unique
-        type: openai                 # required: an adapter (openai | azure | anthropic)
+        type: openai                 # required: an adapter (openai | azure | anthropic | gemini)
         base_url: https://api.openai.com/v1   # required (mock://NAME/v1 for a mock upstream)
         keys: ["${OPENAI_API_KEY}"]  # or key: "..."; empty values are ignored
         models:                      # list of names served as-is, or a mapping

@@ -1,4 +1,4 @@
-"""A fast, offline, fake LLM provider speaking the OpenAI and Anthropic wire formats.
+"""A fast, offline, fake LLM provider speaking the OpenAI, Anthropic and Gemini wire formats.
 
 Used by the quickstart, the tests and the benchmarks, so it must never be the
 bottleneck of a benchmark: it is a raw :class:`asyncio.Protocol` (run on uvloop
@@ -13,7 +13,9 @@ job and protocol: ``config`` (what may be set), ``wire`` (request parsing),
 ``plans`` (status, fault and pacing per request), ``replies`` and
 ``content`` (what handlers build), ``openai``, ``responses`` (OpenAI's
 ``/v1/responses``, streamed too, stored for ``previous_response_id``) and
-``anthropic`` (the endpoints), ``delivery`` (heads, framing, faults applied), ``connection``
+``anthropic`` and ``gemini`` (``.../models/{model}:generateContent`` and
+``:streamGenerateContent``, routed by path suffix) (the endpoints),
+``delivery`` (heads, framing, faults applied), ``connection``
 (one socket), ``server`` (routes, log, control endpoints, start and
 serve), ``hook``.
 

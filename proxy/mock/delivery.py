@@ -47,6 +47,7 @@ class Delivery:
 _BROKEN_JSON: Final = b'{"id": "mock-malformed", "object": "chat.completion", "choices": [{"mess'
 _BROKEN_EVENT: Final[dict[Flavour, bytes]] = {
     Flavour.OPENAI: b'data: {"id":"mock-malformed","object":"chat.completion.chunk","choices":[{"delta":{"cont\n\n',
+    Flavour.GEMINI: b'data: {"candidates":[{"content":{"parts":[{"text":"lor\r\n\r\n',
     Flavour.ANTHROPIC: (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_de\n\n'
     ),

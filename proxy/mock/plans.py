@@ -68,7 +68,7 @@ def _header_float(headers: dict[str, str], name: str) -> float | None:
 
 
 def credential_of(headers: dict[str, str]) -> str | None:
-    """The API key a request carries (``authorization`` Bearer, ``x-api-key``, ``api-key``)."""
+    """The API key a request carries (``authorization`` Bearer, ``x-api-key``, ``api-key``, ``x-goog-api-key``)."""
     auth = headers.get("authorization")
     if auth is not None:
         scheme, _, rest = auth.partition(" ")
@@ -76,7 +76,9 @@ def credential_of(headers: dict[str, str]) -> str | None:
             return rest.partition("Credential=")[2].partition("/")[0] or None
         return rest.strip() if scheme.lower() == "bearer" else auth
     key = headers.get("x-api-key")
-    return key if key is not None else headers.get("api-key")
+    if key is None:
+        key = headers.get("api-key")
+    return key if key is not None else headers.get("x-goog-api-key")
 
 
 class Planner:

@@ -28,6 +28,7 @@ class Flavour(enum.Enum):
     ANTHROPIC = enum.auto()
     #: AWS Bedrock: ``{"message"}`` with ``x-amzn-errortype``; streams in event-stream framing
     BEDROCK = enum.auto()
+    GEMINI = enum.auto()
 
 
 @dataclass(slots=True)
@@ -91,10 +92,28 @@ _ANTHROPIC_KINDS: Final[dict[int, str]] = {
 }
 
 
+#: status -> Gemini's (google.rpc) status name.
+_GEMINI_STATUS: Final[dict[int, str]] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "INVALID_ARGUMENT",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
 def error_body(flavour: Flavour, status: int, message: str) -> bytes:
     """The error envelope for ``status`` in the provider form ``flavour``."""
     if flavour is Flavour.BEDROCK:
         return orjson.dumps({"message": message})
+    if flavour is Flavour.GEMINI:
+        name = _GEMINI_STATUS.get(status, "INVALID_ARGUMENT" if status < 500 else "INTERNAL")
+        return orjson.dumps({"error": {"code": status, "message": message, "status": name}})
     if flavour is Flavour.ANTHROPIC:
         kind = _ANTHROPIC_KINDS.get(status, "invalid_request_error" if status < 500 else "api_error")
         return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})

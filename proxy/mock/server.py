@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from llmproxy.mock import anthropic, bedrock, openai, responses
+from llmproxy.mock import anthropic, bedrock, gemini, openai, responses
 from llmproxy.mock.config import MockConfig, ReceivedRequest
 from llmproxy.mock.connection import Connection
 from llmproxy.mock.delivery import Delivery, End, Framer
@@ -156,6 +156,9 @@ class MockServer:
         path_route = bedrock.match(raw.path) if methods is None else None
         if path_route is not None:
             methods = path_route[0]
+        gemini_route = gemini.route_of(raw.path) if methods is None else None
+        if gemini_route is not None:
+            methods = {"POST": gemini.ROUTE}
         if methods is None and raw.path.startswith("/v1/responses/") and raw.method in ("GET", "DELETE"):
             return whole(keep, responses.lookup(self, raw.method, raw.path[len("/v1/responses/") :]))
         if methods is None:
@@ -182,6 +185,8 @@ class MockServer:
         stream = route.streams and body is not None and body.get("stream") is True
         if path_route is not None:  # Bedrock: the model and the stream are the path's
             model, stream = path_route[1], path_route[2]
+        if gemini_route is not None:  # the model and the streaming are in the path
+            model, stream = gemini_route[0], gemini_route[1] and body is not None
         self.record(
             ReceivedRequest(
                 raw.method,

@@ -123,3 +123,22 @@ def test_cap_output_lowers_every_field_of_the_providers_api_and_raises_none() ->
     for body, api, expected in cases:
         cap_output(body, api, 50)
         assert body == expected, (api, body)
+
+
+def test_the_clamp_reaches_a_gemini_provider_in_its_own_field(scripted: Scripted, make_proxy: Make) -> None:
+    """A codec provider (Gemini) gets the clamp as ``generationConfig.maxOutputTokens``, not ``max_tokens``."""
+    gemini_reply = (
+        b'{"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"},"finishReason":"STOP","index":0}],'
+        b'"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":2,"totalTokenCount":11}}'
+    )
+    scripted.replies.append(Reply(200, gemini_reply))
+    raw = rl_config(0, {}, {"bob": {"budgets": {"tokens": BUDGET, "period": "day"}}}, provider_type="gemini")
+    routing = next(f for f in raw["filters"] if f["name"] == "routing")
+    routing["config"]["providers"][0]["base_url"] = scripted.url + "/v1beta"
+    proxy = make_proxy(raw)
+    reply = _client(proxy).chat.completions.create(model=MODEL, messages=HI)
+    assert reply.choices[0].message.content == "hi"
+    (seen,) = scripted.requests
+    assert seen.target == "/v1beta/models/mock-gpt:generateContent", seen.target
+    assert "max_tokens" not in seen.body
+    assert 0 < seen.body["generationConfig"]["maxOutputTokens"] < BUDGET, seen.body
