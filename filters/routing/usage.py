@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from llmproxy import Usage, parse_event, split_events
+from llmproxy.filters.translate.bedrock import from_bedrock
 
 __all__ = [
     "USAGE_OBJECT",
@@ -75,24 +76,6 @@ def from_anthropic(usage: dict[str, Any]) -> Usage:
     output = usage.get("output_tokens")
     record = Usage(
         input_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
-        output_tokens=_int(output),
-        cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write,
-        provider_usage=usage,
-    )
-    if type(output) is not int:
-        record.extra["partial"] = True
-    return record
-
-
-def from_bedrock(usage: dict[str, Any]) -> Usage:
-    """A :class:`Usage` from a Bedrock Converse ``usage`` object (``inputTokens`` excludes the
-    cached parts, as Anthropic's ``input_tokens`` does: the record's input is the whole prompt)."""
-    cache_read = _int(usage.get("cacheReadInputTokens"))
-    cache_write = _int(usage.get("cacheWriteInputTokens"))
-    output = usage.get("outputTokens")
-    record = Usage(
-        input_tokens=_int(usage.get("inputTokens")) + cache_read + cache_write,
         output_tokens=_int(output),
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,

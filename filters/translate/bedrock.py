@@ -49,13 +49,22 @@ from typing import Any
 
 import orjson
 
-from llmproxy.filters.translate.errors import TranslationError
+from llmproxy import Usage
+from llmproxy.filters.translate.chat_to_messages import (
+    MessagesStreamToChatStream,
+    chat_request_to_messages,
+    messages_response_to_chat,
+)
+from llmproxy.filters.translate.codec import ChatCodec, register_codec
+from llmproxy.filters.translate.errors import TranslationError, openai_envelope_from_anthropic
 
 __all__ = [
+    "BedrockCodec",
     "ConverseStreamToMessagesStream",
     "SseChain",
     "bedrock_error_to_anthropic",
     "converse_response_to_messages",
+    "from_bedrock",
     "messages_request_to_converse",
 ]
 
@@ -98,7 +107,9 @@ def _with_cache(out: list[dict[str, Any]], block: dict[str, Any], converted: dic
 def _source_bytes(block: dict[str, Any], where: str) -> tuple[str, str]:
     source = block.get("source")
     if not isinstance(source, dict) or source.get("type") != "base64" or not isinstance(source.get("data"), str):
-        raise TranslationError(f"{where}: Bedrock takes only base64 image and document sources", f"{where}.source")
+        raise TranslationError(
+            f"{where}: Bedrock takes only base64 image and document sources", param=f"{where}.source"
+        )
     return str(source.get("media_type") or ""), source["data"]
 
 
@@ -108,7 +119,7 @@ def _tool_result_content(content: Any, where: str) -> list[dict[str, Any]]:
     if content is None:
         return []
     if not isinstance(content, list):
-        raise TranslationError(f"{where}.content must be a string or a list of blocks", f"{where}.content")
+        raise TranslationError(f"{where}.content must be a string or a list of blocks", param=f"{where}.content")
     out: list[dict[str, Any]] = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -118,7 +129,7 @@ def _tool_result_content(content: Any, where: str) -> list[dict[str, Any]]:
             media, data = _source_bytes(part, f"{where}.content[{i}]")
             out.append({"image": {"format": _IMAGE_FORMATS.get(media, "png"), "source": {"bytes": data}}})
         else:
-            raise TranslationError(f"{where}.content[{i}]: unsupported block type {kind!r}", f"{where}.content")
+            raise TranslationError(f"{where}.content[{i}]: unsupported block type {kind!r}", param=f"{where}.content")
     return out
 
 
@@ -137,7 +148,7 @@ def _content(content: Any, where: str) -> list[dict[str, Any]]:
             media, data = _source_bytes(block, here)
             fmt = _IMAGE_FORMATS.get(media)
             if fmt is None:
-                raise TranslationError(f"{here}: unsupported image type {media!r}", f"{here}.source.media_type")
+                raise TranslationError(f"{here}: unsupported image type {media!r}", param=f"{here}.source.media_type")
             _with_cache(out, block, {"image": {"format": fmt, "source": {"bytes": data}}})
         elif kind == "document":
             _, data = _source_bytes(block, here)
@@ -162,7 +173,7 @@ def _content(content: Any, where: str) -> list[dict[str, Any]]:
         elif kind == "redacted_thinking":
             out.append({"reasoningContent": {"redactedContent": block.get("data", "")}})
         else:
-            raise TranslationError(f"{here}: Bedrock Converse has no {kind!r} content block", f"{here}.type")
+            raise TranslationError(f"{here}: Bedrock Converse has no {kind!r} content block", param=f"{here}.type")
     return out
 
 
@@ -174,11 +185,11 @@ def messages_request_to_converse(body: dict[str, Any]) -> dict[str, Any]:
         out["system"] = _content(system, "system")
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise TranslationError("'messages' must be a list", "messages")
+        raise TranslationError("'messages' must be a list", param="messages")
     converted = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise TranslationError(f"messages[{i}].role must be 'user' or 'assistant'", f"messages[{i}].role")
+            raise TranslationError(f"messages[{i}].role must be 'user' or 'assistant'", param=f"messages[{i}].role")
         converted.append(
             {"role": message["role"], "content": _content(message.get("content"), f"messages[{i}].content")}
         )
@@ -209,7 +220,7 @@ def messages_request_to_converse(body: dict[str, Any]) -> dict[str, Any]:
         for i, tool in enumerate(tools):
             if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
                 kind = tool.get("type") if isinstance(tool, dict) else None
-                raise TranslationError(f"tools[{i}]: Bedrock Converse has no {kind!r} tool", f"tools[{i}].type")
+                raise TranslationError(f"tools[{i}]: Bedrock Converse has no {kind!r} tool", param=f"tools[{i}].type")
             spec: dict[str, Any] = {
                 "name": tool.get("name", ""),
                 "inputSchema": {"json": tool.get("input_schema") or {}},
@@ -246,7 +257,7 @@ def converse_response_to_messages(response: dict[str, Any], *, model: str) -> di
     output = response.get("output")
     message = output.get("message") if isinstance(output, dict) else None
     if not isinstance(message, dict):
-        raise TranslationError("Converse response without output.message", "output")
+        raise TranslationError("Converse response without output.message", param="output")
     content: list[dict[str, Any]] = []
     for block in message.get("content") or []:
         if "text" in block:
@@ -330,7 +341,7 @@ class ConverseStreamToMessagesStream:
     reason is kept until the usage comes (or the stream ends).
     """
 
-    __slots__ = ("_open", "_started", "_stop", "_stopped", "failed", "model")
+    __slots__ = ("_open", "_started", "_stop", "_stopped", "failed", "model", "usage")
 
     def __init__(self, *, model: str) -> None:
         self.model = model
@@ -340,6 +351,8 @@ class ConverseStreamToMessagesStream:
         self._stop: str | None = None
         self._stopped = False
         self.failed = False
+        #: The provider's usage (from ``metadata``), None until reported.
+        self.usage: Usage | None = None
 
     def _start(self) -> bytes:
         if self._started:
@@ -368,9 +381,9 @@ class ConverseStreamToMessagesStream:
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            raise TranslationError("ConverseStream event is not JSON", None) from None
+            raise TranslationError("ConverseStream event is not JSON", param=None) from None
         if not isinstance(payload, dict):
-            raise TranslationError("ConverseStream event is not an object", None)
+            raise TranslationError("ConverseStream event is not an object", param=None)
         if event == b"contentBlockDelta":
             index = payload.get("contentBlockIndex", 0)
             delta = payload.get("delta") or {}
@@ -422,6 +435,9 @@ class ConverseStreamToMessagesStream:
             self._stop = _STOP_REASONS.get(payload.get("stopReason") or "", "end_turn")
             return self._start() + self._close_blocks()
         if event == b"metadata":
+            raw = payload.get("usage")
+            if isinstance(raw, dict):
+                self.usage = from_bedrock(raw)
             return self._start() + self._close_blocks() + self._end(_usage(payload.get("usage")))
         if event == b"error":
             self.failed = self._stopped = True
@@ -488,3 +504,103 @@ class SseChain:
     def finish(self) -> bytes:
         """End both translators."""
         return self._relay(self.first.finish()) + self.last.finish()
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
+def from_bedrock(usage: dict[str, Any]) -> Usage:
+    """A :class:`llmproxy.Usage` from a Converse ``usage`` object.
+
+    ``inputTokens`` excludes the cached parts (as Anthropic's ``input_tokens``
+    does), so the record's input is the whole prompt: ``inputTokens +
+    cacheReadInputTokens + cacheWriteInputTokens`` (the OpenTelemetry GenAI
+    rule), with the cache parts kept separately.
+    """
+    cache_read = _int(usage.get("cacheReadInputTokens"))
+    cache_write = _int(usage.get("cacheWriteInputTokens"))
+    output = usage.get("outputTokens")
+    record = Usage(
+        input_tokens=_int(usage.get("inputTokens")) + cache_read + cache_write,
+        output_tokens=_int(output),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        provider_usage=usage,
+    )
+    if type(output) is not int:
+        record.extra["partial"] = True
+    return record
+
+
+class _ChatStream(SseChain):
+    """ConverseStream events -> Anthropic events -> Chat Completions chunks, with the provider's ``usage``."""
+
+    __slots__ = ()
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.first.usage  # type: ignore[no-any-return]
+
+
+@register_codec("bedrock")
+class BedrockCodec(ChatCodec):
+    """Bedrock Converse as a chat-pivot codec (:mod:`llmproxy.filters.translate.codec`).
+
+    Chat requests go to Converse through Anthropic Messages
+    (``chat_request_to_messages`` then :func:`messages_request_to_converse`),
+    replies come back the same way. ``framing`` is ``sse``: the Bedrock
+    adapter's core stream decoder has already turned the binary event stream
+    into SSE events (``event: contentBlockDelta`` ...).
+
+    Two additions to the chat-pivot interface, both optional for codecs:
+
+    * ``error_header``: routing passes the value of this response header to
+      :meth:`decode_error` as ``error_type`` (Bedrock names the error there:
+      ``x-amzn-errortype: ThrottlingException:...``, the body has only ``message``);
+    * ``messages_native``: an Anthropic Messages client's request, JSON reply
+      and stream skip the chat hop (:meth:`encode_messages_request`,
+      :meth:`decode_messages_response`, :meth:`messages_stream_decoder`), so
+      that Claude on Bedrock keeps ``cache_control`` (``cachePoint``) and
+      ``thinking`` (``reasoningContent``), which Chat Completions cannot carry.
+    """
+
+    framing = "sse"
+    error_header = "x-amzn-errortype"
+    messages_native = True
+
+    def encode_request(self, chat: dict[str, Any], *, model: str) -> dict[str, Any]:
+        messages = chat_request_to_messages(chat, model=model)
+        if chat.get("max_tokens") is None and chat.get("max_completion_tokens") is None:
+            messages.pop("max_tokens", None)  # Converse has its own default: no made-up limit
+        return messages_request_to_converse(messages)
+
+    def decode_response(self, body: dict[str, Any], *, model: str) -> dict[str, Any]:
+        return messages_response_to_chat(converse_response_to_messages(body, model=model), model=model)
+
+    def stream_decoder(self, *, model: str, include_usage: bool) -> _ChatStream:
+        return _ChatStream(
+            ConverseStreamToMessagesStream(model=model),
+            MessagesStreamToChatStream(model=model, include_usage=include_usage),
+        )
+
+    def decode_error(self, body: bytes, status: int, *, error_type: str = "") -> tuple[int, dict[str, Any]]:
+        inner = orjson.loads(bedrock_error_to_anthropic(status, error_type, body))["error"]
+        return status, openai_envelope_from_anthropic(inner, status=status)
+
+    def usage(self, body: dict[str, Any]) -> Usage | None:
+        usage = body.get("usage")
+        return from_bedrock(usage) if isinstance(usage, dict) else None
+
+    # -- the Messages-native extension ---------------------------------------------------
+    def encode_messages_request(self, body: dict[str, Any], *, model: str) -> dict[str, Any]:
+        """The Converse body for an Anthropic Messages request (nothing lost on the way)."""
+        return messages_request_to_converse(body)
+
+    def decode_messages_response(self, body: dict[str, Any], *, model: str) -> dict[str, Any]:
+        """The Anthropic Message for a Converse response."""
+        return converse_response_to_messages(body, model=model)
+
+    def messages_stream_decoder(self, *, model: str) -> ConverseStreamToMessagesStream:
+        """ConverseStream events straight to Anthropic's events (``usage`` kept on it)."""
+        return ConverseStreamToMessagesStream(model=model)

@@ -64,14 +64,6 @@ class Adapter:
     #: routing composes messages and responses clients through Chat Completions.
     codec: ClassVar[ChatCodec | None] = None
 
-    #: A provider whose wire format is not its ``protocol``'s (Bedrock's Converse, Claude on
-    #: Vertex): an object with ``request(body, stream) -> body`` (the ``protocol``-shaped request
-    #: to the wire's), ``response(parsed, model)``, ``stream(model)`` (an event translator from the
-    #: wire's SSE events to the ``protocol``'s, or None), ``error(status, error_type, body)`` (the
-    #: ``protocol``'s error JSON), ``error_type(headers)``, ``usage_protocol`` (how its usage
-    #: objects read) and ``translates_response``. None: the provider speaks ``protocol`` itself.
-    wire: Any = None
-
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
 
@@ -87,10 +79,6 @@ class Adapter:
         """Extra :class:`llmproxy.UpstreamTarget` fields for the target of ``key`` (``signer``,
         ``stream_decoder``); called once per key at startup."""
         return {}
-
-    def stream_path(self, api: str, provider_model: str) -> str | None:
-        """The request target of a streaming request, when it differs from :meth:`path`'s."""
-        return None
 
     def credential_headers(self, key: str) -> tuple[tuple[bytes, bytes], ...]:
         """The headers that carry ``key`` to this provider."""

@@ -2,7 +2,8 @@
 
 ``region:`` gives the default ``base_url``
 (``https://bedrock-runtime.{region}.amazonaws.com``). Requests are
-Anthropic Messages translated to Converse (:mod:`llmproxy.filters.translate.bedrock`);
+translated to Converse by the ``bedrock`` codec (:mod:`llmproxy.filters.translate.bedrock`:
+Chat Completions through Anthropic Messages, or an Anthropic client's Messages directly);
 the provider's model name is the Bedrock model id (or inference profile) in
 the path: ``/model/{modelId}/converse`` or ``/converse-stream``.
 
@@ -42,12 +43,8 @@ import orjson
 
 from llmproxy import UpstreamProtocolError
 from llmproxy.filters.routing.adapters.base import Adapter, register
-from llmproxy.filters.translate.bedrock import (
-    ConverseStreamToMessagesStream,
-    bedrock_error_to_anthropic,
-    converse_response_to_messages,
-    messages_request_to_converse,
-)
+from llmproxy.filters.translate.bedrock import BedrockCodec  # noqa: F401  (registers the codec)
+from llmproxy.filters.translate.codec import CODECS
 
 __all__ = ["BedrockAdapter", "EventStreamDecoder", "SigV4Signer"]
 
@@ -200,33 +197,11 @@ def _sse(headers: Mapping[str, Any], payload: bytes) -> bytes:
     return b"event: error\ndata: " + orjson.dumps({"__type": name, "message": message}) + b"\n\n"
 
 
-class BedrockWire:
-    """How Anthropic Messages (the adapter's ``protocol``) travel as Converse (see :class:`Adapter.wire`)."""
-
-    usage_protocol = "bedrock"
-    translates_response = True
-
-    def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
-        return messages_request_to_converse(body)
-
-    def response(self, parsed: dict[str, Any], model: str) -> dict[str, Any]:
-        return converse_response_to_messages(parsed, model=model)
-
-    def stream(self, model: str) -> ConverseStreamToMessagesStream:
-        return ConverseStreamToMessagesStream(model=model)
-
-    def error(self, status: int, error_type: str, body: bytes) -> bytes:
-        return bedrock_error_to_anthropic(status, error_type, body)
-
-    @staticmethod
-    def error_type(headers: Any) -> str:
-        return str(headers.get("x-amzn-errortype") or "")
-
-
 @register("bedrock")
 class BedrockAdapter(Adapter):
-    protocol = "anthropic"
-    native_apis = frozenset({"messages"})
+    protocol = "bedrock"
+    native_apis = frozenset({"chat"})
+    codec = CODECS["bedrock"]
     needs_key = False
     extra_options = {
         "region": None,
@@ -235,7 +210,6 @@ class BedrockAdapter(Adapter):
         "aws_session_token": None,
         "aws_profile": None,
         "refresh_seconds": 300,
-        "default_max_tokens": 4096,
     }
 
     def __init__(self, options: Mapping[str, Any]) -> None:
@@ -251,11 +225,6 @@ class BedrockAdapter(Adapter):
         refresh = self.options.get("refresh_seconds", 300)
         if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh <= 0:
             raise ValueError("refresh_seconds: must be a positive number")
-        max_tokens = self.options.get("default_max_tokens", 4096)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError("default_max_tokens: must be a positive integer")
-        self.default_max_tokens = max_tokens
-        self.wire = BedrockWire()
         self._refresh = float(refresh)
         self._signer: SigV4Signer | None = None
 
@@ -281,7 +250,8 @@ class BedrockAdapter(Adapter):
         return extras
 
     def path(self, api: str, provider_model: str, query: str) -> str:
-        return f"/model/{quote(provider_model, safe='')}/converse"
+        return self.request_path(api, provider_model, query, stream=False)
 
-    def stream_path(self, api: str, provider_model: str) -> str:
-        return f"/model/{quote(provider_model, safe='')}/converse-stream"
+    def request_path(self, api: str, provider_model: str, query: str, *, stream: bool) -> str:
+        model = quote(provider_model, safe="")
+        return f"/model/{model}/converse-stream" if stream else f"/model/{model}/converse"
