@@ -457,7 +457,7 @@ class RoutingFilter(Filter):
             ) from None
         if route is not None and route.output_cap is not None and codec is None:
             cap_output(out, provider_api, route.output_cap)
-        exchange.set_request_json(out)
+        exchange.set_request_json(adapter.finish_body(out, self._stream))
 
     # -- response -------------------------------------------------------------------
     def on_response_headers(self, exchange: Exchange) -> Action:

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from llmproxy.mock import anthropic, bedrock, gemini, openai, responses
+from llmproxy.mock import anthropic, bedrock, gemini, openai, responses, vertex
 from llmproxy.mock.config import MockConfig, ReceivedRequest
 from llmproxy.mock.connection import Connection
 from llmproxy.mock.delivery import Delivery, End, Framer
@@ -153,7 +153,7 @@ class MockServer:
                 return whole(keep, error_reply(Flavour.OPENAI, 405, f"{raw.method} not allowed on {raw.path}"))
             return whole(keep, action(self))
         methods = _ROUTES.get(raw.path)
-        path_route = bedrock.match(raw.path) if methods is None else None
+        path_route = (bedrock.match(raw.path) or vertex.match(raw.path)) if methods is None else None
         if path_route is not None:
             methods = path_route[0]
         gemini_route = gemini.route_of(raw.path) if methods is None else None
@@ -183,7 +183,7 @@ class MockServer:
         credential = credential_of(headers)
         model = body.get("model") if body is not None else None
         stream = route.streams and body is not None and body.get("stream") is True
-        if path_route is not None:  # Bedrock: the model and the stream are the path's
+        if path_route is not None:  # Bedrock, Claude on Vertex: the model and the stream are the path's
             model, stream = path_route[1], path_route[2]
         if gemini_route is not None:  # the model and the streaming are in the path
             model, stream = gemini_route[0], gemini_route[1] and body is not None

@@ -6,6 +6,7 @@ from llmproxy.filters.routing.adapters import (  # noqa: F401  (registration sid
     bedrock,
     gemini,
     openai,
+    vertex,
 )
 from llmproxy.filters.routing.adapters.base import ADAPTERS, API, Adapter, Protocol, register
 

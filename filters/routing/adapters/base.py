@@ -95,6 +95,11 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def finish_body(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+        """The request body as this provider takes it, after routing built (or translated) it:
+        the last step before it is sent (Claude on Vertex: no ``model``, its ``anthropic_version``)."""
+        return body
+
     def request_path(self, api: str, provider_model: str, query: str, *, stream: bool) -> str:
         """:meth:`path`, for a provider whose streaming endpoint differs (Gemini's
         ``:streamGenerateContent``); ``stream`` is the client's ``stream: true``."""
