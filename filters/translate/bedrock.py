@@ -55,7 +55,7 @@ from llmproxy.filters.translate.chat_to_messages import (
     chat_request_to_messages,
     messages_response_to_chat,
 )
-from llmproxy.filters.translate.codec import ChatCodec, register_codec
+from llmproxy.filters.translate.codec import ChatCodec, StreamDecoder, register_codec
 from llmproxy.filters.translate.errors import TranslationError, openai_envelope_from_anthropic
 
 __all__ = [
@@ -137,7 +137,7 @@ def _content(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"text": content}] if content else []
     if not isinstance(content, list):
-        raise TranslationError(f"{where} must be a string or a list of content blocks", where)
+        raise TranslationError(f"{where} must be a string or a list of content blocks", param=where)
     out: list[dict[str, Any]] = []
     for i, block in enumerate(content):
         here = f"{where}[{i}]"
@@ -358,7 +358,7 @@ class ConverseStreamToMessagesStream:
         if self._started:
             return b""
         self._started = True
-        message = {
+        message: dict[str, Any] = {
             "id": _new_id(),
             "type": "message",
             "role": "assistant",
@@ -391,10 +391,10 @@ class ConverseStreamToMessagesStream:
             if "text" in delta:
                 if index not in self._open:
                     out += self._open_block(index, "text", {"type": "text", "text": ""})
-                return out + _TEXT_DELTA % index + orjson.dumps(delta["text"]) + b"}}\n\n"
+                return bytes(out + _TEXT_DELTA % index + orjson.dumps(delta["text"]) + b"}}\n\n")
             if "toolUse" in delta:
                 partial = (delta["toolUse"] or {}).get("input", "")
-                return out + _JSON_DELTA % index + orjson.dumps(partial) + b"}}\n\n"
+                return bytes(out + _JSON_DELTA % index + orjson.dumps(partial) + b"}}\n\n")
             reasoning = delta.get("reasoningContent")
             if isinstance(reasoning, dict):
                 if "redactedContent" in reasoning:
@@ -503,7 +503,7 @@ class SseChain:
 
     def finish(self) -> bytes:
         """End both translators."""
-        return self._relay(self.first.finish()) + self.last.finish()
+        return bytes(self._relay(self.first.finish()) + self.last.finish())
 
 
 def _int(value: Any) -> int:
@@ -542,6 +542,10 @@ class _ChatStream(SseChain):
     def usage(self) -> Usage | None:
         return self.first.usage  # type: ignore[no-any-return]
 
+    @usage.setter
+    def usage(self, value: Usage | None) -> None:
+        self.first.usage = value
+
 
 @register_codec("bedrock")
 class BedrockCodec(ChatCodec):
@@ -578,7 +582,7 @@ class BedrockCodec(ChatCodec):
     def decode_response(self, body: dict[str, Any], *, model: str) -> dict[str, Any]:
         return messages_response_to_chat(converse_response_to_messages(body, model=model), model=model)
 
-    def stream_decoder(self, *, model: str, include_usage: bool) -> _ChatStream:
+    def stream_decoder(self, *, model: str, include_usage: bool) -> StreamDecoder:
         return _ChatStream(
             ConverseStreamToMessagesStream(model=model),
             MessagesStreamToChatStream(model=model, include_usage=include_usage),

@@ -56,7 +56,7 @@ _SIGNED = frozenset({b"host", b"content-type", b"accept"})
 
 def _botocore() -> Any:
     try:
-        import botocore
+        import botocore  # type: ignore[import-untyped]
     except ImportError:
         raise ValueError("type: bedrock needs botocore: pip install 'llmproxy[bedrock]'") from None
     return botocore
@@ -73,14 +73,14 @@ class _Credentials:
         self._stop = threading.Event()
         key, secret = options.get("aws_access_key_id"), options.get("aws_secret_access_key")
         if key and secret:
-            from botocore.credentials import ReadOnlyCredentials
+            from botocore.credentials import ReadOnlyCredentials  # type: ignore[import-untyped]
 
             self.frozen = ReadOnlyCredentials(key, secret, options.get("aws_session_token") or None)
             return
         threading.Thread(target=self._run, name="llmproxy-aws-credentials", daemon=True).start()
 
     def _run(self) -> None:
-        import botocore.session
+        import botocore.session  # type: ignore[import-untyped]
 
         creds: Any = None
         while not self._stop.is_set():
@@ -110,8 +110,8 @@ class SigV4Signer:
     """
 
     def __init__(self, region: str, credentials: _Credentials, service: str = "bedrock") -> None:
-        from botocore.auth import SigV4Auth
-        from botocore.awsrequest import AWSRequest
+        from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+        from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
 
         self._auth = SigV4Auth
         self._request = AWSRequest
@@ -147,7 +147,7 @@ class EventStreamDecoder:
     __slots__ = ("_buffer", "_pending")
 
     def __init__(self) -> None:
-        from botocore.eventstream import EventStreamBuffer
+        from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untyped]
 
         self._buffer = EventStreamBuffer()
         self._pending = 0
@@ -182,15 +182,15 @@ class EventStreamDecoders:
 def _sse(headers: Mapping[str, Any], payload: bytes) -> bytes:
     kind = headers.get(":message-type", "event")
     if kind == "event":
-        name = str(headers.get(":event-type", "")).encode("latin-1")
+        event = str(headers.get(":event-type", "")).encode("latin-1")
         if b"\n" in payload or b"\r" in payload:
             payload = orjson.dumps(orjson.loads(payload))
-        return b"event: " + name + b"\ndata: " + (payload or b"{}") + b"\n\n"
+        return b"event: " + event + b"\ndata: " + (payload or b"{}") + b"\n\n"
     try:
         parsed = orjson.loads(payload) if payload else {}
     except orjson.JSONDecodeError:
         parsed = {"message": payload.decode("utf-8", "replace")}
-    name = headers.get(":exception-type") or headers.get(":error-code") or "InternalServerException"
+    name = str(headers.get(":exception-type") or headers.get(":error-code") or "InternalServerException")
     message = parsed.get("message") or parsed.get("Message") or headers.get(":error-message", "")
     # the stream's exception types are lowerCamel (throttlingException): the HTTP names are Upper
     name = name[:1].upper() + name[1:]

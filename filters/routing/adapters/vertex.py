@@ -69,7 +69,9 @@ class GoogleTokenSigner:
         if self._file:
             from google.oauth2 import service_account
 
-            return service_account.Credentials.from_service_account_file(self._file, scopes=[_SCOPE])
+            return service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                self._file, scopes=[_SCOPE]
+            )
         credentials, _ = google.auth.default(scopes=[_SCOPE])
         return credentials
 
