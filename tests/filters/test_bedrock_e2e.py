@@ -244,3 +244,47 @@ def test_openai_responses_client_is_bridged_to_converse(signed_mock: MockServer,
     assert response.output_text and len(response.output_text.split()) == 16
     events = list(client.responses.create(model="claude-bedrock", input="hello", stream=True, store=False))
     assert events[-1].type == "response.completed"
+
+
+def _two_providers(mock: MockServer, failover: dict[str, Any]) -> dict[str, Any]:
+    first = _config(mock)["filters"][0]["config"]["providers"][0]
+    second = {**first, "name": "bedrock-b", "aws_access_key_id": "AKIDMOCKEXAMPLE00002", "priority": 1}
+    return {
+        "filters": [
+            {"name": "routing", "config": {"providers": [first, second]}},
+            {"name": "failover", "config": failover},
+        ]
+    }
+
+
+def test_failover_re_signs_and_holds_the_decoded_stream(signed_mock: MockServer, make_proxy: Make) -> None:
+    from llmproxy.mock import KeyBehaviour
+
+    signed_mock.config.aws_credentials["AKIDMOCKEXAMPLE00002"] = SECRET
+    signed_mock.config.keys = {KEY_ID: KeyBehaviour(status=429)}  # the first provider's key is throttled
+    proxy = make_proxy(_two_providers(signed_mock, {}))
+    chunks = list(
+        _openai(proxy).chat.completions.create(
+            model="claude-bedrock", messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+    )
+    assert len("".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split()) == 16
+    tried = [r.headers["authorization"].split("Credential=")[1].split("/")[0] for r in signed_mock.requests]
+    assert tried == [KEY_ID, "AKIDMOCKEXAMPLE00002"]  # each attempt signed with its own credentials
+
+
+def test_a_stream_cut_before_content_is_retried(signed_mock: MockServer, make_proxy: Make) -> None:
+    from llmproxy.mock import KeyBehaviour
+
+    signed_mock.config.aws_credentials["AKIDMOCKEXAMPLE00002"] = SECRET
+    signed_mock.config.keys = {KEY_ID: KeyBehaviour(fault="drop")}
+    proxy = make_proxy(_two_providers(signed_mock, {}))
+    with _anthropic(proxy).messages.stream(
+        model="claude-bedrock",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-mock-stall-after": "0"},
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].type == "text" and final.usage.output_tokens == 16
+    assert len(signed_mock.requests) == 2
