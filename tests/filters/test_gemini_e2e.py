@@ -294,3 +294,12 @@ def test_failover_moves_off_a_rate_limited_gemini_key(mock: MockServer, make_pro
         assert reply.choices[0].message.content
     keys = [r.headers.get("x-goog-api-key") for r in mock.requests]
     assert "goog-limited-key" in keys and keys.count("goog-good-key") == 2
+
+
+def test_count_tokens_is_counted_here_and_embeddings_are_refused(mock: MockServer, gproxy: RunningProxy) -> None:
+    before = len(mock.requests)
+    count = _ant(gproxy).messages.count_tokens(model="gem", messages=[{"role": "user", "content": "hello there"}])
+    assert count.input_tokens > 0 and len(mock.requests) == before  # metering's tokenizer, not the provider
+    with pytest.raises(openai.BadRequestError) as exc:
+        _oai(gproxy).embeddings.create(model="gem", input="hi")
+    assert exc.value.body["code"] == "model_not_supported_for_api"  # type: ignore[index]

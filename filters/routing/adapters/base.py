@@ -9,6 +9,11 @@ client's protocol differs from the adapter's.
 
 Adding a provider kind is one module: subclass :class:`Adapter`, decorate it
 with :func:`register`, import the module in ``adapters/__init__.py``.
+A provider with its own wire protocol (not OpenAI's or Anthropic's) also
+names a chat-pivot codec in :attr:`Adapter.codec` (see
+:mod:`llmproxy.filters.translate.codec`; ``adapters/gemini.py`` is the
+example) and, if its streaming endpoint differs, overrides
+:meth:`Adapter.request_path`.
 """
 
 from __future__ import annotations
