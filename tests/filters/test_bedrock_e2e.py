@@ -288,3 +288,16 @@ def test_a_stream_cut_before_content_is_retried(signed_mock: MockServer, make_pr
         final = stream.get_final_message()
     assert final.content[0].type == "text" and final.usage.output_tokens == 16
     assert len(signed_mock.requests) == 2
+
+
+def test_a_corrupt_frame_ends_the_stream_with_an_error(signed_mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(_config(signed_mock))
+    with pytest.raises(openai.APIError):
+        list(
+            _openai(proxy).chat.completions.create(
+                model="claude-bedrock",
+                messages=[{"role": "user", "content": "hello"}],
+                stream=True,
+                extra_headers={"x-mock-fault": "malformed"},
+            )
+        )
