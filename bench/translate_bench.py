@@ -15,7 +15,9 @@ The best of ``--repeat`` runs is reported, per the usual micro-benchmark
 practice (the minimum is the least disturbed by the rest of the machine).
 The budget is about 50 µs per event over pass-through (10 µs for the
 Responses bridges: Chat -> Responses, and Anthropic -> Chat -> Responses chained;
-10 µs for Gemini -> Chat, the codec's own decoder, issue 17).
+10 µs for Gemini -> Chat, the codec's own decoder, issue 17; 10 µs for Bedrock,
+where "translate" includes decoding the binary event-stream frames with botocore,
+as the core's stream decoder does before routing sees SSE events).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llmproxy.filters.routing.adapters.bedrock import EventStreamDecoder
 from llmproxy.filters.translate import (
     ChainedStream,
     ChatStreamToMessagesStream,
@@ -37,8 +40,10 @@ from llmproxy.filters.translate import (
     EventTranslator,
     MessagesStreamToChatStream,
 )
+from llmproxy.filters.translate.bedrock import BedrockCodec, ConverseStreamToMessagesStream
 from llmproxy.filters.translate.gemini import GeminiStreamDecoder
-from llmproxy.http.sse import parse_event
+from llmproxy.http.sse import parse_event, split_events
+from llmproxy.mock.bedrock import encode_frame
 
 WORDS = [
     "Hello",
@@ -143,6 +148,61 @@ def gemini_stream(n: int) -> list[bytes]:
     return events
 
 
+def bedrock_stream(n: int) -> list[bytes]:
+    """A ConverseStream as Bedrock frames it: binary event-stream messages (``p`` padding included)."""
+
+    def frame(name: str, payload: dict[str, object]) -> bytes:
+        return encode_frame(name, orjson.dumps(payload))
+
+    events = [frame("messageStart", {"role": "assistant", "p": "abcdefgh"})]
+    events += [
+        frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": WORDS[i % len(WORDS)]}, "p": "abcdef"})
+        for i in range(n)
+    ]
+    events.append(frame("contentBlockStop", {"contentBlockIndex": 0}))
+    start = {"toolUse": {"toolUseId": "tooluse_1", "name": "get_weather"}}
+    events.append(frame("contentBlockStart", {"contentBlockIndex": 1, "start": start}))
+    events += [
+        frame("contentBlockDelta", {"contentBlockIndex": 1, "delta": {"toolUse": {"input": '{"ci'}}})
+        for _ in range(n // 3)
+    ]
+    events.append(frame("contentBlockStop", {"contentBlockIndex": 1}))
+    events.append(frame("messageStop", {"stopReason": "tool_use"}))
+    usage = {"inputTokens": 1200, "outputTokens": n, "totalTokens": 1200 + n}
+    events.append(frame("metadata", {"usage": usage, "metrics": {"latencyMs": 900}}))
+    return events
+
+
+def bench_frames(name: str, frames: list[bytes], make: Callable[[], EventTranslator], repeat: int) -> None:
+    """Like :func:`bench`, from binary frames read 8 at a time: decode (botocore), split, parse, feed."""
+    reads = [b"".join(frames[i : i + 8]) for i in range(0, len(frames), 8)]
+    sink: list[bytes] = []
+
+    def passthrough() -> None:
+        forward = sink.append
+        for raw in frames:
+            forward(raw)
+        sink.clear()
+
+    def translate() -> None:
+        decoder = EventStreamDecoder()
+        translator = make()
+        last = len(reads) - 1
+        for i, read in enumerate(reads):
+            for raw in split_events(decoder.feed(read, i == last)):
+                event, data = parse_event(raw)
+                sink.append(translator.feed(event, data))
+        sink.append(translator.finish())
+        sink.clear()
+
+    n = len(frames)
+    base = best_of(repeat, passthrough) / n / 1000
+    full = best_of(repeat, translate) / n / 1000
+    print(f"{name}  ({n} events, best of {repeat})")
+    print(f"  pass-through     {base:7.2f} µs/event")
+    print(f"  translate        {full:7.2f} µs/event   (+{full - base:.2f} over pass-through)")
+
+
 def best_of(repeat: int, run: Callable[[], None]) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -242,6 +302,29 @@ def main() -> None:
         lambda: ChainedStream(
             GeminiStreamDecoder(model="gemini", include_usage=True),
             ChatStreamToResponsesStream(request=request, response_id="resp_1", model="gemini"),
+        ),
+        args.repeat,
+    )
+
+    codec = BedrockCodec()
+    bench_frames(
+        "Bedrock -> Anthropic (event stream -> Messages, messages_native)",
+        bedrock_stream(args.events),
+        lambda: ConverseStreamToMessagesStream(model="claude"),
+        args.repeat,
+    )
+    bench_frames(
+        "Bedrock -> OpenAI (event stream -> Messages -> Chat, BedrockCodec)",
+        bedrock_stream(args.events),
+        lambda: codec.stream_decoder(model="claude", include_usage=True),
+        args.repeat,
+    )
+    bench_frames(
+        "Bedrock -> Responses (event stream -> Messages -> Chat -> Responses)",
+        bedrock_stream(args.events),
+        lambda: ChainedStream(
+            codec.stream_decoder(model="claude", include_usage=True),
+            ChatStreamToResponsesStream(request=request, response_id="resp_1", model="claude"),
         ),
         args.repeat,
     )

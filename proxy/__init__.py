@@ -45,6 +45,7 @@ from llmproxy.headers import Headers, check_field
 from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event, split_events
 from llmproxy.principal import ANONYMOUS, Principal
 from llmproxy.runtime.config import ConfigError, Section, read_upstream, read_yaml
+from llmproxy.signing import RequestSigner, StreamDecoder, StreamDecoderFactory
 from llmproxy.state.quota import Quota, QuotaState, Reservation, Settlement
 from llmproxy.state.store import MemoryStore, SharedStore, StoreUnavailable
 from llmproxy.upstream import Timeouts, UpstreamTarget
@@ -77,6 +78,7 @@ __all__ = [
     "QuotaState",
     "RateLimited",
     "Request",
+    "RequestSigner",
     "Reservation",
     "Response",
     "Section",
@@ -87,6 +89,8 @@ __all__ = [
     "SseEvent",
     "SseFramer",
     "StoreUnavailable",
+    "StreamDecoder",
+    "StreamDecoderFactory",
     "Timeouts",
     "UpstreamConnectError",
     "UpstreamError",

@@ -63,6 +63,10 @@ class Kind(enum.Enum):
 
 _END_NAMES = frozenset({b"message_stop", b"response.completed", b"response.incomplete"})
 _ERROR_NAMES = frozenset({b"error", b"response.failed"})
+#: Bedrock ConverseStream, as the core's event-stream decoder names its events (``event: <eventType>``):
+#: a delta or a tool-use start is content, ``messageStop``/``metadata`` the end.
+_BEDROCK_CONTENT_NAMES = frozenset({b"contentBlockDelta", b"contentBlockStart"})
+_BEDROCK_END_NAMES = frozenset({b"messageStop", b"metadata"})
 _END_TYPES = frozenset(name.decode() for name in _END_NAMES)
 _ERROR_TYPES = frozenset(name.decode() for name in _ERROR_NAMES)
 
@@ -90,8 +94,10 @@ def classify(raw: bytes) -> Kind:
     if name is not None:
         if name in _ERROR_NAMES:
             return Kind.ERROR
-        if name in _END_NAMES:
+        if name in _END_NAMES or name in _BEDROCK_END_NAMES:
             return Kind.END
+        if name in _BEDROCK_CONTENT_NAMES:
+            return Kind.CONTENT
     data = event.data.strip()
     if data == b"[DONE]":
         return Kind.END

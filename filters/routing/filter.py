@@ -415,7 +415,13 @@ class RoutingFilter(Filter):
                 headers.set_raw(name, value)
         body = self._body
         try:
-            if codec is not None:
+            if codec is not None and self._messages_native(codec):
+                # Claude on Bedrock: Messages straight to the codec (cache_control, thinking kept)
+                out = dict(body)
+                if route is not None and route.output_cap is not None:
+                    cap_output(out, "messages", route.output_cap)
+                out = codec.encode_messages_request(out, model=target.model)  # type: ignore[attr-defined]
+            elif codec is not None:
                 if self._bridge:
                     chat = responses_request_to_chat(body, model=target.model, history=self._history)
                 elif self.client_protocol == "anthropic":
@@ -452,7 +458,7 @@ class RoutingFilter(Filter):
             ) from None
         if route is not None and route.output_cap is not None and codec is None:
             cap_output(out, provider_api, route.output_cap)
-        exchange.set_request_json(out)
+        exchange.set_request_json(adapter.finish_body(out, self._stream))
 
     # -- response -------------------------------------------------------------------
     def on_response_headers(self, exchange: Exchange) -> Action:
@@ -522,6 +528,9 @@ class RoutingFilter(Filter):
             self._mode = _Mode.JSON
             return Action.PAUSE
         self._mode = _Mode.CODEC_STREAM
+        if self._messages_native(codec):
+            self._decoder = self._translator = codec.messages_stream_decoder(model=target.model)  # type: ignore[attr-defined]
+            return Action.CONTINUE
         chat_client = self.client_protocol == "openai" and not self._bridge
         decoder = codec.stream_decoder(model=target.model, include_usage=not chat_client or self._include_usage_asked)
         self._decoder = decoder
@@ -619,7 +628,11 @@ class RoutingFilter(Filter):
     ) -> Action | Awaitable[Action]:
         """A codec provider's whole JSON body (or error body), in the client's protocol."""
         envelope: dict[str, Any] | None = None
-        if error:
+        header = getattr(codec, "error_header", None)
+        if error and header is not None:  # the codec names its errors in a header (Bedrock)
+            error_type = exchange.response.headers.get(header) if exchange.response is not None else None
+            status, envelope = codec.decode_error(data, status, error_type=error_type or "")  # type: ignore[call-arg]
+        elif error:
             status, envelope = codec.decode_error(data, status)
         else:
             try:
@@ -629,6 +642,12 @@ class RoutingFilter(Filter):
                 usage = codec.usage(parsed)
                 if usage is not None:
                     self._publish(exchange, usage)
+                if self._messages_native(codec):
+                    message = codec.decode_messages_response(parsed, model=target.model)  # type: ignore[attr-defined]
+                    if exchange.attempt is not None:
+                        take_json(exchange.attempt, message)
+                    exchange.set_response_data(orjson.dumps(message))
+                    return Action.CONTINUE
                 chat = codec.decode_response(parsed, model=target.model)
             except CodecRefusal as refusal:
                 status, envelope = refusal.status, refusal.envelope
@@ -659,6 +678,11 @@ class RoutingFilter(Filter):
         if self._bridge and self._keeps():
             return self._save(exchange, out)
         return Action.CONTINUE
+
+    def _messages_native(self, codec: ChatCodec) -> bool:
+        """Whether this exchange skips the chat hop: an Anthropic Messages client and a codec that
+        takes Messages itself (``messages_native``, see :class:`~llmproxy.filters.translate.BedrockCodec`)."""
+        return self.client_protocol == "anthropic" and not self._bridge and getattr(codec, "messages_native", False)
 
     def _echoed(self) -> dict[str, Any]:
         """The request as the bridged response object echoes it (``store`` false when nothing is kept)."""

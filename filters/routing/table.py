@@ -291,7 +291,7 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
         adapter = adapter_cls({k: raw[k] for k in adapter_cls.extra_options if k in raw})
     except ValueError as exc:
         raise ValueError(f"{where}.{exc}") from None
-    base_url = raw.get("base_url")
+    base_url = raw.get("base_url") or adapter.default_base_url()
     if not isinstance(base_url, str) or not base_url:
         raise ValueError(f"{where}.base_url: is required")
     try:
@@ -303,7 +303,7 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
         base = settings.target(name, mock_ports)
     except ConfigError as exc:
         raise ValueError(f"{exc.path.replace(where + '.url', where + '.base_url')}: {exc.reason}") from None
-    keys_raw = raw.get("keys", [raw["key"]] if "key" in raw else [])
+    keys_raw = raw.get("keys", [raw["key"]] if "key" in raw else adapter.default_keys())
     if isinstance(keys_raw, str):
         keys_raw = [keys_raw]
     if not isinstance(keys_raw, list) or not all(isinstance(k, str) for k in keys_raw):
@@ -341,6 +341,7 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
             ca_file=base.ca_file,
             host_header=base.host_header,
             key_id=key_id(k) if k else "",
+            **adapter.target_extras(k),
         )
         for k in keys or [""]  # (needs_key: false and no key: one target that sends none)
     )

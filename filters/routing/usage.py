@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from llmproxy import Usage, parse_event, split_events
+from llmproxy.filters.translate.bedrock import from_bedrock
 
 __all__ = [
     "USAGE_OBJECT",
@@ -86,8 +87,10 @@ def from_anthropic(usage: dict[str, Any]) -> Usage:
 
 
 def from_provider(protocol: str, usage: dict[str, Any]) -> Usage:
-    """:func:`from_anthropic` or :func:`from_openai` by the provider's protocol."""
-    return from_anthropic(usage) if protocol == "anthropic" else from_openai(usage)
+    """:func:`from_anthropic`, :func:`from_bedrock` or :func:`from_openai` by the provider's protocol."""
+    if protocol == "anthropic":
+        return from_anthropic(usage)
+    return from_bedrock(usage) if protocol == "bedrock" else from_openai(usage)
 
 
 def usage_events(data: bytes) -> list[tuple[bytes, dict[str, Any]]]:

@@ -32,11 +32,12 @@ from llmproxy.engine.secrets import redact_fields
 from llmproxy.errors import NotFound, ProxyError, UpstreamError
 from llmproxy.exchange import Exchange, Response
 from llmproxy.headers import Headers
-from llmproxy.upstream import UpstreamResponse
+from llmproxy.upstream import UpstreamResponse, UpstreamTarget
 
 if TYPE_CHECKING:
     from llmproxy.engine.cycle import Runtime
     from llmproxy.http.server import HttpConnection
+    from llmproxy.signing import StreamDecoder
 
 __all__ = ["forward"]
 
@@ -47,6 +48,19 @@ def _synthesize(ex: Exchange, err: UpstreamError) -> None:
     """Present a failed attempt to the response hooks as a response with the error's status."""
     ex.upstream_error = err
     ex.response = Response(err.status, Headers(err.head_fields()))
+
+
+def _signed(
+    target: UpstreamTarget, method: bytes, path: bytes, fields: list[tuple[bytes, bytes]], body: bytes
+) -> list[tuple[bytes, bytes]]:
+    """The request's fields as ``target.signer`` signs them (its failure is a 502 for this attempt)."""
+    assert target.signer is not None
+    url = f"{target.scheme}://{target.host_header.decode('latin-1')}{path.decode('latin-1')}"
+    try:
+        return target.signer.sign(method, url, fields, body)
+    except Exception as exc:  # the signer's own failure (no credentials, expired): this attempt fails
+        message = f"the request to '{target.name}' could not be signed: {exc}"
+        raise UpstreamError(message, code="upstream_auth") from None
 
 
 async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
@@ -72,9 +86,11 @@ async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             if target.base_path:
                 path = target.base_path.encode("latin-1") + path
             try:
-                resp = await rt.pool.send(
-                    target, request.method.encode("ascii"), path, upstream_headers(ex, target, body), body
-                )
+                method = request.method.encode("ascii")
+                fields = upstream_headers(ex, target, body)
+                if target.signer is not None:
+                    fields = _signed(target, method, path, fields, body)
+                resp = await rt.pool.send(target, method, path, fields, body)
                 attempt.responded_at = time.perf_counter()
                 fields = resp.headers
                 if target.secrets:
@@ -117,6 +133,14 @@ async def _respond(
     assert ex.response is not None
     attempt.response = ex.response
     ctype = ex.response.headers.get_raw(b"content-type")
+    decoder = attempt.target.stream_decoder
+    if decoder is not None and resp is not None and ctype is not None and ctype.startswith(decoder.content_type):
+        # a non-SSE stream (AWS event stream): decoded into SSE events before anything reads it
+        ex.response.headers.set_raw(b"content-type", _EVENT_STREAM)
+        ctype = _EVENT_STREAM
+        stream: StreamDecoder | None = decoder()
+    else:
+        stream = None
     ex.is_sse = attempt.is_sse = ctype is not None and ctype.startswith(_EVENT_STREAM)
     control.skipped = None  # each response's hooks decide again
     hold = await chain.response_headers(ex) if chain.response_headers_plan else False
@@ -129,7 +153,7 @@ async def _respond(
         return True
     control.retry = False
     try:
-        retry = await Relay(rt, conn, ex, attempt, resp, hold).run()
+        retry = await Relay(rt, conn, ex, attempt, resp, hold, stream).run()
     except FailedBeforeHead as failed:
         if resp is None:  # a synthesized body cannot fail twice
             raise failed.error from None

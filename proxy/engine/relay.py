@@ -27,6 +27,7 @@ from llmproxy.upstream import UpstreamResponse, UpstreamTarget
 if TYPE_CHECKING:
     from llmproxy.engine.cycle import Runtime
     from llmproxy.http.server import HttpConnection
+    from llmproxy.signing import StreamDecoder
 
 __all__ = ["FailedBeforeHead", "Relay"]
 
@@ -77,6 +78,7 @@ class Relay:
     __slots__ = (
         "attempt",
         "conn",
+        "decoder",
         "ex",
         "framer",
         "held",
@@ -101,6 +103,7 @@ class Relay:
         attempt: Attempt,
         resp: UpstreamResponse | None,
         hold_head: bool,
+        decoder: StreamDecoder | None = None,
     ) -> None:
         self.rt = rt
         self.conn = conn
@@ -109,6 +112,8 @@ class Relay:
         self.resp = resp
         #: A response hook asked to hold the head until the body stage releases bytes.
         self.hold_head = hold_head
+        #: Turns a non-SSE stream's raw reads into SSE events (:mod:`llmproxy.signing`).
+        self.decoder = decoder
         chain = rt.chain
         body_plan = chain.response_body_plan
         observers = bool(chain.response_observer_plan)
@@ -129,7 +134,7 @@ class Relay:
         if self.stage is None:
             if self.synthesized is not None:
                 self.known_length = len(self.synthesized)
-            elif resp is not None:
+            elif resp is not None and decoder is None:
                 self.known_length = resp.content_length  # counted off the socket, never the upstream's header
         response = ex.response
         assert response is not None
@@ -214,6 +219,7 @@ class Relay:
         # splits it only before a hook that wants one event per call)
         batches = stage is None or stage.batches
         ex_control = self.ex.control
+        decoder = self.decoder
         while True:
             if self.synthesized is not None:
                 chunk, self.synthesized = self.synthesized, None
@@ -227,6 +233,14 @@ class Relay:
                 # last chunk and its terminator in one read): no further read, and the
                 # stage gets the data and end_of_stream in one call
                 end = not chunk or resp.at_end
+                if decoder is not None:
+                    # whole SSE events from the frames completed so far; an incomplete frame
+                    # waits for the next read (nothing to pass on before it)
+                    chunk = decoder.feed(chunk, end)
+                    while not chunk and not end:
+                        chunk = await resp.read()
+                        end = not chunk or resp.at_end
+                        chunk = decoder.feed(chunk, end)
             if framer is None:
                 pieces = [chunk] if chunk else []
             else:

@@ -68,6 +68,9 @@ class MockConfig:
     #: limits, CDN fields: ~20 in all) to every reply head, so that a proxy in
     #: front pays for reading them as it does in production.
     provider_headers: bool = False
+    #: AWS access key id -> secret access key: Bedrock requests signed with SigV4 are checked
+    #: against them (:mod:`llmproxy.mock.bedrock`); empty: signatures are not checked.
+    aws_credentials: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _want_int("tokens", self.tokens, 0, MAX_TOKENS)
@@ -105,7 +108,8 @@ def mock_config_from_dict(d: Mapping[str, Any]) -> MockConfig:
     """
     if not isinstance(d, Mapping):
         raise ValueError("mock config: expected a mapping")
-    known = {"tokens", "ttft", "itl", "keys", "require_key", "provider_headers", "valid_keys", "model_prefix"}
+    known = {"tokens", "ttft", "itl", "keys", "require_key", "provider_headers", "valid_keys", "model_prefix",
+             "aws_credentials"}  # fmt: skip
     for name in d:
         if name not in known:
             raise ValueError(f"{name}: unknown mock config field (expected one of {sorted(known)})")
@@ -135,6 +139,13 @@ def mock_config_from_dict(d: Mapping[str, Any]) -> MockConfig:
         cfg.valid_keys = set(keys)
     if "keys" in d:
         cfg.keys = _behaviours_from_dict(d["keys"])
+    if "aws_credentials" in d:
+        creds = d["aws_credentials"]
+        if not isinstance(creds, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in creds.items()
+        ):
+            raise ValueError("aws_credentials: expected a mapping of access key id to secret access key")
+        cfg.aws_credentials = dict(creds)
     return cfg
 
 

@@ -51,6 +51,8 @@ _BROKEN_EVENT: Final[dict[Flavour, bytes]] = {
     Flavour.ANTHROPIC: (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_de\n\n'
     ),
+    # a frame whose message CRC is wrong
+    Flavour.BEDROCK: b"\x00\x00\x00\x10\x00\x00\x00\x00\xc5\x8f\xe2\xa3\x00\x00\x00\x00",
 }
 
 
@@ -148,7 +150,9 @@ class Framer:
         keep_alive = raw.keep_alive and chunked
         head = self._head(
             200,
-            b"text/event-stream; charset=utf-8",
+            b"application/vnd.amazon.eventstream"
+            if flavour is Flavour.BEDROCK
+            else b"text/event-stream; charset=utf-8",
             b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n" if chunked else b"cache-control: no-cache\r\n",
             b"",
             keep_alive,

@@ -72,6 +72,8 @@ def credential_of(headers: dict[str, str]) -> str | None:
     auth = headers.get("authorization")
     if auth is not None:
         scheme, _, rest = auth.partition(" ")
+        if scheme == "AWS4-HMAC-SHA256":  # SigV4 (Bedrock): the access key id
+            return rest.partition("Credential=")[2].partition("/")[0] or None
         return rest.strip() if scheme.lower() == "bearer" else auth
     key = headers.get("x-api-key")
     if key is None:

@@ -26,6 +26,8 @@ class Flavour(enum.Enum):
 
     OPENAI = enum.auto()
     ANTHROPIC = enum.auto()
+    #: AWS Bedrock: ``{"message"}`` with ``x-amzn-errortype``; streams in event-stream framing
+    BEDROCK = enum.auto()
     GEMINI = enum.auto()
 
 
@@ -107,6 +109,8 @@ _GEMINI_STATUS: Final[dict[int, str]] = {
 
 def error_body(flavour: Flavour, status: int, message: str) -> bytes:
     """The error envelope for ``status`` in the provider form ``flavour``."""
+    if flavour is Flavour.BEDROCK:
+        return orjson.dumps({"message": message})
     if flavour is Flavour.GEMINI:
         name = _GEMINI_STATUS.get(status, "INVALID_ARGUMENT" if status < 500 else "INTERNAL")
         return orjson.dumps({"error": {"code": status, "message": message, "status": name}})
@@ -123,6 +127,17 @@ def error_reply(flavour: Flavour, status: int, message: str, retry_after: float 
     if retry_after is not None:
         text = str(int(retry_after)) if retry_after == int(retry_after) else repr(retry_after)
         extra = b"retry-after: %b\r\n" % text.encode()
+    if flavour is Flavour.BEDROCK:
+        from llmproxy.mock.bedrock import ERROR_TYPES
+
+        name, _, rest = message.partition(":")
+        if not name.endswith("Exception") or " " in name:
+            name, rest = (
+                ERROR_TYPES.get(status, "ValidationException" if status < 500 else "InternalServerException"),
+                message,
+            )
+        extra += b"x-amzn-errortype: %b:http://internal.amazon.com/coral/com.amazon.bedrock/\r\n" % name.encode()
+        message = rest
     return Whole(status, error_body(flavour, status, message), extra_headers=extra)
 
 

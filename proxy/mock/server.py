@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-from llmproxy.mock import anthropic, gemini, openai, responses
+from llmproxy.mock import anthropic, bedrock, gemini, openai, responses, vertex
 from llmproxy.mock.config import MockConfig, ReceivedRequest
 from llmproxy.mock.connection import Connection
 from llmproxy.mock.delivery import Delivery, End, Framer
@@ -153,6 +153,9 @@ class MockServer:
                 return whole(keep, error_reply(Flavour.OPENAI, 405, f"{raw.method} not allowed on {raw.path}"))
             return whole(keep, action(self))
         methods = _ROUTES.get(raw.path)
+        path_route = (bedrock.match(raw.path) or vertex.match(raw.path)) if methods is None else None
+        if path_route is not None:
+            methods = path_route[0]
         gemini_route = gemini.route_of(raw.path) if methods is None else None
         if gemini_route is not None:
             methods = {"POST": gemini.ROUTE}
@@ -180,6 +183,8 @@ class MockServer:
         credential = credential_of(headers)
         model = body.get("model") if body is not None else None
         stream = route.streams and body is not None and body.get("stream") is True
+        if path_route is not None:  # Bedrock, Claude on Vertex: the model and the stream are the path's
+            model, stream = path_route[1], path_route[2]
         if gemini_route is not None:  # the model and the streaming are in the path
             model, stream = gemini_route[0], gemini_route[1] and body is not None
         self.record(
@@ -198,6 +203,10 @@ class MockServer:
             return whole(keep, error_reply(flavour, 400, "We could not parse the JSON body of your request."))
         if body is None and route.needs_body:
             return whole(keep, error_reply(flavour, 400, "the request body must be a JSON object"))
+        if path_route is not None and self._config.aws_credentials:
+            refused = bedrock.check_signature(raw.method, raw.path, headers, raw.body, self._config.aws_credentials)
+            if refused is not None:
+                return whole(keep, error_reply(flavour, refused[0], refused[1]))
         try:
             plan = self.planner.plan(headers, credential, raw.mocked)
         except BadHeader as exc:

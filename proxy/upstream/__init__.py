@@ -48,7 +48,7 @@ import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import h11
@@ -62,6 +62,9 @@ from llmproxy.errors import (
 from llmproxy.upstream.connection import READ_HIGH_WATER, ConnState, UpstreamConnection
 from llmproxy.upstream.pool import Grant, OriginPool
 from llmproxy.upstream.reader import MAX_CONTENT_LENGTH, MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD
+
+if TYPE_CHECKING:
+    from llmproxy.signing import RequestSigner, StreamDecoderFactory
 
 #: Re-exported under their former names (tests drive the pool policy with them).
 _ConnState = ConnState
@@ -115,6 +118,10 @@ class UpstreamTarget:
     #: The credential values in ``headers`` (``Bearer`` stripped), longest first: what must
     #: never reach a client (see :mod:`llmproxy.engine.secrets`). Derived; not compared.
     secrets: tuple[bytes, ...] = field(default=(), repr=False, compare=False)
+    #: Signs each attempt's final request (SigV4 and the like; :mod:`llmproxy.signing`).
+    signer: RequestSigner | None = field(default=None, repr=False, compare=False)
+    #: Decodes a non-SSE streaming body into SSE events (:mod:`llmproxy.signing`).
+    stream_decoder: StreamDecoderFactory | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.headers and not self.secrets:

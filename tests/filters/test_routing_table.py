@@ -409,7 +409,7 @@ def _delete(path: list[Any]) -> Callable[[dict[str, Any]], None]:
 
 
 BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
-    ("unknown adapter type", _set(["providers", 0, "type"], "bedrock"), "providers[0].type"),
+    ("unknown adapter type", _set(["providers", 0, "type"], "watsonx"), "providers[0].type"),
     ("missing type", _delete(["providers", 0, "type"]), "providers[0].type"),
     ("missing base_url", _delete(["providers", 1, "base_url"]), "providers[1].base_url"),
     ("base_url not http", _set(["providers", 0, "base_url"], "ftp://x"), "providers[0].base_url"),

@@ -1,6 +1,13 @@
 """Provider adapters, chosen from a registry by ``type:`` in the config."""
 
-from llmproxy.filters.routing.adapters import anthropic, azure, gemini, openai  # noqa: F401  (registration side effect)
+from llmproxy.filters.routing.adapters import (  # noqa: F401  (registration side effect)
+    anthropic,
+    azure,
+    bedrock,
+    gemini,
+    openai,
+    vertex,
+)
 from llmproxy.filters.routing.adapters.base import ADAPTERS, API, Adapter, Protocol, register
 
 __all__ = ["ADAPTERS", "API", "Adapter", "Protocol", "register"]

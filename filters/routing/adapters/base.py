@@ -72,6 +72,19 @@ class Adapter:
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
 
+    def default_base_url(self) -> str | None:
+        """The ``base_url`` when the config gives none (from other options, such as a region)."""
+        return None
+
+    def default_keys(self) -> list[str]:
+        """The keys when the config gives none (an environment variable the provider's SDKs read)."""
+        return []
+
+    def target_extras(self, key: str) -> dict[str, Any]:
+        """Extra :class:`llmproxy.UpstreamTarget` fields for the target of ``key`` (``signer``,
+        ``stream_decoder``); called once per key at startup."""
+        return {}
+
     def credential_headers(self, key: str) -> tuple[tuple[bytes, bytes], ...]:
         """The headers that carry ``key`` to this provider."""
         raise NotImplementedError
@@ -86,6 +99,11 @@ class Adapter:
         ``query`` is the client's query string (with its ``?``), or ``""``.
         """
         raise NotImplementedError
+
+    def finish_body(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+        """The request body as this provider takes it, after routing built (or translated) it:
+        the last step before it is sent (Claude on Vertex: no ``model``, its ``anthropic_version``)."""
+        return body
 
     def request_path(self, api: str, provider_model: str, query: str, *, stream: bool) -> str:
         """:meth:`path`, for a provider whose streaming endpoint differs (Gemini's
