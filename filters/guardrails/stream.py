@@ -118,7 +118,8 @@ class StreamGuard:
             return
         api = self.api
         if api in ("chat", "completions"):
-            envelope, index = template
+            obj, index = template
+            envelope = {k: v for k, v in obj.items() if k not in ("choices", "usage")}
             if key[0] == "t":
                 delta: dict[str, Any] = {"tool_calls": [{"index": key[2], "function": {"arguments": tail}}]}
             else:
@@ -147,7 +148,6 @@ class StreamGuard:
         if not isinstance(choices, list) or not choices:
             out.append(raw)
             return
-        envelope = {k: v for k, v in obj.items() if k not in ("choices", "usage")}
         #: channel -> (mapping, key) where this event carried its text
         fed: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
         ends: list[Any] = []
@@ -161,14 +161,14 @@ class StreamGuard:
                 text = delta.get(field)
                 if isinstance(text, str) and text:
                     key: tuple[Any, ...] = ("c", index)
-                    delta[field] = self._feed(key, text, (envelope, index))
+                    delta[field] = self._feed(key, text, (obj, index))
                     fed[key] = (delta, field)
                 for call in delta.get("tool_calls") or ():
                     fn = call.get("function") if isinstance(call, dict) else None
                     args = fn.get("arguments") if isinstance(fn, dict) else None
                     if isinstance(fn, dict) and isinstance(args, str) and args:
                         key = ("t", index, call.get("index", 0))
-                        fn["arguments"] = self._feed(key, args, (envelope, index))
+                        fn["arguments"] = self._feed(key, args, (obj, index))
                         fed[key] = (fn, "arguments")
             if choice.get("finish_reason"):
                 ends.append(index)
