@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 import orjson
@@ -97,6 +97,24 @@ _APIS = {
 }
 _EMPTY = RuleSet(())
 _MAX_SELECTIONS = 256
+
+
+def _scan(rules: RuleSet, node: Any, walk: Callable[[Any, Callable[[str], str]], bool]) -> list[int]:
+    """Scan every text ``walk`` visits in ``node`` in one pass; redact them in place. The rules of the spans found."""
+    texts: list[str] = []
+
+    def collect(text: str) -> str:
+        texts.append(text)
+        return text
+
+    walk(node, collect)
+    if not texts:
+        return []
+    fixed, found = rules.apply_many(texts)
+    if found:
+        replacements = iter(fixed)
+        walk(node, lambda _text: next(replacements))
+    return found
 
 
 class GuardrailBlocked(BadRequest):
@@ -141,24 +159,14 @@ class GuardrailsFilter(Filter):
         principal = exchange.vars.get(PRINCIPAL)
         rules, self.response_rules = self.factory.select(exchange.model, principal)
         if rules:
-            found: list[int] = []
-
-            def fix(text: str) -> str:
-                new, spans = rules.apply(text)
-                if not spans:
-                    return text
-                for span in spans:
-                    found.append(span.rule)
-                return new if new != text else text
-
-            changed = fix_request(request, fix)
+            found = _scan(rules, request, fix_request)
             for index in found:
                 self._hit(rules.rules[index], "request")
             for index in found:
                 rule = rules.rules[index]
                 if rule.action == "block":
                     raise GuardrailBlocked(f"request blocked by guardrail rule '{rule.name}'")
-            if changed:
+            if any(rules.rules[index].action == "redact" for index in found):
                 exchange.mark_request_json_changed()
         if rules.remote:
             return self._remote(exchange, request, rules.remote)
@@ -246,22 +254,14 @@ class GuardrailsFilter(Filter):
         except orjson.JSONDecodeError:
             return
         rules = self.response_rules
-        found: list[int] = []
-
-        def fix(text: str) -> str:
-            new, spans = rules.apply(text)
-            if not spans:
-                return text
-            found.extend(span.rule for span in spans)
-            return new if new != text else text
-
-        changed = fix_response(self.api, body, fix)
+        api = self.api
+        found = _scan(rules, body, lambda node, fix: fix_response(api, node, fix))
         for index in found:
             self._hit(rules.rules[index], "response")
         for index in found:
             if rules.rules[index].action == "block":
                 raise GuardrailBlocked(f"response blocked by guardrail rule '{rules.rules[index].name}'")
-        if changed:
+        if any(rules.rules[index].action == "redact" for index in found):
             exchange.set_response_data(orjson.dumps(body))
 
     def _count_stream(self, guard: StreamGuard) -> None:

@@ -17,8 +17,11 @@ stream's redaction equal to the redaction of its whole text.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import re
+import re._constants as _sre  # type: ignore[import-untyped]
+import re._parser as _parser  # type: ignore[import-untyped]
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
@@ -28,6 +31,7 @@ from llmproxy.filters.guardrails.detectors import DETECTORS, GROUPS
 
 __all__ = [
     "ACTIONS",
+    "SEPARATOR",
     "Candidate",
     "Matcher",
     "RemoteCheck",
@@ -39,6 +43,8 @@ __all__ = [
 ]
 
 ACTIONS: Final = ("block", "redact", "log")
+#: What :meth:`RuleSet.apply_many` puts between texts.
+SEPARATOR: Final = "\n\x00\n"
 _PRIORITY: Final = {"block": 3, "redact": 2, "log": 1}
 _SIDES: Final = ("both", "request", "response")
 _FAILURES: Final = ("open", "closed")
@@ -63,6 +69,8 @@ class Matcher:
     validate: Callable[[str], bool] | None = None
     needles: tuple[str, ...] = ()
     finder: Callable[[str, int], Iterator[tuple[int, int, bool]]] | None = None
+    #: The needles are lowercase: look for them in the lowercased text.
+    folded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +146,7 @@ class RuleSet:
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(rules)
         self.matchers = tuple(
-            Matcher(i, m.pattern, m.validate, m.needles, m.finder)
+            Matcher(i, m.pattern, m.validate, m.needles, m.finder, m.folded)
             for i, rule in enumerate(self.rules)
             for m in rule.matchers
         )
@@ -152,10 +160,21 @@ class RuleSet:
     def candidates(self, text: str, pos: int = 0) -> list[Candidate]:
         """Every pattern's non-empty matches in ``text`` from ``pos`` (lookbehinds see before it), sorted."""
         out: list[Candidate] = []
+        lowered: str | None = None
         for m in self.matchers:
             needles = m.needles
-            if needles and not any(n in text for n in needles):
-                continue
+            if needles:
+                if m.folded:
+                    if lowered is None:
+                        lowered = text.lower()
+                    haystack = lowered
+                else:
+                    haystack = text
+                for needle in needles:
+                    if needle in haystack:
+                        break
+                else:
+                    continue
             validate = m.validate
             if m.finder is not None:
                 for s, e, match in m.finder(text, pos):
@@ -186,6 +205,41 @@ class RuleSet:
         parts.append(text[at:end])
         return "".join(parts)
 
+    def apply_many(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
+        """Scan several texts (a request's, a response's) in one pass: the texts redacted (the same
+        objects when unchanged) and the rule of every span found.
+
+        They are scanned joined by :data:`SEPARATOR` (a NUL between newlines, which no builtin
+        matches), so a dozen short messages cost one scan, not a dozen; a span that still
+        crosses a separator is cut at it and applied to both texts.
+        """
+        if len(texts) == 1:
+            new, spans = self.apply(texts[0])
+            return [new], [span.rule for span in spans]
+        joined = SEPARATOR.join(texts)
+        cands = self.candidates(joined)
+        spans = clusters(cands, self.rules) if cands else []
+        out = list(texts)
+        if not spans:
+            return out, []
+        starts: list[int] = []
+        at = 0
+        for text in texts:
+            starts.append(at)
+            at += len(text) + len(SEPARATOR)
+        per: dict[int, list[Span]] = {}
+        for span in spans:
+            i = bisect.bisect_right(starts, span.start) - 1
+            while i < len(texts) and starts[i] < span.end:
+                lo = max(span.start, starts[i]) - starts[i]
+                hi = min(span.end, starts[i] + len(texts[i])) - starts[i]
+                if hi > lo:
+                    per.setdefault(i, []).append(Span(lo, hi, span.rule))
+                i += 1
+        for i, text_spans in per.items():
+            out[i] = self.render(texts[i], text_spans, 0, len(texts[i]))
+        return out, [span.rule for span in spans]
+
     def apply(self, text: str) -> tuple[str, list[Span]]:
         """Scan a whole text: the redacted text and every span found (its rules' actions say what they mean)."""
         cands = self.candidates(text)
@@ -197,6 +251,73 @@ class RuleSet:
 
 def _by_start_longest(c: Candidate) -> tuple[int, int]:
     return (c.start, -c.end)
+
+
+# -- needles: literals every match of a regular expression contains ------------------------
+
+_LITERAL = _sre.LITERAL
+_ZERO_WIDTH = frozenset({_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT})
+_REPEATS = frozenset({_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)})
+
+
+def _strength(needles: tuple[str, ...] | None) -> int:
+    return min(len(n) for n in needles) if needles else 0
+
+
+def _needles_of(seq: Any) -> tuple[str, ...] | None:
+    """Substrings one of which every match of the parsed sequence ``seq`` contains (None: unknown)."""
+    best: tuple[str, ...] | None = None
+    run: list[str] = []
+
+    def close() -> None:
+        nonlocal best
+        if run and len(run) > _strength(best):
+            best = ("".join(run),)
+        run.clear()
+
+    for op, av in seq:
+        if op is _LITERAL:
+            run.append(chr(av))
+            continue
+        if op in _ZERO_WIDTH:
+            continue  # consumes nothing: the literals around it are adjacent in the match
+        close()
+        inner: tuple[str, ...] | None = None
+        if op is _sre.SUBPATTERN:
+            _, add_flags, _, sub = av
+            if not add_flags & _sre.SRE_FLAG_IGNORECASE:
+                inner = _needles_of(sub.data)
+        elif op is _sre.BRANCH:
+            union: list[str] = []
+            for branch in av[1]:
+                found = _needles_of(branch.data)
+                if not found:
+                    union = []
+                    break
+                union.extend(found)
+            inner = tuple(dict.fromkeys(union)) or None
+        elif op in _REPEATS and av[0] >= 1:
+            inner = _needles_of(av[2].data)
+        if inner and _strength(inner) > _strength(best):
+            best = inner
+    close()
+    return best
+
+
+def needles_for(pattern: re.Pattern[str]) -> tuple[tuple[str, ...], bool]:
+    """``(needles, folded)``: literals one of which every match contains, lowercased when the pattern
+    ignores case (``folded``); ``()`` when none are known (the pattern is then always run)."""
+    try:
+        parsed = _parser.parse(pattern.pattern, pattern.flags)
+    except Exception:  # the private parser changed: no needles, still correct
+        return (), False
+    found = _needles_of(parsed.data) or ()
+    folded = bool(pattern.flags & re.IGNORECASE)
+    if folded:
+        if not all(n.isascii() for n in found):
+            return (), False
+        found = tuple(n.lower() for n in found)
+    return found, folded
 
 
 # -- config -------------------------------------------------------------------------------
@@ -218,6 +339,11 @@ def _compile(sec: Section, key: str, source: str, flags: int) -> re.Pattern[str]
     if pattern.fullmatch(""):
         raise sec.error(key, f"regular expression {source!r} matches the empty string")
     return pattern
+
+
+def _regex_matcher(rule: int, pattern: re.Pattern[str]) -> Matcher:
+    needles, folded = needles_for(pattern)
+    return Matcher(rule, pattern, needles=needles, folded=folded)
 
 
 def _deny_pattern(words: Sequence[str]) -> re.Pattern[str]:
@@ -283,9 +409,9 @@ def parse_rules(raw: Any, file: str) -> list[Rule]:
         elif kind in ("regex", "regexes"):
             sources = [sec.get("regex", str, "")] if kind == "regex" else _strings(sec, "regexes")
             for source in sources:
-                matchers.append(Matcher(len(rules), _compile(sec, kind, source, flags)))
+                matchers.append(_regex_matcher(len(rules), _compile(sec, kind, source, flags)))
         elif kind == "deny":
-            matchers.append(Matcher(len(rules), _deny_pattern(_strings(sec, "deny"))))
+            matchers.append(_regex_matcher(len(rules), _deny_pattern(_strings(sec, "deny"))))
         else:
             remote = _remote(sec, file)
             if action == "redact":
