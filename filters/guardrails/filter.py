@@ -36,14 +36,14 @@ Config::
         rules:
           - detector: email      # name defaults to the detector's
             action: redact       # block (default) | redact | log
-            on: response         # both (default) | request | response
+            side: response       # both (default) | request | response
           - name: secrets
             detectors: [secrets] # openai_key, anthropic_key, aws_access_key, github_token,
                                  # google_api_key, slack_token, private_key, email, phone, card;
                                  # groups: secrets, pii
           - name: banned
             deny: [forbidden-word]   # case-insensitive, word-boundary aware
-            on: request
+            side: request
           - name: ticket
             regex: 'TICKET-\\d{6}'
             ignore_case: false

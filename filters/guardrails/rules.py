@@ -389,9 +389,9 @@ def parse_rules(raw: Any, file: str) -> list[Rule]:
         action = sec.get("action", str, "block")
         if action not in ACTIONS:
             raise sec.error("action", f"unknown action {action!r} (allowed: {', '.join(ACTIONS)})")
-        side = sec.get("on", str, "both")
+        side = sec.get("side", str, "both")
         if side not in _SIDES:
-            raise sec.error("on", f"must be one of {', '.join(_SIDES)}")
+            raise sec.error("side", f"must be one of {', '.join(_SIDES)}")
         flags = re.IGNORECASE if sec.get("ignore_case", bool, False) else 0
         matchers: list[Matcher] = []
         remote: RemoteCheck | None = None
@@ -417,7 +417,7 @@ def parse_rules(raw: Any, file: str) -> list[Rule]:
             if action == "redact":
                 raise sec.error("action", "a remote check can block or log, not redact")
             if side == "response":
-                raise sec.error("on", "a remote check runs on the request")
+                raise sec.error("side", "a remote check runs on the request")
         name = sec.get("name", str, default_name)
         if not name:
             raise sec.error("name", f"is required for a {kind} rule")

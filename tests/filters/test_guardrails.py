@@ -223,7 +223,7 @@ def test_a_secret_split_over_tool_argument_fragments_never_reaches_the_sdk(
 
 
 def test_a_blocked_request_makes_no_upstream_call(mock: MockServer, make_proxy: Make) -> None:
-    rules = [{"name": "banned", "deny": ["forbidden-word"], "on": "request"}]
+    rules = [{"name": "banned", "deny": ["forbidden-word"], "side": "request"}]
     proxy = make_proxy(config(mock.port, rules))
     with pytest.raises(openai.BadRequestError) as info:
         oa(proxy).chat.completions.create(
@@ -271,7 +271,7 @@ def test_a_redacted_request_goes_upstream_redacted(mock: MockServer, make_proxy:
 
 
 def test_a_block_mid_stream_ends_the_stream_with_an_error(mock: MockServer, make_proxy: Make) -> None:
-    rules = [{"name": "no-keys", "detectors": ["secrets"], "action": "block", "on": "response"}]
+    rules = [{"name": "no-keys", "detectors": ["secrets"], "action": "block", "side": "response"}]
     proxy = make_proxy(config(mock.port, rules))
     text = "word " * 60 + SECRET + " and more words after it" * 10
     headers = {**reply_headers(text, 5), "x-mock-itl-ms": "1"}
@@ -447,7 +447,7 @@ def test_remote_check_slow_service_fail_closed(
         ([{"detector": "email", "action": "shout"}], "rules[0].action", "unknown action"),
         ([{"regex": "x"}], "rules[0].name", "required"),
         ([{"name": "r"}], "rules[0]", "exactly one of"),
-        ([{"detector": "email", "on": "sideways"}], "rules[0].on", "must be one of"),
+        ([{"detector": "email", "side": "sideways"}], "rules[0].side", "must be one of"),
         ([{"detector": "email", "colour": 1}], "rules[0].colour", "unknown key"),
         ([{"name": "m", "remote": {"url": "http://x", "failure": "maybe"}}], "rules[0].remote.failure", "open or"),
         ([{"name": "m", "remote": {"url": "http://x"}, "action": "redact"}], "rules[0].action", "redact"),
