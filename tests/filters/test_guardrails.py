@@ -462,3 +462,46 @@ async def test_bad_config_is_refused_naming_file_field_and_reason(
         await check_config(parse_config(raw, "guard.yaml"))
     message = str(info.value)
     assert "guard.yaml" in message and field in message and reason in message
+
+
+def test_rules_are_scoped_by_principal_and_team(mock: MockServer, make_proxy: Make) -> None:
+    rules = [
+        {"name": "alice-only", "detector": "email", "action": "redact", "principals": ["alice"]},
+        {"name": "team-ops", "detectors": ["secrets"], "action": "redact", "teams": ["ops"]},
+    ]
+    raw = config(mock.port, rules)
+    keys = [
+        {"name": "alice", "key": "sk-demo-alice-key", "team": "research"},
+        {"name": "bob", "key": "sk-demo-bob-key", "team": "ops"},
+    ]
+    raw["filters"].insert(0, {"name": "auth", "config": {"keys": keys}})
+    proxy = make_proxy(raw)
+    headers = reply_headers(REPLY, 6)
+
+    def ask(key: str) -> str:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0, timeout=10)
+        parts = []
+        for chunk in client.chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}], extra_headers=headers, stream=True
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        return "".join(parts)
+
+    assert ask("sk-demo-alice-key") == f"Sure, the key is {SECRET} and mail [redacted:alice-only] for more."
+    assert ask("sk-demo-bob-key") == "Sure, the key is [redacted:team-ops] and mail bob.smith@example.com for more."
+
+
+def test_a_blocked_json_response_is_an_error_in_the_client_protocol(mock: MockServer, make_proxy: Make) -> None:
+    proxy = make_proxy(config(mock.port, [{"name": "no-keys", "detectors": ["secrets"], "side": "response"}]))
+    headers = reply_headers(REPLY, 6)
+    with pytest.raises(openai.BadRequestError) as info:
+        oa(proxy).chat.completions.create(
+            model="claude-x", messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+        )
+    assert info.value.code == "guardrail_blocked" and SECRET not in str(info.value.body)
+    with pytest.raises(anthropic.BadRequestError) as ainfo:
+        an(proxy).messages.create(
+            model="gpt-x", max_tokens=50, messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+        )
+    assert "no-keys" in str(ainfo.value) and SECRET not in str(ainfo.value.body)

@@ -27,7 +27,10 @@ SECRETS = [
     "4111 1111 1111 1111",
     "+1 415-555-0134",
 ]
-FILLER = ["alpha", "beta", "4", "2024", "x@", "sk-", "AKIA", "the", "-", "gh", "(555)", "@", ".", "\n", "42 17"]
+FILLER = [
+    "alpha", "beta", "4", "2024", "x@", "sk-", "AKIA", "the", "-", "gh", "(555)", "@", ".", "\n", "42 17",
+    "café", "日本 12", "٣٤٥", "415 555", "+44",
+]  # fmt: skip
 RULES = [
     {"name": "s", "detectors": ["secrets", "pii"], "action": "redact"},
     {"name": "deny", "deny": ["Top Secret", "codename"], "action": "redact"},
