@@ -311,6 +311,10 @@ class GuardrailsFactory(FilterFactory):
                     raise ValueError(f"rules[{i}].remote.url: {exc}") from None
                 self.remote_targets[rule.name] = (target, rule.remote)
         self._selections: dict[tuple[int, ...], RuleSet] = {}
+        #: No rule is scoped by model, principal or team: one selection for every exchange.
+        self._unscoped: tuple[RuleSet, RuleSet] | None = None
+        if not any(r.models or r.principals or r.teams for r in self.rules):
+            self._unscoped = self.select("", None)
         registry = context.metrics
         self.hits = Counter(
             "llmproxy_guardrail_hits",
@@ -336,10 +340,13 @@ class GuardrailsFactory(FilterFactory):
 
     def select(self, model: str, principal: Principal | None) -> tuple[RuleSet, RuleSet]:
         """The request-side and response-side rules for ``model`` and ``principal``."""
-        chosen = [r for r in self.rules if r.applies(model, principal)]
+        if self._unscoped is not None:
+            return self._unscoped
+        rules = self.rules
+        chosen = [i for i, r in enumerate(rules) if r.applies(model, principal)]
         return (
-            self._compiled(tuple(i for i, r in enumerate(self.rules) if r in chosen and r.request)),
-            self._compiled(tuple(i for i, r in enumerate(self.rules) if r in chosen and r.response)),
+            self._compiled(tuple(i for i in chosen if rules[i].request)),
+            self._compiled(tuple(i for i in chosen if rules[i].response)),
         )
 
     def _compiled(self, indices: tuple[int, ...]) -> RuleSet:

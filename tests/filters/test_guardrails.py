@@ -505,3 +505,22 @@ def test_a_blocked_json_response_is_an_error_in_the_client_protocol(mock: MockSe
             model="gpt-x", max_tokens=50, messages=[{"role": "user", "content": "hi"}], extra_headers=headers
         )
     assert "no-keys" in str(ainfo.value) and SECRET not in str(ainfo.value.body)
+
+
+def test_a_block_mid_stream_drops_the_upstream(mock: MockServer, make_proxy: Make) -> None:
+    rules = [{"name": "no-keys", "detectors": ["secrets"], "action": "block", "side": "response"}]
+    proxy = make_proxy(config(mock.port, rules))
+    # the whole stream would take ~20 s (4000 events, 5 ms apart); the key comes early
+    text = "start " * 30 + SECRET + " tail" * 4000
+    headers = {**reply_headers(text, 5), "x-mock-itl-ms": "5"}
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in oa(proxy).chat.completions.create(
+            model="gpt-x", messages=[{"role": "user", "content": "hi"}], extra_headers=headers, stream=True
+        ):
+            pass
+    deadline = time.monotonic() + 5
+    while mock.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mock.connections == 0  # the proxy closed its upstream connection: the mock stopped streaming
+    assert time.monotonic() - started < 10
