@@ -5,7 +5,8 @@ replacement (the same object when unchanged); it returns True when some text
 changed. Request texts: every message's content (strings and text parts),
 the system prompt and instructions, tool results, assistant tool-call
 arguments and tool_use inputs, in Chat Completions, Messages and Responses
-shapes. Response texts: message text, tool-call arguments (OpenAI's JSON
+shapes (never signed thinking blocks echoed back: changing one breaks its
+signature). Response texts: message text, tool-call arguments (OpenAI's JSON
 text, Anthropic's ``input`` values) and reasoning text.
 """
 
@@ -19,9 +20,8 @@ __all__ = ["fix_output_item", "fix_request", "fix_response"]
 Fix = Callable[[str], str]
 
 #: Keys whose string value is text the rules look at.
-_TEXT: Final = frozenset(
-    {"content", "text", "system", "instructions", "input", "arguments", "output", "prompt", "thinking"}
-)
+#: (Not ``thinking``: a request echoes signed thinking blocks back, and a changed one is refused.)
+_TEXT: Final = frozenset({"content", "text", "system", "instructions", "input", "arguments", "output", "prompt"})
 #: Keys whose list or mapping value may hold such text.
 _NESTED: Final = _TEXT | frozenset({"messages", "tool_calls", "function"})
 
