@@ -18,12 +18,15 @@ key                  value                                           set by
                      when the response carried it (the typed record
                      is ``exchange.attempt.usage``, see
                      :class:`llmproxy.Usage`)
+``guardrails.held``  ``(characters, seconds)``: the most a guarded  guardrails
+                     stream held back at once and the longest a
+                     character waited (set when the stream ends)
 ===================  ==============================================  ===========
 """
 
 from __future__ import annotations
 
-__all__ = ["PRINCIPAL", "ROUTE", "USAGE"]
+__all__ = ["GUARDRAILS_HELD", "PRINCIPAL", "ROUTE", "USAGE"]
 
 #: :class:`llmproxy.Principal` of the exchange.
 PRINCIPAL = "auth.principal"
@@ -32,3 +35,6 @@ PRINCIPAL = "auth.principal"
 ROUTE = "routing.route"
 #: The provider-reported usage (a dict, OpenAI-shaped).
 USAGE = "routing.usage"
+
+#: ``(max held characters, max hold seconds)`` of a guarded stream.
+GUARDRAILS_HELD = "guardrails.held"

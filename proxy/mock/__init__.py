@@ -81,7 +81,9 @@ request's API key. A fault wins over a status when both are given.
 Request headers (all optional): ``x-mock-status``, ``x-mock-retry-after``
 (seconds), ``x-mock-fault``, ``x-mock-stall-after`` (content events, default
 2), ``x-mock-tokens``, ``x-mock-ttft-ms``, ``x-mock-itl-ms`` and
-``x-mock-tool-calls`` (N parallel tool calls when the request has ``tools``).
+``x-mock-tool-calls`` (N parallel tool calls when the request has ``tools``),
+``x-mock-reply`` (the reply text), ``x-mock-tool-args`` (the tool calls'
+arguments text) and ``x-mock-chunk-chars`` (characters per streamed event).
 A bad value is answered with 400 naming the header.
 
 Control endpoints, neither recorded nor faulted: ``GET /_mock/requests``

@@ -12,7 +12,16 @@ from typing import Any, Final
 
 import orjson
 
-from llmproxy.mock.content import WORD_JSON, budget, prompt_tokens, reply_text, split3, tool_plan, tool_tokens
+from llmproxy.mock.content import (
+    WORD_JSON,
+    arg_pieces,
+    budget,
+    prompt_tokens,
+    text_of,
+    text_pieces,
+    tool_plan,
+    tool_tokens,
+)
 from llmproxy.mock.replies import Call, Flavour, Route, Stream, Whole
 
 __all__ = ["ROUTES"]
@@ -23,6 +32,14 @@ _JSON_DELTA: Final = b'{"type":"content_block_delta","index":%d,"delta":{"type":
 def _sse(event: bytes, data: bytes) -> bytes:
     """One Anthropic-style SSE event with an ``event:`` line."""
     return b"event: %b\ndata: %b\n\n" % (event, data)
+
+
+def _input(args: str) -> Any:
+    """A tool_use block's ``input``: the arguments parsed, or ``{"text": args}`` when they are not JSON."""
+    try:
+        return orjson.loads(args)
+    except orjson.JSONDecodeError:
+        return {"text": args}
 
 
 def _messages(call: Call) -> Whole | Stream:
@@ -39,11 +56,11 @@ def _messages(call: Call) -> Whole | Stream:
         blocks: list[dict[str, Any]]
         if calls:
             blocks = [
-                {"type": "tool_use", "id": tid, "name": name, "input": orjson.loads(args)}
+                {"type": "tool_use", "id": tid, "name": name, "input": _input(args)}
                 for tid, (name, args) in zip(tool_ids, calls, strict=True)
             ]
         else:
-            blocks = [{"type": "text", "text": reply_text(n)}]
+            blocks = [{"type": "text", "text": text_of(call, n)}]
         message = {
             "id": mid,
             "type": "message",
@@ -89,21 +106,22 @@ def _messages(call: Call) -> Whole | Stream:
             if i:
                 content.append(_sse(b"content_block_stop", b'{"type":"content_block_stop","index":%d}' % (i - 1)))
                 content.append(starts[i])
-            for frag in split3(args):
+            for frag in arg_pieces(call, args):
                 data = _JSON_DELTA
                 content.append(_sse(b"content_block_delta", data % (i, orjson.dumps(frag))))
         last = len(calls) - 1
     else:
         block = b'{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'
         preamble = [_sse(b"message_start", orjson.dumps(start)), _sse(b"content_block_start", block), ping]
-        words = WORD_JSON
+        words = tuple(orjson.dumps(p) for p in text_pieces(call)) if call.reply is not None else WORD_JSON
+        count = len(words) if call.reply is not None else n
         content = [
             _sse(
                 b"content_block_delta",
                 b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":%b}}'
                 % words[i % len(words)],
             )
-            for i in range(n)
+            for i in range(count)
         ]
         last = 0
     delta = {

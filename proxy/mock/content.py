@@ -17,10 +17,13 @@ from llmproxy.mock.replies import Call
 __all__ = [
     "VOCAB",
     "WORD_JSON",
+    "arg_pieces",
     "budget",
     "prompt_tokens",
     "reply_text",
     "split3",
+    "text_of",
+    "text_pieces",
     "tool_plan",
     "tool_tokens",
 ]
@@ -74,6 +77,29 @@ def split3(text: str) -> list[str]:
     return [text[i : i + step] for i in range(0, len(text), step)]
 
 
+def _chunks(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def text_of(call: Call, n: int) -> str:
+    """The reply text: ``x-mock-reply`` when given, else ``n`` vocabulary words."""
+    return call.reply if call.reply is not None else reply_text(n)
+
+
+def text_pieces(call: Call) -> list[str]:
+    """The streamed pieces of an ``x-mock-reply`` text: ``x-mock-chunk-chars`` each, or word by word."""
+    text = call.reply or ""
+    if call.chunk_chars:
+        return _chunks(text, call.chunk_chars)
+    words = text.split(" ")
+    return [w + " " for w in words[:-1]] + ([words[-1]] if words[-1] else [])
+
+
+def arg_pieces(call: Call, args: str) -> list[str]:
+    """Streamed fragments of tool-call arguments: ``x-mock-chunk-chars`` each, or three."""
+    return _chunks(args, call.chunk_chars) if call.chunk_chars else split3(args)
+
+
 def _tool_names(body: dict[str, Any]) -> list[str]:
     """Names of the request's tools, OpenAI (``function.name``) or Anthropic (``name``) form."""
     names: list[str] = []
@@ -94,12 +120,20 @@ def tool_plan(call: Call) -> list[tuple[str, str]]:
         return []
     names = _tool_names(call.body)
     if not names:
-        return []
-    return [(names[i % len(names)], _tool_args(i)) for i in range(call.tool_calls)]
+        if call.tool_args is None:
+            return []
+        names = ["tool"]
+    args = call.tool_args
+    return [(names[i % len(names)], _tool_args(i) if args is None else args) for i in range(call.tool_calls)]
 
 
 def budget(call: Call, *limit_fields: str) -> tuple[int, bool]:
-    """Tokens to produce and whether the request's max-tokens limit cut them short."""
+    """Tokens to produce and whether the request's max-tokens limit cut them short.
+
+    An ``x-mock-reply`` text is never cut: it counts ``characters // 4`` tokens (at least 1).
+    """
+    if call.reply is not None:
+        return max(1, len(call.reply) // 4), False
     for name in limit_fields:
         limit = call.body.get(name)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:

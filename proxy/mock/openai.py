@@ -17,7 +17,17 @@ from typing import Any, Final
 
 import orjson
 
-from llmproxy.mock.content import WORD_JSON, budget, prompt_tokens, reply_text, split3, tool_plan, tool_tokens
+from llmproxy.mock.content import (
+    WORD_JSON,
+    arg_pieces,
+    budget,
+    prompt_tokens,
+    reply_text,
+    text_of,
+    text_pieces,
+    tool_plan,
+    tool_tokens,
+)
 from llmproxy.mock.replies import Call, Flavour, Route, Stream, Whole, error_reply
 from llmproxy.mock.responses import responses
 
@@ -75,6 +85,9 @@ def _chat(call: Call) -> Whole | Stream:
                 ],
             }
             choices = orjson.dumps([{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}])
+        elif call.reply is not None:
+            reply: dict[str, object] = {"role": "assistant", "content": call.reply, "refusal": None, "annotations": []}
+            choices = orjson.dumps([{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}])
         else:
             choices = _chat_choices(n, finish)
         return Whole(
@@ -102,14 +115,15 @@ def _chat(call: Call) -> Whole | Stream:
         for i, (_, args) in enumerate(calls):
             if i:
                 content.append(pre + b'{"tool_calls":[%b]}' % heads[i] + post)
-            for frag in split3(args):
+            for frag in arg_pieces(call, args):
                 content.append(
                     pre + b'{"tool_calls":[{"index":%d,"function":{"arguments":%b}}]}' % (i, orjson.dumps(frag)) + post
                 )
     else:
         preamble = [pre + b'{"role":"assistant","content":"","refusal":null}' + post]
-        words = WORD_JSON
-        content = [pre + b'{"content":%b}' % words[i % len(words)] + post for i in range(n)]
+        words = tuple(orjson.dumps(p) for p in text_pieces(call)) if call.reply is not None else WORD_JSON
+        count = len(words) if call.reply is not None else n
+        content = [pre + b'{"content":%b}' % words[i % len(words)] + post for i in range(count)]
     tail = [pre + b'{},"logprobs":null,"finish_reason":"%b"}]%b}\n\n' % (finish.encode(), usage_null)]
     if include_usage:
         tail.append(
@@ -129,7 +143,8 @@ def _completions(call: Call) -> Whole | Stream:
     cid = call.server.next_id(b"cmpl-")
     created = int(time.time())
     if not call.stream:
-        choice = b'[{"text":%b,"index":0,"logprobs":null,"finish_reason":%b}]' % (orjson.dumps(reply_text(n)), finish)
+        text = orjson.dumps(text_of(call, n))
+        choice = b'[{"text":%b,"index":0,"logprobs":null,"finish_reason":%b}]' % (text, finish)
         return Whole(
             200,
             b'{"id":"%b","object":"text_completion","created":%d,"model":%b,"choices":%b,"usage":%b}'
@@ -141,9 +156,10 @@ def _completions(call: Call) -> Whole | Stream:
         created,
         call.model_json,
     )
-    words = WORD_JSON
+    words = tuple(orjson.dumps(p) for p in text_pieces(call)) if call.reply is not None else WORD_JSON
+    count = len(words) if call.reply is not None else n
     post = b',"index":0,"logprobs":null,"finish_reason":null}]}\n\n'
-    content = [pre + words[i % len(words)] + post for i in range(n)]
+    content = [pre + words[i % len(words)] + post for i in range(count)]
     tail = [pre + b'"","index":0,"logprobs":null,"finish_reason":%b}]}\n\n' % finish]
     if _include_usage(call.body):
         tail.append(

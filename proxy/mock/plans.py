@@ -1,5 +1,11 @@
 """The reply plan of one provider request: pacing, status and fault.
 
+Content knobs: ``x-mock-reply`` (the reply text, instead of the vocabulary
+words), ``x-mock-tool-args`` (every tool call's arguments carry this text;
+with no ``x-mock-tool-calls`` it makes one call) and ``x-mock-chunk-chars``
+(characters per streamed text or argument event; by default a given reply is
+streamed word by word and arguments in three fragments).
+
 Precedence: ``x-mock-status``/``x-mock-fault`` request headers, then
 ``require_key`` (401), then the :class:`~.config.KeyBehaviour` of the
 request's API key. A fault wins over a status when both are given. A bad
@@ -17,6 +23,7 @@ from llmproxy.mock.config import FAULTS, MAX_TOKENS, MockConfig
 __all__ = ["BadHeader", "Plan", "Planner", "credential_of"]
 
 _MAX_TOOL_CALLS: Final = 128
+_MAX_CHUNK_CHARS: Final = 1 << 20
 _DEFAULT_STALL_AFTER: Final = 2
 
 
@@ -33,6 +40,9 @@ class Plan:
     retry_after: float | None = None
     fault: str | None = None
     reason: str = ""
+    reply: str | None = None
+    tool_args: str | None = None
+    chunk_chars: int = 0
 
 
 class BadHeader(Exception):
@@ -111,6 +121,11 @@ class Planner:
             itl=cfg.itl if itl is None else itl / 1000,
         )
         plan.tool_calls = _header_int(headers, "x-mock-tool-calls", 0, _MAX_TOOL_CALLS) or 0
+        plan.reply = headers.get("x-mock-reply")
+        plan.tool_args = headers.get("x-mock-tool-args")
+        if plan.tool_args is not None and not plan.tool_calls:
+            plan.tool_calls = 1
+        plan.chunk_chars = _header_int(headers, "x-mock-chunk-chars", 1, _MAX_CHUNK_CHARS) or 0
         stall_after = _header_int(headers, "x-mock-stall-after", 0, MAX_TOKENS)
         if stall_after is not None:
             plan.stall_after = stall_after

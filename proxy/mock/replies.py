@@ -63,6 +63,12 @@ class Call:
     stream: bool
     tokens: int
     tool_calls: int
+    #: ``x-mock-reply``: the reply text (None: the vocabulary words).
+    reply: str | None = None
+    #: ``x-mock-tool-args``: every tool call's arguments (None: ``{"q": "call i", "n": i}``).
+    tool_args: str | None = None
+    #: ``x-mock-chunk-chars``: characters per streamed text or argument event (0: the default split).
+    chunk_chars: int = 0
 
 
 # status -> (OpenAI type, OpenAI code); others fall back by class (4xx/5xx).

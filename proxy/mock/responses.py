@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from llmproxy.mock.content import budget, prompt_tokens, reply_text, split3, tool_plan, tool_tokens
+from llmproxy.mock.content import arg_pieces, budget, prompt_tokens, text_of, text_pieces, tool_plan, tool_tokens
 from llmproxy.mock.replies import Call, Flavour, Stream, Whole, error_reply
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def responses(call: Call) -> Whole | Stream:
             for name, args in calls
         ]
     else:
-        text = reply_text(n)
+        text = text_of(call, n)
         items = [
             {
                 "id": s.next_id(b"msg_").decode(),
@@ -131,7 +131,7 @@ def responses(call: Call) -> Whole | Stream:
         if item["type"] == "function_call":
             opened = {**item, "status": "in_progress", "arguments": ""}
             content.append(_event("response.output_item.added", next(seq), {"output_index": index, "item": opened}))
-            for frag in split3(item["arguments"]):
+            for frag in arg_pieces(call, item["arguments"]):
                 content.append(
                     _event(
                         "response.function_call_arguments.delta",
@@ -153,10 +153,9 @@ def responses(call: Call) -> Whole | Stream:
         where = {"item_id": iid, "output_index": index, "content_index": 0}
         content.append(_event("response.output_item.added", next(seq), {"output_index": index, "item": opened}))
         content.append(_event("response.content_part.added", next(seq), {**where, "part": {**part, "text": ""}}))
-        for word in reply_text(n).split(" ")[:n]:
-            content.append(
-                _event("response.output_text.delta", next(seq), {**where, "delta": word + " ", "logprobs": []})
-            )
+        pieces = text_pieces(call) if call.reply is not None else [w + " " for w in part["text"].split(" ")[:n]]
+        for piece in pieces:
+            content.append(_event("response.output_text.delta", next(seq), {**where, "delta": piece, "logprobs": []}))
         content.append(_event("response.output_text.done", next(seq), {**where, "text": part["text"], "logprobs": []}))
         content.append(_event("response.content_part.done", next(seq), {**where, "part": part}))
         content.append(_event("response.output_item.done", next(seq), {"output_index": index, "item": item}))

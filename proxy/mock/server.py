@@ -219,7 +219,18 @@ class MockServer:
         prefix = self._config.model_prefix
         if prefix:
             name = prefix + name
-        call = Call(self, body or {}, name, orjson.dumps(name), stream, plan.tokens, plan.tool_calls)
+        call = Call(
+            self,
+            body or {},
+            name,
+            orjson.dumps(name),
+            stream,
+            plan.tokens,
+            plan.tool_calls,
+            plan.reply,
+            plan.tool_args,
+            plan.chunk_chars,
+        )
         reply = route.handler(call)
         if isinstance(reply, Stream):
             return self.framer.stream(raw, reply, plan, flavour)
