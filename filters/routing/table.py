@@ -4,8 +4,8 @@ Config (the ``routing`` filter's section)::
 
     providers:
       - name: openai                 # required, unique
-        type: openai                 # required: an adapter (openai | azure | anthropic)
-        base_url: https://api.openai.com/v1   # required (mock://NAME/v1 for a mock upstream)
+        type: openai                 # required: openai | azure | anthropic | a preset (README)
+        base_url: https://api.openai.com/v1   # required but for presets (mock://NAME/v1 for a mock upstream)
         keys: ["${OPENAI_API_KEY}"]  # or key: "..."; empty values are ignored
         models:                      # list of names served as-is, or a mapping
           gpt-4o: gpt-4o             #   exact name -> provider's name
@@ -291,7 +291,7 @@ def _provider(raw: Any, where: str, mock_ports: Mapping[str, tuple[str, int]]) -
         adapter = adapter_cls({k: raw[k] for k in adapter_cls.extra_options if k in raw})
     except ValueError as exc:
         raise ValueError(f"{where}.{exc}") from None
-    base_url = raw.get("base_url")
+    base_url = raw.get("base_url", adapter_cls.default_base_url)  # a preset has a default
     if not isinstance(base_url, str) or not base_url:
         raise ValueError(f"{where}.base_url: is required")
     try:

@@ -54,6 +54,8 @@ class Adapter:
     #: interpolation is refused at startup unless its config says ``needs_key: false``
     #: (a local OpenAI-compatible server such as vLLM or Ollama).
     needs_key: ClassVar[bool] = True
+    #: The ``base_url`` used when the config gives none (``None``: the config must give one).
+    default_base_url: ClassVar[str | None] = None
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
@@ -72,3 +74,12 @@ class Adapter:
         ``query`` is the client's query string (with its ``?``), or ``""``.
         """
         raise NotImplementedError
+
+    def prepare_body(self, body: dict[str, Any], api: str) -> None:
+        """Adjust the outgoing request body for this provider, in place (after translation).
+
+        A preset drops the parameters its provider rejects but that do not change
+        what the client gets back, and raises ``ValueError("param: reason")`` for one
+        the client relies on (the routing filter answers it with a 400 naming the
+        parameter). The default leaves the body alone.
+        """
