@@ -8,9 +8,12 @@ Place it right after ``routing`` in the chain. Per exchange:
   round-robin; nothing usable -> 503 with ``retry-after`` set to the
   soonest recovery (429 ``upstream_rate_limited`` when every key is cooling
   after its provider's 429, so the client sees the provider's rate limit);
-* ``on_response_headers``: classify the attempt (401/403 eject the key, 429
-  cools it for its ``retry-after``, 5xx / connect / reset / timeout count
-  towards ``failure_threshold``) and, while attempts and the deadline allow,
+* ``on_response_headers`` (and, for an error reply, ``on_response_body`` once
+  its first 4 KiB are held): the provider's adapter classifies the attempt
+  (``Adapter.classify``; :data:`_BOOK_KIND` maps its verdict: auth and quota
+  eject the key, a rate limit cools it for the provider's wait, overload / 5xx
+  / connect / reset / timeout count towards ``failure_threshold``, a request
+  fault is relayed untouched) and, while attempts and the deadline allow,
   retry on the next usable key, then the next provider (a same-key retry
   waits an exponential backoff with jitter). Successful streams are held
   (head and events) until their first content event (decided on the parsed
