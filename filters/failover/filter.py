@@ -8,9 +8,12 @@ Place it right after ``routing`` in the chain. Per exchange:
   round-robin; nothing usable -> 503 with ``retry-after`` set to the
   soonest recovery (429 ``upstream_rate_limited`` when every key is cooling
   after its provider's 429, so the client sees the provider's rate limit);
-* ``on_response_headers``: classify the attempt (401/403 eject the key, 429
-  cools it for its ``retry-after``, 5xx / connect / reset / timeout count
-  towards ``failure_threshold``) and, while attempts and the deadline allow,
+* ``on_response_headers`` (and, for an error reply, ``on_response_body`` once
+  its first 4 KiB are held): the provider's adapter classifies the attempt
+  (``Adapter.classify``; :data:`_BOOK_KIND` maps its verdict: auth and quota
+  eject the key, a rate limit cools it for the provider's wait, overload / 5xx
+  / connect / reset / timeout count towards ``failure_threshold``, a request
+  fault is relayed untouched) and, while attempts and the deadline allow,
   retry on the next usable key, then the next provider (a same-key retry
   waits an exponential backoff with jitter). Successful streams are held
   (head and events) until their first content event (decided on the parsed
@@ -55,7 +58,6 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
@@ -82,6 +84,7 @@ from llmproxy.filters.failover.health import COOLING, EJECTED, HealthBook
 from llmproxy.filters.failover.stream import Kind, classify
 from llmproxy.filters.names import ROUTE
 from llmproxy.filters.routing import RouteDecision, RoutingFactory, Target
+from llmproxy.filters.routing.adapters import FailureKind
 from llmproxy.filters.routing.table import Provider
 
 __all__ = ["FailoverFactory", "FailoverFilter"]
@@ -89,33 +92,20 @@ __all__ = ["FailoverFactory", "FailoverFilter"]
 log = logging.getLogger("llmproxy.failover")
 
 
-def _retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``retry-after`` value (delta seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError):
-        return None
-
-
-def _classify(status: int, error: UpstreamError | None) -> str:
-    """``ok``, ``auth``, ``rate``, ``server`` (counts against the key) or ``client`` (does not)."""
-    if error is not None:
-        return "server" if error.retryable else "client"
-    if status < 400:
-        return "ok"
-    if status in (401, 403):
-        return "auth"
-    if status == 429:
-        return "rate"
-    if status >= 500:
-        return "server"
-    return "client"
+#: What each adapter verdict does to the key (see HealthBook.failure); "client" leaves it alone, "ok" too.
+_BOOK_KIND = {
+    FailureKind.OK: "ok",
+    FailureKind.RATE_LIMITED: "rate",
+    FailureKind.QUOTA: "quota",
+    FailureKind.AUTH: "auth",
+    FailureKind.OVERLOADED: "server",
+    FailureKind.SERVER: "server",
+    FailureKind.BAD_REQUEST: "client",
+    FailureKind.CONTEXT_LENGTH: "client",
+    FailureKind.CONTENT_FILTER: "client",
+}
+#: How much of an error reply's body the adapter is shown.
+_ERROR_PREFIX = 4096
 
 
 class FailoverFilter(Filter):
@@ -124,7 +114,7 @@ class FailoverFilter(Filter):
     #: on_response_body looks at every event of what it is given (``split_events``)
     sse_batches = True
 
-    __slots__ = ("_ended", "_holding", "_ok", "_routing", "_same_key_retries", "_seen", "_tried")
+    __slots__ = ("_ended", "_holding", "_ok", "_reading_error", "_routing", "_same_key_retries", "_seen", "_tried")
 
     def __init__(self, factory: FilterFactory) -> None:
         super().__init__(factory)
@@ -137,6 +127,8 @@ class FailoverFilter(Filter):
         self._ended = False
         #: The current attempt's response was accepted (counted as a success if it completes).
         self._ok = False
+        #: An error reply's body is being held for the adapter's classification.
+        self._reading_error = False
         self._same_key_retries = 0
 
     def _record(self) -> str:
@@ -206,7 +198,16 @@ class FailoverFilter(Filter):
         self._seen = 0
         self._ended = False
         self._ok = False
-        kind = _classify(response.status, exchange.upstream_error)
+        error = exchange.upstream_error
+        self._reading_error = False
+        if error is None and response.status >= 400:
+            if response.status in (401, 403):  # the core never relays (nor shows) such a body
+                exchange.skip_response_body(self)
+                await self._error_reply(exchange, b"")
+                return Action.CONTINUE
+            self._reading_error = True  # classified by the adapter once its body's start is read
+            return Action.PAUSE
+        kind = "ok" if error is None else "server" if error.retryable else "client"
         if kind == "ok" and exchange.is_sse:
             self._holding = True  # until the first content delta (on_response_body)
             return Action.PAUSE
@@ -216,11 +217,24 @@ class FailoverFilter(Filter):
             return Action.CONTINUE
         if kind == "client":
             return Action.CONTINUE
-        book = self.factory.book
-        await book.failure(self._record(), kind, _retry_after(response.headers.get("retry-after"), book.clock()))
-        why = exchange.upstream_error.code if exchange.upstream_error is not None else f"status {response.status}"
-        await self._retry(exchange, f"{kind} ({why})")
+        assert error is not None
+        await self.factory.book.failure(self._record(), kind)
+        await self._retry(exchange, f"{kind} ({error.code})")
         return Action.CONTINUE
+
+    async def _error_reply(self, exchange: Exchange, body_prefix: bytes) -> None:
+        """Act on an error reply as its provider's adapter classifies it (status, headers, body start)."""
+        routing, response = self._routing, exchange.response
+        assert routing is not None and routing.target is not None and response is not None
+        book = self.factory.book
+        failure = routing.target.provider.adapter.classify(
+            response.status, response.headers.get, body_prefix, book.clock()
+        )
+        kind = _BOOK_KIND[failure.kind]
+        if kind == "client":
+            return
+        await book.failure(self._record(), kind, failure.retry_after)
+        await self._retry(exchange, f"{failure.kind.value} (status {response.status})")
 
     async def _retry(self, exchange: Exchange, why: str) -> bool:
         """Point the exchange at the next usable key and ask for a retry; False if none."""
@@ -283,6 +297,13 @@ class FailoverFilter(Filter):
         otherwise the first content releases the stream; a stream that ends
         without content is accepted only after an end event.
         """
+        if self._reading_error:
+            if not end_of_stream and len(data) < _ERROR_PREFIX:
+                return Action.PAUSE
+            self._reading_error = False
+            exchange.skip_response_body(self)
+            await self._error_reply(exchange, data[:_ERROR_PREFIX])
+            return Action.CONTINUE
         if not self._holding:
             return Action.CONTINUE
         new = data[self._seen :] if self._seen else data
@@ -497,17 +518,13 @@ class FailoverFactory(FilterFactory):
 
     async def _probe(self, provider: Provider, key_index: int, model: str) -> None:
         """One one-token request on a provider key, through the core's upstream client."""
-        adapter = provider.adapter
         target = replace(provider.targets[key_index], timeouts=Timeouts(*(self.probe_timeout,) * 4))
-        api = "chat" if "chat" in adapter.native_apis else "messages"
-        body = orjson.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]})
-        headers = [(b"content-type", b"application/json"), (b"x-llmproxy-probe", b"1"), *adapter.static_headers()]
+        method, path, extra, body = provider.adapter.probe_request(model)
+        headers = [*extra, (b"x-llmproxy-probe", b"1")]
         ok = False
         self.probes.inc()
         try:
-            reply = await self.context.upstream.request(
-                target, "POST", adapter.path(api, model, ""), headers=headers, body=body
-            )
+            reply = await self.context.upstream.request(target, method, path, headers=headers, body=body)
             ok = 200 <= reply.status < 300
         except UpstreamError as exc:
             log.info("health check of %s key %s failed: %s", provider.name, provider.key_ids[key_index], exc.message)

@@ -196,12 +196,12 @@ class HealthBook:
         await self._update(key, lambda old: _HEALTHY if old.state != EJECTED or self.trial_after_ejection else old)
 
     async def failure(self, key: str, kind: str, retry_after: float | None = None) -> KeyHealth:
-        """Count a failure of ``kind`` (``auth``, ``rate``, ``server``) against ``key``."""
+        """Count a failure of ``kind`` (``auth``, ``quota``, ``rate``, ``server``) against ``key``."""
         now = self.clock()
 
         def change(old: KeyHealth) -> KeyHealth:
-            if kind == "auth":
-                return KeyHealth(EJECTED, old.failures + 1, now + self.eject_for, 0, "auth")
+            if kind in ("auth", "quota"):  # quota: out of credit (OpenAI 429 insufficient_quota)
+                return KeyHealth(EJECTED, old.failures + 1, now + self.eject_for, 0, kind)
             if kind == "rate":
                 wait = retry_after if retry_after is not None else self.cooldown
                 if old.state == EJECTED:

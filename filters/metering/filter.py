@@ -202,6 +202,8 @@ class MeteringFilter(Filter):
                 usage.output_tokens = counted_out.tokens
                 usage.encoding = usage.encoding or counted_out.encoding
                 usage.approximate = usage.approximate or counted_out.approximate
+                if out.reasoning:  # reasoning_content / thinking deltas: part of the output, also split out
+                    usage.reasoning_tokens = min(count_text(out.reasoning, model).tokens, usage.output_tokens)
         elif need_output:
             usage.output_tokens = 0
         usage.cost = factory.price(usage, target)

@@ -458,6 +458,11 @@ class RoutingFilter(Filter):
             ) from None
         if route is not None and route.output_cap is not None and codec is None:
             cap_output(out, provider_api, route.output_cap)
+        try:
+            adapter.prepare_body(out, provider_api)  # provider quirks (presets: dropped / refused parameters)
+        except ValueError as exc:
+            param = str(exc).partition(":")[0]
+            raise BadRequest(f"{exc} (provider {provider.name})", param=param, code="unsupported_parameter") from None
         exchange.set_request_json(adapter.finish_body(out, self._stream))
 
     # -- response -------------------------------------------------------------------

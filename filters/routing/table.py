@@ -4,8 +4,8 @@ Config (the ``routing`` filter's section)::
 
     providers:
       - name: openai                 # required, unique
-        type: openai                 # required: an adapter (openai | azure | anthropic | gemini)
-        base_url: https://api.openai.com/v1   # required (mock://NAME/v1 for a mock upstream)
+        type: openai                 # required: openai | azure | anthropic | gemini | bedrock | vertex | a preset
+        base_url: https://api.openai.com/v1   # required but for presets and cloud types (mock://NAME/v1 for a mock)
         keys: ["${OPENAI_API_KEY}"]  # or key: "..."; empty values are ignored
         models:                      # list of names served as-is, or a mapping
           gpt-4o: gpt-4o             #   exact name -> provider's name

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llmproxy.errors import UpstreamProtocolError
+from llmproxy.errors import UpstreamError, UpstreamProtocolError
 from llmproxy.upstream import UpstreamPool, UpstreamTarget
 
 __all__ = ["UpstreamClient", "UpstreamReply"]
@@ -59,7 +59,16 @@ class UpstreamClient:
             fields.append((b"content-length", b"%d" % len(body)))
         fields.extend(target.headers)
         wire_path = (target.base_path + path).encode("latin-1")
-        response = await self.pool.send(target, method.encode("ascii"), wire_path, fields, body)
+        raw_method = method.encode("ascii")
+        if target.signer is not None:  # a signed provider (Bedrock): signed like an attempt
+            url = f"{target.scheme}://{target.host_header.decode('latin-1')}{wire_path.decode('latin-1')}"
+            try:
+                fields = target.signer.sign(raw_method, url, fields, body)
+            except Exception as exc:
+                raise UpstreamError(
+                    f"the request to '{target.name}' could not be signed: {exc}", code="upstream_auth"
+                ) from None
+        response = await self.pool.send(target, raw_method, wire_path, fields, body)
         try:
             chunks: list[bytes] = []
             size = 0

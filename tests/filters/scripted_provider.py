@@ -31,6 +31,7 @@ class Reply:
     body: bytes | list[bytes] = b""  # a list is sent as a chunked event stream, in small pieces
     content_type: str = "application/json"
     piece: int = 7
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Scripted:
@@ -65,6 +66,8 @@ class Scripted:
                 reply = scripted.replies.popleft() if scripted.replies else scripted.default
                 self.send_response(reply.status)
                 self.send_header("content-type", reply.content_type)
+                for name, value in reply.headers:
+                    self.send_header(name, value)
                 if isinstance(reply.body, bytes):
                     self.send_header("content-length", str(len(reply.body)))
                     self.end_headers()

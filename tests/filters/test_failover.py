@@ -35,8 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmproxy.context import FactoryContext
 from llmproxy.filters.failover import FailoverFactory, HealthBook, KeyHealth
-from llmproxy.filters.failover.filter import _retry_after
 from llmproxy.filters.routing import RouteDecision, RoutingFactory, Target
+from llmproxy.filters.routing.adapters.failures import retry_after
 from llmproxy.filters.routing.table import Provider
 from llmproxy.mock import KeyBehaviour, MockConfig, MockServer, start_mock
 from llmproxy.runtime.app import check_config
@@ -941,7 +941,7 @@ def test_a_probe_result_for_a_key_not_ejected_changes_nothing() -> None:
     ids=["absent", "empty", "seconds", "fraction", "negative", "garbage", "http-date", "http-date-past"],
 )
 def test_retry_after_is_parsed_against_the_clock(value: str | None, expected: float | None) -> None:
-    assert _retry_after(value, T0) == expected
+    assert retry_after({"retry-after": value}.get, T0) == expected
 
 
 def _fake_factory(clock: FakeClock, keys: int, **failover: Any) -> FailoverFactory:

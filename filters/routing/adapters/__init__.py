@@ -6,8 +6,9 @@ from llmproxy.filters.routing.adapters import (  # noqa: F401  (registration sid
     bedrock,
     gemini,
     openai,
+    presets,
     vertex,
 )
-from llmproxy.filters.routing.adapters.base import ADAPTERS, API, Adapter, Protocol, register
+from llmproxy.filters.routing.adapters.base import ADAPTERS, API, Adapter, Failure, FailureKind, Protocol, register
 
-__all__ = ["ADAPTERS", "API", "Adapter", "Protocol", "register"]
+__all__ = ["ADAPTERS", "API", "Adapter", "Failure", "FailureKind", "Protocol", "register"]

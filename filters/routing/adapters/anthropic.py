@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmproxy.filters.routing.adapters.base import Adapter, register
+from llmproxy.filters.routing.adapters.failures import Failure, FailureKind, HeaderGet
 
 __all__ = ["AnthropicAdapter"]
 
@@ -42,3 +43,14 @@ class AnthropicAdapter(Adapter):
 
     def path(self, api: str, provider_model: str, query: str) -> str:
         return _PATHS[api]
+
+    def classify(self, status: int, headers: HeaderGet, body_prefix: bytes, now: float) -> Failure:
+        """Anthropic's error types on top of the defaults: 529 ``overloaded_error``
+        (with ``retry-after`` when sent), a 400 "credit balance is too low" is the
+        key out of credit (QUOTA), "prompt is too long" is CONTEXT_LENGTH."""
+        if status == 400:
+            if b"credit balance" in body_prefix:
+                return Failure(FailureKind.QUOTA)
+            if b"prompt is too long" in body_prefix:
+                return Failure(FailureKind.CONTEXT_LENGTH)
+        return super().classify(status, headers, body_prefix, now)

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from llmproxy.filters.routing.adapters.base import Adapter, register
+from llmproxy.filters.routing.adapters.failures import Failure, FailureKind, HeaderGet
 
 __all__ = ["AzureAdapter"]
 
@@ -38,3 +39,10 @@ class AzureAdapter(Adapter):
     def path(self, api: str, provider_model: str, query: str) -> str:
         deployment = quote(provider_model, safe="")
         return f"/openai/deployments/{deployment}{_PATHS[api]}?api-version={self.api_version}"
+
+    def classify(self, status: int, headers: HeaderGet, body_prefix: bytes, now: float) -> Failure:
+        """Azure's content filter (400 ``content_filter`` or a ``ResponsibleAIPolicyViolation``
+        inner error) is the request's fault, never the key's; 429s carry ``retry-after-ms``."""
+        if status == 400 and (b"content_filter" in body_prefix or b"ResponsibleAIPolicyViolation" in body_prefix):
+            return Failure(FailureKind.CONTENT_FILTER)
+        return super().classify(status, headers, body_prefix, now)

@@ -24,7 +24,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 if TYPE_CHECKING:
     from llmproxy.filters.translate.codec import ChatCodec
 
-__all__ = ["ADAPTERS", "API", "Adapter", "Protocol", "register"]
+import orjson
+
+from llmproxy.filters.routing.adapters.failures import Failure, FailureKind, HeaderGet, error_code, retry_after
+
+__all__ = ["ADAPTERS", "API", "Adapter", "Failure", "FailureKind", "Protocol", "register"]
 
 #: The APIs a client can call, by the path it called.
 API = Literal["chat", "completions", "embeddings", "responses", "messages", "count_tokens"]
@@ -109,3 +113,66 @@ class Adapter:
         """:meth:`path`, for a provider whose streaming endpoint differs (Gemini's
         ``:streamGenerateContent``); ``stream`` is the client's ``stream: true``."""
         return self.path(api, provider_model, query)
+
+    def prepare_body(self, body: dict[str, Any], api: str) -> None:
+        """Adjust the outgoing request body for this provider, in place (after translation).
+
+        A preset drops the parameters its provider rejects but that do not change
+        what the client gets back, and raises ``ValueError("param: reason")`` for one
+        the client relies on (the routing filter answers it with a 400 naming the
+        parameter). The default leaves the body alone.
+        """
+
+    def classify(self, status: int, headers: HeaderGet, body_prefix: bytes, now: float) -> Failure:
+        """What a reply with ``status`` means for the key that got it (see :class:`FailureKind`).
+
+        ``headers`` is the reply's ``headers.get``; ``body_prefix`` is the first
+        bytes of its body (up to 4 KiB; empty when not read); ``now`` is the wall
+        clock for date-valued headers. The default knows the OpenAI error shapes:
+        429 ``insufficient_quota`` is QUOTA, other 429s RATE_LIMITED (with the
+        provider's wait, :func:`retry_after`), 401/403 AUTH, 503/529 OVERLOADED,
+        other 5xx SERVER, ``context_length_exceeded`` CONTEXT_LENGTH,
+        ``content_filter`` CONTENT_FILTER, other 4xx BAD_REQUEST.
+        """
+        if status < 400:
+            return _OK
+        codes = error_code(body_prefix) if body_prefix else frozenset()
+        if status == 429:
+            if "insufficient_quota" in codes:
+                return Failure(FailureKind.QUOTA)
+            return Failure(FailureKind.RATE_LIMITED, retry_after(headers, now))
+        if status in (401, 403):
+            return Failure(FailureKind.AUTH)
+        if status >= 500:
+            if status in (503, 529) or "overloaded_error" in codes:
+                return Failure(FailureKind.OVERLOADED, retry_after(headers, now))
+            return Failure(FailureKind.SERVER)
+        if "context_length_exceeded" in codes:
+            return Failure(FailureKind.CONTEXT_LENGTH)
+        if "content_filter" in codes:
+            return Failure(FailureKind.CONTENT_FILTER)
+        return Failure(FailureKind.BAD_REQUEST)
+
+    def probe_request(self, model: str) -> tuple[str, str, tuple[tuple[bytes, bytes], ...], bytes]:
+        """The cheapest request proving a key works: ``(method, path, headers, body)``.
+
+        The credential headers are the target's own; ``headers`` are the extra
+        ones (content type, static headers). The default is a one-token
+        chat (or messages) call on ``model``, which also proves the model is
+        served and the key has quota (a ``GET /models`` does not); an adapter with a
+        codec (Gemini, Bedrock) gets it encoded in its own protocol, and every adapter's
+        :meth:`finish_body` and :meth:`request_path` apply (Claude on Vertex).
+        """
+        request: dict[str, Any] = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        codec = self.codec
+        if codec is not None:
+            request = codec.encode_request(request, model=model)
+            api = "chat"
+        else:
+            api = "chat" if "chat" in self.native_apis else "messages"
+        body = orjson.dumps(self.finish_body(request, False))
+        headers = ((b"content-type", b"application/json"), *self.static_headers())
+        return "POST", self.request_path(api, model, "", stream=False), headers, body
+
+
+_OK = Failure(FailureKind.OK)
