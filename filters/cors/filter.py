@@ -17,7 +17,7 @@ Chain order is config order (``filters:``), so ``cors`` must come before
 reaches ``auth``. On every other request from an allowed origin,
 ``Access-Control-Allow-Origin`` (the origin itself, never ``*`` with
 credentials), ``Vary: Origin`` and the expose list are added through
-:meth:`llmproxy.Exchange.add_response_header`, so upstream responses,
+:meth:`llmproxy.Exchange.set_response_header`, so upstream responses,
 streams, local replies and errors all carry them. A disallowed origin gets
 no CORS header at all (the browser then blocks the page from reading the
 reply); its preflight is still answered 204 without them. ``origins: ["*"]``
@@ -112,11 +112,11 @@ class CorsFilter(Filter):
                 fields += [("access-control-allow-origin", factory.echo(origin)), *factory.preflight_fields]
             exchange.send_local_reply(204, b"", fields)
             return Action.CONTINUE
-        exchange.add_response_header("vary", "Origin")
+        exchange.set_response_header("vary", "Origin")
         if allowed:
-            exchange.add_response_header("access-control-allow-origin", factory.echo(origin))
+            exchange.set_response_header("access-control-allow-origin", factory.echo(origin))
             for name, value in factory.response_fields:
-                exchange.add_response_header(name, value)
+                exchange.set_response_header(name, value)
         return Action.CONTINUE
 
 
