@@ -32,7 +32,12 @@ chunk included). ``x-llmproxy-cache: hit|miss|bypass`` is on every response
 excluded model) that gets as far as ``cache`` in the chain: a request
 refused by a filter before it (``auth``'s 401) carries none. Because a hit replies in ``on_request_body``, filters after
 ``cache`` (``ratelimit``, ``metering``) never reserve or count it: a hit
-costs nothing against budgets. ``vars["cache.status"]`` says which.
+costs nothing against budgets. ``vars["cache.status"]`` says which. On a
+hit ``exchange.usage`` is the original reply's token counts with a zero
+cost (``price_source="cache"``) and ``extra={"cache": "hit"}``: the access
+log and usage record show what was served, marked as cached. (Charging hits
+against budgets, ``charge_hits``, is not built: it would need ratelimit to
+settle a reply that had no attempt.)
 
 Single flight: the first miss of a key leads; identical requests arriving
 while it runs wait (at most ``wait`` seconds) and are served its reply; if
@@ -48,12 +53,24 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import os
+from decimal import Decimal
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
+import orjson
 from prometheus_client import Counter
 
-from llmproxy import Action, Exchange, FactoryContext, Filter, FilterFactory, Outcome, StoreUnavailable
+from llmproxy import (
+    Action,
+    Cost,
+    Exchange,
+    FactoryContext,
+    Filter,
+    FilterFactory,
+    Outcome,
+    StoreUnavailable,
+    Usage,
+)
 from llmproxy.filters.cache.key import request_key
 from llmproxy.filters.cache.lru import Lru
 from llmproxy.filters.names import PRINCIPAL, ROUTE
@@ -78,15 +95,33 @@ _KNOWN = frozenset(
     }
 )
 _POLL = 0.02
+_FREE = Cost(Decimal(0), price_source="cache")
 
 
-def _encode(content_type: bytes, body: bytes) -> bytes:
-    return content_type + b"\n" + body
+def _encode(content_type: bytes, usage: Usage | None, body: bytes) -> bytes:
+    """An entry: one JSON line (content type, the original usage) then the body bytes."""
+    meta: dict[str, Any] = {"ct": content_type.decode("latin-1")}
+    if usage is not None:
+        meta["u"] = [
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+            usage.model,
+            usage.provider,
+        ]
+    return orjson.dumps(meta) + b"\n" + body
 
 
-def _decode(entry: bytes) -> tuple[str, bytes]:
-    content_type, _, body = entry.partition(b"\n")
-    return content_type.decode("latin-1"), body
+def _decode(entry: bytes) -> tuple[str, Usage | None, bytes]:
+    head, _, body = entry.partition(b"\n")
+    meta = orjson.loads(head)
+    u = meta.get("u")
+    usage = None
+    if u is not None:
+        usage = Usage(u[0], u[1], u[2], u[3], u[4], model=u[5], provider=u[6], cost=_FREE, extra={"cache": "hit"})
+    return meta["ct"], usage, body
 
 
 class CacheFilter(Filter):
@@ -175,7 +210,10 @@ class CacheFilter(Filter):
         return Action.CONTINUE
 
     def _hit(self, exchange: Exchange, entry: bytes) -> None:
-        content_type, body = _decode(entry)
+        content_type, usage, body = _decode(entry)
+        if usage is not None:
+            usage.requested_model = exchange.model
+            exchange.usage = usage
         exchange.vars[STATUS] = "hit"
         exchange.set_response_header("x-llmproxy-cache", "hit")
         exchange.send_local_reply(200, body, content_type=content_type)
@@ -229,7 +267,7 @@ class CacheFilter(Filter):
             and attempt.outcome is Outcome.COMPLETED
         )
         if stored:
-            entry = _encode(self.content_type, b"".join(self.buffer))
+            entry = _encode(self.content_type, attempt.usage, b"".join(self.buffer))
             factory.lru.put(key, entry, factory.ttl)
             factory.stored_bytes.inc(len(entry))
         if self.leader:

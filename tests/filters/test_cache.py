@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -96,9 +97,27 @@ def cached(mock: MockServer, make_proxy: Make) -> RunningProxy:
     return make_proxy(config(mock.port))
 
 
-def test_second_identical_request_is_a_byte_identical_hit(cached: RunningProxy, mock: MockServer) -> None:
-    s1, h1, b1 = post(cached.port, CHAT)
-    s2, h2, b2 = post(cached.port, {"messages": HI, "model": "alias", "user": "u-1"})  # alias, order, user: same key
+def _access_line(caplog: pytest.LogCaptureFixture, needle: str) -> str:
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for record in caplog.records:
+            if record.name == "llmproxy.access" and needle in record.getMessage():
+                return record.getMessage()
+        time.sleep(0.01)
+    raise AssertionError(f"no access line with {needle}")
+
+
+def test_second_identical_request_is_a_byte_identical_hit(
+    cached: RunningProxy, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="llmproxy.access"):
+        s1, h1, b1 = post(cached.port, CHAT)
+        s2, h2, b2 = post(cached.port, {"messages": HI, "model": "alias", "user": "u-1"})  # alias, order, user
+        hit_line = _access_line(caplog, h2["x-request-id"])
+        miss_line = _access_line(caplog, h1["x-request-id"])
+    usage = json.loads(b1)["usage"]
+    assert f"tokens_out={usage['completion_tokens']}" in hit_line and "tokens_out=" in miss_line
+    assert "cost=0" in hit_line, hit_line
     assert (s1, s2) == (200, 200)
     assert h1["x-llmproxy-cache"] == "miss" and h2["x-llmproxy-cache"] == "hit"
     assert b1 == b2 and h2["content-type"] == h1["content-type"]
