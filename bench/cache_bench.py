@@ -34,9 +34,9 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmproxy.mock import MockConfig, start_mock  # noqa: E402
-from llmproxy.runtime.app import Proxy  # noqa: E402
-from llmproxy.runtime.config import parse_config  # noqa: E402
+from llmproxy.mock import MockConfig, start_mock
+from llmproxy.runtime.app import Proxy
+from llmproxy.runtime.config import parse_config
 
 
 class _Loop:

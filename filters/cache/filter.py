@@ -53,8 +53,8 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import os
-from decimal import Decimal
 from collections.abc import Awaitable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -266,7 +266,7 @@ class CacheFilter(Filter):
             and attempt is not None
             and attempt.outcome is Outcome.COMPLETED
         )
-        if stored:
+        if stored and attempt is not None:
             entry = _encode(self.content_type, attempt.usage, b"".join(self.buffer))
             factory.lru.put(key, entry, factory.ttl)
             factory.stored_bytes.inc(len(entry))
