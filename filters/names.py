@@ -18,6 +18,7 @@ key                  value                                           set by
                      when the response carried it (the typed record
                      is ``exchange.attempt.usage``, see
                      :class:`llmproxy.Usage`)
+``cache.status``     ``"hit"``, ``"miss"`` or ``"bypass"``            cache
 ===================  ==============================================  ===========
 """
 
