@@ -271,3 +271,48 @@ def test_config_errors_name_the_field() -> None:
     ]:
         with pytest.raises(ValueError, match=field):
             CacheFactory("cache", bad, FactoryContext(MemoryStore()))
+
+
+STREAM = {**CHAT, "stream": True}
+
+
+def test_a_stream_cut_by_the_upstream_is_not_stored(cached: RunningProxy, mock: MockServer) -> None:
+    _, first, body = post(cached.port, STREAM, extra="x-mock-fault: drop\r\n")
+    assert first["x-llmproxy-cache"] == "miss" and b"[DONE]" not in body
+    _, second, _ = post(cached.port, STREAM)
+    assert second["x-llmproxy-cache"] == "miss"
+    assert post(cached.port, STREAM)[1]["x-llmproxy-cache"] == "hit"
+    assert len(mock.requests) == 2
+
+
+def test_a_stream_the_client_leaves_is_not_stored(slow_mock: MockServer, make_proxy: Make) -> None:
+    import socket
+
+    proxy = make_proxy(config(slow_mock.port))
+    payload = json.dumps(STREAM).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer %b\r\ncontent-length: %d\r\n\r\n%b" % (ALICE.encode(), len(payload), payload)
+    )
+    time.sleep(0.1)
+    sock.close()  # before the mock's first byte (ttft 0.5 s)
+    time.sleep(0.7)
+    assert post(proxy.port, STREAM)[1]["x-llmproxy-cache"] == "miss"
+    assert len(slow_mock.requests) == 2
+
+
+def test_metrics_count_hits_misses_and_bypass(cached: RunningProxy) -> None:
+    import urllib.request
+
+    post(cached.port, CHAT)
+    post(cached.port, CHAT)
+    post(cached.port, CHAT, extra="cache-control: no-store\r\n")
+    text = urllib.request.urlopen(cached.url + "/metrics", timeout=5).read().decode()
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("llmproxy_cache")
+    }
+    assert values["llmproxy_cache_hits_total"] == 1
+    assert values["llmproxy_cache_misses_total"] == 1
+    assert values["llmproxy_cache_bypass_total"] == 1
+    assert values["llmproxy_cache_hit_bytes_total"] > 0
