@@ -316,3 +316,28 @@ def test_metrics_count_hits_misses_and_bypass(cached: RunningProxy) -> None:
     assert values["llmproxy_cache_misses_total"] == 1
     assert values["llmproxy_cache_bypass_total"] == 1
     assert values["llmproxy_cache_hit_bytes_total"] > 0
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
+def test_an_entry_stored_by_one_proxy_is_a_hit_on_another(mock: MockServer, make_proxy: Make) -> None:
+    proc, url = start_redis_server()
+    try:
+        a = make_proxy(config(mock.port, {"store": "shared"}, store=url))
+        b = make_proxy(config(mock.port, {"store": "shared"}, store=url))
+        _, first, body = post(a.port, STREAM)
+        _, second, replay = post(b.port, STREAM)
+        assert (first["x-llmproxy-cache"], second["x-llmproxy-cache"]) == ("miss", "hit")
+        assert _dechunk(body) == replay and b"[DONE]" in replay and len(mock.requests) == 1
+    finally:
+        stop_redis_server(proc)
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, rest = [], body
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            return b"".join(out)
+        out.append(rest[:n])
+        rest = rest[n + 2 :]
