@@ -21,6 +21,7 @@ key                  value                                           set by
 ``guardrails.held``  ``(characters, seconds)``: the most a guarded  guardrails
                      stream held back at once and the longest a
                      character waited (set when the stream ends)
+``cache.status``     ``"hit"``, ``"miss"`` or ``"bypass"``            cache
 ===================  ==============================================  ===========
 """
 

@@ -109,6 +109,7 @@ class Exchange:
         "client_path",
         "control",
         "error",
+        "extra_response_headers",
         "filters",
         "first_byte_at",
         "id",
@@ -160,6 +161,8 @@ class Exchange:
         #: the ``metering`` filter before ``on_exchange_complete``; None without it.
         self.usage: Usage | None = None
         self.filters: list[Filter] = []
+        #: Fields :meth:`set_response_header` added to whatever response the client gets.
+        self.extra_response_headers: list[tuple[bytes, bytes]] | None = None
         self._json: Any = _UNPARSED
         self._json_dirty = False
         #: What the hooks asked of the core (read by the chain runner and the driver only).
@@ -245,6 +248,28 @@ class Exchange:
         for name, value in raw:
             check_field(name, value)
         self.control.local_reply = LocalReply(status, raw, payload)
+
+    def set_response_header(self, name: str, value: str) -> None:
+        """Set a field of the response head the client receives, whatever produces it.
+
+        Unlike editing ``exchange.response.headers`` in ``on_response_headers``
+        (which runs for upstream responses only), a field added here is also
+        written on local replies (any filter's) and on the error responses the
+        core renders: CORS headers, a cache status. Call it any time before the
+        response starts; the core appends the fields once, after the filters'
+        header edits, replacing the response's own fields of that name; setting
+        a name again here replaces the earlier value. Names and values are
+        validated (``ValueError``).
+        """
+        if self.response_started:
+            raise RuntimeError("set_response_header after the response started")
+        field = (name.lower().encode("latin-1"), value.encode("latin-1"))
+        check_field(*field)
+        if self.extra_response_headers is None:
+            self.extra_response_headers = [field]
+        else:
+            self.extra_response_headers = [kv for kv in self.extra_response_headers if kv[0] != field[0]]
+            self.extra_response_headers.append(field)
 
     def retry(self) -> None:
         """Ask the core to send the (possibly changed) request again.

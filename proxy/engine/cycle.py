@@ -154,6 +154,8 @@ async def run_exchange(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
             if chain.request_headers_plan:
                 await chain.request_headers(ex)
             control = ex.control
+            if ex.request.method == "OPTIONS" and control.local_reply is None:
+                raise _not_allowed(rt, ex)  # no filter (cors) answered the preflight
             if control.local_reply is None:
                 ex.request.body = await conn.read_body()
                 ex.bytes_received = len(ex.request.body)
@@ -215,7 +217,16 @@ def _check_route(rt: Runtime, ex: Exchange) -> None:
         methods = next((allowed for prefix, allowed in PREFIX_ROUTES if path.startswith(prefix)), None)
     if methods is None:
         raise NotFound(f"unknown path: {path}", code="unknown_url")
-    if ex.request.method not in methods:
+    if ex.request.method not in methods and ex.request.method != "OPTIONS":
         raise MethodNotAllowed(
             f"{ex.request.method} is not allowed on {path}", headers=[("allow", ", ".join(sorted(methods)))]
         )
+
+
+def _not_allowed(rt: Runtime, ex: Exchange) -> MethodNotAllowed:
+    """OPTIONS on a served path reaches the filters (a CORS preflight); unanswered, it is a 405."""
+    path = ex.request.path.partition("?")[0]
+    methods = rt.routes.get(path) or next(
+        (allowed for prefix, allowed in PREFIX_ROUTES if path.startswith(prefix)), frozenset()
+    )
+    return MethodNotAllowed(f"OPTIONS is not allowed on {path}", headers=[("allow", ", ".join(sorted(methods)))])

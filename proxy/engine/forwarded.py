@@ -84,7 +84,14 @@ def upstream_response_headers(raw: list[tuple[bytes, bytes]]) -> Headers:
 
 
 def head_for_client(ex: Exchange, headers: Headers) -> list[tuple[bytes, bytes]]:
-    """The fields written downstream: ``headers`` without framing, plus the request id."""
+    """The fields written downstream: ``headers`` without framing, then the
+    exchange's :meth:`~llmproxy.Exchange.set_response_header` fields (replacing
+    same-named ones), plus the request id."""
     out = [(k, v) for k, v in headers.raw() if k not in _FRAMING]
+    extra = ex.extra_response_headers
+    if extra is not None:
+        names = {k for k, _ in extra}
+        out = [kv for kv in out if kv[0] not in names]
+        out += extra
     out.append((b"x-request-id", ex.id.encode("ascii")))
     return out

@@ -61,3 +61,40 @@ def test_the_demo_blocks_the_forbidden_word(demo: str) -> None:
             model="demo", max_tokens=5, messages=[{"role": "user", "content": "Forbidden-Word, please"}]
         )
     assert ainfo.value.status_code == 400 and "banned-words" in str(ainfo.value)
+
+
+def test_the_demo_answers_cors_for_localhost_3000_only(demo: str) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(demo)
+
+    def preflight(origin: str) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout=10)
+        conn.request(
+            "OPTIONS",
+            "/v1/chat/completions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        reply = conn.getresponse()
+        reply.read()
+        conn.close()
+        return reply
+
+    allowed = preflight("http://localhost:3000")
+    assert allowed.status == 204 and allowed.getheader("access-control-allow-origin") == "http://localhost:3000"
+    other = preflight("http://evil.example")
+    assert other.getheader("access-control-allow-origin") is None
+
+
+def test_the_demo_caches_with_x_llmproxy_cache_on_the_response(demo: str) -> None:
+    client = openai.OpenAI(base_url=demo + "/v1", api_key="sk-any", max_retries=0, timeout=20)
+    messages = [{"role": "user", "content": "cache me please"}]
+    first = client.chat.completions.with_raw_response.create(model="demo", messages=messages, extra_headers=REPLY)
+    second = client.chat.completions.with_raw_response.create(model="demo", messages=messages, extra_headers=REPLY)
+    assert first.headers["x-llmproxy-cache"] == "miss" and second.headers["x-llmproxy-cache"] == "hit"
+    assert second.parse().choices[0].message.content == "write to [redacted:email] today"  # stored redacted

@@ -1,0 +1,374 @@
+"""The ``cache`` builtin filter: exact-match replies served without the provider.
+
+Config (all optional)::
+
+    - name: cache           # after auth and routing, before ratelimit and metering
+      config:
+        ttl: 300                  # seconds an entry lives
+        max_entries: 10000        # worker-local LRU bounds
+        max_bytes: 67108864       # (64 MiB); an entry bigger than max_entry_bytes is not kept
+        max_entry_bytes: 1048576
+        shared: false             # true: one entry for every principal
+        any_temperature: false    # true: also cache requests with temperature > 0
+        exclude_models: []        # fnmatch patterns on the client's model: never cached
+        store: local              # local (this worker's LRU) or shared (the proxy's store: Redis
+                                  # across workers and instances, the LRU in front of it)
+        wait: 30                  # seconds a follower waits for the leader of its key
+
+What is cached: ``POST`` chat completions, messages and responses with
+status 200 and a complete body (the exchange ended without error, the
+attempt completed: an upstream error, a truncated stream or a client
+disconnect stores nothing). The key (:mod:`.key`) is the path, the mode
+(stream or JSON), the upstream model after routing's mapping and the
+request body without ``stream``, ``stream_options``, ``user``,
+``metadata``; scoped by the principal's key id unless ``shared``. By
+default only deterministic requests (``temperature`` unset or 0) are
+cached: a sampled reply replayed would hide that a new call would differ.
+
+A hit is a local reply with the original ``content-type`` and the bytes the
+client first received (a stream is replayed as the same events, its usage
+chunk included). ``x-llmproxy-cache: hit|miss|bypass`` is on every response
+(bypass: not cacheable, ``cache-control: no-store``/``no-cache``, an
+excluded model) that gets as far as ``cache`` in the chain: a request
+refused by a filter before it (``auth``'s 401) carries none. Because a hit replies in ``on_request_body``, filters after
+``cache`` (``ratelimit``, ``metering``) never reserve or count it: a hit
+costs nothing against budgets. ``vars["cache.status"]`` says which. On a
+hit ``exchange.usage`` is the original reply's token counts with a zero
+cost (``price_source="cache"``) and ``extra={"cache": "hit"}``: the access
+log and usage record show what was served, marked as cached. (Charging hits
+against budgets, ``charge_hits``, is not built: it would need ratelimit to
+settle a reply that had no attempt.)
+
+Single flight: the first miss of a key leads; identical requests arriving
+while it runs wait (at most ``wait`` seconds) and are served its reply; if
+the leader fails (error, truncated, not cacheable) they are released to go
+upstream themselves. With ``store: shared`` the leader also holds a lease
+(the store's ``acquire_lease``, TTL ``wait``) on the key so followers on
+other workers and instances poll the store (every 20 ms) for its entry
+until the lease is released or expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import os
+from collections.abc import Awaitable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from prometheus_client import Counter
+
+from llmproxy import (
+    Action,
+    Cost,
+    Exchange,
+    FactoryContext,
+    Filter,
+    FilterFactory,
+    Outcome,
+    StoreUnavailable,
+    Usage,
+)
+from llmproxy.filters.cache.key import request_key
+from llmproxy.filters.cache.lru import Lru
+from llmproxy.filters.names import PRINCIPAL, ROUTE
+
+__all__ = ["STATUS", "CacheFactory", "CacheFilter"]
+
+#: ``exchange.vars`` key: ``hit``, ``miss`` or ``bypass``.
+STATUS = "cache.status"
+
+_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses"})
+_KNOWN = frozenset(
+    {
+        "ttl",
+        "max_entries",
+        "max_bytes",
+        "max_entry_bytes",
+        "shared",
+        "any_temperature",
+        "exclude_models",
+        "store",
+        "wait",
+    }
+)
+_POLL = 0.02
+_FREE = Cost(Decimal(0), price_source="cache")
+
+
+def _encode(content_type: bytes, usage: Usage | None, body: bytes) -> bytes:
+    """An entry: one JSON line (content type, the original usage) then the body bytes."""
+    meta: dict[str, Any] = {"ct": content_type.decode("latin-1")}
+    if usage is not None:
+        meta["u"] = [
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens,
+            usage.cache_write_tokens,
+            usage.reasoning_tokens,
+            usage.model,
+            usage.provider,
+        ]
+    return orjson.dumps(meta) + b"\n" + body
+
+
+def _decode(entry: bytes) -> tuple[str, Usage | None, bytes]:
+    head, _, body = entry.partition(b"\n")
+    meta = orjson.loads(head)
+    u = meta.get("u")
+    usage = None
+    if u is not None:
+        usage = Usage(u[0], u[1], u[2], u[3], u[4], model=u[5], provider=u[6], cost=_FREE, extra={"cache": "hit"})
+    return meta["ct"], usage, body
+
+
+class CacheFilter(Filter):
+    """One exchange: look up, wait for a leader, or record the reply as it goes to the client."""
+
+    factory: CacheFactory
+    mutates_response_body = False
+    __slots__ = ("buffer", "complete", "content_type", "key", "leader", "lease", "overflow")
+
+    def __init__(self, factory: CacheFactory) -> None:
+        super().__init__(factory)
+        self.key: str | None = None  # set when this exchange may store its reply
+        self.leader = False
+        self.lease = False
+        self.buffer: list[bytes] = []
+        self.overflow = 0
+        self.complete = False
+        self.content_type = b""
+
+    def on_request_headers(self, exchange: Exchange) -> Action:
+        exchange.vars[STATUS] = "bypass"
+        exchange.set_response_header("x-llmproxy-cache", "bypass")
+        return Action.CONTINUE
+
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
+        factory = self.factory
+        request = exchange.request
+        if request.method != "POST" or exchange.client_path.partition("?")[0] not in _PATHS:
+            return Action.CONTINUE
+        control = request.headers.get("cache-control")
+        if control is not None and ("no-store" in control or "no-cache" in control):
+            factory.bypass.inc()
+            return Action.CONTINUE
+        route = exchange.vars.get(ROUTE)
+        payload = route.client_json(exchange) if route is not None else exchange.request_json()
+        if not isinstance(payload, dict):
+            return Action.CONTINUE
+        temperature = payload.get("temperature")
+        if not factory.any_temperature and temperature not in (None, 0, 0.0):
+            factory.bypass.inc()
+            return Action.CONTINUE
+        if factory.excludes(exchange.model):
+            factory.bypass.inc()
+            return Action.CONTINUE
+        principal = exchange.vars.get(PRINCIPAL)
+        scope = "" if factory.shared or principal is None else principal.key_id
+        model = route.model if route is not None else exchange.model
+        key = request_key(exchange.client_path, model, payload, payload.get("stream") is True, scope)
+        entry = factory.lru.get(key)
+        if entry is not None:
+            self._hit(exchange, entry)
+            return Action.CONTINUE
+        return self._miss(exchange, key)
+
+    async def _miss(self, exchange: Exchange, key: str) -> Action:
+        factory = self.factory
+        if factory.use_store:
+            entry = await factory.store_get(key)
+            if entry is not None:
+                factory.lru.put(key, entry, factory.ttl)
+                self._hit(exchange, entry)
+                return Action.CONTINUE
+        waiting = factory.inflight.get(key)
+        if waiting is not None:  # a leader in this worker
+            try:
+                entry = await asyncio.wait_for(asyncio.shield(waiting), factory.wait)
+            except TimeoutError:
+                entry = None
+            if entry is not None:
+                self._hit(exchange, entry)
+                return Action.CONTINUE
+        elif factory.use_store and not await factory.lease(key):  # a leader elsewhere
+            entry = await factory.poll(key)
+            if entry is not None:
+                factory.lru.put(key, entry, factory.ttl)
+                self._hit(exchange, entry)
+                return Action.CONTINUE
+        else:
+            self.lease = factory.use_store
+            self.leader = True
+            factory.inflight[key] = asyncio.get_running_loop().create_future()
+        self.key = key
+        exchange.vars[STATUS] = "miss"
+        exchange.set_response_header("x-llmproxy-cache", "miss")
+        factory.misses.inc()
+        return Action.CONTINUE
+
+    def _hit(self, exchange: Exchange, entry: bytes) -> None:
+        content_type, usage, body = _decode(entry)
+        if usage is not None:
+            usage.requested_model = exchange.model
+            exchange.usage = usage
+        exchange.vars[STATUS] = "hit"
+        exchange.set_response_header("x-llmproxy-cache", "hit")
+        exchange.send_local_reply(200, body, content_type=content_type)
+        self.factory.hits.inc()
+        self.factory.hit_bytes.inc(len(body))
+
+    def on_response_headers(self, exchange: Exchange) -> Action:
+        response = exchange.response
+        if self.key is None or response is None:
+            return Action.CONTINUE
+        if response.status != 200 or exchange.upstream_error is not None:
+            self.key_failed()
+            exchange.skip_response_body(self)
+            return Action.CONTINUE
+        self.content_type = response.headers.get_raw(b"content-type") or b"application/json"
+        self.buffer = []
+        self.overflow = 0
+        self.complete = False
+        return Action.CONTINUE
+
+    def key_failed(self) -> None:
+        """This exchange's reply will not be stored (its followers are released at the end)."""
+        self.overflow = -1
+
+    def on_response_body(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> Action:
+        if self.key is None or self.overflow < 0:
+            return Action.CONTINUE
+        self.overflow += len(data)
+        if self.overflow > self.factory.max_entry_bytes:
+            self.overflow = -1
+            self.buffer = []
+            return Action.CONTINUE
+        if data:
+            self.buffer.append(data)
+        if end_of_stream:
+            self.complete = True
+        return Action.CONTINUE
+
+    async def on_exchange_complete(self, exchange: Exchange) -> None:
+        key = self.key
+        if key is None:
+            return
+        factory = self.factory
+        entry: bytes | None = None
+        attempt = exchange.attempt
+        stored = (
+            self.complete
+            and self.overflow >= 0
+            and exchange.error is None
+            and attempt is not None
+            and attempt.outcome is Outcome.COMPLETED
+        )
+        if stored and attempt is not None:
+            entry = _encode(self.content_type, attempt.usage, b"".join(self.buffer))
+            factory.lru.put(key, entry, factory.ttl)
+            factory.stored_bytes.inc(len(entry))
+        if self.leader:
+            future = factory.inflight.pop(key, None)
+            if future is not None and not future.done():
+                future.set_result(entry)
+        if factory.use_store:
+            try:
+                if entry is not None:
+                    await factory.context.store.set(key, entry, ttl=factory.ttl)
+                if self.lease:
+                    await factory.context.store.release_lease(key + ":lock", factory.holder)
+            except StoreUnavailable:
+                factory.store_errors.inc()
+
+
+class CacheFactory(FilterFactory):
+    """The cache's config, its worker-local LRU, the in-flight leaders and metrics."""
+
+    filter_class = CacheFilter
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
+        super().__init__(name, config, context)
+        unknown = set(config) - _KNOWN
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown key (allowed: {', '.join(sorted(_KNOWN))})")
+        self.ttl = _number(config, "ttl", 300.0)
+        self.wait = _number(config, "wait", 30.0)
+        max_entries = int(_number(config, "max_entries", 10000))
+        max_bytes = int(_number(config, "max_bytes", 64 * 1024 * 1024))
+        self.max_entry_bytes = int(_number(config, "max_entry_bytes", 1024 * 1024))
+        self.shared = _flag(config, "shared")
+        self.any_temperature = _flag(config, "any_temperature")
+        store = config.get("store", "local")
+        if store not in ("local", "shared"):
+            raise ValueError("store: must be local or shared")
+        self.use_store = store == "shared"
+        patterns = config.get("exclude_models") or []
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ValueError("exclude_models: must be a list of model patterns")
+        self.exclude = tuple(patterns)
+        self.lru = Lru(max_entries, max_bytes)
+        self.inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self.holder = f"{os.getpid()}:{id(self):x}"
+        registry = context.metrics
+        self.hits = Counter("llmproxy_cache_hits", "Replies served from the cache", registry=registry)
+        self.misses = Counter("llmproxy_cache_misses", "Cacheable requests sent upstream", registry=registry)
+        self.bypass = Counter("llmproxy_cache_bypass", "Requests the cache stayed out of", registry=registry)
+        self.hit_bytes = Counter("llmproxy_cache_hit_bytes", "Body bytes served from the cache", registry=registry)
+        self.stored_bytes = Counter("llmproxy_cache_stored_bytes", "Bytes of entries stored", registry=registry)
+        self.store_errors = Counter("llmproxy_cache_store_errors", "Shared store calls that failed", registry=registry)
+
+    def excludes(self, model: str) -> bool:
+        """Whether the client's ``model`` matches an ``exclude_models`` pattern."""
+        return any(fnmatch.fnmatchcase(model, p) for p in self.exclude)
+
+    async def store_get(self, key: str) -> bytes | None:
+        try:
+            value, _ = await self.context.store.get(key)
+        except StoreUnavailable:
+            self.store_errors.inc()
+            return None
+        return value
+
+    async def lease(self, key: str) -> bool:
+        """Try to lead ``key`` across instances; True also when the store is down (go upstream)."""
+        try:
+            return await self.context.store.acquire_lease(key + ":lock", self.holder, self.wait)
+        except StoreUnavailable:
+            self.store_errors.inc()
+            return True
+
+    async def poll(self, key: str) -> bytes | None:
+        """Wait (at most ``wait``) for another instance's leader: its entry, or None when it gave up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        store = self.context.store
+        while loop.time() < deadline:
+            await asyncio.sleep(_POLL)
+            try:
+                value, _ = await store.get(key)
+                if value is not None:
+                    return value
+                if await store.acquire_lease(key + ":lock", self.holder, 0.001):
+                    await store.release_lease(key + ":lock", self.holder)
+                    return None  # the leader released its lease without an entry
+            except StoreUnavailable:
+                self.store_errors.inc()
+                return None
+        return None
+
+
+def _number(config: Mapping[str, Any], field: str, default: float) -> float:
+    value = config.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{field}: must be a number > 0")
+    return float(value)
+
+
+def _flag(config: Mapping[str, Any], field: str) -> bool:
+    value = config.get(field, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}: must be true or false")
+    return value
