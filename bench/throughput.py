@@ -832,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("--workers must be >= 1")
         plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
         res = Bench(args, plan).run()
+        report.add_ratios(res)
         if args.json:
             Path(args.json).write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     sys.stdout.write(report.render(res))

@@ -116,9 +116,9 @@ def test_smoke_baselines_are_measured_and_stopped(tmp_path: Path) -> None:
             socket.create_connection((host, int(port)), timeout=2).close()
 
 
-def test_the_targets_table_judges_absolute_and_scaled_figures() -> None:
-    """Pure rendering: a saved result with baselines gets ok/MISS per target, and scaled
-    figures from the nginx latency and h11 relay throughput measured in the same run."""
+def test_the_targets_table_judges_ratios_to_the_relay() -> None:
+    """Pure rendering: a saved result with the h11 relay gets ratio_* fields per cell and
+    ok/MISS per target from the ratios, with each config's own bound."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import report
@@ -128,6 +128,7 @@ def test_the_targets_table_judges_absolute_and_scaled_figures() -> None:
     def result(rps: float, added_p50: float) -> dict[str, Any]:
         return {"rps": rps, "p50": 1.0, "p90": 1.0, "p99": 1.0, "errors": 0, "added_ms": {"p50": added_p50}}
 
+    names = ("direct", "llmproxy[empty]", "llmproxy[routing]", "llmproxy[full]")
     res: dict[str, Any] = {
         "meta": {
             "mode": "full",
@@ -136,7 +137,7 @@ def test_the_targets_table_judges_absolute_and_scaled_figures() -> None:
             "request": {"json_body_bytes": 322},
             "reply": {"json_body_bytes": 849, "sse_events": 50, "sse_body_bytes": 11657},
             "mock": {"url": "http://127.0.0.1:9", "tokens": 76},
-            "targets": [{"name": n, "url": "u"} for n in ("direct", "llmproxy[empty]", "llmproxy[full]")],
+            "targets": [{"name": n, "url": "u"} for n in names],
             "plan": {"rounds": 1, "run_s": 1},
             "generator": "wrk",
         },
@@ -145,18 +146,31 @@ def test_the_targets_table_judges_absolute_and_scaled_figures() -> None:
                 "mode": "json",
                 "concurrency": 1,
                 "results": {
-                    "llmproxy[empty]": result(2000, 0.44),  # MISS as is; 0.44 / (0.22 / 0.11) = 0.22 ok
-                    "llmproxy[full]": result(1800, 0.70),  # MISS either way: 0.35 scaled
-                    "baseline[nginx]": result(4000, 0.22),
+                    "llmproxy[empty]": result(2000, 0.44),  # 1.1x the relay's: MISS (<= 1.0)
+                    "llmproxy[routing]": result(2000, 0.44),  # no bound: the bare ratio
+                    "llmproxy[full]": result(1800, 0.48),  # 1.2x: ok (<= 1.25)
+                    "baseline[h11relay]": result(4000, 0.40),
+                    "target[127.0.0.1:4000]": result(100, 12.0),
                 },
             },
             {
                 "mode": "json",
                 "concurrency": 64,
                 "results": {
-                    "llmproxy[empty]": result(5000, 9.0),  # MISS as is; x 8500/4250 = 10,000 ok
-                    "llmproxy[full]": result(4100, 9.0),  # the full chain's bound is 4,000: ok
-                    "baseline[h11relay]": result(4250, 9.0),
+                    "llmproxy[empty]": result(5000, 9.0),  # 1.25x: ok (>= 1.2)
+                    "llmproxy[routing]": result(4800, 9.0),
+                    "llmproxy[full]": result(3000, 9.0),  # 0.75x: MISS (>= 0.9)
+                    "baseline[h11relay]": result(4000, 9.0),
+                    "target[127.0.0.1:4000]": result(100, 90.0),
+                },
+            },
+            {
+                "mode": "sse",
+                "concurrency": 16,
+                "results": {
+                    "llmproxy[routing]": result(1000, 9.0),  # 1.0x: ok (>= 1.0)
+                    "llmproxy[full]": result(850, 9.0),  # 0.85x: ok (>= 0.8)
+                    "baseline[h11relay]": result(1000, 9.0),
                 },
             },
         ],
@@ -164,13 +178,21 @@ def test_the_targets_table_judges_absolute_and_scaled_figures() -> None:
         "memory": {"llmproxy[empty]": {"growth_mib_per_10k": 0.05}},
     }
     table = report._targets(res)
-    assert "x2.00" in table[1] and "x2.00" in table[1][table[1].index(";") :]
-    rows = {line.split("  ")[0]: line.split() for line in table[4:]}
-    latency = rows["added p50, json c=1 < 0.3 ms"]
-    assert latency[-8:] == ["0.44", "MISS", "0.22", "ok", "0.70", "MISS", "0.35", "MISS"]
-    throughput = rows["req/s, json c=64 >= 6,000 (full chain 4,000)"]
-    assert throughput[-8:] == ["5,000", "MISS", "10,000", "ok", "4,100", "ok", "8,200", "ok"]
-    assert rows["peak RSS < 60 MiB"][-4:] == ["41.00", "ok", "61.00", "MISS"]
-    assert rows["RSS growth < 2 MiB per 100k requests"][-3:] == ["0.50", "ok", "-"]
+    json64 = res["closed_loop"][1]["results"]
+    assert json64["llmproxy[empty]"]["ratio_rps_vs_h11relay"] == 1.25
+    assert json64["llmproxy[full]"]["ratio_rps_vs_target"] == 30.0
+    assert res["closed_loop"][0]["results"]["llmproxy[full]"]["ratio_added_p50_vs_h11relay"] == 1.2
+    assert "ratio_rps_vs_h11relay" not in res["closed_loop"][0]["results"]["baseline[h11relay]"]
+    rows = {line.split("  ")[0]: line.split() for line in table[3:]}
+    latency = rows["added p50 json c=1 / relay's (empty <= 1.0, full <= 1.25)"]
+    assert latency[-5:] == ["1.10x", "MISS", "1.10x", "1.20x", "ok"]
+    throughput = rows["req/s json c=64 / relay's (empty >= 1.2, full >= 0.9)"]
+    assert throughput[-5:] == ["1.25x", "ok", "1.20x", "0.75x", "MISS"]
+    streams = rows["streams/s sse c=16 / relay's (routing >= 1.0, full >= 0.8)"]
+    assert streams[-5:] == ["-", "1.00x", "ok", "0.85x", "ok"]
+    assert rows["req/s json c=64 / target's >= 40"][-3:] == ["40.00x", "ok", "30.00x", "MISS"][-3:]
+    assert rows["added p50 json c=1 / target's <= 0.05"][-2:] == ["0.04x", "ok"]
+    assert rows["peak RSS <= 60 MiB (full)"][-3:] == ["41.00", "-", "61.00", "MISS"][-3:]
+    assert rows["RSS growth < 2 MiB per 100k requests"][-3:] == ["0.50", "ok", "-", "-"][-3:]
     del res["memory"], res["resources"]  # (their own sections need more fields)
     assert "\n".join(report._targets(res)) in report.render(res)
