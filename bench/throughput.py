@@ -81,7 +81,9 @@ from wire import SDK_HEADERS, Endpoint, ResponseParser, build_request, chat_body
 from wrk import find_wrk, run_wrk
 
 BENCH = Path(__file__).resolve().parent
-MODES = ("json", "sse")
+# "sse": the mock sends one chunk per event (as providers flush); "sse-whole": the whole SSE
+# body in one chunk (x-mock-sse-framing: whole). --sse-framing picks which are measured.
+MODES = ("json", "sse", "sse-whole")
 PHASES = ("memory", "closed", "paced", "open")
 # Mock tokens: 76 content words make its chat.completion JSON ~850 bytes;
 # 47 make a stream of 50 SSE events (role chunk, 47 deltas, finish, [DONE]).
@@ -242,6 +244,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
         self.args = args
         self.plan = plan
+        framing = getattr(args, "sse_framing", "both")
+        self.modes = ("json", *{"both": ("sse", "sse-whole"), "events": ("sse",), "whole": ("sse-whole",)}[framing])
         self.warnings: list[str] = []
         self.results: dict[str, Any] = {}
         self.services: list[Service] = []
@@ -294,6 +298,11 @@ class Bench:
         return {
             "json": build_request(endpoint, chat_body(model, False), base),
             "sse": build_request(endpoint, chat_body(model, True), [*base, ("x-mock-tokens", str(SSE_TOKENS))]),
+            "sse-whole": build_request(
+                endpoint,
+                chat_body(model, True),
+                [*base, ("x-mock-tokens", str(SSE_TOKENS)), ("x-mock-sse-framing", "whole")],
+            ),
             "paced": build_request(endpoint, chat_body(model, True), [*base, *paced]),
         }
 
@@ -386,19 +395,19 @@ class Bench:
         found: dict[str, Any] = {}
         for target in self.targets:
             row: dict[str, Any] = {}
-            for mode in MODES:
+            for mode in MODES:  # every framing is probed, measured or not
                 status, body = _fetch(target.endpoint, target.requests[mode])
                 if status != 200:
                     raise SystemExit(f"{target.name}: {mode} probe answered {status}: {body[:300]!r}")
                 row[f"{mode}_body_bytes"] = len(body)
-                if mode == "sse":
-                    row["sse_events"] = body.count(b"data:")
+                if mode != "json":
+                    row[f"{mode.replace('-', '_')}_events"] = body.count(b"data:")
                 if b"fp_mock" not in body:
                     self.warnings.append(f"{target.name}: {mode} reply does not come from the bench mock")
             found[target.name] = row
         direct = found["direct"]
         for name, row in found.items():
-            if row["sse_events"] != direct["sse_events"]:
+            if row["sse_events"] != direct["sse_events"] or row["sse_whole_events"] != direct["sse_events"]:
                 self.warnings.append(
                     f"{name}: {row['sse_events']} SSE events vs {direct['sse_events']} direct "
                     "(does it forward the x-mock-tokens header?)"
@@ -451,10 +460,10 @@ class Bench:
         plan = self.plan
         if plan.warmup_s > 0:
             for target in self.targets:
-                for mode in MODES:
+                for mode in self.modes:
                     closed_loop(target.endpoint, [target.requests[mode]], 16, plan.warmup_s, procs=self.procs)
         cells = []
-        for mode in MODES:
+        for mode in self.modes:
             for conc in plan.concurrency:
                 runs: dict[str, list[LoadResult]] = {t.name: [] for t in self.targets}
                 cpu: dict[str, float] = {t.name: 0.0 for t in self.targets}
@@ -805,6 +814,13 @@ def _parser() -> argparse.ArgumentParser:
         "and the mock answers with a hosted provider's (~20 fields each way)",
     )
     ap.add_argument("--model", default="gpt-4o-mini", help="model name in the requests")
+    ap.add_argument(
+        "--sse-framing",
+        choices=("both", "events", "whole"),
+        default="both",
+        help="the mock's stream framing measured: one chunk per event (sse), the whole body in one (sse-whole), "
+        "or both (default)",
+    )
     ap.add_argument(
         "--generator",
         choices=("auto", "wrk", "python"),

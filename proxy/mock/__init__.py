@@ -79,8 +79,9 @@ request's API key. A fault wins over a status when both are given.
 Request headers (all optional): ``x-mock-status``, ``x-mock-retry-after``
 (seconds), ``x-mock-fault``, ``x-mock-stall-after`` (content events, default
 2), ``x-mock-tokens``, ``x-mock-ttft-ms``, ``x-mock-itl-ms`` and
-``x-mock-tool-calls`` (N parallel tool calls when the request has ``tools``).
-A bad value is answered with 400 naming the header.
+``x-mock-tool-calls`` (N parallel tool calls when the request has ``tools``),
+``x-mock-sse-framing`` (``events``, the default: an unpaced stream is one chunk
+per event; ``whole``: one chunk holding every event). A bad value is answered with 400 naming the header.
 
 Control endpoints, neither recorded nor faulted: ``GET /_mock/requests``
 (the log as JSON), ``DELETE /_mock/requests`` (clear it), ``GET

@@ -33,6 +33,9 @@ class Plan:
     retry_after: float | None = None
     fault: str | None = None
     reason: str = ""
+    #: An unpaced stream's body as one chunk holding every event (``x-mock-sse-framing: whole``)
+    #: instead of one chunk per event (``events``, the default, as providers flush).
+    sse_whole: bool = False
 
 
 class BadHeader(Exception):
@@ -107,6 +110,10 @@ class Planner:
             itl=cfg.itl if itl is None else itl / 1000,
         )
         plan.tool_calls = _header_int(headers, "x-mock-tool-calls", 0, _MAX_TOOL_CALLS) or 0
+        framing = headers.get("x-mock-sse-framing")
+        if framing is not None and framing not in ("events", "whole"):
+            raise BadHeader(f"x-mock-sse-framing must be 'events' or 'whole', got {framing!r}")
+        plan.sse_whole = framing == "whole"
         stall_after = _header_int(headers, "x-mock-stall-after", 0, MAX_TOKENS)
         if stall_after is not None:
             plan.stall_after = stall_after
