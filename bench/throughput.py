@@ -76,7 +76,19 @@ import report
 from loadgen import LoadResult, closed_loop, open_loop
 from paced import PacedClient, StreamTiming, summarize
 from procstat import steal_seconds
-from services import Service, find_nginx, nginx_version, start_h11relay, start_mock, start_nginx, start_proxy
+from services import (
+    OTLP_ENV,
+    REDIS_ENV,
+    Service,
+    find_nginx,
+    nginx_version,
+    start_h11relay,
+    start_mock,
+    start_nginx,
+    start_otlp_sink,
+    start_proxy,
+    start_redis,
+)
 from wire import SDK_HEADERS, Endpoint, ResponseParser, build_request, chat_body, parse_url
 from wrk import find_wrk, run_wrk
 
@@ -244,6 +256,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
         self.args = args
         self.plan = plan
+        self.otlp_sink: Service | None = None
         framing = getattr(args, "sse_framing", "both")
         self.modes = ("json", *{"both": ("sse", "sse-whole"), "events": ("sse",), "whole": ("sse-whole",)}[framing])
         self.warnings: list[str] = []
@@ -306,6 +319,30 @@ class Bench:
             "paced": build_request(endpoint, chat_body(model, True), [*base, *paced]),
         }
 
+    def _config_services(self, paths: Sequence[Path], aux: list[int] | None, logdir: Path) -> dict[str, str]:
+        """Start what the configs refer to (the OTLP sink, redis-server); their URLs as env variables."""
+        texts = [p.read_text() for p in paths]
+        env: dict[str, str] = {}
+        if any(OTLP_ENV in t for t in texts):
+            _log("starting the OTLP/HTTP trace sink ...")
+            self.otlp_sink = start_otlp_sink(cpus=aux, logdir=logdir)
+            self.services.append(self.otlp_sink)
+            env[OTLP_ENV] = f"{self.otlp_sink.url}/v1/traces"
+        if any(REDIS_ENV in t for t in texts):
+            redis = start_redis(cpus=aux, logdir=logdir)
+            if redis is not None:
+                _log(f"started redis-server on port {redis.port}")
+                self.services.append(redis)
+                env[REDIS_ENV] = f"redis://{redis.host}:{redis.port}/0"
+        return env
+
+    def otlp_stats(self) -> dict[str, Any] | None:
+        """What the OTLP sink received (exports, bytes), None without one."""
+        if self.otlp_sink is None:
+            return None
+        status, body = _fetch(parse_url(self.otlp_sink.url), b"GET /stats HTTP/1.1\r\nhost: sink\r\n\r\n")
+        return dict(orjson.loads(body)) if status == 200 else None
+
     def start(self, logdir: Path) -> None:
         """Start the mock and the proxies, pinned; build the targets."""
         args = self.args
@@ -327,8 +364,12 @@ class Bench:
         self.direct = Target("direct", "direct", mock_ep, self._requests(mock_ep))
         self.targets.append(self.direct)
         configs = [] if args.no_llmproxy else (args.config or ["empty"])
+        env_extra = self._config_services([_config_path(name) for name in configs], aux, logdir)
         for name in configs:
             path = _config_path(name)
+            if REDIS_ENV in path.read_text() and REDIS_ENV not in env_extra:
+                self.warnings.append(f"{path.stem}: skipped, redis-server is not installed (it needs ${REDIS_ENV})")
+                continue
             label = f"llmproxy[{path.stem}{f',w{args.workers}' if args.workers > 1 else ''}]"
             _log(f"starting {label} ({path}) ...")
             svc = start_proxy(
@@ -338,6 +379,7 @@ class Bench:
                 workers=args.workers,
                 cpus=self.pin["proxy"] if self.pin else None,
                 logdir=logdir,
+                env_extra=env_extra,
             )
             self.services.append(svc)
             ep = parse_url(svc.url)
@@ -664,6 +706,11 @@ class Bench:
                 if "open" not in skip:
                     res["open_loop"] = self.fixed_rate(res.get("closed_loop", []))
                 res["resources"] = self.resources()
+                otlp = self.otlp_stats()
+                if otlp is not None:
+                    res["otlp_sink"] = otlp
+                    if not otlp.get("exports"):
+                        self.warnings.append("tracing exported nothing to the OTLP sink")
                 steal = {cpu: round(v - steal_before.get(cpu, 0.0), 2) for cpu, v in steal_seconds().items()}
                 res["meta"]["noise"] = {"loadavg_at_start": self.loadavg, "steal_s_per_cpu": steal}
                 if self.pin and any(steal.get(cpu, 0.0) > 1.0 for cpu in self.pin["proxy"]):
