@@ -319,6 +319,27 @@ def _targets(res: dict[str, Any]) -> list[str]:
     return out + _table(["target", *names], rows)
 
 
+def _ladder(res: dict[str, Any]) -> list[str]:
+    """The marginal cost of each full-chain filter (``--ladder``), from ``res["ladder"]``."""
+    lad = res.get("ladder")
+    if not lad:
+        return []
+    steps = lad["steps"]
+    fields = [k for k in steps[-1] if k.startswith("marginal_")]
+    header = [
+        "step",
+        "filter added",
+        *(f.removeprefix("marginal_").replace("_cpu_us", " +us").replace("_per_event", "/event") for f in fields),
+    ]
+    rows = [[s["target"], s["filter"], *(_signed(s.get(f)) for f in fields)] for s in steps[1:]]
+    base = steps[0]
+    out = [
+        f"Marginal CPU per filter (--ladder; proxy CPU at c={lad['concurrency']}, {lad['sse_events']} events a stream; "
+        f"no filter: json {_num(base.get('json_cpu_us'), 0)} us/request)"
+    ]
+    return out + _table(header, rows, left=2)
+
+
 def render(res: dict[str, Any]) -> str:
     """The human-readable report of a results dict."""
     meta = res["meta"]
@@ -333,7 +354,7 @@ def render(res: dict[str, Any]) -> str:
         "targets: " + ", ".join(f"{t['name']} = {t['url']}" for t in meta["targets"]),
         "",
     ]
-    for section in (_closed(res), _paced(res), _memory(res), _open(res), _targets(res)):
+    for section in (_closed(res), _paced(res), _memory(res), _open(res), _targets(res), _ladder(res)):
         if section:
             lines += [*section, ""]
     for warning in res.get("warnings", []):

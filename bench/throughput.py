@@ -73,6 +73,7 @@ from typing import Any
 
 import orjson
 import report
+from ladder import ladder, write_configs
 from loadgen import LoadResult, closed_loop, open_loop
 from paced import PacedClient, StreamTiming, summarize
 from procstat import steal_seconds
@@ -879,6 +880,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--aux-cpus", default=None, help="CPUs for the mock and the generator (default: the rest)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--skip", action="append", default=[], choices=PHASES, help="skip a phase (repeatable)")
+    ap.add_argument(
+        "--ladder",
+        action="store_true",
+        help="add configs/full.yaml's filters one at a time (-c ladder-0 .. ladder-N) and report each "
+        "filter's marginal CPU per JSON request and per SSE event",
+    )
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--plot", metavar="PNG", help="latency vs concurrency plot (needs matplotlib)")
     ap.add_argument("--log-dir", help="keep the mock's and proxies' logs here")
@@ -894,8 +901,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers < 1:
             raise SystemExit("--workers must be >= 1")
         plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
-        res = Bench(args, plan).run()
+        with tempfile.TemporaryDirectory(prefix="llmproxy-ladder-") as tmp:
+            if args.ladder:
+                args.config = [
+                    *(args.config or []),
+                    *map(str, write_configs(BENCH / "configs" / "full.yaml", Path(tmp))),
+                ]
+            res = Bench(args, plan).run()
         report.add_ratios(res)
+        steps = ladder(res)
+        if steps is not None:
+            res["ladder"] = steps
         if args.json:
             Path(args.json).write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     sys.stdout.write(report.render(res))
