@@ -131,7 +131,7 @@ def _open(res: dict[str, Any]) -> list[str]:
     for name, ol in res.get("open_loop", {}).items():
         rows = [
             [
-                _num(s["rate"]),
+                _num(s["rate"]) + (" *" if s.get("generator_bound") else ""),
                 _num(s["direct"]["p99"]),
                 _num(s["target"]["p99"]),
                 _signed(s["added_p99_ms"]),
@@ -153,6 +153,14 @@ def _open(res: dict[str, Any]) -> list[str]:
             for rate in (ol["max_rate_added_p99_under_5ms"], ol["max_rate_added_p99_under_50ms"])
         ]
         out.append(f"highest rate with added p99 < 5 ms: {best[0]}; < 50 ms: {best[1]}")
+        if "generator_saturates_at_rps" in ol:
+            sat = ol["generator_saturates_at_rps"]
+            out.append(
+                f"* generator-bound: the python generator fell behind its schedule against direct from "
+                f"{_num(sat)} req/s; figures at or above it measure the generator"
+                if sat is not None
+                else "the python generator kept its schedule against direct at every step"
+            )
         out.append("")
     return out
 
