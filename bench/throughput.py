@@ -5,6 +5,8 @@ Not a test: it prints figures and never judges them. Run from the repo root::
     python bench/throughput.py                      # full run, empty chain, ~5 min
     python bench/throughput.py -c full --json out.json --plot out.png
     python bench/throughput.py -c empty -c full     # both chains side by side
+    python bench/throughput.py -c empty -c routing -c full -c full-redis --baseline h11relay  # ratio targets
+    python bench/throughput.py --ladder --baseline h11relay   # each full-chain filter's marginal CPU
     python bench/throughput.py --workers 2 --proxy-cpus 0,1
     python bench/throughput.py --quick              # under 30 s, fewer requests
     python bench/throughput.py --sdk-headers         # heads as long as real SDK and provider ones
