@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["plot", "render"]
+__all__ = ["add_ratios", "plot", "render"]
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -131,7 +131,7 @@ def _open(res: dict[str, Any]) -> list[str]:
     for name, ol in res.get("open_loop", {}).items():
         rows = [
             [
-                _num(s["rate"]),
+                _num(s["rate"]) + (" *" if s.get("generator_bound") else ""),
                 _num(s["direct"]["p99"]),
                 _num(s["target"]["p99"]),
                 _signed(s["added_p99_ms"]),
@@ -153,101 +153,199 @@ def _open(res: dict[str, Any]) -> list[str]:
             for rate in (ol["max_rate_added_p99_under_5ms"], ol["max_rate_added_p99_under_50ms"])
         ]
         out.append(f"highest rate with added p99 < 5 ms: {best[0]}; < 50 ms: {best[1]}")
+        if "generator_saturates_at_rps" in ol:
+            sat = ol["generator_saturates_at_rps"]
+            out.append(
+                f"* generator-bound: the python generator fell behind its schedule against direct from "
+                f"{_num(sat)} req/s; figures at or above it measure the generator"
+                if sat is not None
+                else "the python generator kept its schedule against direct at every step"
+            )
         out.append("")
     return out
 
 
-# The speed targets (bench issue), for one worker: (label, mode, concurrency, figure, bound, bound for the
-# full builtin chain (configs/full.yaml), higher is better). The figure is "added_p50" (ms over direct) or "rps".
-_SPEED_TARGETS: tuple[tuple[str, str, int, str, float, float, bool], ...] = (
-    ("added p50, json c=1 < 0.3 ms", "json", 1, "added_p50", 0.3, 0.3, False),
-    ("req/s, json c=64 >= 6,000 (full chain 4,000)", "json", 64, "rps", 6000.0, 4000.0, True),
-    ("added p50, 50-event sse c=1 < 1 ms", "sse", 1, "added_p50", 1.0, 1.0, False),
-    ("streams/s, sse c=16 >= 1,000", "sse", 16, "rps", 1000.0, 1000.0, True),
-)
-#: The reference machine of the targets, as the issue gives it: nginx adds 0.11 ms at c=1,
-#: a bare uvloop + h11 relay does ~8,500 req/s at c=64.
-_REFERENCE_NGINX_ADDED_MS = 0.11
-_REFERENCE_H11RELAY_RPS = 8500.0
+RELAY = "baseline[h11relay]"
+
+
+def _stem(name: str) -> str:
+    """The config of an llmproxy target: ``llmproxy[full-redis,w2]`` -> ``full-redis``."""
+    return name[len("llmproxy[") : -1].split(",")[0] if name.startswith("llmproxy[") else name
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return round(float(a) / float(b), 3)
+
+
+def add_ratios(res: dict[str, Any]) -> None:
+    """Put each target's ratios to the others measured in the same run into the results (in place).
+
+    Per closed-loop cell (JSON and every SSE framing), each result other than the
+    relay's gets ``ratio_rps_vs_h11relay`` (its req/s or streams/s over the bare
+    h11 relay's; higher is better) and ``ratio_added_p50_vs_h11relay`` (its added
+    p50 over direct, over the relay's; lower is better) when ``--baseline h11relay``
+    ran. With exactly one ``--target`` gateway, each llmproxy result also gets
+    ``ratio_rps_vs_target`` and ``ratio_added_p50_vs_target``; a ``...,wN`` result
+    whose one-worker twin ran gets ``ratio_rps_vs_one_worker``. Idempotent.
+    """
+    for cell in res.get("closed_loop", []):
+        results = cell["results"]
+        relay = results.get(RELAY)
+        gateways = [n for n in results if n.startswith("target[")]
+        gateway = results[gateways[0]] if len(gateways) == 1 else None
+        for name, r in results.items():
+            added = (r.get("added_ms") or {}).get("p50")
+            if relay is not None and name != RELAY:
+                r["ratio_rps_vs_h11relay"] = _ratio(r.get("rps"), relay.get("rps"))
+                r["ratio_added_p50_vs_h11relay"] = _ratio(added, (relay.get("added_ms") or {}).get("p50"))
+            if not name.startswith("llmproxy["):
+                continue
+            if gateway is not None:
+                r["ratio_rps_vs_target"] = _ratio(r.get("rps"), gateway.get("rps"))
+                r["ratio_added_p50_vs_target"] = _ratio(added, (gateway.get("added_ms") or {}).get("p50"))
+            if ",w" in name:
+                one = results.get(f"llmproxy[{_stem(name)}]")
+                if one is not None:
+                    r["ratio_rps_vs_one_worker"] = _ratio(r.get("rps"), one.get("rps"))
 
 
 def _cell(res: dict[str, Any], mode: str, concurrency: int, name: str, figure: str) -> float | None:
     for cell in res.get("closed_loop", []):
         if cell["mode"] == mode and cell["concurrency"] == concurrency and name in cell["results"]:
-            r = cell["results"][name]
-            value = r.get("added_ms", {}).get("p50") if figure == "added_p50" else r.get("rps")
+            value = cell["results"][name].get(figure)
             return float(value) if value is not None else None
     return None
 
 
-def _targets(res: dict[str, Any]) -> list[str]:
-    """Each llmproxy target against the speed and memory targets, absolute and scaled.
+# The issue's targets, as ratios to the bare h11 relay in the same run, one worker:
+# (label, mode prefix, concurrency, ratio field, {config stem: bound}, higher is better).
+# A config without a bound shows its ratio without a verdict; "full" covers full-redis.
+_RATIO_TARGETS: tuple[tuple[str, str, int, str, dict[str, float], bool], ...] = (
+    (
+        "added p50 json c=1 / relay's (empty <= 1.0, full <= 1.25)",
+        "json",
+        1,
+        "ratio_added_p50_vs_h11relay",
+        {"empty": 1.0, "full": 1.25},
+        False,
+    ),
+    (
+        "req/s json c=64 / relay's (empty >= 1.2, full >= 0.9)",
+        "json",
+        64,
+        "ratio_rps_vs_h11relay",
+        {"empty": 1.2, "full": 0.9},
+        True,
+    ),
+    (
+        "streams/s {mode} c=16 / relay's (routing >= 1.0, full >= 0.8)",
+        "sse",
+        16,
+        "ratio_rps_vs_h11relay",
+        {"routing": 1.0, "full": 0.8},
+        True,
+    ),
+)
+#: Against another gateway on the same mock (--target): throughput ratio above, added-latency ratio below.
+_GATEWAY_TARGETS: tuple[tuple[str, str, int, str, float, bool], ...] = (
+    ("req/s json c=64 / target's >= 40", "json", 64, "ratio_rps_vs_target", 40.0, True),
+    ("added p50 json c=1 / target's <= 0.05", "json", 1, "ratio_added_p50_vs_target", 0.05, False),
+)
 
-    Scaled figures put this machine's speed next to the reference machine's,
-    from the baselines measured in the same run: latency divided by how much
-    more nginx adds here, throughput multiplied by how much slower the bare
-    h11 relay is here. They are a reading aid; the absolute figures are the
-    measurement.
+
+def _bound(bounds: dict[str, float], name: str) -> float | None:
+    stem = _stem(name)
+    if stem in bounds:
+        return bounds[stem]
+    return bounds.get("full") if stem.startswith("full") else None
+
+
+def _verdict(value: float | None, bound: float | None, higher: bool, suffix: str = "x") -> str:
+    if value is None:
+        return "-"
+    text = f"{_num(value)}{suffix}"
+    if bound is None:
+        return text
+    ok = value >= bound if higher else value <= bound
+    return f"{text} {'ok' if ok else 'MISS'}"
+
+
+def _targets(res: dict[str, Any]) -> list[str]:
+    """Each llmproxy target against the issue's targets, as ratios to the h11 relay in the same run.
+
+    The relay (``--baseline h11relay``) is the floor of the design measured on
+    this machine in this run, so the verdicts do not depend on the machine's
+    speed. A cell shows the ratio, then ok or MISS where the issue bounds that
+    config (empty, routing, full*), or the bare ratio where it does not.
     """
     names = [t["name"] for t in res["meta"]["targets"] if t["name"].startswith("llmproxy")]
     if not names or not res.get("closed_loop"):
         return []
-    nginx = _cell(res, "json", 1, "baseline[nginx]", "added_p50")
-    relay = _cell(res, "json", 64, "baseline[h11relay]", "rps")
-    slow_latency = nginx / _REFERENCE_NGINX_ADDED_MS if nginx and nginx > 0 else None
-    slow_throughput = _REFERENCE_H11RELAY_RPS / relay if relay else None
+    add_ratios(res)
     several = [t["name"] for t in res["meta"]["targets"] if (t.get("workers") or 1) > 1]
     out = [
-        "Targets (stated for one worker"
+        "Targets (ratios to the bare h11 relay in this run; stated for one worker"
         + (f"; {', '.join(several)} ran several, with RSS summed over them" if several else "")
         + (", and the default short heads, not --sdk-headers" if res["meta"]["mock"].get("provider_headers") else "")
-        + "): the figure, then ok or MISS; scaled = as on the issue's reference machine"
+        + "): the ratio, then ok or MISS"
     ]
-    factors = []
-    if slow_latency is not None:
-        factors.append(
-            f"nginx adds {nginx:.2f} ms at json c=1 here vs {_REFERENCE_NGINX_ADDED_MS} there (x{slow_latency:.2f})"
-        )
-    if slow_throughput is not None:
-        factors.append(
-            f"the bare h11 relay does {relay:,.0f} req/s at json c=64 here vs ~{_REFERENCE_H11RELAY_RPS:,.0f} "
-            f"there (x{slow_throughput:.2f})"
-        )
-    out.append(
-        "machine: " + ("; ".join(factors) if factors else "no scaling (run with --baseline nginx --baseline h11relay)")
-    )
-
-    def verdict(value: float | None, bound: float, higher: bool) -> str:
-        if value is None:
-            return "-"
-        ok = value >= bound if higher else value < bound
-        return f"{_num(value)} {'ok' if ok else 'MISS'}"
-
+    has_relay = any(RELAY in c["results"] for c in res["closed_loop"])
+    if not has_relay:
+        out.append("no ratios to the relay: run with --baseline h11relay")
+    modes = sorted({c["mode"] for c in res["closed_loop"]})
     rows = []
-    for label, mode, concurrency, figure, bound, full_chain_bound, higher in _SPEED_TARGETS:
-        row = [label]
-        for name in names:
-            this_bound = full_chain_bound if name.startswith("llmproxy[full") else bound
-            value = _cell(res, mode, concurrency, name, figure)
-            factor = slow_throughput if higher else slow_latency
-            scaled = None if value is None or factor is None else (value * factor if higher else value / factor)
-            row.append(verdict(value, this_bound, higher))
-            row.append(verdict(scaled, this_bound, higher))  # "-" without the baseline that scales it
-        rows.append(row)
+    for label, prefix, concurrency, field, bounds, higher in _RATIO_TARGETS:
+        for mode in [m for m in modes if m.startswith(prefix)] or [prefix]:
+            row = [label.format(mode=mode)]
+            for name in names:
+                row.append(_verdict(_cell(res, mode, concurrency, name, field), _bound(bounds, name), higher))
+            rows.append(row)
+    if any(n.startswith("target[") for c in res["closed_loop"] for n in c["results"]):
+        for label, mode, concurrency, field, bound, higher in _GATEWAY_TARGETS:
+            rows.append([label, *(_verdict(_cell(res, mode, concurrency, n, field), bound, higher) for n in names)])
+    if several:
+        rows.append(
+            [
+                "req/s json c=64 / one worker's",
+                *(_verdict(_cell(res, "json", 64, n, "ratio_rps_vs_one_worker"), None, True) for n in names),
+            ]
+        )
     resources = res.get("resources", {})
     memory = res.get("memory", {})
-    rss_row = ["peak RSS < 60 MiB"]
+    rss_row = ["peak RSS <= 60 MiB (full)"]
     growth_row = ["RSS growth < 2 MiB per 100k requests"]
     for name in names:
+        full = _stem(name).startswith("full")
         peak = resources.get(name, {}).get("peak_rss_mib")
-        rss_row += [verdict(peak, 60.0, False), ""]
+        rss_row.append(_verdict(peak, 60.0 if full else None, False, ""))
         growth = memory.get(name, {}).get("growth_mib_per_10k")
-        growth_row += [verdict(None if growth is None else max(growth, 0.0) * 10, 2.0, False), ""]
+        per_100k = None if growth is None else max(growth, 0.0) * 10
+        growth_row.append("-" if per_100k is None else f"{_num(per_100k)} {'ok' if per_100k < 2.0 else 'MISS'}")
     rows += [rss_row, growth_row]
-    header = ["target"]
-    for name in names:
-        header += [name, "scaled"]
-    return out + _table(header, rows)
+    return out + _table(["target", *names], rows)
+
+
+def _ladder(res: dict[str, Any]) -> list[str]:
+    """The marginal cost of each full-chain filter (``--ladder``), from ``res["ladder"]``."""
+    lad = res.get("ladder")
+    if not lad:
+        return []
+    steps = lad["steps"]
+    fields = [k for k in steps[-1] if k.startswith("marginal_")]
+    header = [
+        "step",
+        "filter added",
+        *(f.removeprefix("marginal_").replace("_cpu_us", " +us").replace("_per_event", "/event") for f in fields),
+    ]
+    rows = [[s["target"], s["filter"], *(_signed(s.get(f)) for f in fields)] for s in steps[1:]]
+    base = steps[0]
+    out = [
+        f"Marginal CPU per filter (--ladder; proxy CPU at c={lad['concurrency']}, {lad['sse_events']} events a stream; "
+        f"no filter: json {_num(base.get('json_cpu_us'), 0)} us/request)"
+    ]
+    return out + _table(header, rows, left=2)
 
 
 def render(res: dict[str, Any]) -> str:
@@ -264,7 +362,7 @@ def render(res: dict[str, Any]) -> str:
         "targets: " + ", ".join(f"{t['name']} = {t['url']}" for t in meta["targets"]),
         "",
     ]
-    for section in (_closed(res), _paced(res), _memory(res), _open(res), _targets(res)):
+    for section in (_closed(res), _paced(res), _memory(res), _open(res), _targets(res), _ladder(res)):
         if section:
             lines += [*section, ""]
     for warning in res.get("warnings", []):

@@ -36,12 +36,18 @@ __all__ = [
     "start_h11relay",
     "start_mock",
     "start_nginx",
+    "start_otlp_sink",
     "start_proxy",
+    "start_redis",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_ENV = "LLMPROXY_BENCH_UPSTREAM"
 H11RELAY = Path(__file__).resolve().with_name("h11relay.py")
+OTLP_SINK = Path(__file__).resolve().with_name("otlpsink.py")
+#: Set for every proxy when the bench started them: the OTLP sink's traces URL, the Redis URL.
+OTLP_ENV = "LLMPROXY_BENCH_OTLP"
+REDIS_ENV = "LLMPROXY_BENCH_REDIS"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -165,12 +171,16 @@ def start_proxy(
     logdir: Path,
     host: str = "127.0.0.1",
     timeout: float = 30.0,
+    env_extra: dict[str, str] | None = None,
 ) -> Service:
-    """``llmproxy serve -c config`` with ``$LLMPROXY_BENCH_UPSTREAM`` set to ``upstream``, ready to serve."""
+    """``llmproxy serve -c config`` with ``$LLMPROXY_BENCH_UPSTREAM`` set to ``upstream``, ready to serve.
+
+    ``env_extra`` adds variables (the OTLP sink's and Redis's URLs) the config may refer to.
+    """
     port = free_port(host)
     cmd = [*pin_prefix(cpus), sys.executable, "-m", "llmproxy", "serve", "-c", str(config)]
     cmd += ["--host", host, "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
-    env = {**os.environ, UPSTREAM_ENV: upstream}
+    env = {**os.environ, **(env_extra or {}), UPSTREAM_ENV: upstream}
     svc = _spawn(name, cmd, host, port, logdir, env)
     try:
         svc.wait_ready("/healthz", timeout)
@@ -200,6 +210,38 @@ def _host_port(url: str) -> tuple[str, int]:
     if not parts.hostname or not parts.port:
         raise ValueError(f"{url}: expected http://host:port")
     return parts.hostname, parts.port
+
+
+def start_otlp_sink(*, cpus: Sequence[int] | None, logdir: Path, host: str = "127.0.0.1") -> Service:
+    """``bench/otlpsink.py`` on a free port, ready: traces go to ``{url}/v1/traces``, counts at ``/stats``."""
+    port = free_port(host)
+    cmd = [*pin_prefix(cpus), sys.executable, str(OTLP_SINK), "--host", host, "--port", str(port)]
+    return _ready(_spawn("otlp-sink", cmd, host, port, logdir, dict(os.environ)), "/health", 20.0)
+
+
+def start_redis(*, cpus: Sequence[int] | None, logdir: Path, host: str = "127.0.0.1") -> Service | None:
+    """``redis-server`` on a free port without persistence, ready; None if it is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port(host)
+    cmd = [*pin_prefix(cpus), binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+    svc = _spawn("redis", cmd, host, port, logdir, dict(os.environ))
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    svc.tree.discover()
+                    return svc
+        except OSError:
+            pass
+        if svc.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    svc.stop()
+    raise RuntimeError(f"redis-server not ready on {host}:{port}:\n{svc.log_tail()}")
 
 
 def start_h11relay(

@@ -5,6 +5,8 @@ Not a test: it prints figures and never judges them. Run from the repo root::
     python bench/throughput.py                      # full run, empty chain, ~5 min
     python bench/throughput.py -c full --json out.json --plot out.png
     python bench/throughput.py -c empty -c full     # both chains side by side
+    python bench/throughput.py -c empty -c routing -c full -c full-redis --baseline h11relay  # ratio targets
+    python bench/throughput.py --ladder --baseline h11relay   # each full-chain filter's marginal CPU
     python bench/throughput.py --workers 2 --proxy-cpus 0,1
     python bench/throughput.py --quick              # under 30 s, fewer requests
     python bench/throughput.py --sdk-headers         # heads as long as real SDK and provider ones
@@ -73,15 +75,35 @@ from typing import Any
 
 import orjson
 import report
+from ladder import ladder, write_configs
 from loadgen import LoadResult, closed_loop, open_loop
 from paced import PacedClient, StreamTiming, summarize
 from procstat import steal_seconds
-from services import Service, find_nginx, nginx_version, start_h11relay, start_mock, start_nginx, start_proxy
+from services import (
+    OTLP_ENV,
+    REDIS_ENV,
+    Service,
+    find_nginx,
+    nginx_version,
+    start_h11relay,
+    start_mock,
+    start_nginx,
+    start_otlp_sink,
+    start_proxy,
+    start_redis,
+)
 from wire import SDK_HEADERS, Endpoint, ResponseParser, build_request, chat_body, parse_url
 from wrk import find_wrk, run_wrk
 
 BENCH = Path(__file__).resolve().parent
-MODES = ("json", "sse")
+# No C open-loop generator (wrk2, vegeta, oha) installs from the package registries here, so the open
+# loop is the python one; a step is generator-bound when, against the mock direct, it achieved less than
+# this share of its scheduled rate or sent this late on average.
+GENERATOR_KEEPS_UP = 0.95
+GENERATOR_LATE_MS = 1.0
+# "sse": the mock sends one chunk per event (as providers flush); "sse-whole": the whole SSE
+# body in one chunk (x-mock-sse-framing: whole). --sse-framing picks which are measured.
+MODES = ("json", "sse", "sse-whole")
 PHASES = ("memory", "closed", "paced", "open")
 # Mock tokens: 76 content words make its chat.completion JSON ~850 bytes;
 # 47 make a stream of 50 SSE events (role chunk, 47 deltas, finish, [DONE]).
@@ -155,15 +177,15 @@ PLANS = {
         name="smoke",
         concurrency=(1, 4),
         rounds=1,
-        run_s=0.25,
+        run_s=0.1,
         warmup_s=0.0,
-        memory_requests=600,
-        memory_samples=3,
+        memory_requests=200,
+        memory_samples=2,
         memory_concurrency=4,
         paced_streams=2,
         paced_ttft_ms=5,
         paced_itl_ms=1,
-        open_step_s=0.2,
+        open_step_s=0.15,
         open_fractions=(0.3,),
         open_refine=0,
         open_retry=False,
@@ -242,6 +264,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
         self.args = args
         self.plan = plan
+        self.otlp_sink: Service | None = None
+        framing = getattr(args, "sse_framing", "both")
+        self.modes = ("json", *{"both": ("sse", "sse-whole"), "events": ("sse",), "whole": ("sse-whole",)}[framing])
         self.warnings: list[str] = []
         self.results: dict[str, Any] = {}
         self.services: list[Service] = []
@@ -294,8 +319,37 @@ class Bench:
         return {
             "json": build_request(endpoint, chat_body(model, False), base),
             "sse": build_request(endpoint, chat_body(model, True), [*base, ("x-mock-tokens", str(SSE_TOKENS))]),
+            "sse-whole": build_request(
+                endpoint,
+                chat_body(model, True),
+                [*base, ("x-mock-tokens", str(SSE_TOKENS)), ("x-mock-sse-framing", "whole")],
+            ),
             "paced": build_request(endpoint, chat_body(model, True), [*base, *paced]),
         }
+
+    def _config_services(self, paths: Sequence[Path], aux: list[int] | None, logdir: Path) -> dict[str, str]:
+        """Start what the configs refer to (the OTLP sink, redis-server); their URLs as env variables."""
+        texts = [p.read_text() for p in paths]
+        env: dict[str, str] = {}
+        if any(OTLP_ENV in t for t in texts):
+            _log("starting the OTLP/HTTP trace sink ...")
+            self.otlp_sink = start_otlp_sink(cpus=aux, logdir=logdir)
+            self.services.append(self.otlp_sink)
+            env[OTLP_ENV] = f"{self.otlp_sink.url}/v1/traces"
+        if any(REDIS_ENV in t for t in texts):
+            redis = start_redis(cpus=aux, logdir=logdir)
+            if redis is not None:
+                _log(f"started redis-server on port {redis.port}")
+                self.services.append(redis)
+                env[REDIS_ENV] = f"redis://{redis.host}:{redis.port}/0"
+        return env
+
+    def otlp_stats(self) -> dict[str, Any] | None:
+        """What the OTLP sink received (exports, bytes), None without one."""
+        if self.otlp_sink is None:
+            return None
+        status, body = _fetch(parse_url(self.otlp_sink.url), b"GET /stats HTTP/1.1\r\nhost: sink\r\n\r\n")
+        return dict(orjson.loads(body)) if status == 200 else None
 
     def start(self, logdir: Path) -> None:
         """Start the mock and the proxies, pinned; build the targets."""
@@ -318,8 +372,12 @@ class Bench:
         self.direct = Target("direct", "direct", mock_ep, self._requests(mock_ep))
         self.targets.append(self.direct)
         configs = [] if args.no_llmproxy else (args.config or ["empty"])
+        env_extra = self._config_services([_config_path(name) for name in configs], aux, logdir)
         for name in configs:
             path = _config_path(name)
+            if REDIS_ENV in path.read_text() and REDIS_ENV not in env_extra:
+                self.warnings.append(f"{path.stem}: skipped, redis-server is not installed (it needs ${REDIS_ENV})")
+                continue
             label = f"llmproxy[{path.stem}{f',w{args.workers}' if args.workers > 1 else ''}]"
             _log(f"starting {label} ({path}) ...")
             svc = start_proxy(
@@ -329,6 +387,7 @@ class Bench:
                 workers=args.workers,
                 cpus=self.pin["proxy"] if self.pin else None,
                 logdir=logdir,
+                env_extra=env_extra,
             )
             self.services.append(svc)
             ep = parse_url(svc.url)
@@ -386,19 +445,19 @@ class Bench:
         found: dict[str, Any] = {}
         for target in self.targets:
             row: dict[str, Any] = {}
-            for mode in MODES:
+            for mode in MODES:  # every framing is probed, measured or not
                 status, body = _fetch(target.endpoint, target.requests[mode])
                 if status != 200:
                     raise SystemExit(f"{target.name}: {mode} probe answered {status}: {body[:300]!r}")
                 row[f"{mode}_body_bytes"] = len(body)
-                if mode == "sse":
-                    row["sse_events"] = body.count(b"data:")
+                if mode != "json":
+                    row[f"{mode.replace('-', '_')}_events"] = body.count(b"data:")
                 if b"fp_mock" not in body:
                     self.warnings.append(f"{target.name}: {mode} reply does not come from the bench mock")
             found[target.name] = row
         direct = found["direct"]
         for name, row in found.items():
-            if row["sse_events"] != direct["sse_events"]:
+            if row["sse_events"] != direct["sse_events"] or row["sse_whole_events"] != direct["sse_events"]:
                 self.warnings.append(
                     f"{name}: {row['sse_events']} SSE events vs {direct['sse_events']} direct "
                     "(does it forward the x-mock-tokens header?)"
@@ -451,10 +510,10 @@ class Bench:
         plan = self.plan
         if plan.warmup_s > 0:
             for target in self.targets:
-                for mode in MODES:
+                for mode in self.modes:
                     closed_loop(target.endpoint, [target.requests[mode]], 16, plan.warmup_s, procs=self.procs)
         cells = []
-        for mode in MODES:
+        for mode in self.modes:
             for conc in plan.concurrency:
                 runs: dict[str, list[LoadResult]] = {t.name: [] for t in self.targets}
                 cpu: dict[str, float] = {t.name: 0.0 for t in self.targets}
@@ -553,6 +612,12 @@ class Bench:
                         s.update(rate=rate, direct=d.summary(), target=t.summary(), clean=clean, attempts=attempt)
                     else:
                         s["attempts"] = attempt
+                    # the generator against the mock direct (the fastest server here): when it cannot keep
+                    # its own schedule, the step measures the generator, not the target
+                    achieved = s["direct"]["rps"]
+                    late_ms = s["direct"].get("late_us_mean", 0.0) / 1000
+                    s["generator"] = {"scheduled_rps": rate, "achieved_rps": achieved, "late_ms_mean": late_ms}
+                    s["generator_bound"] = achieved < GENERATOR_KEEPS_UP * rate or late_ms > GENERATOR_LATE_MS
                     if attempt == 1:
                         steps.append(s)
                     _judge(steps)
@@ -584,6 +649,9 @@ class Bench:
                 "capacity_rps": round(capacity, 1),
                 "max_rate_added_p99_under_5ms": best[str(OPEN_LOOP_LIMITS_MS[0])],
                 "max_rate_added_p99_under_50ms": best[str(OPEN_LOOP_LIMITS_MS[1])],
+                # the lowest rate at which the python generator fell behind its schedule against direct;
+                # figures at or above it are generator-bound (None: it kept up at every step)
+                "generator_saturates_at_rps": min((x["rate"] for x in steps if x["generator_bound"]), default=None),
                 "steps": steps,
             }
         return out
@@ -655,6 +723,11 @@ class Bench:
                 if "open" not in skip:
                     res["open_loop"] = self.fixed_rate(res.get("closed_loop", []))
                 res["resources"] = self.resources()
+                otlp = self.otlp_stats()
+                if otlp is not None:
+                    res["otlp_sink"] = otlp
+                    if not otlp.get("exports"):
+                        self.warnings.append("tracing exported nothing to the OTLP sink")
                 steal = {cpu: round(v - steal_before.get(cpu, 0.0), 2) for cpu, v in steal_seconds().items()}
                 res["meta"]["noise"] = {"loadavg_at_start": self.loadavg, "steal_s_per_cpu": steal}
                 if self.pin and any(steal.get(cpu, 0.0) > 1.0 for cpu in self.pin["proxy"]):
@@ -806,6 +879,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--model", default="gpt-4o-mini", help="model name in the requests")
     ap.add_argument(
+        "--sse-framing",
+        choices=("both", "events", "whole"),
+        default="both",
+        help="the mock's stream framing measured: one chunk per event (sse), the whole body in one (sse-whole), "
+        "or both (default)",
+    )
+    ap.add_argument(
         "--generator",
         choices=("auto", "wrk", "python"),
         default="auto",
@@ -816,6 +896,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--aux-cpus", default=None, help="CPUs for the mock and the generator (default: the rest)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--skip", action="append", default=[], choices=PHASES, help="skip a phase (repeatable)")
+    ap.add_argument(
+        "--ladder",
+        action="store_true",
+        help="add configs/full.yaml's filters one at a time (-c ladder-0 .. ladder-N) and report each "
+        "filter's marginal CPU per JSON request and per SSE event",
+    )
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--plot", metavar="PNG", help="latency vs concurrency plot (needs matplotlib)")
     ap.add_argument("--log-dir", help="keep the mock's and proxies' logs here")
@@ -831,7 +917,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers < 1:
             raise SystemExit("--workers must be >= 1")
         plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
-        res = Bench(args, plan).run()
+        with tempfile.TemporaryDirectory(prefix="llmproxy-ladder-") as tmp:
+            if args.ladder:
+                args.config = [
+                    *(args.config or []),
+                    *map(str, write_configs(BENCH / "configs" / "full.yaml", Path(tmp))),
+                ]
+            res = Bench(args, plan).run()
+        report.add_ratios(res)
+        steps = ladder(res)
+        if steps is not None:
+            res["ladder"] = steps
         if args.json:
             Path(args.json).write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     sys.stdout.write(report.render(res))

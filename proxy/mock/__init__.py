@@ -83,8 +83,9 @@ Request headers (all optional): ``x-mock-status``, ``x-mock-retry-after``
 2), ``x-mock-tokens``, ``x-mock-ttft-ms``, ``x-mock-itl-ms`` and
 ``x-mock-tool-calls`` (N parallel tool calls when the request has ``tools``),
 ``x-mock-reply`` (the reply text), ``x-mock-tool-args`` (the tool calls'
-arguments text) and ``x-mock-chunk-chars`` (characters per streamed event).
-A bad value is answered with 400 naming the header.
+arguments text), ``x-mock-chunk-chars`` (characters per streamed event) and
+``x-mock-sse-framing`` (``events``, the default: an unpaced stream is one chunk
+per event; ``whole``: one chunk holding every event). A bad value is answered with 400 naming the header.
 
 Control endpoints, neither recorded nor faulted: ``GET /_mock/requests``
 (the log as JSON), ``DELETE /_mock/requests`` (clear it), ``GET

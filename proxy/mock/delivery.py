@@ -5,7 +5,7 @@ after ``ttft``, each next one ``itl`` later; the tail with the last content
 event. A non-streaming reply is sent whole when the last token would have
 been streamed: after ``ttft + itl * (tokens - 1)``. An unpaced delivery is a
 single write (one chunk per event inside it, as a provider that flushes each
-event frames it).
+event frames it; with ``x-mock-sse-framing: whole``, one chunk holding them all).
 """
 
 from __future__ import annotations
@@ -170,6 +170,8 @@ class Framer:
         if plan.ttft == 0 and plan.itl == 0:
             # one write, but one chunk per event, as a provider that flushes each event frames it
             events = [*reply.preamble, *content, *(reply.tail if end is End.COMPLETE else ())]
+            if plan.sse_whole:  # x-mock-sse-framing: whole: the body in one piece (one chunk)
+                events = [b"".join(events)]
             return Delivery([(0.0, head + b"".join([frame(event) for event in events]) + closing)], end, keep_alive)
         writes: list[tuple[float, bytes]] = [(0.0, head + frame(b"".join(reply.preamble)))]
         for i, event in enumerate(content):

@@ -43,6 +43,9 @@ class Plan:
     reply: str | None = None
     tool_args: str | None = None
     chunk_chars: int = 0
+    #: An unpaced stream's body as one chunk holding every event (``x-mock-sse-framing: whole``)
+    #: instead of one chunk per event (``events``, the default, as providers flush).
+    sse_whole: bool = False
 
 
 class BadHeader(Exception):
@@ -126,6 +129,10 @@ class Planner:
         if plan.tool_args is not None and not plan.tool_calls:
             plan.tool_calls = 1
         plan.chunk_chars = _header_int(headers, "x-mock-chunk-chars", 1, _MAX_CHUNK_CHARS) or 0
+        framing = headers.get("x-mock-sse-framing")
+        if framing is not None and framing not in ("events", "whole"):
+            raise BadHeader(f"x-mock-sse-framing must be 'events' or 'whole', got {framing!r}")
+        plan.sse_whole = framing == "whole"
         stall_after = _header_int(headers, "x-mock-stall-after", 0, MAX_TOKENS)
         if stall_after is not None:
             plan.stall_after = stall_after

@@ -845,3 +845,36 @@ async def test_provider_headers_make_reply_heads_as_long_as_a_hosted_providers(
     assert "x-ratelimit-remaining-tokens" not in heads[0]
     assert heads[1]["x-ratelimit-remaining-tokens"] == "1999950"
     assert len(heads[1]) >= len(heads[0]) + 15
+
+
+# -- stream framing (x-mock-sse-framing) --------------------------------------------------
+
+
+async def _chunk_sizes(mock: MockServer, headers: dict[str, str]) -> tuple[int, list[int], bytes]:
+    """The status, chunk sizes and body of one streamed chat reply, read chunk by chunk."""
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    reader, writer = await asyncio.open_connection("127.0.0.1", mock.port)
+    try:
+        writer.write(chat_request(body, {"x-mock-tokens": "5", **headers}))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        status = int(head.split(b" ")[1])
+        if b"transfer-encoding: chunked" not in head.lower():
+            return status, [], await reader.read(65536)
+        sizes, data = [], b""
+        while (size := int((await reader.readuntil(b"\r\n")).strip(), 16)) != 0:
+            sizes.append(size)
+            data += await reader.readexactly(size)
+            await reader.readexactly(2)
+        return status, sizes, data
+    finally:
+        writer.close()
+
+
+async def test_sse_framing_whole_sends_the_same_events_in_one_chunk(mock: MockServer) -> None:
+    status, per_event, events = await _chunk_sizes(mock, {})
+    assert status == 200 and len(per_event) == events.count(b"data:") > 5  # default: one chunk per event
+    status, whole, same = await _chunk_sizes(mock, {"x-mock-sse-framing": "whole"})
+    assert status == 200 and len(whole) == 1 and same.count(b"data:") == events.count(b"data:")
+    assert whole[0] == sum(per_event)
+    status, _, answer = await _chunk_sizes(mock, {"x-mock-sse-framing": "lumpy"})
+    assert status == 400 and b"x-mock-sse-framing" in answer
