@@ -40,3 +40,12 @@ def test_vertex_claude_probe_is_a_raw_predict_without_model() -> None:
     method, path, _, body = _probe("vertex", options, "claude-3-5-haiku")
     assert method == "POST" and path.endswith("claude-3-5-haiku:rawPredict")
     assert "model" not in body and body["anthropic_version"] == "vertex-2023-10-16" and body["max_tokens"] == 1
+
+
+@pytest.mark.parametrize(("kind", "options"), [("openai", {}), ("gemini", {}), ("bedrock", {"region": "us-east-1"})])
+def test_a_probe_names_its_content_type_once(kind: str, options: dict[str, object]) -> None:
+    """A field sent twice is joined by the receiver: a signature over one value would not match."""
+    if kind == "bedrock":
+        pytest.importorskip("botocore")
+    _, _, headers, _ = ADAPTERS[kind](options).probe_request("m")
+    assert [name for name, _ in headers].count(b"content-type") == 1

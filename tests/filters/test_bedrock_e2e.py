@@ -301,3 +301,27 @@ def test_a_corrupt_frame_ends_the_stream_with_an_error(signed_mock: MockServer, 
                 extra_headers={"x-mock-fault": "malformed"},
             )
         )
+
+
+def test_an_ejected_bedrock_key_is_restored_by_a_signed_probe(signed_mock: MockServer, make_proxy: Make) -> None:
+    """Health probes go through the core's upstream client, which signs them like attempts:
+    the mock checks every signature, so an unsigned (or wrongly signed) probe keeps the key ejected."""
+    from llmproxy.mock import KeyBehaviour
+
+    from .test_failover import admin
+
+    signed_mock.config.keys = {KEY_ID: KeyBehaviour(status=401)}
+    config = _config(signed_mock)
+    config["filters"].insert(1, {"name": "failover", "config": {"eject_for": 0.2, "health_check": {"interval": 0.2}}})
+    proxy = make_proxy(config)
+    with pytest.raises(openai.APIStatusError):
+        _openai(proxy).chat.completions.create(model="claude-bedrock", messages=[{"role": "user", "content": "hi"}])
+    assert [row["state"] for row in admin(proxy.port)["keys"]] == ["ejected"]
+    signed_mock.config.keys = {}  # the key works again
+    deadline = time.monotonic() + 10
+    while admin(proxy.port)["keys"][0]["state"] != "healthy" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert admin(proxy.port)["keys"][0]["state"] == "healthy"
+    probes = [r for r in signed_mock.requests if r.headers.get("x-llmproxy-probe") == "1"]
+    assert probes and all("Credential=" + KEY_ID in r.headers["authorization"] for r in probes)
+    assert probes[-1].path.endswith("/converse")

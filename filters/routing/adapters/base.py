@@ -171,7 +171,9 @@ class Adapter:
         else:
             api = "chat" if "chat" in self.native_apis else "messages"
         body = orjson.dumps(self.finish_body(request, False))
-        headers = ((b"content-type", b"application/json"), *self.static_headers())
+        headers = self.static_headers()
+        if not any(name == b"content-type" for name, _ in headers):  # once: a signer covers it (Bedrock)
+            headers = ((b"content-type", b"application/json"), *headers)
         return "POST", self.request_path(api, model, "", stream=False), headers, body
 
 
