@@ -32,7 +32,8 @@ from llmproxy.engine.secrets import redact_fields
 from llmproxy.errors import NotFound, ProxyError, UpstreamError
 from llmproxy.exchange import Exchange, Response
 from llmproxy.headers import Headers
-from llmproxy.upstream import UpstreamResponse, UpstreamTarget
+from llmproxy.upstream import UpstreamResponse
+from llmproxy.upstream.client import signed_fields
 
 if TYPE_CHECKING:
     from llmproxy.engine.cycle import Runtime
@@ -48,19 +49,6 @@ def _synthesize(ex: Exchange, err: UpstreamError) -> None:
     """Present a failed attempt to the response hooks as a response with the error's status."""
     ex.upstream_error = err
     ex.response = Response(err.status, Headers(err.head_fields()))
-
-
-def _signed(
-    target: UpstreamTarget, method: bytes, path: bytes, fields: list[tuple[bytes, bytes]], body: bytes
-) -> list[tuple[bytes, bytes]]:
-    """The request's fields as ``target.signer`` signs them (its failure is a 502 for this attempt)."""
-    assert target.signer is not None
-    url = f"{target.scheme}://{target.host_header.decode('latin-1')}{path.decode('latin-1')}"
-    try:
-        return target.signer.sign(method, url, fields, body)
-    except Exception as exc:  # the signer's own failure (no credentials, expired): this attempt fails
-        message = f"the request to '{target.name}' could not be signed: {exc}"
-        raise UpstreamError(message, code="upstream_auth") from None
 
 
 async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
@@ -89,7 +77,7 @@ async def forward(rt: Runtime, conn: HttpConnection, ex: Exchange) -> None:
                 method = request.method.encode("ascii")
                 fields = upstream_headers(ex, target, body)
                 if target.signer is not None:
-                    fields = _signed(target, method, path, fields, body)
+                    fields = signed_fields(target, method, path, fields, body)
                 resp = await rt.pool.send(target, method, path, fields, body)
                 attempt.responded_at = time.perf_counter()
                 fields = resp.headers

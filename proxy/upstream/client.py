@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from llmproxy.errors import UpstreamError, UpstreamProtocolError
 from llmproxy.upstream import UpstreamPool, UpstreamTarget
 
-__all__ = ["UpstreamClient", "UpstreamReply"]
+__all__ = ["UpstreamClient", "UpstreamReply", "signed_fields"]
 
 #: Largest reply body :meth:`UpstreamClient.request` reads (probes and checks answer small bodies).
 MAX_REPLY_BYTES = 4 * 1024 * 1024
@@ -61,13 +61,7 @@ class UpstreamClient:
         wire_path = (target.base_path + path).encode("latin-1")
         raw_method = method.encode("ascii")
         if target.signer is not None:  # a signed provider (Bedrock): signed like an attempt
-            url = f"{target.scheme}://{target.host_header.decode('latin-1')}{wire_path.decode('latin-1')}"
-            try:
-                fields = target.signer.sign(raw_method, url, fields, body)
-            except Exception as exc:
-                raise UpstreamError(
-                    f"the request to '{target.name}' could not be signed: {exc}", code="upstream_auth"
-                ) from None
+            fields = signed_fields(target, raw_method, wire_path, fields, body)
         response = await self.pool.send(target, raw_method, wire_path, fields, body)
         try:
             chunks: list[bytes] = []
@@ -81,3 +75,20 @@ class UpstreamClient:
         finally:
             response.close()  # no-op after release
         return UpstreamReply(response.status, response.headers, b"".join(chunks))
+
+
+def signed_fields(
+    target: UpstreamTarget, method: bytes, path: bytes, fields: list[tuple[bytes, bytes]], body: bytes
+) -> list[tuple[bytes, bytes]]:
+    """The request's fields as ``target.signer`` signs them, for ``path`` (the base path included).
+
+    The signer's own failure (no credentials, expired) is an :class:`UpstreamError`
+    ``upstream_auth``: a 502 for an attempt, a failed call for :meth:`UpstreamClient.request`.
+    """
+    assert target.signer is not None
+    url = f"{target.scheme}://{target.host_header.decode('latin-1')}{path.decode('latin-1')}"
+    try:
+        return target.signer.sign(method, url, fields, body)
+    except Exception as exc:
+        message = f"the request to '{target.name}' could not be signed: {exc}"
+        raise UpstreamError(message, code="upstream_auth") from None
