@@ -29,6 +29,7 @@ import orjson
 
 from llmproxy import Usage, parse_event, split_events
 from llmproxy.filters.translate.bedrock import from_bedrock
+from llmproxy.filters.translate.codec import cached_prompt_usage, token_count
 
 __all__ = [
     "USAGE_OBJECT",
@@ -45,21 +46,17 @@ __all__ = [
 USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
-def _int(value: Any) -> int:
-    return value if type(value) is int and value > 0 else 0
-
-
 def from_openai(usage: dict[str, Any]) -> Usage:
     """A :class:`Usage` from an OpenAI-protocol ``usage`` object."""
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
     prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     completion_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
-    cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
-    reasoning = _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+    cached = token_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+    reasoning = token_count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
     record = Usage(
-        input_tokens=_int(prompt),
-        output_tokens=_int(completion),
+        input_tokens=token_count(prompt),
+        output_tokens=token_count(completion),
         cache_read_tokens=cached,
         reasoning_tokens=reasoning,
         provider_usage=usage,
@@ -71,19 +68,13 @@ def from_openai(usage: dict[str, Any]) -> Usage:
 
 def from_anthropic(usage: dict[str, Any]) -> Usage:
     """A :class:`Usage` from an Anthropic ``usage`` object (see the module docstring)."""
-    cache_read = _int(usage.get("cache_read_input_tokens"))
-    cache_write = _int(usage.get("cache_creation_input_tokens"))
-    output = usage.get("output_tokens")
-    record = Usage(
-        input_tokens=_int(usage.get("input_tokens")) + cache_read + cache_write,
-        output_tokens=_int(output),
-        cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write,
-        provider_usage=usage,
+    return cached_prompt_usage(
+        usage,
+        uncached="input_tokens",
+        cache_read="cache_read_input_tokens",
+        cache_write="cache_creation_input_tokens",
+        output="output_tokens",
     )
-    if type(output) is not int:
-        record.extra["partial"] = True
-    return record
 
 
 def from_provider(protocol: str, usage: dict[str, Any]) -> Usage:

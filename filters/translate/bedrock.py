@@ -55,7 +55,7 @@ from llmproxy.filters.translate.chat_to_messages import (
     chat_request_to_messages,
     messages_response_to_chat,
 )
-from llmproxy.filters.translate.codec import ChatCodec, StreamDecoder, register_codec
+from llmproxy.filters.translate.codec import ChatCodec, StreamDecoder, cached_prompt_usage, register_codec
 from llmproxy.filters.translate.errors import TranslationError, openai_envelope_from_anthropic
 
 __all__ = [
@@ -506,10 +506,6 @@ class SseChain:
         return bytes(self._relay(self.first.finish()) + self.last.finish())
 
 
-def _int(value: Any) -> int:
-    return value if type(value) is int and value > 0 else 0
-
-
 def from_bedrock(usage: dict[str, Any]) -> Usage:
     """A :class:`llmproxy.Usage` from a Converse ``usage`` object.
 
@@ -518,19 +514,13 @@ def from_bedrock(usage: dict[str, Any]) -> Usage:
     cacheReadInputTokens + cacheWriteInputTokens`` (the OpenTelemetry GenAI
     rule), with the cache parts kept separately.
     """
-    cache_read = _int(usage.get("cacheReadInputTokens"))
-    cache_write = _int(usage.get("cacheWriteInputTokens"))
-    output = usage.get("outputTokens")
-    record = Usage(
-        input_tokens=_int(usage.get("inputTokens")) + cache_read + cache_write,
-        output_tokens=_int(output),
-        cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write,
-        provider_usage=usage,
+    return cached_prompt_usage(
+        usage,
+        uncached="inputTokens",
+        cache_read="cacheReadInputTokens",
+        cache_write="cacheWriteInputTokens",
+        output="outputTokens",
     )
-    if type(output) is not int:
-        record.extra["partial"] = True
-    return record
 
 
 class _ChatStream(SseChain):

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from llmproxy import Usage
 from llmproxy.filters.translate.errors import TranslationError
 
-__all__ = ["CODECS", "ChatCodec", "CodecRefusal", "StreamDecoder", "register_codec"]
+__all__ = ["CODECS", "ChatCodec", "CodecRefusal", "StreamDecoder", "cached_prompt_usage", "register_codec"]
 
 JsonObject = dict[str, Any]
 
@@ -132,3 +132,30 @@ def register_codec(name: str) -> Callable[[type[ChatCodec]], type[ChatCodec]]:
         return cls
 
     return add
+
+
+def token_count(value: Any) -> int:
+    """A usage field as a token count: a positive int, else 0 (absent, null, negative, not an int)."""
+    return value if type(value) is int and value > 0 else 0
+
+
+def cached_prompt_usage(
+    usage: dict[str, Any], *, uncached: str, cache_read: str, cache_write: str, output: str
+) -> Usage:
+    """A :class:`llmproxy.Usage` from a usage object whose input field (``uncached``) excludes the
+    cache parts, as Anthropic's and Bedrock's do: the record's input is the whole prompt
+    (``uncached + cache_read + cache_write``, the OpenTelemetry GenAI rule), with the cache parts
+    kept separately. An object without an int ``output`` is marked ``partial``."""
+    read = token_count(usage.get(cache_read))
+    write = token_count(usage.get(cache_write))
+    out = usage.get(output)
+    record = Usage(
+        input_tokens=token_count(usage.get(uncached)) + read + write,
+        output_tokens=token_count(out),
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        provider_usage=usage,
+    )
+    if type(out) is not int:
+        record.extra["partial"] = True
+    return record

@@ -55,7 +55,7 @@ import orjson
 
 from llmproxy import Usage
 from llmproxy.filters.translate._json import dumps_str, loads_object
-from llmproxy.filters.translate.codec import ChatCodec, CodecRefusal, register_codec
+from llmproxy.filters.translate.codec import ChatCodec, CodecRefusal, register_codec, token_count
 from llmproxy.filters.translate.errors import TranslationError
 
 __all__ = ["GeminiCodec", "GeminiStreamDecoder", "gemini_usage"]
@@ -316,12 +316,12 @@ def chat_request_to_gemini(body: JsonObject) -> JsonObject:
 
 def gemini_usage(metadata: JsonObject, *, final: bool = True) -> Usage:
     """A :class:`Usage` from ``usageMetadata`` (see the module docstring); ``partial`` when not final."""
-    prompt = _int(metadata.get("promptTokenCount"))
-    thoughts = _int(metadata.get("thoughtsTokenCount"))
+    prompt = token_count(metadata.get("promptTokenCount"))
+    thoughts = token_count(metadata.get("thoughtsTokenCount"))
     record = Usage(
         input_tokens=prompt,
-        output_tokens=_int(metadata.get("candidatesTokenCount")) + thoughts,
-        cache_read_tokens=_int(metadata.get("cachedContentTokenCount")),
+        output_tokens=token_count(metadata.get("candidatesTokenCount")) + thoughts,
+        cache_read_tokens=token_count(metadata.get("cachedContentTokenCount")),
         reasoning_tokens=thoughts,
         provider_usage=metadata,
     )
@@ -330,16 +330,12 @@ def gemini_usage(metadata: JsonObject, *, final: bool = True) -> Usage:
     return record
 
 
-def _int(value: object) -> int:
-    return value if type(value) is int and value > 0 else 0
-
-
 def _chat_usage(metadata: JsonObject) -> JsonObject:
-    prompt = _int(metadata.get("promptTokenCount"))
-    thoughts = _int(metadata.get("thoughtsTokenCount"))
-    completion = _int(metadata.get("candidatesTokenCount")) + thoughts
+    prompt = token_count(metadata.get("promptTokenCount"))
+    thoughts = token_count(metadata.get("thoughtsTokenCount"))
+    completion = token_count(metadata.get("candidatesTokenCount")) + thoughts
     usage: JsonObject = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    cached = _int(metadata.get("cachedContentTokenCount"))
+    cached = token_count(metadata.get("cachedContentTokenCount"))
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     if thoughts:

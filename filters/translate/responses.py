@@ -55,6 +55,7 @@ from typing import Any
 
 import orjson
 
+from llmproxy.filters.translate.codec import token_count
 from llmproxy.filters.translate.errors import TranslationError
 
 __all__ = [
@@ -366,21 +367,19 @@ def responses_request_to_chat(
 def responses_usage(usage: object) -> JsonObject:
     """A Responses ``usage`` object from a Chat Completions one (zeros when absent)."""
     u = usage if isinstance(usage, dict) else {}
-    prompt = _int(u.get("prompt_tokens"))
-    completion = _int(u.get("completion_tokens"))
+    prompt = token_count(u.get("prompt_tokens"))
+    completion = token_count(u.get("completion_tokens"))
     pd = u.get("prompt_tokens_details")
     cd = u.get("completion_tokens_details")
+    cached = token_count(pd.get("cached_tokens")) if isinstance(pd, dict) else 0
+    reasoning = token_count(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": _int(pd.get("cached_tokens")) if isinstance(pd, dict) else 0},
+        "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": _int(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": prompt + completion,
     }
-
-
-def _int(value: object) -> int:
-    return value if type(value) is int and value > 0 else 0
 
 
 def finish_status(finish_reason: object) -> tuple[str, JsonObject | None]:
