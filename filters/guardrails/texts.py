@@ -29,24 +29,16 @@ _NESTED: Final = _TEXT | frozenset({"messages", "tool_calls", "function"})
 def _fix_all(node: Any, fix: Fix) -> bool:
     """Every string under ``node`` (a tool_use ``input``: all of it is the model's or the user's)."""
     changed = False
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if isinstance(value, str):
-                new = fix(value)
-                if new is not value:
-                    node[key] = new
-                    changed = True
-            elif isinstance(value, (dict, list)):
-                changed |= _fix_all(value, fix)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            if isinstance(value, str):
-                new = fix(value)
-                if new is not value:
-                    node[i] = new
-                    changed = True
-            elif isinstance(value, (dict, list)):
-                changed |= _fix_all(value, fix)
+    # (replacing a value while iterating keeps a dict's size: allowed)
+    pairs = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in pairs:
+        if isinstance(value, str):
+            new = fix(value)
+            if new is not value:
+                node[key] = new
+                changed = True
+        elif isinstance(value, (dict, list)):
+            changed |= _fix_all(value, fix)
     return changed
 
 
