@@ -7,7 +7,8 @@ or the root itself when it has no children).
 
 CPU times come from ``/proc/PID/stat`` (``utime + stime``, in clock ticks,
 usually 10 ms), RSS and its peak from ``VmRSS`` / ``VmHWM`` in
-``/proc/PID/status``. Two noise gauges help judge a shared or virtual
+``/proc/PID/status``, the proportional set size (shared pages split between the
+processes that share them) from ``/proc/PID/smaps_rollup``. Two noise gauges help judge a shared or virtual
 machine: involuntary context switches of the server (something else ran on
 its CPU) and the hypervisor's steal time per CPU.
 """
@@ -75,6 +76,19 @@ def children_of(pid: int) -> list[int]:
     return sorted(out)
 
 
+def _rollup_kib(pid: int, key: str) -> int:
+    """A ``kB`` field of ``/proc/PID/smaps_rollup`` (``Pss``, ``Private_Dirty`` ...); 0 if absent or gone."""
+    prefix = key + ":"
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="latin-1") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class ProcessTree:
     """A server process and its workers; call :meth:`discover` once it is serving."""
@@ -111,6 +125,12 @@ class ProcessTree:
     def peak_rss_bytes(self) -> int:
         """Peak resident memory (``VmHWM``) summed over the serving processes."""
         return sum(self._kib(pid, "VmHWM") for pid in self.serving) * 1024
+
+    def pss_bytes(self) -> int:
+        """Proportional set size summed over the root and its workers: what the instance costs the
+        machine, every page shared by several of them (forked copy-on-write, libraries) split
+        between them, so counted once in the sum (``Pss`` of ``/proc/PID/smaps_rollup``)."""
+        return sum(_rollup_kib(pid, "Pss") for pid in dict.fromkeys([self.root, *self.workers])) * 1024
 
     def involuntary_switches(self) -> int:
         """Times the serving processes were preempted: other work wanted their CPU."""

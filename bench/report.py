@@ -120,7 +120,8 @@ def _memory(res: dict[str, Any]) -> list[str]:
         cpu = ", ".join(f"{k} {v:,.0f} us" for k, v in r.get("cpu_us_per_request", {}).items())
         out.append(
             f"{name}: peak RSS {r['peak_rss_mib']:.1f} MiB, RSS at end {r['rss_end_mib']:.1f} MiB, "
-            f"{r['workers']} worker(s){'' if r['alive'] else ' -- A WORKER DIED'}, "
+            + (f"PSS per worker at end {r['pss_per_worker_mib']:.1f} MiB, " if "pss_per_worker_mib" in r else "")
+            + f"{r['workers']} worker(s){'' if r['alive'] else ' -- A WORKER DIED'}, "
             f"preempted {r.get('involuntary_context_switches', 0):,} times; CPU per request: {cpu or '-'}"
         )
     return out
@@ -315,15 +316,17 @@ def _targets(res: dict[str, Any]) -> list[str]:
     resources = res.get("resources", {})
     memory = res.get("memory", {})
     rss_row = ["peak RSS <= 60 MiB (full)"]
+    pss_row = ["PSS per worker at end <= 60 MiB (full)"]
     growth_row = ["RSS growth < 2 MiB per 100k requests"]
     for name in names:
         full = _stem(name).startswith("full")
         peak = resources.get(name, {}).get("peak_rss_mib")
         rss_row.append(_verdict(peak, 60.0 if full else None, False, ""))
+        pss_row.append(_verdict(resources.get(name, {}).get("pss_per_worker_mib"), 60.0 if full else None, False, ""))
         growth = memory.get(name, {}).get("growth_mib_per_10k")
         per_100k = None if growth is None else max(growth, 0.0) * 10
         growth_row.append("-" if per_100k is None else f"{_num(per_100k)} {'ok' if per_100k < 2.0 else 'MISS'}")
-    rows += [rss_row, growth_row]
+    rows += [rss_row, pss_row, growth_row]
     return out + _table(["target", *names], rows)
 
 

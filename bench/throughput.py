@@ -235,6 +235,16 @@ def _cpus(text: str) -> list[int]:
     return out
 
 
+def _config_spec(spec: str, workers: int) -> tuple[Path, int]:
+    """``-c NAME`` or ``-c NAME@N`` (N workers for this config; else ``--workers``): its path and workers."""
+    name, at, count = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if at:
+        if not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"-c {spec}: the worker count after @ must be a whole number >= 1")
+        workers = int(count)
+    return _config_path(name), workers
+
+
 def _config_path(name: str) -> Path:
     """A config given as a name in bench/configs (``empty``, ``full``) or as a path."""
     candidate = BENCH / "configs" / f"{name}.yaml"
@@ -371,27 +381,26 @@ class Bench:
         mock_ep = parse_url(mock.url)
         self.direct = Target("direct", "direct", mock_ep, self._requests(mock_ep))
         self.targets.append(self.direct)
-        configs = [] if args.no_llmproxy else (args.config or ["empty"])
-        env_extra = self._config_services([_config_path(name) for name in configs], aux, logdir)
-        for name in configs:
-            path = _config_path(name)
+        configs = [] if args.no_llmproxy else [_config_spec(spec, args.workers) for spec in args.config or ["empty"]]
+        env_extra = self._config_services([path for path, _ in configs], aux, logdir)
+        for path, workers in configs:
             if REDIS_ENV in path.read_text() and REDIS_ENV not in env_extra:
                 self.warnings.append(f"{path.stem}: skipped, redis-server is not installed (it needs ${REDIS_ENV})")
                 continue
-            label = f"llmproxy[{path.stem}{f',w{args.workers}' if args.workers > 1 else ''}]"
+            label = f"llmproxy[{path.stem}{f',w{workers}' if workers > 1 else ''}]"
             _log(f"starting {label} ({path}) ...")
             svc = start_proxy(
                 label,
                 path,
                 upstream=mock.url,
-                workers=args.workers,
+                workers=workers,
                 cpus=self.pin["proxy"] if self.pin else None,
                 logdir=logdir,
                 env_extra=env_extra,
             )
             self.services.append(svc)
             ep = parse_url(svc.url)
-            self.targets.append(Target(label, "llmproxy", ep, self._requests(ep), svc, str(path), args.workers))
+            self.targets.append(Target(label, "llmproxy", ep, self._requests(ep), svc, str(path), workers))
         for name in dict.fromkeys(args.baseline):  # in order, once each
             self._start_baseline(name, mock.url, logdir)
         for url in args.target:
@@ -399,9 +408,10 @@ class Bench:
             self.targets.append(Target(f"target[{ep.host}:{ep.port}]", "external", ep, self._requests(ep)))
         if len(self.targets) < 2:
             raise SystemExit("nothing to measure besides direct: give -c CONFIG, --baseline NAME or --target URL")
-        if args.workers > 1 and self.pin and len(self.pin["proxy"]) < args.workers:
+        most = max((workers for _, workers in configs), default=1)
+        if most > 1 and self.pin and len(self.pin["proxy"]) < most:
             self.warnings.append(
-                f"{args.workers} workers pinned to CPU(s) {self.pin['proxy']}: they share them (see --proxy-cpus)"
+                f"{most} workers pinned to CPU(s) {self.pin['proxy']}: they share them (see --proxy-cpus)"
             )
 
     def _start_baseline(self, name: str, upstream: str, logdir: Path) -> None:
@@ -676,6 +686,10 @@ class Bench:
                 "involuntary_context_switches": switches,
                 "peak_rss_mib": _mib(tree.peak_rss_bytes()),
                 "rss_end_mib": _mib(tree.rss_bytes()),
+                # the instance's proportional set size (supervisor included) over its workers:
+                # what one more worker costs, its shared copy-on-write pages counted once
+                "pss_end_mib": _mib(tree.pss_bytes()),
+                "pss_per_worker_mib": _mib(tree.pss_bytes() // len(tree.serving)),
                 "workers": len(tree.serving),
                 "alive": alive,
                 "cpu_us_per_request": {
@@ -838,8 +852,8 @@ def _parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         action="append",
-        help="llmproxy config: a name in bench/configs (empty, full) or a path; "
-        "repeat to compare several (default: empty)",
+        help="llmproxy config: a name in bench/configs (empty, full) or a path, NAME@N for N workers "
+        "(else --workers); repeat to compare several, e.g. -c full -c full@2 (default: empty)",
     )
     ap.add_argument("--workers", type=int, default=1, help="llmproxy worker processes (default 1)")
     ap.add_argument(

@@ -212,6 +212,18 @@ class FilterFactory:
         """Return the per-exchange filter (must be an instance of ``filter_class``)."""
         return self.filter_class(self)
 
+    def preload(self) -> None:
+        """Load read-only data that every worker uses (tokenizer tables, price data), once.
+
+        Called with several workers, in the process that forks them (the
+        supervisor), after the config was checked and before any fork: what it
+        loads is shared copy-on-write by every worker (a restarted one too)
+        instead of being loaded again in each. It runs on no event loop and must
+        not start threads, tasks or connections (they would not survive the
+        fork). Whatever :meth:`start` then finds already loaded it should reuse.
+        The default does nothing.
+        """
+
     async def start(self) -> None:
         """Called once on the event loop before the first exchange; start ticks here."""
 

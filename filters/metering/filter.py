@@ -335,8 +335,14 @@ class MeteringFactory(FilterFactory):
             registry=registry,
         )
 
+    def preload(self) -> None:
+        """Load the served models' encodings before the workers fork: one copy for all of them."""
+        self._routing = next((f for f in self.context.factories if isinstance(f, RoutingFactory)), None)
+        warm(self._served_models())
+
     async def start(self) -> None:
-        """Load the tokenizer's encodings off the loop, so the first count does not pay for it."""
+        """Load the tokenizer's encodings off the loop, so the first count does not pay for it
+        (already loaded when :meth:`preload` ran before the fork)."""
         self._routing = next((f for f in self.context.factories if isinstance(f, RoutingFactory)), None)
         await asyncio.to_thread(warm, self._served_models())
 

@@ -468,10 +468,12 @@ def _freeze_startup_heap() -> None:
     gc.freeze()
 
 
-async def check_config(config: Config) -> list[str]:
+async def check_config(config: Config, preload: bool = False) -> list[str]:
     """Build the store and every filter factory without serving; return their names.
 
-    Raises :class:`ConfigError` for anything startup would refuse.
+    Raises :class:`ConfigError` for anything startup would refuse. ``preload``:
+    also call every factory's :meth:`~llmproxy.filter.FilterFactory.preload`
+    (the supervisor does, before it forks the workers that share the result).
     """
     store = await make_store(config.store, config.file)
     try:
@@ -483,6 +485,9 @@ async def check_config(config: Config) -> list[str]:
                 config.upstream.target("default", fake_ports)
             except ValueError as exc:
                 raise ConfigError(config.file, "upstream.url", str(exc)) from None
+        if preload:
+            for factory in chain.factories:
+                factory.preload()
         for factory in chain.factories:
             await factory.close()
         return [f.name for f in chain.factories]

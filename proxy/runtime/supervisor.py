@@ -45,6 +45,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import signal
@@ -83,7 +84,9 @@ def run(config: Config, host: str | None = None, port: int | None = None, pid_fi
     port = config.server.port if port is None else port
     pid_file = pid_file or config.server.pid_file
     try:
-        uvloop.run(check_config(config))
+        # with several workers, the data they all read (tokenizer tables, prices) is loaded here,
+        # once, and shared copy-on-write by every worker forked after it
+        uvloop.run(check_config(config, preload=config.server.workers > 1))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -332,6 +335,10 @@ class Supervisor:
         os.set_blocking(ready_r, False)
         self._ready_w = ready_w
         multiproc.prepare(self.config.server.workers)  # before any fork: one scrape sums every worker
+        # what the checked config loaded (modules, preloaded tables) leaves the collected generations:
+        # a worker's collections then never write to those objects' pages, which stay shared
+        gc.collect()
+        gc.freeze()
         try:
             for slot in self.slots:
                 self._spawn(slot)

@@ -436,3 +436,39 @@ def test_check_print_shows_the_effective_config_with_secrets_masked(tmp_path: Pa
     assert "- '***'" in out.stdout  # the provider's key
     assert "shutdown_grace: 30" in out.stdout  # a default filled in
     assert "workers: 1" in out.stdout
+
+
+def _memory_mib(pid: int) -> dict[str, float]:
+    """``/proc/PID/smaps_rollup`` fields in MiB (Rss, Pss, Shared_Dirty, Private_Dirty, ...)."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+        for line in rollup:
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[name] = int(parts[0]) / 1024
+    return fields
+
+
+def test_workers_share_the_tokenizer_and_prices_the_supervisor_preloaded(tmp_path: Path, served: list[Served]) -> None:
+    """With several workers the tokenizer's tables and the price data are loaded once, in the
+    supervisor before it forks, and every worker (a restarted one too) shares those pages: a
+    worker's own memory is a fraction of what it maps. (Loaded in each worker, the tables are
+    private to it: tens of MiB more per worker.)"""
+    config = write_config(tmp_path / "c.yaml", models="{gpt-4o-mini: gpt-4o-mini, gpt-x: mock-gpt}")
+    text = config.read_text().replace("filters:\n", "filters:\n  - name: metering\n", 1)
+    config.write_text(text)
+    proxy = start(served, config, workers=2)
+    for _ in range(4):
+        assert chat(proxy.port, "gpt-4o-mini") == 200  # each worker counts, with the shared tables
+    mark = proxy.mark()
+    victim = proxy.workers[1]
+    os.kill(victim, signal.SIGKILL)
+    found = proxy.wait_log(r"worker 1 \(pid (\d+)\) listening", 10, mark)
+    assert [chat(proxy.port, "gpt-4o-mini") for _ in range(4)] == [200] * 4
+    for pid in (proxy.workers[0], int(found.group(1))):
+        memory = _memory_mib(pid)
+        own = memory["Private_Clean"] + memory["Private_Dirty"]
+        assert memory["Shared_Dirty"] > 25, memory  # the supervisor's pages, never copied
+        assert own < memory["Shared_Dirty"], memory
+    assert proxy.stop() == 0
