@@ -288,6 +288,7 @@ class UsageRecorderFilter(Filter):
 
     def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> None:
         self.factory.attempts.append((attempt.outcome.value, attempt.usage))
+        self.factory.finishes.append(attempt.finish_reasons)
 
     def on_exchange_complete(self, exchange: Exchange) -> None:
         self.factory.exchanges.append(exchange.usage)
@@ -300,6 +301,7 @@ class UsageRecorderFactory(FilterFactory):
     def __init__(self, name: str, config: Mapping[str, Any], context: FactoryContext) -> None:
         super().__init__(name, config, context)
         self.attempts: list[tuple[str, Any]] = []
+        self.finishes: list[tuple[str, ...]] = []
         self.exchanges: list[Any] = []
         UsageRecorderFactory.instances.append(self)
 

@@ -150,6 +150,23 @@ class _Mode(enum.Enum):
 
 #: The APIs whose replies carry a usage object.
 _METERED_APIS = frozenset({"chat", "messages", "completions", "embeddings", "responses"})
+#: A watched batch longer than this (a stream that arrived in one piece, or a burst) is searched
+#: at its ends only: usage, finish reasons and the injected usage chunk are in the last events
+#: before the end (OpenAI's usage chunk, Anthropic's ``message_delta``, Responses'
+#: ``response.completed``), and Anthropic's input usage is in the stream's first event.
+_WHOLE_BATCH = 2048
+#: How many events from a big batch's end are searched.
+_TAIL_EVENTS = 4
+
+
+def _tail_start(data: bytes) -> int:
+    """Where the last :data:`_TAIL_EVENTS` events of ``data`` (whole LF-framed events) start."""
+    pos = len(data)
+    for _ in range(_TAIL_EVENTS + 1):  # one more boundary: the last event's own
+        pos = data.rfind(b"\n\n", 0, pos)
+        if pos < 0:
+            return 0
+    return pos + 2
 
 
 def _bridges(target: Target) -> bool:
@@ -170,6 +187,7 @@ class RoutingFilter(Filter):
         "_bridge",
         "_codec",
         "_decoder",
+        "_first",
         "_history",
         "_include_usage_asked",
         "_mode",
@@ -480,6 +498,7 @@ class RoutingFilter(Filter):
         self._usage = None
         self._pieces = []
         self._previous = self._before = b""
+        self._first = False
         target = self.current
         if target is None or exchange.response is None:
             return Action.CONTINUE
@@ -518,6 +537,7 @@ class RoutingFilter(Filter):
                     self._translator = ChatStreamToMessagesStream(model=target.model)
             elif self.api in _METERED_APIS:
                 self._mode = _Mode.WATCH_STREAM
+                self._first = True
             return Action.CONTINUE
         if translating:
             self._mode = _Mode.JSON
@@ -559,7 +579,9 @@ class RoutingFilter(Filter):
             attempt = exchange.attempt
             if attempt is not None and attempt.response_id is None:
                 take_head(attempt, data)  # the id and model are in the first event
-            if USAGE_OBJECT.search(data) is not None:  # the byte check: most batches stop here
+            if len(data) > _WHOLE_BATCH and 13 not in data:  # (13: CR line ends take the exact path)
+                self._watch_big_batch(exchange, data, end_of_stream)
+            elif USAGE_OBJECT.search(data) is not None:  # the byte check: most batches stop here
                 self._watch_events(exchange, data)
                 self._stream_finish(exchange, data)
             elif end_of_stream:
@@ -567,6 +589,7 @@ class RoutingFilter(Filter):
                 self._stream_finish(exchange, data)
             else:  # the finish reasons come just before the usage (or the end): kept, not searched
                 self._before, self._previous = self._previous, data
+            self._first = False
             return Action.CONTINUE
         if mode is _Mode.PASS:
             return Action.CONTINUE
@@ -731,20 +754,45 @@ class RoutingFilter(Filter):
             if piece and may_finish(piece):
                 take_finish(attempt, piece)
 
-    def _watch_events(self, exchange: Exchange, data: bytes) -> None:
+    def _watch_big_batch(self, exchange: Exchange, data: bytes, end_of_stream: bool) -> None:
+        """A long batch of a watched stream: only its first event (on the stream's first batch)
+        and its last :data:`_TAIL_EVENTS` events are searched, at C speed, instead of every event.
+
+        A usage object elsewhere in a long batch is a running figure that a later one replaces
+        (Anthropic's ``message_start`` is the stream's first event; cumulative usage chunks end
+        with the final one), so the ends hold every figure the stream's record needs."""
+        start = _tail_start(data)
+        if self._first and start:
+            head_end = data.find(b"\n\n") + 2
+            if 1 < head_end <= start and USAGE_OBJECT.search(data, 0, head_end) is not None:
+                self._watch_events(exchange, data, 0, head_end)  # Anthropic's message_start
+        tail = data[start:] if start else data
+        if USAGE_OBJECT.search(tail) is not None:
+            self._watch_events(exchange, data, start)
+            self._stream_finish(exchange, tail)
+        elif end_of_stream:
+            self._publish_stream_usage(exchange)
+            self._stream_finish(exchange, tail)
+        else:
+            self._before, self._previous = self._previous, tail
+
+    def _watch_events(self, exchange: Exchange, data: bytes, start: int = 0, end: int | None = None) -> None:
         """Same-protocol stream: take the usage of the events that carry one; drop the usage-only
-        chunk that routing asked for (``include_usage``) when the client did not."""
+        chunk that routing asked for (``include_usage``) when the client did not.
+
+        Only the whole events of ``data[start:end]`` are searched (all of the batch by default)."""
         usage = self._usage
         assert usage is not None
         drop = not self._include_usage_asked and self.api == "chat" and self._stream
-        out = data
-        found = usage_events(data)
+        part = data[start:end] if start or end is not None else data
+        out = part
+        found = usage_events(part)
         for event, payload in found:
             usage.take(payload)
             if drop and payload.get("choices") == []:
                 out = out.replace(event, b"", 1)
-        if out is not data:
-            exchange.set_response_data(out)
+        if out is not part:
+            exchange.set_response_data(out if part is data else data[:start] + out + (data[end:] if end else b""))
         if found:
             self._publish_stream_usage(exchange)
 

@@ -309,3 +309,60 @@ def test_usage_events_finds_exactly_the_usage_events_of_a_batch(line_end: bytes)
     found = usage_events(batch)
     assert [payload["usage"] for _, payload in found] == [{"prompt_tokens": 3}] * 3
     assert all(event.endswith(line_end * 2) and event in batch for event, _ in found)
+
+
+def _sse_whole(events: list[tuple[str | None, dict[str, Any] | str]]) -> Reply:
+    """A stream sent as one piece (a provider that buffered it, or a fast burst): one big batch."""
+    reply = _sse_reply(events)
+    body = reply.body
+    assert isinstance(body, list)
+    return Reply(200, body, "text/event-stream", piece=sum(map(len, body)))
+
+
+def _padded(events: list[Any], at: int, make: Callable[[int], tuple[str | None, dict[str, Any]]]) -> list[Any]:
+    """``events`` with 60 content events inserted at ``at``: a batch far longer than routing's
+    whole-batch threshold, so only its ends are searched."""
+    return events[:at] + [make(i) for i in range(60)] + events[at:]
+
+
+def _openai_piece(i: int) -> tuple[str | None, dict[str, Any]]:
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return None, {**base, "choices": [{"index": 0, "delta": {"content": f" word{i}"}, "finish_reason": None}]}
+
+
+def _anthropic_piece(i: int) -> tuple[str | None, dict[str, Any]]:
+    delta = {"type": "text_delta", "text": f" word{i}"}
+    return "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["not-asked", "asked"])
+def test_an_openai_stream_in_one_piece_keeps_its_usage_finish_and_drops_only_the_injected_chunk(
+    scripted: Scripted, make_proxy: Make, asked: bool
+) -> None:
+    events = _padded(_openai_chunks(OPENAI_USAGE), 2, _openai_piece)
+    scripted.default = _sse_whole(events)
+    rec = _proxy(make_proxy, scripted.port, "openai")
+    response = _ask(_proxy.port, "openai", True, include_usage=asked)  # type: ignore[attr-defined]
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert (b'"choices":[],"usage"' in response) is asked
+    assert response.count(b"data: ") == len(events) - (0 if asked else 1)
+    assert b" word0" in response and b" word59" in response and response.rstrip().endswith(b"0")
+    usage = _only_usage(rec)
+    assert usage is not None and _numbers(usage) == OPENAI_EXPECTED
+    assert rec.finishes == [("stop",)]
+
+
+def test_an_anthropic_stream_in_one_piece_keeps_message_start_and_message_delta_usage(
+    scripted: Scripted, make_proxy: Make
+) -> None:
+    start = {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}
+    events = _padded(_anthropic_events(start, {"output_tokens": 5}), 3, _anthropic_piece)
+    scripted.default = _sse_whole(events)
+    rec = _proxy(make_proxy, scripted.port, "anthropic")
+    response = _ask(_proxy.port, "anthropic", True)  # type: ignore[attr-defined]
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert response.count(b"event: ") == len(events)
+    usage = _only_usage(rec)
+    assert usage is not None and _numbers(usage) == ANTHROPIC_EXPECTED
+    assert "partial" not in usage.extra
+    assert rec.finishes == [("end_turn",)]
