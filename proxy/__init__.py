@@ -42,7 +42,7 @@ from llmproxy.errors import (
 from llmproxy.exchange import Exchange, Request, Response
 from llmproxy.filter import Action, Filter, FilterFactory
 from llmproxy.headers import Headers, check_field
-from llmproxy.http.sse import SseEvent, SseFramer, format_event, parse_event, split_events
+from llmproxy.http.sse import SseEvent, SseFramer, format_event, iter_events, parse_event, split_events
 from llmproxy.principal import ANONYMOUS, Principal
 from llmproxy.runtime.config import ConfigError, Section, read_upstream, read_yaml
 from llmproxy.signing import RequestSigner, StreamDecoder, StreamDecoderFactory
@@ -102,6 +102,7 @@ __all__ = [
     "anthropic_type_for_status",
     "check_field",
     "format_event",
+    "iter_events",
     "parse_event",
     "read_upstream",
     "read_yaml",

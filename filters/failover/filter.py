@@ -78,7 +78,7 @@ from llmproxy import (
     StoreUnavailable,
     Timeouts,
     UpstreamError,
-    split_events,
+    iter_events,
 )
 from llmproxy.filters.failover.health import COOLING, EJECTED, HealthBook
 from llmproxy.filters.failover.stream import Kind, classify
@@ -111,7 +111,7 @@ _ERROR_PREFIX = 4096
 class FailoverFilter(Filter):
     factory: FailoverFactory
 
-    #: on_response_body looks at every event of what it is given (``split_events``)
+    #: on_response_body looks at every event of what it is given (``iter_events``)
     sse_batches = True
 
     __slots__ = ("_ended", "_holding", "_ok", "_reading_error", "_routing", "_same_key_retries", "_seen", "_tried")
@@ -309,7 +309,7 @@ class FailoverFilter(Filter):
         new = data[self._seen :] if self._seen else data
         self._seen = len(data)
         content = failed = False
-        for event in split_events(new):
+        for event in iter_events(new):
             if content and event.find(b"error") < 0:
                 continue  # after the first content only an error event still matters (a byte check)
             kind = classify(event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
 
@@ -162,3 +163,20 @@ def test_framer_refuses_an_event_over_its_cap_with_a_typed_error(reads: list[byt
     with pytest.raises(UpstreamEventTooLarge):
         framer.flush()
     assert UpstreamEventTooLarge("x").status == 502 and isinstance(UpstreamEventTooLarge("x"), ValueError)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_iter_events_yields_exactly_what_split_events_returns(seed: int) -> None:
+    """Random batches (LF, CRLF and CR line ends, an unterminated end, empty events): the lazy
+    splitter that failover stops early with gives the framer's events, in order."""
+    rng = random.Random(seed)
+    ends = rng.choice([b"\n", b"\r\n", b"\r", b"\n"])
+    events = []
+    for _ in range(rng.randint(0, 12)):
+        lines = [b"data: " + bytes(rng.choice(b'ab{}:" ') for _ in range(rng.randint(0, 20)))]
+        if rng.random() < 0.3:
+            lines.insert(0, b"event: x")
+        events.append(ends.join(lines) + ends + ends)
+    data = b"".join(events) + (b"data: unterminated" if rng.random() < 0.3 else b"")
+    assert list(sse.iter_events(data)) == sse.split_events(data)
+    assert list(sse.iter_events(b"")) == sse.split_events(b"") == []
