@@ -303,9 +303,15 @@ def test_slow_reader_applies_backpressure(proxy: RunningProxy) -> None:
     sock.connect(("127.0.0.1", proxy.port))
     with sock:
         sock.sendall(_stream_request(b"X-Mock-Tokens: 100000\r\n"))
-        time.sleep(1.0)  # read nothing: the proxy must stop reading the upstream
+        # read nothing: the proxy must stop reading the upstream (polled: a loaded machine is slow
+        # to fill the buffers, and a proxy that never pauses still fails at the deadline)
         pool = proxy.runtime.pool
-        conns = [c for p in pool._pools.values() for c in p.active]
+        deadline = time.monotonic() + 10.0
+        while True:
+            time.sleep(0.2)
+            conns = [c for p in pool._pools.values() for c in p.active]
+            if (conns and any(c._reading_paused for c in conns)) or time.monotonic() > deadline:
+                break
         assert conns and any(c._reading_paused for c in conns), repr(pool)
         buffered = sum(c._buffered for c in conns)
         assert buffered < 2 * 1024 * 1024
