@@ -373,7 +373,8 @@ def main() -> None:
             unit, header, digits = "µs", f"best of {args.repeat}", 2
         print(f"{title}  ({n} events, {header})")
         for run, value in figures.items():
-            extra = f"   (+{value - figures['pass-through']:.{digits}f} over pass-through)" if run == "translate" else ""
+            over = value - figures["pass-through"]
+            extra = f"   (+{over:.{digits}f} over pass-through)" if run == "translate" else ""
             print(f"  {run:<16} {value:9.{digits}f} {unit}/event{extra}")
 
 
