@@ -70,6 +70,8 @@ class _Credentials:
     def __init__(self, options: Mapping[str, Any], refresh: float) -> None:
         self.frozen: Any = None
         self.error = "AWS credentials are not resolved yet"
+        #: The refresh thread (None with static keys); it ends soon after :meth:`close`.
+        self.thread: threading.Thread | None = None
         self._options = options
         self._refresh = refresh
         self._stop = threading.Event()
@@ -79,7 +81,8 @@ class _Credentials:
 
             self.frozen = ReadOnlyCredentials(key, secret, options.get("aws_session_token") or None)
             return
-        threading.Thread(target=self._run, name="llmproxy-aws-credentials", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name="llmproxy-aws-credentials", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         import botocore.session  # type: ignore[import-untyped]
@@ -100,6 +103,7 @@ class _Credentials:
             self._stop.wait(self._refresh if self.frozen is not None else 5.0)
 
     def close(self) -> None:
+        """Stop the refresh thread (it ends at its next wait, at once unless a refresh is under way)."""
         self._stop.set()
 
 
@@ -333,6 +337,10 @@ class BedrockAdapter(Adapter):
                 self._signer = SigV4Signer(self.region, _Credentials(self.options, self._refresh))
             extras["signer"] = self._signer
         return extras
+
+    def close(self) -> None:
+        if self._signer is not None:
+            self._signer.credentials.close()
 
     def path(self, api: str, provider_model: str, query: str) -> str:
         return self.request_path(api, provider_model, query, stream=False)
