@@ -13,6 +13,10 @@ finish and usage events) and prints microseconds per event for:
 
 The best of ``--repeat`` runs is reported, per the usual micro-benchmark
 practice (the minimum is the least disturbed by the rest of the machine).
+On a shared machine, ``--ir`` reports callgrind's instruction count per event
+instead, which does not depend on load (each figure is the difference between
+a process running 6 and 1 times, so imports and warm-up cancel out; a few
+minutes per direction); ``--only TEXT`` picks the directions.
 The budget is about 50 µs per event over pass-through (10 µs for the
 Responses bridges: Chat -> Responses, and Anthropic -> Chat -> Responses chained;
 10 µs for Gemini -> Chat, the codec's own decoder, issue 17; 10 µs for Bedrock,
