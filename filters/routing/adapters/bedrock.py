@@ -24,8 +24,9 @@ Credentials, in this order:
   in logs or errors.
 
 Streaming responses are ``application/vnd.amazon.eventstream``: decoded with
-``botocore.eventstream.EventStreamBuffer`` into SSE events (the core's
-:class:`llmproxy.StreamDecoderFactory`) before anything reads them.
+botocore's event-stream pieces (:class:`EventStreamDecoder`) into SSE events
+(the core's :class:`llmproxy.StreamDecoderFactory`) before anything reads them.
+The refresh thread stops when the routing factory closes (:meth:`BedrockAdapter.close`).
 
 Needs the optional extra: ``pip install 'llmproxy[bedrock]'`` (botocore).
 """
