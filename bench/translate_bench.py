@@ -13,6 +13,10 @@ finish and usage events) and prints microseconds per event for:
 
 The best of ``--repeat`` runs is reported, per the usual micro-benchmark
 practice (the minimum is the least disturbed by the rest of the machine).
+On a shared machine, ``--ir`` reports callgrind's instruction count per event
+instead, which does not depend on load (each figure is the difference between
+a process running 6 and 1 times, so imports and warm-up cancel out; a few
+minutes per direction); ``--only TEXT`` picks the directions.
 The budget is about 50 µs per event over pass-through (10 µs for the
 Responses bridges: Chat -> Responses, and Anthropic -> Chat -> Responses chained;
 10 µs for Gemini -> Chat, the codec's own decoder, issue 17; 10 µs for Bedrock,
@@ -23,7 +27,10 @@ as the core's stream decoder does before routing sees SSE events).
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +39,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmproxy.filters.routing.adapters.bedrock import EventStreamDecoder
+from llmproxy.filters.routing.adapters.bedrock import EventStreamDecoders
 from llmproxy.filters.translate import (
     ChainedStream,
     ChatStreamToMessagesStream,
@@ -173,8 +180,8 @@ def bedrock_stream(n: int) -> list[bytes]:
     return events
 
 
-def bench_frames(name: str, frames: list[bytes], make: Callable[[], EventTranslator], repeat: int) -> None:
-    """Like :func:`bench`, from binary frames read 8 at a time: decode (botocore), split, parse, feed."""
+def frame_runs(frames: list[bytes], make: Callable[[], EventTranslator]) -> dict[str, Callable[[], None]]:
+    """Pass-through and translate for binary frames read 8 at a time: decode (botocore), split, parse, feed."""
     reads = [b"".join(frames[i : i + 8]) for i in range(0, len(frames), 8)]
     sink: list[bytes] = []
 
@@ -185,7 +192,7 @@ def bench_frames(name: str, frames: list[bytes], make: Callable[[], EventTransla
         sink.clear()
 
     def translate() -> None:
-        decoder = EventStreamDecoder()
+        decoder = EventStreamDecoders()()
         translator = make()
         last = len(reads) - 1
         for i, read in enumerate(reads):
@@ -195,29 +202,11 @@ def bench_frames(name: str, frames: list[bytes], make: Callable[[], EventTransla
         sink.append(translator.finish())
         sink.clear()
 
-    n = len(frames)
-    base = best_of(repeat, passthrough) / n / 1000
-    full = best_of(repeat, translate) / n / 1000
-    print(f"{name}  ({n} events, best of {repeat})")
-    print(f"  pass-through     {base:7.2f} µs/event")
-    print(f"  translate        {full:7.2f} µs/event   (+{full - base:.2f} over pass-through)")
+    return {"pass-through": passthrough, "translate": translate}
 
 
-def best_of(repeat: int, run: Callable[[], None]) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter_ns()
-        run()
-        best = min(best, time.perf_counter_ns() - start)
-    return best
-
-
-def bench(
-    name: str,
-    events: list[bytes],
-    make: Callable[[], EventTranslator],
-    repeat: int,
-) -> None:
+def event_runs(events: list[bytes], make: Callable[[], EventTranslator]) -> dict[str, Callable[[], None]]:
+    """Pass-through, parse only, and translate (parse then feed, finish once) for SSE events."""
     sink: list[bytes] = []
 
     def passthrough() -> None:
@@ -239,95 +228,158 @@ def bench(
         sink.append(translator.finish())
         sink.clear()
 
-    n = len(events)
-    base = best_of(repeat, passthrough) / n / 1000
-    parse = best_of(repeat, parse_only) / n / 1000
-    full = best_of(repeat, translate) / n / 1000
-    print(f"{name}  ({n} events, best of {repeat})")
-    print(f"  pass-through     {base:7.2f} µs/event")
-    print(f"  parse only       {parse:7.2f} µs/event")
-    print(f"  translate        {full:7.2f} µs/event   (+{full - base:.2f} over pass-through)")
+    return {"pass-through": passthrough, "parse only": parse_only, "translate": translate}
+
+
+def best_of(repeat: int, run: Callable[[], None]) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter_ns()
+        run()
+        best = min(best, time.perf_counter_ns() - start)
+    return best
+
+
+def cases(n: int) -> list[tuple[str, int, dict[str, Callable[[], None]]]]:
+    """Every direction: (title, events per stream, the runs)."""
+    request = {"model": "gpt-x", "input": "weather?", "stream": True}
+    codec = BedrockCodec()
+    anthropic, openai, gemini, bedrock = anthropic_stream(n), openai_stream(n), gemini_stream(n), bedrock_stream(n)
+
+    def chat_to_responses(model: str) -> ChatStreamToResponsesStream:
+        return ChatStreamToResponsesStream(request=request, response_id="resp_1", model=model)
+
+    table: list[tuple[str, list[bytes], Callable[..., dict[str, Callable[[], None]]], Callable[[], EventTranslator]]]
+    table = [
+        (
+            "Anthropic -> OpenAI (MessagesStreamToChatStream)",
+            anthropic,
+            event_runs,
+            lambda: MessagesStreamToChatStream(model="gpt-4o", include_usage=True),
+        ),
+        (
+            "OpenAI -> Anthropic (ChatStreamToMessagesStream)",
+            openai,
+            event_runs,
+            lambda: ChatStreamToMessagesStream(model="claude-sonnet-4-5"),
+        ),
+        (
+            "Chat -> Responses (ChatStreamToResponsesStream)",
+            openai,
+            event_runs,
+            lambda: chat_to_responses("gpt-4o"),
+        ),
+        (
+            "Anthropic -> Responses (ChainedStream: Messages -> Chat -> Responses)",
+            anthropic,
+            event_runs,
+            lambda: ChainedStream(
+                MessagesStreamToChatStream(model="claude", include_usage=True), chat_to_responses("claude")
+            ),
+        ),
+        (
+            "Gemini -> OpenAI (GeminiStreamDecoder)",
+            gemini,
+            event_runs,
+            lambda: GeminiStreamDecoder(model="gemini-2.5-flash", include_usage=True),
+        ),
+        (
+            "Gemini -> Anthropic (ChainedStream: Gemini -> Chat -> Messages)",
+            gemini,
+            event_runs,
+            lambda: ChainedStream(
+                GeminiStreamDecoder(model="gemini", include_usage=True), ChatStreamToMessagesStream(model="gemini")
+            ),
+        ),
+        (
+            "Gemini -> Responses (ChainedStream: Gemini -> Chat -> Responses)",
+            gemini,
+            event_runs,
+            lambda: ChainedStream(GeminiStreamDecoder(model="gemini", include_usage=True), chat_to_responses("gemini")),
+        ),
+        (
+            "Bedrock -> Anthropic (event stream -> Messages, messages_native)",
+            bedrock,
+            frame_runs,
+            lambda: ConverseStreamToMessagesStream(model="claude"),
+        ),
+        (
+            "Bedrock -> OpenAI (event stream -> Chat, BedrockCodec)",
+            bedrock,
+            frame_runs,
+            lambda: codec.stream_decoder(model="claude", include_usage=True),
+        ),
+        (
+            "Bedrock -> Responses (event stream -> Chat -> Responses)",
+            bedrock,
+            frame_runs,
+            lambda: ChainedStream(
+                codec.stream_decoder(model="claude", include_usage=True), chat_to_responses("claude")
+            ),
+        ),
+    ]
+    return [(title, len(events), runs(events, make)) for title, events, runs, make in table]
+
+
+def instructions(case: str, run: str, times: int, n: int) -> int:
+    """Callgrind's instruction count of this script running ``run`` of ``case`` ``times`` times (after one warm run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={tmp}/cg.out",
+            sys.executable,
+            __file__,
+            "--events",
+            str(n),
+            "--child",
+            case,
+            run,
+            str(times),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+    match = re.search(r"Collected : (\d+)", done.stderr)
+    if match is None:
+        raise SystemExit(f"no callgrind total for {case!r}: {done.stderr[-500:]}")
+    return int(match.group(1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--events", type=int, default=600, help="text deltas per stream (default 600)")
     parser.add_argument("--repeat", type=int, default=200, help="runs per measurement (default 200)")
+    parser.add_argument("--only", default="", help="only the directions whose title holds this text")
+    parser.add_argument(
+        "--ir",
+        action="store_true",
+        help="callgrind instructions per event instead of time (load-independent): each run counted"
+        " as the difference between 6 and 1 runs in a process, so imports and warm-up cancel out",
+    )
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "RUN", "TIMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    bench(
-        "Anthropic -> OpenAI (MessagesStreamToChatStream)",
-        anthropic_stream(args.events),
-        lambda: MessagesStreamToChatStream(model="gpt-4o", include_usage=True),
-        args.repeat,
-    )
-    bench(
-        "OpenAI -> Anthropic (ChatStreamToMessagesStream)",
-        openai_stream(args.events),
-        lambda: ChatStreamToMessagesStream(model="claude-sonnet-4-5"),
-        args.repeat,
-    )
-    request = {"model": "gpt-x", "input": "weather?", "stream": True}
-    bench(
-        "Chat -> Responses (ChatStreamToResponsesStream)",
-        openai_stream(args.events),
-        lambda: ChatStreamToResponsesStream(request=request, response_id="resp_1", model="gpt-4o"),
-        args.repeat,
-    )
-    bench(
-        "Anthropic -> Responses (ChainedStream: Messages -> Chat -> Responses)",
-        anthropic_stream(args.events),
-        lambda: ChainedStream(
-            MessagesStreamToChatStream(model="claude", include_usage=True),
-            ChatStreamToResponsesStream(request=request, response_id="resp_1", model="claude"),
-        ),
-        args.repeat,
-    )
-    bench(
-        "Gemini -> OpenAI (GeminiStreamDecoder)",
-        gemini_stream(args.events),
-        lambda: GeminiStreamDecoder(model="gemini-2.5-flash", include_usage=True),
-        args.repeat,
-    )
-    bench(
-        "Gemini -> Anthropic (ChainedStream: Gemini -> Chat -> Messages)",
-        gemini_stream(args.events),
-        lambda: ChainedStream(
-            GeminiStreamDecoder(model="gemini", include_usage=True), ChatStreamToMessagesStream(model="gemini")
-        ),
-        args.repeat,
-    )
-    bench(
-        "Gemini -> Responses (ChainedStream: Gemini -> Chat -> Responses)",
-        gemini_stream(args.events),
-        lambda: ChainedStream(
-            GeminiStreamDecoder(model="gemini", include_usage=True),
-            ChatStreamToResponsesStream(request=request, response_id="resp_1", model="gemini"),
-        ),
-        args.repeat,
-    )
-
-    codec = BedrockCodec()
-    bench_frames(
-        "Bedrock -> Anthropic (event stream -> Messages, messages_native)",
-        bedrock_stream(args.events),
-        lambda: ConverseStreamToMessagesStream(model="claude"),
-        args.repeat,
-    )
-    bench_frames(
-        "Bedrock -> OpenAI (event stream -> Messages -> Chat, BedrockCodec)",
-        bedrock_stream(args.events),
-        lambda: codec.stream_decoder(model="claude", include_usage=True),
-        args.repeat,
-    )
-    bench_frames(
-        "Bedrock -> Responses (event stream -> Messages -> Chat -> Responses)",
-        bedrock_stream(args.events),
-        lambda: ChainedStream(
-            codec.stream_decoder(model="claude", include_usage=True),
-            ChatStreamToResponsesStream(request=request, response_id="resp_1", model="claude"),
-        ),
-        args.repeat,
-    )
+    if args.child:
+        case, run, times = args.child
+        runs = next(runs for title, _, runs in cases(args.events) if title == case)
+        for _ in range(int(times) + 1):
+            runs[run]()
+        return
+    for title, n, runs in cases(args.events):
+        if args.only not in title:
+            continue
+        if args.ir:
+            figures = {
+                run: (instructions(title, run, 6, args.events) - instructions(title, run, 1, args.events)) / (5 * n)
+                for run in runs
+            }
+            unit, header, digits = "Ir", "callgrind", 0
+        else:
+            figures = {run: best_of(args.repeat, call) / n / 1000 for run, call in runs.items()}
+            unit, header, digits = "µs", f"best of {args.repeat}", 2
+        print(f"{title}  ({n} events, {header})")
+        for run, value in figures.items():
+            over = value - figures["pass-through"]
+            extra = f"   (+{over:.{digits}f} over pass-through)" if run == "translate" else ""
+            print(f"  {run:<16} {value:9.{digits}f} {unit}/event{extra}")
 
 
 if __name__ == "__main__":

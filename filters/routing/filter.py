@@ -1006,6 +1006,11 @@ class RoutingFactory(FilterFactory):
         )
         context.declare_models(_configured_models(self.table))
 
+    async def close(self) -> None:
+        """Stop the adapters' credential refresh threads (Bedrock, Vertex): a reload must not leak them."""
+        for provider in self.table.providers.values():
+            provider.adapter.close()
+
 
 def _configured_models(table: RoutingTable) -> set[str]:
     """Every model name the config spells out: client-facing names, aliases, upstream names.

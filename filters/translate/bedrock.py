@@ -61,7 +61,6 @@ from llmproxy.filters.translate.errors import TranslationError, openai_envelope_
 __all__ = [
     "BedrockCodec",
     "ConverseStreamToMessagesStream",
-    "SseChain",
     "bedrock_error_to_anthropic",
     "converse_response_to_messages",
     "from_bedrock",
@@ -333,18 +332,63 @@ _THINKING_DELTA = (
 )
 
 
+class _MessagesSse:
+    """Writes Anthropic's events as SSE, the hot deltas from templates (a Messages client's stream)."""
+
+    __slots__ = ()
+
+    def event(self, name: bytes, payload: dict[str, Any]) -> bytes:
+        return _event(name, payload)
+
+    def text(self, index: int, text: Any) -> bytes:
+        return _TEXT_DELTA % index + orjson.dumps(text) + b"}}\n\n"
+
+    def json(self, index: int, partial: Any) -> bytes:
+        return _JSON_DELTA % index + orjson.dumps(partial) + b"}}\n\n"
+
+    def thinking(self, index: int, text: Any) -> bytes:
+        return _THINKING_DELTA % index + orjson.dumps(text) + b"}}\n\n"
+
+
+class _ChatChunks:
+    """Hands Anthropic's events, as objects, to a :class:`MessagesStreamToChatStream`: its Chat
+    chunks come out, with no Anthropic SSE written and parsed again in between."""
+
+    __slots__ = ("chat",)
+
+    def __init__(self, chat: MessagesStreamToChatStream) -> None:
+        self.chat = chat
+
+    def event(self, name: bytes, payload: dict[str, Any]) -> bytes:
+        return self.chat.feed_object(payload)
+
+    def text(self, index: int, text: Any) -> bytes:
+        return self.chat.text_delta(text)
+
+    def json(self, index: int, partial: Any) -> bytes:
+        return self.chat.json_delta(index, partial)
+
+    def thinking(self, index: int, text: Any) -> bytes:
+        delta = {"type": "thinking_delta", "thinking": text}
+        return self.chat.feed_object({"type": "content_block_delta", "index": index, "delta": delta})
+
+
 class ConverseStreamToMessagesStream:
     """ConverseStream events (decoded to SSE) -> Anthropic Messages SSE events, for one response.
 
     ``messageStop`` carries the stop reason and ``metadata`` (after it) the
     usage, which Anthropic sends together in ``message_delta``: the stop
     reason is kept until the usage comes (or the stream ends).
+
+    ``writer`` renders each Anthropic event: as SSE by default; the Chat
+    codec's stream passes them on as objects instead (:class:`_ChatChunks`).
     """
 
-    __slots__ = ("_open", "_started", "_stop", "_stopped", "failed", "model", "usage")
+    __slots__ = ("_open", "_started", "_stop", "_stopped", "_write", "failed", "model", "usage")
 
-    def __init__(self, *, model: str) -> None:
+    def __init__(self, *, model: str, writer: _MessagesSse | _ChatChunks | None = None) -> None:
         self.model = model
+        self._write = _MessagesSse() if writer is None else writer
         self._started = False
         #: Bedrock block index -> the Anthropic kind of the open block ("text", "tool_use", "thinking").
         self._open: dict[int, str] = {}
@@ -368,11 +412,12 @@ class ConverseStreamToMessagesStream:
             "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
-        return _event(b"message_start", {"type": "message_start", "message": message})
+        return self._write.event(b"message_start", {"type": "message_start", "message": message})
 
     def _open_block(self, index: int, kind: str, block: dict[str, Any]) -> bytes:
         self._open[index] = kind
-        return _event(b"content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+        payload = {"type": "content_block_start", "index": index, "content_block": block}
+        return self._write.event(b"content_block_start", payload)
 
     def feed(self, event: bytes | None, data: bytes) -> bytes:
         """One decoded ConverseStream event -> Anthropic's framed events."""
@@ -384,73 +429,82 @@ class ConverseStreamToMessagesStream:
             raise TranslationError("ConverseStream event is not JSON", param=None) from None
         if not isinstance(payload, dict):
             raise TranslationError("ConverseStream event is not an object", param=None)
-        if event == b"contentBlockDelta":
-            index = payload.get("contentBlockIndex", 0)
-            delta = payload.get("delta") or {}
-            out = self._start()
-            if "text" in delta:
-                if index not in self._open:
-                    out += self._open_block(index, "text", {"type": "text", "text": ""})
-                return bytes(out + _TEXT_DELTA % index + orjson.dumps(delta["text"]) + b"}}\n\n")
-            if "toolUse" in delta:
-                partial = (delta["toolUse"] or {}).get("input", "")
-                return bytes(out + _JSON_DELTA % index + orjson.dumps(partial) + b"}}\n\n")
-            reasoning = delta.get("reasoningContent")
-            if isinstance(reasoning, dict):
-                if "redactedContent" in reasoning:
-                    block = {"type": "redacted_thinking", "data": reasoning["redactedContent"]}
-                    return out + self._open_block(index, "redacted", block)
-                if index not in self._open:
-                    out += self._open_block(index, "thinking", {"type": "thinking", "thinking": "", "signature": ""})
-                if "text" in reasoning:
-                    out += _THINKING_DELTA % index + orjson.dumps(reasoning["text"]) + b"}}\n\n"
-                if "signature" in reasoning:
-                    out += _event(
-                        b"content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": index,
-                            "delta": {"type": "signature_delta", "signature": reasoning["signature"]},
-                        },
-                    )
-                return out
-            return out
-        if event == b"contentBlockStart":
-            index = payload.get("contentBlockIndex", 0)
-            start = payload.get("start") or {}
-            out = self._start()
-            use = start.get("toolUse")
-            if isinstance(use, dict):
-                block = {"type": "tool_use", "id": use.get("toolUseId", ""), "name": use.get("name", ""), "input": {}}
-                return out + self._open_block(index, "tool_use", block)
-            return out
-        if event == b"contentBlockStop":
-            index = payload.get("contentBlockIndex", 0)
-            if self._open.pop(index, None) is None:
-                return b""
-            return _event(b"content_block_stop", {"type": "content_block_stop", "index": index})
-        if event == b"messageStart":
-            return self._start()
-        if event == b"messageStop":
-            self._stop = _STOP_REASONS.get(payload.get("stopReason") or "", "end_turn")
-            return self._start() + self._close_blocks()
-        if event == b"metadata":
-            raw = payload.get("usage")
-            if isinstance(raw, dict):
-                self.usage = from_bedrock(raw)
-            return self._start() + self._close_blocks() + self._end(_usage(payload.get("usage")))
-        if event == b"error":
-            self.failed = self._stopped = True
-            name = str(payload.get("__type") or "")
-            kind = ERROR_TYPES.get(name, "api_error")
-            message = f"{name}: {payload.get('message', '')}" if name else str(payload.get("message", ""))
-            return _event(b"error", {"type": "error", "error": {"type": kind, "message": message}})
-        return b""  # unknown event types are skipped (forward compatible)
+        try:
+            if event == b"contentBlockDelta":  # the hot one
+                return self._delta(payload)
+            handler = _STREAM_HANDLERS.get(event) if event is not None else None
+            return handler(self, payload) if handler is not None else b""  # unknown events: skipped
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            raise TranslationError(f"unexpected ConverseStream event shape: {exc!r}", param=None) from exc
+
+    def _delta(self, payload: dict[str, Any]) -> bytes:
+        index = payload.get("contentBlockIndex", 0)
+        delta = payload.get("delta") or {}
+        out = self._start() if not self._started else b""
+        write = self._write
+        if "text" in delta:
+            if index not in self._open:
+                out += self._open_block(index, "text", {"type": "text", "text": ""})
+            text = write.text(index, delta["text"])
+            return out + text if out else text
+        if "toolUse" in delta:
+            return out + write.json(index, (delta["toolUse"] or {}).get("input", ""))
+        reasoning = delta.get("reasoningContent")
+        if isinstance(reasoning, dict):
+            if "redactedContent" in reasoning:
+                block = {"type": "redacted_thinking", "data": reasoning["redactedContent"]}
+                return out + self._open_block(index, "redacted", block)
+            if index not in self._open:
+                out += self._open_block(index, "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            if "text" in reasoning:
+                out += write.thinking(index, reasoning["text"])
+            if "signature" in reasoning:
+                signature = {"type": "signature_delta", "signature": reasoning["signature"]}
+                out += write.event(
+                    b"content_block_delta", {"type": "content_block_delta", "index": index, "delta": signature}
+                )
+        return out
+
+    def _on_block_start(self, payload: dict[str, Any]) -> bytes:
+        index = payload.get("contentBlockIndex", 0)
+        start = payload.get("start") or {}
+        out = self._start()
+        use = start.get("toolUse")
+        if isinstance(use, dict):
+            block = {"type": "tool_use", "id": use.get("toolUseId", ""), "name": use.get("name", ""), "input": {}}
+            return out + self._open_block(index, "tool_use", block)
+        return out
+
+    def _on_block_stop(self, payload: dict[str, Any]) -> bytes:
+        index = payload.get("contentBlockIndex", 0)
+        if self._open.pop(index, None) is None:
+            return b""
+        return self._write.event(b"content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def _on_message_start(self, payload: dict[str, Any]) -> bytes:
+        return self._start()
+
+    def _on_message_stop(self, payload: dict[str, Any]) -> bytes:
+        self._stop = _STOP_REASONS.get(payload.get("stopReason") or "", "end_turn")
+        return self._start() + self._close_blocks()
+
+    def _on_metadata(self, payload: dict[str, Any]) -> bytes:
+        raw = payload.get("usage")
+        if isinstance(raw, dict):
+            self.usage = from_bedrock(raw)
+        return self._start() + self._close_blocks() + self._end(_usage(raw))
+
+    def _on_error(self, payload: dict[str, Any]) -> bytes:
+        self.failed = self._stopped = True
+        name = str(payload.get("__type") or "")
+        kind = ERROR_TYPES.get(name, "api_error")
+        message = f"{name}: {payload.get('message', '')}" if name else str(payload.get("message", ""))
+        return self._write.event(b"error", {"type": "error", "error": {"type": kind, "message": message}})
 
     def _close_blocks(self) -> bytes:
         out = b""
         for index in sorted(self._open):
-            out += _event(b"content_block_stop", {"type": "content_block_stop", "index": index})
+            out += self._write.event(b"content_block_stop", {"type": "content_block_stop", "index": index})
         self._open.clear()
         return out
 
@@ -459,7 +513,7 @@ class ConverseStreamToMessagesStream:
         delta = {"type": "message_delta", "delta": {"stop_reason": self._stop or "end_turn", "stop_sequence": None}}
         if usage is not None:
             delta["usage"] = usage
-        return _event(b"message_delta", delta) + _event(b"message_stop", {"type": "message_stop"})
+        return self._write.event(b"message_delta", delta) + self._write.event(b"message_stop", {"type": "message_stop"})
 
     def finish(self) -> bytes:
         """The end of the upstream body: close what is open (idempotent)."""
@@ -468,42 +522,41 @@ class ConverseStreamToMessagesStream:
         return self._close_blocks() + self._end(None)
 
 
-class SseChain:
-    """Two stream translators in a row, where ``first`` writes ``event:`` + ``data:`` events.
+_STREAM_HANDLERS: dict[bytes, Callable[[ConverseStreamToMessagesStream, dict[str, Any]], bytes]] = {
+    b"contentBlockStart": ConverseStreamToMessagesStream._on_block_start,
+    b"contentBlockStop": ConverseStreamToMessagesStream._on_block_stop,
+    b"messageStart": ConverseStreamToMessagesStream._on_message_start,
+    b"messageStop": ConverseStreamToMessagesStream._on_message_stop,
+    b"metadata": ConverseStreamToMessagesStream._on_metadata,
+    b"error": ConverseStreamToMessagesStream._on_error,
+}
 
-    (:class:`~llmproxy.filters.translate.ChainedStream` needs ``data:``-only
-    events; Anthropic's stream, as :class:`ConverseStreamToMessagesStream`
-    writes it, names each event.)
-    """
 
-    __slots__ = ("_feed", "first", "last")
+class _ChatStream:
+    """ConverseStream events -> Chat Completions chunks, with the provider's ``usage``: the
+    Converse translator writes straight into :class:`MessagesStreamToChatStream` (as objects)."""
 
-    def __init__(self, first: Any, second: Any) -> None:
-        self.first = first
-        self.last = second
-        self._feed: Callable[[bytes | None, bytes], bytes] = second.feed
+    __slots__ = ("first", "last")
 
-    def _relay(self, framed: bytes) -> bytes:
-        out = b""
-        for raw in framed.split(b"\n\n"):
-            if not raw:
-                continue
-            name: bytes | None = None
-            data = raw
-            if raw.startswith(b"event: "):
-                line_end = raw.find(b"\n")
-                name, data = raw[7:line_end], raw[line_end + 1 :]
-            if data.startswith(b"data: "):
-                out += self._feed(name, data[6:])
-        return out
+    def __init__(self, *, model: str, include_usage: bool) -> None:
+        self.last = MessagesStreamToChatStream(model=model, include_usage=include_usage)
+        self.first = ConverseStreamToMessagesStream(model=model, writer=_ChatChunks(self.last))
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.first.usage
+
+    @usage.setter
+    def usage(self, value: Usage | None) -> None:
+        self.first.usage = value
 
     def feed(self, event: bytes | None, data: bytes) -> bytes:
-        """One upstream event through both translators."""
-        return self._relay(self.first.feed(event, data))
+        """One ConverseStream event -> the Chat chunks for it."""
+        return self.first.feed(event, data)
 
     def finish(self) -> bytes:
-        """End both translators."""
-        return bytes(self._relay(self.first.finish()) + self.last.finish())
+        """End both translators (idempotent)."""
+        return self.first.finish() + self.last.finish()
 
 
 def from_bedrock(usage: dict[str, Any]) -> Usage:
@@ -521,20 +574,6 @@ def from_bedrock(usage: dict[str, Any]) -> Usage:
         cache_write="cacheWriteInputTokens",
         output="outputTokens",
     )
-
-
-class _ChatStream(SseChain):
-    """ConverseStream events -> Anthropic events -> Chat Completions chunks, with the provider's ``usage``."""
-
-    __slots__ = ()
-
-    @property
-    def usage(self) -> Usage | None:
-        return self.first.usage  # type: ignore[no-any-return]
-
-    @usage.setter
-    def usage(self, value: Usage | None) -> None:
-        self.first.usage = value
 
 
 @register_codec("bedrock")
@@ -573,10 +612,7 @@ class BedrockCodec(ChatCodec):
         return messages_response_to_chat(converse_response_to_messages(body, model=model), model=model)
 
     def stream_decoder(self, *, model: str, include_usage: bool) -> StreamDecoder:
-        return _ChatStream(
-            ConverseStreamToMessagesStream(model=model),
-            MessagesStreamToChatStream(model=model, include_usage=include_usage),
-        )
+        return _ChatStream(model=model, include_usage=include_usage)
 
     def decode_error(self, body: bytes, status: int, *, error_type: str = "") -> tuple[int, dict[str, Any]]:
         inner = orjson.loads(bedrock_error_to_anthropic(status, error_type, body))["error"]

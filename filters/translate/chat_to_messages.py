@@ -589,25 +589,22 @@ class MessagesStreamToChatStream:
         """
         if self._closed or event == b"ping" or not data:
             return b""
-        payload = loads_object(data, "Anthropic stream event data")
+        return self.feed_object(loads_object(data, "Anthropic stream event data"))
+
+    def feed_object(self, payload: JsonObject) -> bytes:
+        """Like :meth:`feed`, for an event already parsed (a translator before this one hands on
+        its events as objects: :mod:`llmproxy.filters.translate.bedrock`)."""
+        if self._closed:
+            return b""
         try:
             kind = payload.get("type")
-            if kind == "content_block_delta":  # the hot path, inlined
+            if kind == "content_block_delta":  # the hot path
                 delta = payload.get("delta") or {}
                 dtype = delta.get("type")
                 if dtype == "text_delta":
-                    if not self._head:
-                        self._start(_fallback_id())
-                    text = delta.get("text")
-                    if not text:
-                        return b""
-                    return self._content_prefix + dumps_str(text) + _CONTENT_CLOSE
+                    return self.text_delta(delta.get("text"))
                 if dtype == "input_json_delta":
-                    prefix = self._tool_prefixes.get(payload.get("index", -1))
-                    fragment = delta.get("partial_json")
-                    if prefix is None or not fragment:
-                        return b""
-                    return prefix + dumps_str(fragment) + _ARGS_CLOSE
+                    return self.json_delta(payload.get("index", -1), delta.get("partial_json"))
                 if dtype == "thinking_delta" or dtype == "signature_delta":
                     return self._on_thinking_delta(payload.get("index", -1), delta)
                 return b""
@@ -615,6 +612,21 @@ class MessagesStreamToChatStream:
             return handler(self, payload) if handler is not None else b""
         except (AttributeError, TypeError, KeyError, IndexError) as exc:
             raise TranslationError(f"unexpected Anthropic stream event shape: {exc!r}") from exc
+
+    def text_delta(self, text: Any) -> bytes:
+        """A ``text_delta``'s chunk (``text`` as the event holds it)."""
+        if self._closed or not text:
+            return b""
+        if not self._head:
+            self._start(_fallback_id())
+        return self._content_prefix + dumps_str(text) + _CONTENT_CLOSE
+
+    def json_delta(self, index: Any, fragment: Any) -> bytes:
+        """An ``input_json_delta``'s chunk: the block ``index``'s tool call ``arguments`` fragment."""
+        prefix = self._tool_prefixes.get(index)
+        if self._closed or prefix is None or not fragment:
+            return b""
+        return prefix + dumps_str(fragment) + _ARGS_CLOSE
 
     def finish(self) -> bytes:
         """The bytes that end the client stream, if :meth:`feed` has not sent them.

@@ -190,8 +190,36 @@ class SseEvent(NamedTuple):
     data: bytes
 
 
+#: ``SseEvent``'s constructor without the Python-level ``__new__`` NamedTuple adds (half the cost).
+_new_event = tuple.__new__
+
+
 def parse_event(raw: bytes) -> SseEvent:
-    """Parse one raw event; multiple ``data:`` lines are joined with ``\\n``."""
+    """Parse one raw event; multiple ``data:`` lines are joined with ``\\n``.
+
+    The common shape (an optional ``event: NAME`` line and one ``data: ...``
+    line, as every provider and the core's stream decoders write events) is
+    sliced without splitting lines; anything else is parsed line by line
+    (:func:`_parse_lines`), with the same result.
+    """
+    end = len(raw) - 2
+    if raw.endswith(b"\n\n") and _CR not in raw:
+        if raw.startswith(b"data: "):
+            if raw.find(b"\n", 6) == end:
+                return _new_event(SseEvent, (None, raw[6:end]))
+        elif raw.startswith(b"event: "):
+            at = raw.find(b"\n", 7)
+            if raw.startswith(b"data: ", at + 1) and raw.find(b"\n", at + 7) == end:
+                return _new_event(SseEvent, (raw[7:at], raw[at + 7 : end]))
+    elif raw.endswith(b"\r\n\r\n") and raw.startswith(b"data: "):  # Gemini's CRLF events
+        cr = raw.find(b"\r", 6)
+        if cr == end - 2 and raw.find(b"\n", 6) == cr + 1:
+            return _new_event(SseEvent, (None, raw[6:cr]))
+    return _parse_lines(raw)
+
+
+def _parse_lines(raw: bytes) -> SseEvent:
+    """:func:`parse_event` for any event: line by line."""
     event: bytes | None = None
     data_lines: list[bytes] = []
     for line in raw.splitlines():

@@ -251,6 +251,59 @@ def test_event_stream_decoder_rejects_bad_crc_and_cut_frames() -> None:
         EventStreamDecoder().feed(encode_frame("messageStart", b"{}")[:-3], True)
 
 
+def _botocore_sse(data: bytes) -> list[tuple[bytes | None, bytes]]:
+    """What botocore's own EventStreamBuffer makes of ``data``: (event type, payload) per frame."""
+    from botocore.eventstream import EventStreamBuffer
+
+    buffer = EventStreamBuffer()
+    buffer.add_data(data)
+    return [(m.headers[":event-type"].encode(), m.payload) for m in buffer]
+
+
+@pytest.mark.parametrize("read", [1, 3, 16, 61, 250, 100_000])
+def test_event_stream_decoder_agrees_with_botocore_buffer(read: int) -> None:
+    data = _frames() + encode_frame("contentBlockDelta", b"") + encode_frame("x" * 200, rb'{"a":"\u00e9"}')
+    decoder = EventStreamDecoder()
+    sse = b"".join(decoder.feed(data[i : i + read], i + read >= len(data)) for i in range(0, len(data), read))
+    got = [(e.event, e.data) for e in map(parse_event, split_events(sse))]
+    want = [(name, payload or b"{}") for name, payload in _botocore_sse(data)]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    ("offset", "reason"),
+    [(0, "ChecksumMismatch"), (9, "ChecksumMismatch"), (20, "ChecksumMismatch"), (-1, "ChecksumMismatch")],
+)
+def test_event_stream_decoder_checks_both_crcs(offset: int, reason: str) -> None:
+    frame = bytearray(encode_frame("messageStart", b'{"role":"assistant"}'))
+    frame[offset] ^= 0x01
+    with pytest.raises(UpstreamProtocolError, match=reason):
+        EventStreamDecoder().feed(bytes(frame), False)
+
+
+def test_event_stream_decoder_rejects_impossible_lengths() -> None:
+    import struct
+    from binascii import crc32
+
+    prelude = struct.pack(">II", 8, 0)  # shorter than its own prelude and CRC
+    with pytest.raises(UpstreamProtocolError, match="InvalidPayloadLength"):
+        EventStreamDecoder().feed(prelude + struct.pack(">I", crc32(prelude)) + b"\0" * 8, False)
+    prelude = struct.pack(">II", 200_000, 150_000)  # botocore's 128 KiB header cap
+    with pytest.raises(UpstreamProtocolError, match="InvalidHeadersLength"):
+        EventStreamDecoder().feed(prelude + struct.pack(">I", crc32(prelude)), False)
+
+
+def test_event_stream_header_cache_is_shared_and_bounded() -> None:
+    from llmproxy.filters.routing.adapters.bedrock import HEAD_CACHE_SIZE, EventStreamDecoders
+
+    decoders = EventStreamDecoders()
+    frames = b"".join(encode_frame(f"event{i}", b"{}") for i in range(HEAD_CACHE_SIZE + 10))
+    first = decoders().feed(frames, True)
+    assert decoders().feed(frames, True) == first  # a second response, past the cache's bound
+    assert first.count(b"event: event") == HEAD_CACHE_SIZE + 10
+    assert len(decoders._heads) == HEAD_CACHE_SIZE
+
+
 def test_exception_frame_becomes_an_error_event() -> None:
     frame = encode_frame("throttlingException", b'{"message":"slow down"}', message_type="exception")
     sse = EventStreamDecoder().feed(frame, True)

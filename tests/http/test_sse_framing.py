@@ -11,7 +11,7 @@ import pytest
 from llmproxy.errors import BadRequest, HeadersTooLarge, UpstreamEventTooLarge
 from llmproxy.http import sse
 from llmproxy.http.framing import check_head, find_head_end
-from llmproxy.http.sse import _BOUNDARY, SseFramer, format_event, parse_event
+from llmproxy.http.sse import _BOUNDARY, SseFramer, _parse_lines, format_event, parse_event
 
 EVENTS = [b'data: {"a":1}\n\n', b"event: x\ndata: two\n\n", b"data: [DONE]\n\n"]
 
@@ -46,6 +46,41 @@ def test_parse_and_format_event() -> None:
     assert event.event == b"message_start" and event.data == b'{"x":1}'
     assert parse_event(b"data: a\ndata: b\n\n").data == b"a\nb"
     assert format_event(b"{}", b"ping") == b"event: ping\ndata: {}\n\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'data: {"x":1}\n\n',
+        b"data: \n\n",
+        b"data:\n\n",
+        b"data:x\n\n",
+        b"data:  two spaces\n\n",
+        b"data: a\ndata: b\n\n",
+        b"event: ping\ndata: {}\n\n",
+        b"event: \ndata: x\n\n",
+        b"event:x\ndata: y\n\n",
+        b"event: a\ndata: b\ndata: c\n\n",
+        b"event: a\nid: 1\ndata: b\n\n",
+        b"event: a\n\n",
+        b"event: a\nevent: b\ndata: c\n\n",
+        b": comment\ndata: x\n\n",
+        b"data: x\n: comment\n\n",
+        b"data: x\r\n\r\n",
+        b"data: \r\n\r\n",
+        b"data: a\r\ndata: b\r\n\r\n",
+        b"data: a\rb\r\n\r\n",
+        b"data: a\nb\r\n\r\n",
+        b"event: a\r\ndata: b\r\n\r\n",
+        b"data: x\r\r",
+        b"data: x\n",
+        b"data: x",
+        b"data: x\n\n\n",
+        b"",
+    ],
+)
+def test_parse_event_fast_shapes_agree_with_the_line_parser(raw: bytes) -> None:
+    assert parse_event(raw) == _parse_lines(raw)
 
 
 def test_find_head_end() -> None:

@@ -93,6 +93,10 @@ class Adapter:
         """The headers that carry ``key`` to this provider."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Stop what the adapter started (a credential refresh thread): called when the routing
+        factory closes, at shutdown or after a reload replaced it. Must not block. Idempotent."""
+
     def static_headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """Headers every request to this provider carries (API version and the like)."""
         return ()

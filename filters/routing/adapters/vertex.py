@@ -61,7 +61,9 @@ class GoogleTokenSigner:
         self._file = credentials_file
         self._margin = margin
         self._stop = threading.Event()
-        threading.Thread(target=self._run, name="llmproxy-google-credentials", daemon=True).start()
+        #: The refresh thread; it ends soon after :meth:`close`.
+        self.thread = threading.Thread(target=self._run, name="llmproxy-google-credentials", daemon=True)
+        self.thread.start()
 
     def _load(self) -> Any:
         import google.auth
@@ -106,6 +108,7 @@ class GoogleTokenSigner:
         return [kv for kv in fields if kv[0] != b"authorization"] + [(b"authorization", token)]
 
     def close(self) -> None:
+        """Stop the refresh thread (it ends at its next wait, at once unless a refresh is under way)."""
         self._stop.set()
 
 
@@ -172,6 +175,10 @@ class VertexAdapter(Adapter):
         if self._signer is None:
             self._signer = GoogleTokenSigner(self.options.get("credentials_file"), self._margin)
         return {"signer": self._signer}
+
+    def close(self) -> None:
+        if self._signer is not None:
+            self._signer.close()
 
     def path(self, api: str, provider_model: str, query: str) -> str:
         return self.request_path(api, provider_model, query, stream=False)
