@@ -68,12 +68,15 @@ from llmproxy import (
     Filter,
     FilterFactory,
     Outcome,
+    Source,
     StoreUnavailable,
     Usage,
 )
-from llmproxy.filters.cache.key import request_key
+from llmproxy.filters.cache.key import request_key, table_version
 from llmproxy.filters.cache.lru import Lru
 from llmproxy.filters.names import PRINCIPAL, ROUTE
+from llmproxy.filters.ratelimit import RateLimitFactory, RateLimitFilter
+from llmproxy.filters.routing import RoutingFactory
 
 __all__ = ["STATUS", "CacheFactory", "CacheFilter"]
 
@@ -92,36 +95,84 @@ _KNOWN = frozenset(
         "exclude_models",
         "store",
         "wait",
+        "charge_hits",
     }
 )
 _POLL = 0.02
 _FREE = Cost(Decimal(0), price_source="cache")
+_HIT = {"cache": "hit"}
 
 
-def _encode(content_type: bytes, usage: Usage | None, body: bytes) -> bytes:
-    """An entry: one JSON line (content type, the original usage) then the body bytes."""
-    meta: dict[str, Any] = {"ct": content_type.decode("latin-1")}
-    if usage is not None:
-        meta["u"] = [
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cache_read_tokens,
-            usage.cache_write_tokens,
-            usage.reasoning_tokens,
-            usage.model,
-            usage.provider,
-        ]
-    return orjson.dumps(meta) + b"\n" + body
+class Entry:
+    """A stored reply, decoded once (an LRU hit serves it without parsing anything).
 
+    ``blob`` is its form in the shared store: one JSON line (content type, the
+    original usage counts and cost) then the body bytes.
+    """
 
-def _decode(entry: bytes) -> tuple[str, Usage | None, bytes]:
-    head, _, body = entry.partition(b"\n")
-    meta = orjson.loads(head)
-    u = meta.get("u")
-    usage = None
-    if u is not None:
-        usage = Usage(u[0], u[1], u[2], u[3], u[4], model=u[5], provider=u[6], cost=_FREE, extra={"cache": "hit"})
-    return meta["ct"], usage, body
+    __slots__ = ("blob", "body", "content_type", "cost", "counts")
+
+    def __init__(
+        self, content_type: str, body: bytes, counts: list[Any] | None, cost: Cost | None, blob: bytes
+    ) -> None:
+        self.content_type = content_type
+        self.body = body
+        #: input, output, cache read, cache write, reasoning tokens, model, provider (None: no record).
+        self.counts = counts
+        #: What the reply cost when it was first served (None: unknown).
+        self.cost = cost
+        self.blob = blob
+
+    @classmethod
+    def of_reply(cls, content_type: bytes, usage: Usage | None, body: bytes) -> Entry:
+        meta: dict[str, Any] = {"ct": content_type.decode("latin-1")}
+        counts = cost = None
+        if usage is not None:
+            counts = meta["u"] = [
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_read_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
+                usage.model,
+                usage.provider,
+            ]
+            cost = usage.cost
+            if cost is not None:
+                meta["c"] = [
+                    *(str(d) for d in (cost.total, cost.input, cost.output, cost.cache_read, cost.cache_write)),
+                    cost.currency,
+                    cost.price_source,
+                ]
+        return cls(meta["ct"], body, counts, cost, orjson.dumps(meta) + b"\n" + body)
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Entry:
+        head, _, body = blob.partition(b"\n")
+        meta = orjson.loads(head)
+        c = meta.get("c")
+        cost = Cost(*(Decimal(d) for d in c[:5]), currency=c[5], price_source=c[6]) if c else None
+        return cls(meta["ct"], body, meta.get("u"), cost, blob)
+
+    def usage(self, requested_model: str, charged: bool) -> Usage | None:
+        """The record of one hit: the original counts (``Source.CACHE``), at zero cost unless ``charged``."""
+        u = self.counts
+        if u is None:
+            return None
+        return Usage(
+            u[0],
+            u[1],
+            u[2],
+            u[3],
+            u[4],
+            Source.CACHE,
+            Source.CACHE,
+            model=u[5],
+            provider=u[6],
+            requested_model=requested_model,
+            cost=self.cost if charged else _FREE,
+            extra=dict(_HIT),
+        )
 
 
 class CacheFilter(Filter):
@@ -163,17 +214,18 @@ class CacheFilter(Filter):
         if not factory.any_temperature and temperature not in (None, 0, 0.0):
             factory.bypass.inc()
             return Action.CONTINUE
-        if factory.excludes(exchange.model):
+        if factory.exclude and factory.excludes(exchange.model):
             factory.bypass.inc()
             return Action.CONTINUE
         principal = exchange.vars.get(PRINCIPAL)
         scope = "" if factory.shared or principal is None else principal.key_id
+        # after routing: the upstream model (aliases share entries); before it: the client's
+        # model, with the routing table's version in the scope (a changed mapping misses)
         model = route.model if route is not None else exchange.model
-        key = request_key(exchange.client_path, model, payload, payload.get("stream") is True, scope)
+        key = request_key(exchange.client_path, model, payload, payload.get("stream") is True, scope + factory.table)
         entry = factory.lru.get(key)
         if entry is not None:
-            self._hit(exchange, entry)
-            return Action.CONTINUE
+            return self._hit(exchange, entry)
         return self._miss(exchange, key)
 
     async def _miss(self, exchange: Exchange, key: str) -> Action:
@@ -181,9 +233,8 @@ class CacheFilter(Filter):
         if factory.use_store:
             entry = await factory.store_get(key)
             if entry is not None:
-                factory.lru.put(key, entry, factory.ttl)
-                self._hit(exchange, entry)
-                return Action.CONTINUE
+                factory.keep(key, entry)
+                return await self._answer(exchange, entry)
         waiting = factory.inflight.get(key)
         if waiting is not None:  # a leader in this worker
             try:
@@ -191,14 +242,12 @@ class CacheFilter(Filter):
             except TimeoutError:
                 entry = None
             if entry is not None:
-                self._hit(exchange, entry)
-                return Action.CONTINUE
+                return await self._answer(exchange, entry)
         elif factory.use_store and not await factory.lease(key):  # a leader elsewhere
             entry = await factory.poll(key)
             if entry is not None:
-                factory.lru.put(key, entry, factory.ttl)
-                self._hit(exchange, entry)
-                return Action.CONTINUE
+                factory.keep(key, entry)
+                return await self._answer(exchange, entry)
         else:
             self.lease = factory.use_store
             self.leader = True
@@ -209,16 +258,34 @@ class CacheFilter(Filter):
         factory.misses.inc()
         return Action.CONTINUE
 
-    def _hit(self, exchange: Exchange, entry: bytes) -> None:
-        content_type, usage, body = _decode(entry)
+    async def _answer(self, exchange: Exchange, entry: Entry) -> Action:
+        result = self._hit(exchange, entry)
+        return result if isinstance(result, Action) else await result
+
+    def _hit(self, exchange: Exchange, entry: Entry) -> Action | Awaitable[Action]:
+        """Answer with ``entry``: at once, or once ``ratelimit`` charged it (``charge_hits``)."""
+        factory = self.factory
+        usage = entry.usage(exchange.model, factory.charge_hits)
         if usage is not None:
-            usage.requested_model = exchange.model
             exchange.usage = usage
         exchange.vars[STATUS] = "hit"
         exchange.set_response_header("x-llmproxy-cache", "hit")
-        exchange.send_local_reply(200, body, content_type=content_type)
+        if usage is not None and factory.charge_hits and factory.ratelimit_slot >= 0:
+            return self._charged(exchange, entry, usage)
+        self._serve(exchange, entry)
+        return Action.CONTINUE
+
+    async def _charged(self, exchange: Exchange, entry: Entry, usage: Usage) -> Action:
+        limiter = exchange.filters[self.factory.ratelimit_slot]
+        assert isinstance(limiter, RateLimitFilter)
+        await limiter.charge(exchange, usage)  # raises its 429 when the budget has no room
+        self._serve(exchange, entry)
+        return Action.CONTINUE
+
+    def _serve(self, exchange: Exchange, entry: Entry) -> None:
+        exchange.send_local_reply(200, entry.body, content_type=entry.content_type)
         self.factory.hits.inc()
-        self.factory.hit_bytes.inc(len(body))
+        self.factory.hit_bytes.inc(len(entry.body))
 
     def on_response_headers(self, exchange: Exchange) -> Action:
         response = exchange.response
@@ -257,7 +324,7 @@ class CacheFilter(Filter):
         if key is None:
             return
         factory = self.factory
-        entry: bytes | None = None
+        entry: Entry | None = None
         attempt = exchange.attempt
         stored = (
             self.complete
@@ -267,9 +334,9 @@ class CacheFilter(Filter):
             and attempt.outcome is Outcome.COMPLETED
         )
         if stored and attempt is not None:
-            entry = _encode(self.content_type, attempt.usage, b"".join(self.buffer))
-            factory.lru.put(key, entry, factory.ttl)
-            factory.stored_bytes.inc(len(entry))
+            entry = Entry.of_reply(self.content_type, attempt.usage, b"".join(self.buffer))
+            factory.keep(key, entry)
+            factory.stored_bytes.inc(len(entry.blob))
         if self.leader:
             future = factory.inflight.pop(key, None)
             if future is not None and not future.done():
@@ -277,7 +344,7 @@ class CacheFilter(Filter):
         if factory.use_store:
             try:
                 if entry is not None:
-                    await factory.context.store.set(key, entry, ttl=factory.ttl)
+                    await factory.context.store.set(key, entry.blob, ttl=factory.ttl)
                 if self.lease:
                     await factory.context.store.release_lease(key + ":lock", factory.holder)
             except StoreUnavailable:
@@ -301,6 +368,7 @@ class CacheFactory(FilterFactory):
         self.max_entry_bytes = int(_number(config, "max_entry_bytes", 1024 * 1024))
         self.shared = _flag(config, "shared")
         self.any_temperature = _flag(config, "any_temperature")
+        self.charge_hits = _flag(config, "charge_hits")
         store = config.get("store", "local")
         if store not in ("local", "shared"):
             raise ValueError("store: must be local or shared")
@@ -309,9 +377,13 @@ class CacheFactory(FilterFactory):
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
             raise ValueError("exclude_models: must be a list of model patterns")
         self.exclude = tuple(patterns)
-        self.lru = Lru(max_entries, max_bytes)
-        self.inflight: dict[str, asyncio.Future[bytes | None]] = {}
+        self.lru: Lru[Entry] = Lru(max_entries, max_bytes)
+        self.inflight: dict[str, asyncio.Future[Entry | None]] = {}
         self.holder = f"{os.getpid()}:{id(self):x}"
+        #: Mixed into every key's scope when ``routing`` comes after the cache: its config's digest.
+        self.table = ""
+        #: The chain position of the ``ratelimit`` filter that charges hits (-1: none, or not charged).
+        self.ratelimit_slot = -1
         registry = context.metrics
         self.hits = Counter("llmproxy_cache_hits", "Replies served from the cache", registry=registry)
         self.misses = Counter("llmproxy_cache_misses", "Cacheable requests sent upstream", registry=registry)
@@ -320,17 +392,31 @@ class CacheFactory(FilterFactory):
         self.stored_bytes = Counter("llmproxy_cache_stored_bytes", "Bytes of entries stored", registry=registry)
         self.store_errors = Counter("llmproxy_cache_store_errors", "Shared store calls that failed", registry=registry)
 
+    async def start(self) -> None:
+        factories = self.context.factories
+        mine = factories.index(self) if self in factories else -1
+        later = factories[mine + 1 :]
+        routing = next((f for f in later if isinstance(f, RoutingFactory)), None)
+        if routing is not None:
+            self.table = "|" + table_version(routing.config)
+        if self.charge_hits:
+            self.ratelimit_slot = next((i for i, f in enumerate(factories) if isinstance(f, RateLimitFactory)), -1)
+
     def excludes(self, model: str) -> bool:
         """Whether the client's ``model`` matches an ``exclude_models`` pattern."""
         return any(fnmatch.fnmatchcase(model, p) for p in self.exclude)
 
-    async def store_get(self, key: str) -> bytes | None:
+    def keep(self, key: str, entry: Entry) -> None:
+        """Put ``entry`` in this worker's LRU."""
+        self.lru.put(key, entry, self.ttl, len(entry.blob))
+
+    async def store_get(self, key: str) -> Entry | None:
         try:
             value, _ = await self.context.store.get(key)
         except StoreUnavailable:
             self.store_errors.inc()
             return None
-        return value
+        return Entry.decode(value) if value is not None else None
 
     async def lease(self, key: str) -> bool:
         """Try to lead ``key`` across instances; True also when the store is down (go upstream)."""
@@ -340,7 +426,7 @@ class CacheFactory(FilterFactory):
             self.store_errors.inc()
             return True
 
-    async def poll(self, key: str) -> bytes | None:
+    async def poll(self, key: str) -> Entry | None:
         """Wait (at most ``wait``) for another instance's leader: its entry, or None when it gave up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
@@ -350,7 +436,7 @@ class CacheFactory(FilterFactory):
             try:
                 value, _ = await store.get(key)
                 if value is not None:
-                    return value
+                    return Entry.decode(value)
                 if await store.acquire_lease(key + ":lock", self.holder, 0.001):
                     await store.release_lease(key + ":lock", self.holder)
                     return None  # the leader released its lease without an entry
