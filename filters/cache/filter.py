@@ -151,7 +151,10 @@ class Entry:
         head, _, body = blob.partition(b"\n")
         meta = orjson.loads(head)
         c = meta.get("c")
-        cost = Cost(*(Decimal(d) for d in c[:5]), currency=c[5], price_source=c[6]) if c else None
+        cost = None
+        if c:
+            total, part_in, part_out, read, write = (Decimal(d) for d in c[:5])
+            cost = Cost(total, part_in, part_out, read, write, currency=c[5], price_source=c[6])
         return cls(meta["ct"], body, meta.get("u"), cost, blob)
 
     def usage(self, requested_model: str, charged: bool) -> Usage | None:
