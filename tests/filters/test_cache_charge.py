@@ -44,7 +44,8 @@ def spent(proxy: RunningProxy, loop_thread: Any) -> int:
 
 def metrics(proxy: RunningProxy, prefix: str) -> dict[str, float]:
     text = urllib.request.urlopen(proxy.url + "/metrics", timeout=5).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)}
+    lines = [line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(prefix)]
+    return {name: float(value) for name, value in lines}
 
 
 @pytest.mark.parametrize("charge", [False, True])
@@ -110,7 +111,9 @@ def test_the_metering_record_and_metrics_of_a_hit(
     time.sleep(0.05)
     after = metrics(proxy, "llmproxy_")
     for kind, value in (("input", usage["prompt_tokens"]), ("output", usage["completion_tokens"])):
-        name = next(n for n in after if n.startswith("llmproxy_tokens_total") and f'kind="{kind}"' in n and "cache" in n)
+        name = next(
+            n for n in after if n.startswith("llmproxy_tokens_total{") and f'kind="{kind}"' in n and "cache" in n
+        )
         assert after[name] == value and 'source="cache"' in name, name
     cost = next(n for n in after if n.startswith("llmproxy_cost_usd_total"))
     grew = after[cost] - before[cost]
