@@ -2,7 +2,7 @@
 
 Config (all optional)::
 
-    - name: cache           # after auth and routing, before ratelimit and metering
+    - name: cache           # after auth, before ratelimit (see "Where to put it")
       config:
         ttl: 300                  # seconds an entry lives
         max_entries: 10000        # worker-local LRU bounds
@@ -14,6 +14,7 @@ Config (all optional)::
         store: local              # local (this worker's LRU) or shared (the proxy's store: Redis
                                   # across workers and instances, the LRU in front of it)
         wait: 30                  # seconds a follower waits for the leader of its key
+        charge_hits: false        # true: a hit costs what the reply first cost, charged by ratelimit
 
 What is cached: ``POST`` chat completions, messages and responses with
 status 200 and a complete body (the exchange ended without error, the
@@ -30,14 +31,34 @@ client first received (a stream is replayed as the same events, its usage
 chunk included). ``x-llmproxy-cache: hit|miss|bypass`` is on every response
 (bypass: not cacheable, ``cache-control: no-store``/``no-cache``, an
 excluded model) that gets as far as ``cache`` in the chain: a request
-refused by a filter before it (``auth``'s 401) carries none. Because a hit replies in ``on_request_body``, filters after
-``cache`` (``ratelimit``, ``metering``) never reserve or count it: a hit
-costs nothing against budgets. ``vars["cache.status"]`` says which. On a
-hit ``exchange.usage`` is the original reply's token counts with a zero
-cost (``price_source="cache"``) and ``extra={"cache": "hit"}``: the access
-log and usage record show what was served, marked as cached. (Charging hits
-against budgets, ``charge_hits``, is not built: it would need ratelimit to
-settle a reply that had no attempt.)
+refused by a filter before it (``auth``'s 401) carries none.
+``vars["cache.status"]`` says which.
+
+What a hit costs: on a hit ``exchange.usage`` is the original reply's token
+counts with ``Source.CACHE`` as their source and ``extra={"cache": "hit"}``;
+``metering`` counts it under ``source="cache"`` and the access log prints
+it. By default (``charge_hits: false``) its cost is zero
+(``price_source="cache"``) and, replying in ``on_request_body`` before
+``ratelimit``, it is never reserved or charged: a spent budget still serves
+it. With ``charge_hits: true`` its cost is what the reply cost when first
+served, and the chain's ``ratelimit`` filter admits and charges it on those
+exact counts (:meth:`~llmproxy.filters.ratelimit.RateLimitFilter.charge`:
+a request, its tokens, its cost, no concurrency slot) before it is served:
+a budget without room refuses it with ratelimit's 429 (a replay cannot be
+cut short, so a hard budget needs room for all of it).
+
+Where to put it: a hit runs every filter's ``on_request_headers`` and
+``on_exchange_complete`` but only the ``on_request_body`` hooks before
+``cache``, so the earlier it sits the cheaper a hit (right after ``auth``,
+which scopes the key). Before ``routing`` the key has the client's model
+(an alias and its target are then separate entries) and a digest of the
+routing filter's config, so an entry is never found again after a reload
+changed the mapping it was stored under (a shared store outlives reloads).
+After ``routing`` it has the upstream model. Rules of ``ratelimit`` keyed by
+``provider`` need ``cache`` after ``routing`` to match a charged hit.
+
+Entries are kept decoded in the worker's LRU (:class:`Entry`): a hit parses
+nothing; the shared store holds their encoded form (:attr:`Entry.blob`).
 
 Single flight: the first miss of a key leads; identical requests arriving
 while it runs wait (at most ``wait`` seconds) and are served its reply; if

@@ -15,6 +15,9 @@ settlement:
   budget), before any upstream call. A hard budget grants as much output as
   it has left: ``max_tokens`` is clamped to that allowance upstream, and a
   stream is cut cleanly when it is used up (:mod:`.cut`).
+* :meth:`RateLimitFilter.charge`: a reply served without the upstream (a
+  ``cache`` hit with ``charge_hits``) is admitted on its exact counts and
+  settled to them, from the serving filter's request hook.
 * ``on_response_headers``: the rate-limit fields ride on the response.
 * ``on_attempt_complete``: when the last attempt ends (completed, failed or
   abandoned: client gone, shutdown; a retried attempt only adds its usage),

@@ -19,6 +19,7 @@ from typing import Any
 import openai
 import pytest
 
+from llmproxy.filters.cache import CacheFactory
 from llmproxy.filters.ratelimit import RateLimitFactory
 from llmproxy.mock import MockServer
 
@@ -139,4 +140,23 @@ def test_responses_api_json_and_stream_hits(mock: MockServer, make_proxy: Make) 
     first, second = events(), events()
     assert first == second
     assert first[-1]["type"] == "response.completed" and first[-1]["response"]["usage"]["output_tokens"] > 0
+    assert len(mock.requests) == 2
+
+
+def test_a_cache_before_routing_keys_the_client_model_and_the_table(mock: MockServer, make_proxy: Make) -> None:
+    cfg = config(mock.port)
+    auth, routing, cache, metering = cfg["filters"]
+    cfg["filters"] = [auth, cache, routing, metering]
+    proxy = make_proxy(cfg)
+    _, first, body = post(proxy.port, CHAT)
+    _, second, replay = post(proxy.port, {**CHAT, "user": "u-2"})
+    assert (first["x-llmproxy-cache"], second["x-llmproxy-cache"], replay) == ("miss", "hit", body)
+    assert post(proxy.port, {**CHAT, "model": "alias"})[1]["x-llmproxy-cache"] == "miss"  # the client's model
+    factory = next(f for f in proxy.runtime.chain.factories if f.name == "cache")
+    assert isinstance(factory, CacheFactory) and len(factory.table) > 1  # routing's digest is in every key
+    other = config(mock.port)
+    other["filters"][1]["config"]["providers"][0]["models"]["demo"] = "mock-gpt-2"
+    other["filters"] = [other["filters"][0], other["filters"][2], other["filters"][1], other["filters"][3]]
+    changed = make_proxy(other)
+    assert next(f for f in changed.runtime.chain.factories if f.name == "cache").table != factory.table
     assert len(mock.requests) == 2
