@@ -30,8 +30,9 @@ A hit is a local reply with the original ``content-type`` and the bytes the
 client first received (a stream is replayed as the same events, its usage
 chunk included). ``x-llmproxy-cache: hit|miss|bypass`` is on every response
 (bypass: not cacheable, ``cache-control: no-store``/``no-cache``, an
-excluded model) that gets as far as ``cache`` in the chain: a request
-refused by a filter before it (``auth``'s 401) carries none.
+excluded model) whose request body got as far as ``cache`` in the chain
+(set once, when the cache decides): a request refused before that
+(``auth``'s 401, an invalid body) carries none.
 ``vars["cache.status"]`` says which.
 
 What a hit costs: on a hit ``exchange.usage`` is the original reply's token
@@ -121,7 +122,6 @@ _KNOWN = frozenset(
 )
 _POLL = 0.02
 _FREE = Cost(Decimal(0), price_source="cache")
-_HIT = {"cache": "hit"}
 
 
 class Entry:
@@ -195,7 +195,7 @@ class Entry:
             provider=u[6],
             requested_model=requested_model,
             cost=self.cost if charged else _FREE,
-            extra=dict(_HIT),
+            extra={"cache": "hit"},
         )
 
 
@@ -208,49 +208,51 @@ class CacheFilter(Filter):
 
     def __init__(self, factory: CacheFactory) -> None:
         super().__init__(factory)
-        self.key: str | None = None  # set when this exchange may store its reply
+        self.key: str | None = None  # set (with the recording state below) when this exchange may store its reply
         self.leader = False
         self.lease = False
-        self.buffer: list[bytes] = []
-        self.overflow = 0
-        self.complete = False
-        self.content_type = b""
-
-    def on_request_headers(self, exchange: Exchange) -> Action:
-        exchange.vars[STATUS] = "bypass"
-        exchange.set_response_header("x-llmproxy-cache", "bypass")
-        return Action.CONTINUE
+        self.buffer: list[bytes]
+        self.overflow: int
+        self.complete: bool
+        self.content_type: bytes
 
     def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
+        key = self._key(exchange)
+        if key is None:
+            _mark(exchange, "bypass")
+            return Action.CONTINUE
+        entry = self.factory.lru.get(key)
+        if entry is not None:
+            return self._hit(exchange, entry)
+        return self._miss(exchange, key)
+
+    def _key(self, exchange: Exchange) -> str | None:
+        """The request's cache key, or None when it is not cacheable (counted when it says so itself)."""
         factory = self.factory
         request = exchange.request
         if request.method != "POST" or exchange.client_path.partition("?")[0] not in _PATHS:
-            return Action.CONTINUE
+            return None
         control = request.headers.get("cache-control")
         if control is not None and ("no-store" in control or "no-cache" in control):
             factory.bypass.inc()
-            return Action.CONTINUE
+            return None
         route = exchange.vars.get(ROUTE)
         payload = route.client_json(exchange) if route is not None else exchange.request_json()
         if not isinstance(payload, dict):
-            return Action.CONTINUE
+            return None
         temperature = payload.get("temperature")
         if not factory.any_temperature and temperature not in (None, 0, 0.0):
             factory.bypass.inc()
-            return Action.CONTINUE
+            return None
         if factory.exclude and factory.excludes(exchange.model):
             factory.bypass.inc()
-            return Action.CONTINUE
+            return None
         principal = exchange.vars.get(PRINCIPAL)
         scope = "" if factory.shared or principal is None else principal.key_id
         # after routing: the upstream model (aliases share entries); before it: the client's
         # model, with the routing table's version in the scope (a changed mapping misses)
         model = route.model if route is not None else exchange.model
-        key = request_key(exchange.client_path, model, payload, payload.get("stream") is True, scope + factory.table)
-        entry = factory.lru.get(key)
-        if entry is not None:
-            return self._hit(exchange, entry)
-        return self._miss(exchange, key)
+        return request_key(exchange.client_path, model, payload, payload.get("stream") is True, scope + factory.table)
 
     async def _miss(self, exchange: Exchange, key: str) -> Action:
         factory = self.factory
@@ -277,8 +279,11 @@ class CacheFilter(Filter):
             self.leader = True
             factory.inflight[key] = asyncio.get_running_loop().create_future()
         self.key = key
-        exchange.vars[STATUS] = "miss"
-        exchange.set_response_header("x-llmproxy-cache", "miss")
+        self.buffer = []
+        self.overflow = 0
+        self.complete = False
+        self.content_type = b""
+        _mark(exchange, "miss")
         factory.misses.inc()
         return Action.CONTINUE
 
@@ -292,8 +297,7 @@ class CacheFilter(Filter):
         usage = entry.usage(exchange.model, factory.charge_hits)
         if usage is not None:
             exchange.usage = usage
-        exchange.vars[STATUS] = "hit"
-        exchange.set_response_header("x-llmproxy-cache", "hit")
+        _mark(exchange, "hit")
         if usage is not None and factory.charge_hits and factory.ratelimit_slot >= 0:
             return self._charged(exchange, entry, usage)
         self._serve(exchange, entry)
@@ -468,6 +472,12 @@ class CacheFactory(FilterFactory):
                 self.store_errors.inc()
                 return None
         return None
+
+
+def _mark(exchange: Exchange, status: str) -> None:
+    """Say what the cache did: ``vars["cache.status"]`` and the ``x-llmproxy-cache`` field, set once."""
+    exchange.vars[STATUS] = status
+    exchange.set_response_header("x-llmproxy-cache", status)
 
 
 def _number(config: Mapping[str, Any], field: str, default: float) -> float:
