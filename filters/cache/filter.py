@@ -121,6 +121,8 @@ _KNOWN = frozenset(
     }
 )
 _POLL = 0.02
+#: Seconds after a hit by which the hit metrics show it.
+_FLUSH_DELAY = 0.25
 _FREE = Cost(Decimal(0), price_source="cache")
 
 
@@ -312,8 +314,7 @@ class CacheFilter(Filter):
 
     def _serve(self, exchange: Exchange, entry: Entry) -> None:
         exchange.send_local_reply(200, entry.body, content_type=entry.content_type)
-        self.factory.hits.inc()
-        self.factory.hit_bytes.inc(len(entry.body))
+        self.factory.count_hit(len(entry.body))
 
     def on_response_headers(self, exchange: Exchange) -> Action:
         response = exchange.response
@@ -419,6 +420,9 @@ class CacheFactory(FilterFactory):
         self.hit_bytes = Counter("llmproxy_cache_hit_bytes", "Body bytes served from the cache", registry=registry)
         self.stored_bytes = Counter("llmproxy_cache_stored_bytes", "Bytes of entries stored", registry=registry)
         self.store_errors = Counter("llmproxy_cache_store_errors", "Shared store calls that failed", registry=registry)
+        #: Hits and their bytes counted since the last :meth:`flush_metrics` (plain ints on the hit path).
+        self._pending_hits = 0
+        self._pending_hit_bytes = 0
 
     async def start(self) -> None:
         factories = self.context.factories
@@ -429,6 +433,25 @@ class CacheFactory(FilterFactory):
             self.table = "|" + table_version(routing.config)
         if self.charge_hits:
             self.ratelimit_slot = next((i for i, f in enumerate(factories) if isinstance(f, RateLimitFactory)), -1)
+
+    def count_hit(self, size: int) -> None:
+        """Count a hit of ``size`` body bytes: in the metrics at the next flush, at most
+        ``_FLUSH_DELAY`` later (a counter's ``inc`` takes a lock: it would be most of a hit's cost)."""
+        if not self._pending_hits:
+            asyncio.get_running_loop().call_later(_FLUSH_DELAY, self.flush_metrics)
+        self._pending_hits += 1
+        self._pending_hit_bytes += size
+
+    def flush_metrics(self) -> None:
+        """Move the hits counted since the last flush into the metrics."""
+        if self._pending_hits:
+            self.hits.inc(self._pending_hits)
+            self.hit_bytes.inc(self._pending_hit_bytes)
+            self._pending_hits = self._pending_hit_bytes = 0
+
+    async def close(self) -> None:
+        self.flush_metrics()
+        await super().close()
 
     def excludes(self, model: str) -> bool:
         """Whether the client's ``model`` matches an ``exclude_models`` pattern."""
