@@ -297,22 +297,22 @@ class CacheFilter(Filter):
         """Answer with ``entry``: at once, or once ``ratelimit`` charged it (``charge_hits``)."""
         factory = self.factory
         usage = entry.usage(exchange.model, factory.charge_hits)
-        if usage is not None:
-            exchange.usage = usage
         _mark(exchange, "hit")
         if usage is not None and factory.charge_hits and factory.ratelimit_slot >= 0:
             return self._charged(exchange, entry, usage)
-        self._serve(exchange, entry)
+        self._serve(exchange, entry, usage)
         return Action.CONTINUE
 
     async def _charged(self, exchange: Exchange, entry: Entry, usage: Usage) -> Action:
         limiter = exchange.filters[self.factory.ratelimit_slot]
         assert isinstance(limiter, RateLimitFilter)
-        await limiter.charge(exchange, usage)  # raises its 429 when the budget has no room
-        self._serve(exchange, entry)
+        await limiter.charge(exchange, usage)  # raises its 429 when the budget has no room (nothing served)
+        self._serve(exchange, entry, usage)
         return Action.CONTINUE
 
-    def _serve(self, exchange: Exchange, entry: Entry) -> None:
+    def _serve(self, exchange: Exchange, entry: Entry, usage: Usage | None) -> None:
+        if usage is not None:
+            exchange.usage = usage  # the record of what was served (a refused hit has none)
         exchange.send_local_reply(200, entry.body, content_type=entry.content_type)
         self.factory.count_hit(len(entry.body))
 

@@ -61,6 +61,9 @@ def test_a_spent_budget_serves_a_hit_unless_hits_are_charged(
     status, second, replay = post(proxy.port, CHAT)
     if charge:
         assert status == 429 and json.loads(replay)["error"]["code"] == "insufficient_quota"
+        time.sleep(0.05)
+        cached = [n for n, v in metrics(proxy, "llmproxy_tokens_total").items() if 'source="cache"' in n and v]
+        assert not cached, cached  # a refused hit served nothing: no record
     else:
         assert (status, second["x-llmproxy-cache"], replay) == (200, "hit", body)
     assert spent(proxy, loop_thread) == tokens  # nothing charged: free, or refused
