@@ -16,7 +16,8 @@ Counting rules (the OpenTelemetry GenAI conventions):
 * ``output_tokens`` is the whole completion, reasoning included;
   ``reasoning_tokens`` is the part of it spent thinking.
 
-Every count says where it came from (:class:`Source`).
+Every count says where it came from (:class:`Source`); a reply served from
+the ``cache`` filter has a record too, its counts marked ``Source.CACHE``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Source(enum.Enum):
     TOKENIZER = "tokenizer"
     #: An admission estimate that was never settled by a real count.
     RESERVATION = "reservation"
+    #: Replayed from a response cache: the provider's counts of the reply first served, not
+    #: spent again (a hit's record says so, and is priced at zero unless the cache charges hits).
+    CACHE = "cache"
 
 
 @dataclass(slots=True)
@@ -104,7 +108,7 @@ class Usage:
 
     def merged(self, other: Usage) -> Usage:
         """The sum of two records (an exchange's attempts); a source is the weaker of the two."""
-        order = (Source.PROVIDER, Source.TOKENIZER, Source.RESERVATION)
+        order = (Source.PROVIDER, Source.CACHE, Source.TOKENIZER, Source.RESERVATION)
         cost = None if self.cost is None or other.cost is None else self.cost + other.cost
         return Usage(
             self.input_tokens + other.input_tokens,

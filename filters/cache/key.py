@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["IGNORED", "request_key"]
+__all__ = ["IGNORED", "request_key", "table_version"]
 
 #: Request fields that never change the reply's content: left out of the key.
 IGNORED = frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier", "safety_identifier"})
@@ -25,3 +25,13 @@ def request_key(path: str, model: str, body: dict[str, Any], stream: bool, scope
     normal = {k: v for k, v in body.items() if k not in IGNORED and k != "model"}
     blob = orjson.dumps([scope, path, stream, model, normal], option=orjson.OPT_SORT_KEYS)
     return "cache:" + hashlib.sha256(blob).hexdigest()
+
+
+def table_version(config: Any) -> str:
+    """A digest of a routing config: keys made before routing (the client's model) carry it.
+
+    Entries are then found again only while the model mapping they were
+    stored under stands (a shared store outlives a reload that changed it).
+    """
+    blob = orjson.dumps(config, option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(blob).hexdigest()[:16]

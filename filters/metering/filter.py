@@ -16,7 +16,9 @@ the response side does not matter). Per exchange:
   from the price book (``genai-prices``, overridable in ``prices:``);
   an unknown price leaves ``cost`` None, never 0;
 * ``on_exchange_complete``: ``exchange.usage`` is the sum of the attempts',
-  counted in the metrics; the access log prints it.
+  counted in the metrics; the access log prints it. A reply the ``cache``
+  served has no attempt: its record (``Source.CACHE``, priced at zero unless
+  the cache charges hits) is counted as it is.
 
 On the hot path the filter costs one list append per relayed piece; the
 tokenizer runs only when the provider gave no usage, or for the sampled
@@ -149,6 +151,8 @@ class MeteringFilter(Filter):
                 total.requested_model = self._requested_model
             exchange.usage = total
             self.factory.count(total)
+        elif exchange.usage is not None and exchange.usage.input_source is Source.CACHE:
+            self.factory.count(exchange.usage)  # a cache hit: its counts under source="cache"
 
     # -- settling one attempt ----------------------------------------------------------
     async def _settle(self, exchange: Exchange, attempt: Attempt) -> Usage:

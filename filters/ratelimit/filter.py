@@ -15,6 +15,9 @@ settlement:
   budget), before any upstream call. A hard budget grants as much output as
   it has left: ``max_tokens`` is clamped to that allowance upstream, and a
   stream is cut cleanly when it is used up (:mod:`.cut`).
+* :meth:`RateLimitFilter.charge`: a reply served without the upstream (a
+  ``cache`` hit with ``charge_hits``) is admitted on its exact counts and
+  settled to them, from the serving filter's request hook.
 * ``on_response_headers``: the rate-limit fields ride on the response.
 * ``on_attempt_complete``: when the last attempt ends (completed, failed or
   abandoned: client gone, shutdown; a retried attempt only adds its usage),
@@ -142,6 +145,27 @@ class RateLimitFilter(Filter):
 
     # -- admission --------------------------------------------------------------------
     async def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
+        await self._admit(exchange, body, None)
+        return Action.CONTINUE
+
+    async def charge(self, exchange: Exchange, usage: Usage) -> None:
+        """Charge a reply served without an upstream call (a ``cache`` hit) its known ``usage``.
+
+        Called by a filter that answers locally, from its request hook. When this
+        filter already admitted the exchange (it comes earlier in the chain),
+        its settlement charges ``usage`` instead of the estimate. Otherwise the
+        exchange is admitted now on the exact amounts (a request, ``usage``'s
+        tokens, its cost; no concurrency slot: nothing is held), raising the
+        same 429 as an upstream request would get (a hard budget refuses a
+        reply bigger than what is left: it cannot be cut), and settled to
+        ``usage`` when the exchange ends.
+        """
+        if self._plan is None:
+            await self._admit(exchange, exchange.request.body, usage)
+        self._spent = usage
+
+    async def _admit(self, exchange: Exchange, body: bytes, known: Usage | None) -> None:
+        """Match, estimate (or take ``known``'s exact counts) and reserve; raise the refusal."""
         factory = self.factory
         principal = exchange.vars.get(PRINCIPAL)
         if not isinstance(principal, Principal):
@@ -171,12 +195,14 @@ class RateLimitFilter(Filter):
                 matched.append((key, budget))
                 needs_tokens = True
         if not matched:
-            return Action.CONTINUE
+            return
         out_cap, out_field = 0, None
         prompt = 0
         upstream_model = model
-        if needs_tokens:
-            default = 0 if exchange.client_path.startswith(_EMBEDDINGS) else factory.default_max_tokens
+        default = 0 if exchange.client_path.startswith(_EMBEDDINGS) else factory.default_max_tokens
+        if known is not None:
+            prompt, out_cap = known.input_tokens, known.output_tokens
+        elif needs_tokens:
             if isinstance(payload, dict):
                 out_cap, out_field = output_cap(payload, default)
             else:
@@ -186,7 +212,7 @@ class RateLimitFilter(Filter):
         sent_cap, explicit = out_cap, out_field is not None
         if explicit and route is not None and route.translated and not asks_cap(route.client_json(exchange)):
             explicit, out_cap = False, min(out_cap, default)  # the translation's default, not the client's
-        plan = self._build(matched, prompt, out_cap, explicit)
+        plan = self._build(matched, prompt, out_cap, explicit or known is not None, hold=known is None)
         try:
             reservation = await factory.store.reserve(plan.quotas)
         except StoreUnavailable as exc:
@@ -199,7 +225,7 @@ class RateLimitFilter(Filter):
                     code="ratelimit_store_unavailable",
                     headers=[("retry-after", "1")],
                 ) from None
-            return Action.CONTINUE  # fail open: admitted without a reservation
+            return  # fail open: admitted without a reservation
         states = reservation.states
         self._fields = self._header_fields(exchange, plan, states)
         if not reservation.admitted:
@@ -208,12 +234,18 @@ class RateLimitFilter(Filter):
         plan.slots = [s.slot for s in states]
         self._plan = plan
         factory.admitted(plan, states)
-        self._clamp(exchange, payload, plan, prompt, sent_cap, out_field, upstream_model)
-        return Action.CONTINUE
+        if known is None:
+            self._clamp(exchange, payload, plan, prompt, sent_cap, out_field, upstream_model)
 
     def _build(
-        self, matched: list[tuple[str, LimitRule | BudgetRule]], prompt: int, out_cap: int, explicit_cap: bool
+        self,
+        matched: list[tuple[str, LimitRule | BudgetRule]],
+        prompt: int,
+        out_cap: int,
+        explicit_cap: bool,
+        hold: bool = True,
     ) -> _Plan:
+        """The quotas to reserve; ``hold`` False: no concurrency slot (a reply that holds nothing)."""
         factory = self.factory
         plan = _Plan(prompt)
         estimate = prompt + out_cap
@@ -225,7 +257,7 @@ class RateLimitFilter(Filter):
                     amount = prompt if rule.tpm_counts == "input" else estimate
                     quota = Quota(key + "|tpm", rule.tpm, rule.window, amount)
                     self._add(plan, quota, _TOK, rule, rule.tpm_counts == "input")
-                if rule.concurrent is not None:
+                if rule.concurrent is not None and hold:
                     self._add(plan, Quota(key + "|conc", rule.concurrent, factory.concurrent_hold, 1), _CONC, rule)
                 continue
             period, ttl = _period(rule.period)

@@ -308,6 +308,7 @@ def test_metrics_count_hits_misses_and_bypass(cached: RunningProxy) -> None:
     post(cached.port, CHAT)
     post(cached.port, CHAT)
     post(cached.port, CHAT, extra="cache-control: no-store\r\n")
+    time.sleep(0.4)  # past the hit metrics' flush delay
     text = urllib.request.urlopen(cached.url + "/metrics", timeout=5).read().decode()
     values = {
         line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("llmproxy_cache")
