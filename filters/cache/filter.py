@@ -277,6 +277,17 @@ class CacheFilter(Filter):
                 factory.keep(key, entry)
                 return await self._answer(exchange, entry)
         else:
+            if factory.use_store:
+                # the lease is ours: a leader that stored its entry and released the lease
+                # between the first look and now must not be followed by a second upstream call
+                entry = await factory.store_get(key)
+                if entry is not None:
+                    try:
+                        await factory.context.store.release_lease(key + ":lock", factory.holder)
+                    except StoreUnavailable:
+                        factory.store_errors.inc()  # the lease expires on its own
+                    factory.keep(key, entry)
+                    return await self._answer(exchange, entry)
             self.lease = factory.use_store
             self.leader = True
             factory.inflight[key] = asyncio.get_running_loop().create_future()
