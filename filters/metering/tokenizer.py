@@ -62,6 +62,7 @@ __all__ = [
     "count_completion_text",
     "count_prompt",
     "count_prompt_async",
+    "count_prompt_inline",
     "count_text",
     "detect_protocol",
     "text_counter",
@@ -213,6 +214,19 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
+def count_prompt_inline(
+    body: dict[str, Any], protocol: Protocol | str, model: str, *, wire_size: int | None = None
+) -> TokenCount | None:
+    """:func:`count_prompt` when it is cheap enough for the event loop (the encoding is loaded and
+    the text is at most ``INLINE_LIMIT`` chars), else None: :func:`count_prompt_async` then
+    counts it in a thread. For hooks that stay plain calls on the common path."""
+    if is_loaded(encoding_for(model).encoding) and (
+        (wire_size is not None and wire_size <= INLINE_LIMIT) or _text_size(body, INLINE_LIMIT) <= INLINE_LIMIT
+    ):
+        return count_prompt(body, protocol, model)
+    return None
+
+
 async def count_prompt_async(
     body: dict[str, Any], protocol: Protocol | str, model: str, *, wire_size: int | None = None
 ) -> TokenCount:
@@ -223,12 +237,9 @@ async def count_prompt_async(
     inline without walking it first. The first call for an encoding that is not loaded yet also
     runs in the thread (loading takes ~0.5-1 s); call :func:`warm` at startup to avoid that.
     """
-    choice = encoding_for(model)
-    loaded = is_loaded(choice.encoding)
-    if loaded and (
-        (wire_size is not None and wire_size <= INLINE_LIMIT) or _text_size(body, INLINE_LIMIT) <= INLINE_LIMIT
-    ):
-        return count_prompt(body, protocol, model)
+    counted = count_prompt_inline(body, protocol, model, wire_size=wire_size)
+    if counted is not None:
+        return counted
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor(), partial(count_prompt, body, protocol, model))
 
