@@ -86,7 +86,7 @@ from llmproxy.filters.ratelimit.rules import (
     parse_limit,
     principal_rules,
 )
-from llmproxy.filters.ratelimit.wire import FIELD_NAMES, BudgetExceeded, as_text, header_fields
+from llmproxy.filters.ratelimit.wire import FIELD_NAMES, BudgetExceeded, FieldMaker, as_text, header_fields
 from llmproxy.filters.routing import RouteDecision
 
 __all__ = ["RateLimitFactory", "RateLimitFilter"]
@@ -120,6 +120,7 @@ class _Template:
 
     __slots__ = (
         "budgets_at",
+        "field_makers",
         "fixed",
         "hard",
         "input_only",
@@ -177,6 +178,17 @@ class _Template:
         #: None when there are several (the tightest after admission is told).
         self.requests_at = _only(kinds, _REQ)
         self.tokens_at = _only(kinds, _TOK)
+        #: Client protocol -> the header fields' static parts (when the counters they tell are fixed).
+        self.field_makers: dict[str, FieldMaker] = {}
+
+    def field_maker(self, protocol: str) -> FieldMaker:
+        """The header fields' maker for ``protocol``: its fixed requests and tokens counters."""
+        at_requests, at_tokens = self.requests_at, self.tokens_at
+        assert at_requests is not None and at_tokens is not None
+        requests = self.fixed[at_requests].limit if at_requests >= 0 else None
+        tokens = self.rules[at_tokens] if at_tokens >= 0 else None
+        tokens_limit = tokens.tpm if isinstance(tokens, LimitRule) else None
+        return FieldMaker(protocol, requests, tokens_limit, at_tokens >= 0 and self.input_only[at_tokens])
 
 
 def _only(kinds: list[int], kind: int) -> int | None:
@@ -379,8 +391,15 @@ class RateLimitFilter(Filter):
         self, exchange: Exchange, template: _Template, states: tuple[QuotaState, ...]
     ) -> list[tuple[bytes, bytes]]:
         at_requests, at_tokens = template.requests_at, template.tokens_at
-        if at_requests is None or at_tokens is None:  # several: the tightest of each
-            at_requests, at_tokens = _tightest(template.kinds, states)
+        if at_requests is not None and at_tokens is not None:  # one of each at most: made once
+            protocol = exchange.client_protocol
+            maker = template.field_makers.get(protocol)
+            if maker is None:
+                maker = template.field_makers[protocol] = template.field_maker(protocol)
+            return maker.fields(
+                states[at_requests] if at_requests >= 0 else None, states[at_tokens] if at_tokens >= 0 else None
+            )
+        at_requests, at_tokens = _tightest(template.kinds, states)  # several: the tightest of each
         if at_requests < 0 and at_tokens < 0:
             return []
         return header_fields(

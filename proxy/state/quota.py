@@ -189,33 +189,35 @@ class QuotaBook:
     def reserve(self, quotas: Sequence[Quota]) -> Reservation:
         now = self._clock()
         logs = self._logs
+        found: list[_Log | None] = []
         used: list[int] = []
         admitted = True
         for quota in quotas:
+            log: _Log | None = None
             if quota.window > 0:
                 log = logs.get(quota.key)
                 if log is None or log.window != quota.window:
                     log = logs[quota.key] = _Log(quota.window)
-                log.prune(now)
+                if now >= log.next_drop:
+                    log.prune(now)
                 total = log.total
             else:
                 total = self._total(quota.key, now)
             need = quota.amount if quota.minimum is None else quota.minimum
             if min(quota.amount, quota.limit - total) < need:
                 admitted = False
+            found.append(log)
             used.append(total)
         states: list[QuotaState] = []
-        for quota, total in zip(quotas, used, strict=True):
+        for quota, log, total in zip(quotas, found, used, strict=True):
             granted = min(quota.amount, quota.limit - total) if admitted else 0
-            if quota.window > 0:
-                log = logs[quota.key]
+            if log is not None:
                 slot = math.floor(now / log.width)
                 if admitted:
                     log.add(slot, granted)
-                    total += granted
                     # the newest bucket is this one: everything has left when it has
-                    reset = max(0.0, (slot + 1) * log.width + log.window - now)
-                    states.append(QuotaState(total, quota.limit, granted, reset, 0.0, slot))
+                    reset = (slot + 1) * log.width + log.window - now
+                    states.append(QuotaState(total + granted, quota.limit, granted, max(0.0, reset), 0.0, slot))
                 else:
                     states.append(self._log_state(quota, log, total, granted, admitted, now, slot))
                 continue
@@ -257,10 +259,12 @@ class QuotaBook:
                 log = self._logs.get(s.key)
                 if log is None:
                     continue
-                log.prune(now)
-                if s.slot not in log.buckets:
+                if now >= log.next_drop:
+                    log.prune(now)
+                buckets = log.buckets
+                if s.slot not in buckets:
                     continue  # it has left the window already
-                log.buckets[s.slot] += delta
+                buckets[s.slot] += delta
                 log.total += delta
             else:
                 current = self._totals.get(s.key)
