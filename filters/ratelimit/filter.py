@@ -35,6 +35,15 @@ for limits) or ``closed`` (503, the default for budgets); both are logged
 (once per 10 s) and counted in ``llmproxy_ratelimit_store_errors_total``.
 A memory store with ``--workers`` > 1 would give each worker its own
 counters (N times the limit): refused at startup unless ``per_worker: true``.
+
+Cost per request: what applies to a request (the matched rules, their counter
+keys, the quotas that do not depend on it, the header fields' names and
+limits) is compiled once per principal, model, provider and values of the
+headers the rules read (:class:`_Template`, cached by the factory; a reload
+builds a new factory and new principals). On the memory store admission and
+settlement are plain calls (:meth:`llmproxy.SharedStore.reserve_now`), so
+the hooks are too; they return a coroutine only for a networked store or a
+prompt too long to count on the loop.
 """
 
 from __future__ import annotations
@@ -128,6 +137,7 @@ class _Template:
         "kinds",
         "names",
         "needs_tokens",
+        "period_keys",
         "requests_at",
         "rules",
         "settles",
@@ -178,6 +188,8 @@ class _Template:
         #: None when there are several (the tightest after admission is told).
         self.requests_at = _only(kinds, _REQ)
         self.tokens_at = _only(kinds, _TOK)
+        #: Budget counters: (period id, key) of the period last seen.
+        self.period_keys: list[tuple[str, str] | None] = [None] * len(kinds)
         #: Client protocol -> the header fields' static parts (when the counters they tell are fixed).
         self.field_makers: dict[str, FieldMaker] = {}
 
@@ -374,17 +386,21 @@ class RateLimitFilter(Filter):
                 quotas[i] = Quota(keys[i], rule.tpm, rule.window, prompt if template.input_only[i] else estimate)
                 continue
             period, ttl = _period(rule.period)
+            made = template.period_keys[i]
+            if made is None or made[0] is not period:  # a new period (its id is one object per period)
+                made = template.period_keys[i] = (period, keys[i] + period)
+            key = made[1]  # the same string every request: its hash is computed once
             if kind == _BTOK:
                 assert rule.tokens is not None
                 # hard: a request that set its output cap needs all of it; one that did not gets
                 # what is left (its default estimate at most) and is capped there. Soft: admitted
                 # while anything is left.
                 minimum = (estimate if explicit_cap else prompt + 1) if rule.hard else 1
-                quotas[i] = Quota(keys[i] + period, rule.tokens, 0, max(estimate, minimum), minimum, ttl)
+                quotas[i] = Quota(key, rule.tokens, 0, max(estimate, minimum), minimum, ttl)
             else:
                 assert rule.usd_micros is not None
                 micros = self.factory.estimate_micros(self._facts, prompt, out_cap)
-                quotas[i] = Quota(keys[i] + period, rule.usd_micros, 0, max(micros, 1), 1, ttl)
+                quotas[i] = Quota(key, rule.usd_micros, 0, max(micros, 1), 1, ttl)
         return quotas
 
     def _header_fields(
