@@ -120,17 +120,43 @@ def count_text(text: str, model: str) -> TokenCount:
     return TokenCount(sum(len(encode(piece)) for piece in _pieces(text)), name, approximate)
 
 
+#: Texts up to this many chars are counted once per encoding and remembered: roles, names,
+#: tool names and short fields recur in every request, and one encode call costs far more
+#: than a dict lookup (the regex pre-tokenizer's set-up dominates a short text).
+_SHORT_TEXT = 16
+#: Short texts remembered per encoding (cleared when full: a bound, not an LRU).
+_SHORT_CACHE = 4096
+_short_counts: dict[str, dict[str, int]] = {}
+
+
+def _counter(model: str) -> tuple[Callable[[str], int], str, bool]:
+    """``(count, encoding name, approximate)``: a function giving the tokens of a text in
+    ``model``'s encoding, long texts in pieces (:func:`_pieces`), short ones remembered."""
+    encode, name, approximate = _encoder(model)
+    short = _short_counts.setdefault(name, {})
+
+    def count(text: str) -> int:
+        size = len(text)
+        if size <= _SHORT_TEXT:
+            if not text:
+                return 0
+            tokens = short.get(text)
+            if tokens is None:
+                if len(short) >= _SHORT_CACHE:
+                    short.clear()
+                tokens = short[text] = len(encode(text))
+            return tokens
+        if size <= _CHUNK:
+            return len(encode(text))
+        return sum(len(encode(piece)) for piece in _pieces(text))
+
+    return count, name, approximate
+
+
 def text_counter(model: str) -> Callable[[str], int]:
     """A function giving the tokens of a text in ``model``'s encoding: :func:`count_text`'s
     count with the encoding looked up once (for callers that count many small texts)."""
-    encode = _encoder(model)[0]
-
-    def count(text: str) -> int:
-        if len(text) <= _CHUNK:
-            return len(encode(text)) if text else 0
-        return sum(len(encode(piece)) for piece in _pieces(text))
-
-    return count
+    return _counter(model)[0]
 
 
 def count_completion_text(text: str, model: str) -> TokenCount:
@@ -145,13 +171,7 @@ def count_prompt(body: dict[str, Any], protocol: Protocol | str, model: str) -> 
     is counted as a Responses body. ``responses``: a Responses body. ``anthropic``: a messages body.
     Raises ValueError for another protocol.
     """
-    encode, name, approximate = _encoder(model)
-
-    def enc(text: str) -> int:
-        if len(text) <= _CHUNK:
-            return len(encode(text)) if text else 0
-        return sum(len(encode(piece)) for piece in _pieces(text))
-
+    enc, name, approximate = _counter(model)
     func_init = 7 if name == O200K else 10
     tally: Tally
     if protocol == "anthropic":
