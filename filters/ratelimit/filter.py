@@ -213,16 +213,16 @@ _NOTHING = _Template([], 0.0)
 
 
 class _Plan:
-    """What one exchange reserved: its template, the quotas, the grants."""
+    """What one exchange reserved: its template, the quotas, the counters' states (the grants)."""
 
-    __slots__ = ("grants", "prompt", "quotas", "slots", "template")
+    __slots__ = ("prompt", "quotas", "states", "template")
 
     def __init__(self, template: _Template, prompt: int, quotas: list[Quota]) -> None:
         self.template = template
         self.prompt = prompt
         self.quotas = quotas
-        self.grants: list[int] = []
-        self.slots: list[int] = []
+        #: Each counter's state after admission: its grant and slot go into the settlement.
+        self.states: tuple[QuotaState, ...] = ()
 
 
 class RateLimitFilter(Filter):
@@ -365,8 +365,7 @@ class RateLimitFilter(Filter):
         self._fields = self._header_fields(exchange, plan.template, states)
         if not reservation.admitted:
             raise self._refusal(plan, states, exchange)
-        plan.grants = [s.granted for s in states]
-        plan.slots = [s.slot for s in states]
+        plan.states = states
         self._plan = plan
         self.factory.admitted(plan, states)
         if plan.template.hard:
@@ -474,9 +473,9 @@ class RateLimitFilter(Filter):
         allowance: int | None = None
         prompt = plan.prompt
         template = plan.template
-        for kind, rule, granted in zip(template.kinds, template.rules, plan.grants, strict=True):
+        for kind, rule, state in zip(template.kinds, template.rules, plan.states, strict=True):
             if kind == _BTOK and isinstance(rule, BudgetRule) and rule.hard:
-                room = granted - prompt
+                room = state.granted - prompt
                 allowance = room if allowance is None else min(allowance, room)
         if allowance is None:
             return
@@ -564,13 +563,7 @@ class RateLimitFilter(Filter):
         tokens_all = spent.total_tokens if spent is not None else 0
         cost = spent.cost if spent is not None else None
         template = plan.template
-        kinds, input_only, quotas, grants, slots = (
-            template.kinds,
-            template.input_only,
-            plan.quotas,
-            plan.grants,
-            plan.slots,
-        )
+        kinds, input_only, quotas, states = template.kinds, template.input_only, plan.quotas, plan.states
         settlements: list[Settlement] = []
         for i in template.settles:  # a request stays counted
             kind = kinds[i]
@@ -584,10 +577,10 @@ class RateLimitFilter(Filter):
                 continue
             else:
                 amount = tokens_in if input_only[i] else tokens_all
-            granted = grants[i]
-            if amount != granted:
+            state = states[i]
+            if amount != state.granted:
                 quota = quotas[i]
-                settlements.append(Settlement(quota.key, quota.window, slots[i], granted, amount))
+                settlements.append(Settlement(quota.key, quota.window, state.slot, state.granted, amount))
         return settlements
 
 
