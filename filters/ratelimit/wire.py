@@ -158,12 +158,16 @@ class FieldMaker:
 
     def fields(self, requests: QuotaState | None, tokens: QuotaState | None) -> list[tuple[bytes, bytes]]:
         """The fields for the counters' states (the ones this maker was made for)."""
-        out: list[tuple[bytes, bytes]] = []
         reset_text = reset_instant if self._anthropic else reset_duration
-        for made, snap in ((self._requests, requests), (self._tokens, tokens)):
-            if made is not None and snap is not None:
-                limit, remaining, reset = made
-                out += (limit, (remaining, b"%d" % snap.remaining), (reset, reset_text(snap.reset)))
+        out: list[tuple[bytes, bytes]] = []
+        made = self._requests
+        if made is not None and requests is not None:
+            left = requests.limit - requests.used
+            out += (made[0], (made[1], b"%d" % (left if left > 0 else 0)), (made[2], reset_text(requests.reset)))
+        made = self._tokens
+        if made is not None and tokens is not None:
+            left = tokens.limit - tokens.used
+            out += (made[0], (made[1], b"%d" % (left if left > 0 else 0)), (made[2], reset_text(tokens.reset)))
         return out
 
 
