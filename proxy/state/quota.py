@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 __all__ = ["BUCKETS", "Quota", "QuotaBook", "QuotaState", "Reservation", "Settlement"]
@@ -115,6 +116,11 @@ class Settlement(NamedTuple):
     reserved: int
     #: The real amount (0 releases it).
     amount: int
+
+
+#: A :class:`QuotaState` from a 6-tuple, without the Python-level ``__new__`` of a named tuple
+#: (the admission path makes one per counter per request).
+_state = partial(tuple.__new__, QuotaState)
 
 
 def bucket_width(window: float) -> float:
@@ -189,49 +195,62 @@ class QuotaBook:
     def reserve(self, quotas: Sequence[Quota]) -> Reservation:
         now = self._clock()
         logs = self._logs
-        found: list[_Log | None] = []
-        used: list[int] = []
+        found: list[tuple[_Log | None, int]] = []
         admitted = True
-        for quota in quotas:
+        for key, limit, window, amount, minimum, _ttl in quotas:
             log: _Log | None = None
-            if quota.window > 0:
-                log = logs.get(quota.key)
-                if log is None or log.window != quota.window:
-                    log = logs[quota.key] = _Log(quota.window)
+            if window > 0:
+                log = logs.get(key)
+                if log is None or log.window != window:
+                    log = logs[key] = _Log(window)
                 if now >= log.next_drop:
                     log.prune(now)
                 total = log.total
             else:
-                total = self._total(quota.key, now)
-            need = quota.amount if quota.minimum is None else quota.minimum
-            if min(quota.amount, quota.limit - total) < need:
+                total = self._total(key, now)
+            room = limit - total
+            if (amount if amount < room else room) < (amount if minimum is None else minimum):
                 admitted = False
-            found.append(log)
-            used.append(total)
+            found.append((log, total))
+        if not admitted:
+            return self._refused(quotas, found, now)
         states: list[QuotaState] = []
-        for quota, log, total in zip(quotas, found, used, strict=True):
-            granted = min(quota.amount, quota.limit - total) if admitted else 0
+        for (key, limit, window, amount, _minimum, ttl), (log, total) in zip(quotas, found, strict=True):
+            room = limit - total
+            granted = amount if amount < room else room
+            total += granted
+            if log is not None:
+                width = log.width
+                slot = math.floor(now / width)
+                buckets = log.buckets
+                if not buckets:
+                    log.next_drop = (slot + 1) * width + window
+                buckets[slot] = buckets.get(slot, 0) + granted
+                log.total = total
+                # the newest bucket is this one: everything has left when it has
+                reset = (slot + 1) * width + window - now
+                states.append(_state((total, limit, granted, reset if reset > 0 else 0.0, 0.0, slot)))
+                continue
+            if ttl is not None:
+                expires: float | None = now + ttl
+            else:  # keep the expiry it has (as Redis keeps a key's ttl)
+                current = self._totals.get(key)
+                expires = current[1] if current is not None else None
+            self._totals[key] = (total, expires)
+            states.append(_state((total, limit, granted, 0.0, 0.0, 0)))
+        return Reservation(True, tuple(states))
+
+    def _refused(self, quotas: Sequence[Quota], found: list[tuple[_Log | None, int]], now: float) -> Reservation:
+        """The states of a refused reservation: nothing granted, when each would fit."""
+        states: list[QuotaState] = []
+        for quota, (log, total) in zip(quotas, found, strict=True):
             if log is not None:
                 slot = math.floor(now / log.width)
-                if admitted:
-                    log.add(slot, granted)
-                    # the newest bucket is this one: everything has left when it has
-                    reset = (slot + 1) * log.width + log.window - now
-                    states.append(QuotaState(total + granted, quota.limit, granted, max(0.0, reset), 0.0, slot))
-                else:
-                    states.append(self._log_state(quota, log, total, granted, admitted, now, slot))
+                states.append(self._log_state(quota, log, total, 0, False, now, slot))
                 continue
-            if admitted:
-                total += granted
-                if quota.ttl is not None:
-                    expires: float | None = now + quota.ttl
-                else:  # keep the expiry it has (as Redis keeps a key's ttl)
-                    current = self._totals.get(quota.key)
-                    expires = current[1] if current is not None else None
-                self._totals[quota.key] = (total, expires)
-            retry = 0.0 if admitted or total + quota.need <= quota.limit else math.inf
-            states.append(QuotaState(total, quota.limit, granted, 0.0, retry))
-        return Reservation(admitted, tuple(states))
+            retry = 0.0 if total + quota.need <= quota.limit else math.inf
+            states.append(QuotaState(total, quota.limit, 0, 0.0, retry))
+        return Reservation(False, tuple(states))
 
     @staticmethod
     def _log_state(
