@@ -55,6 +55,7 @@ import math
 import time
 from collections.abc import Awaitable, Mapping
 from decimal import Decimal
+from functools import partial
 from typing import Any, ClassVar, NamedTuple
 
 from prometheus_client import Counter, Gauge
@@ -114,6 +115,10 @@ _FLUSH_DELAY = 0.25
 _EMBEDDINGS = "/v1/embeddings"
 
 
+#: A Quota / Settlement from a whole tuple, without the named tuple's Python-level ``__new__``
+#: (made per request and counter).
+_quota = partial(tuple.__new__, Quota)
+_settlement = partial(tuple.__new__, Settlement)
 #: Placeholder in :attr:`_Template.fixed` for a quota made per request (its amount is the estimate).
 _PER_REQUEST = Quota("", 0, 0.0, 0)
 
@@ -382,7 +387,8 @@ class RateLimitFilter(Filter):
             kind = kinds[i]
             if isinstance(rule, LimitRule):
                 assert rule.tpm is not None
-                quotas[i] = Quota(keys[i], rule.tpm, rule.window, prompt if template.input_only[i] else estimate)
+                amount = prompt if template.input_only[i] else estimate
+                quotas[i] = _quota((keys[i], rule.tpm, rule.window, amount, None, None))
                 continue
             period, ttl = _period(rule.period)
             made = template.period_keys[i]
@@ -395,7 +401,7 @@ class RateLimitFilter(Filter):
                 # what is left (its default estimate at most) and is capped there. Soft: admitted
                 # while anything is left.
                 minimum = (estimate if explicit_cap else prompt + 1) if rule.hard else 1
-                quotas[i] = Quota(key, rule.tokens, 0, max(estimate, minimum), minimum, ttl)
+                quotas[i] = _quota((key, rule.tokens, 0, max(estimate, minimum), minimum, ttl))
             else:
                 assert rule.usd_micros is not None
                 micros = self.factory.estimate_micros(self._facts, prompt, out_cap)
@@ -580,7 +586,7 @@ class RateLimitFilter(Filter):
             state = states[i]
             if amount != state.granted:
                 quota = quotas[i]
-                settlements.append(Settlement(quota.key, quota.window, state.slot, state.granted, amount))
+                settlements.append(_settlement((quota.key, quota.window, state.slot, state.granted, amount)))
         return settlements
 
 
