@@ -62,6 +62,7 @@ __all__ = [
     "count_completion_text",
     "count_prompt",
     "count_prompt_async",
+    "count_prompt_inline",
     "count_text",
     "detect_protocol",
     "text_counter",
@@ -119,17 +120,43 @@ def count_text(text: str, model: str) -> TokenCount:
     return TokenCount(sum(len(encode(piece)) for piece in _pieces(text)), name, approximate)
 
 
+#: Texts up to this many chars are counted once per encoding and remembered: roles, names,
+#: tool names and short fields recur in every request, and one encode call costs far more
+#: than a dict lookup (the regex pre-tokenizer's set-up dominates a short text).
+_SHORT_TEXT = 16
+#: Short texts remembered per encoding (cleared when full: a bound, not an LRU).
+_SHORT_CACHE = 4096
+_short_counts: dict[str, dict[str, int]] = {}
+
+
+def _counter(model: str) -> tuple[Callable[[str], int], str, bool]:
+    """``(count, encoding name, approximate)``: a function giving the tokens of a text in
+    ``model``'s encoding, long texts in pieces (:func:`_pieces`), short ones remembered."""
+    encode, name, approximate = _encoder(model)
+    short = _short_counts.setdefault(name, {})
+
+    def count(text: str) -> int:
+        size = len(text)
+        if size <= _SHORT_TEXT:
+            if not text:
+                return 0
+            tokens = short.get(text)
+            if tokens is None:
+                if len(short) >= _SHORT_CACHE:
+                    short.clear()
+                tokens = short[text] = len(encode(text))
+            return tokens
+        if size <= _CHUNK:
+            return len(encode(text))
+        return sum(len(encode(piece)) for piece in _pieces(text))
+
+    return count, name, approximate
+
+
 def text_counter(model: str) -> Callable[[str], int]:
     """A function giving the tokens of a text in ``model``'s encoding: :func:`count_text`'s
     count with the encoding looked up once (for callers that count many small texts)."""
-    encode = _encoder(model)[0]
-
-    def count(text: str) -> int:
-        if len(text) <= _CHUNK:
-            return len(encode(text)) if text else 0
-        return sum(len(encode(piece)) for piece in _pieces(text))
-
-    return count
+    return _counter(model)[0]
 
 
 def count_completion_text(text: str, model: str) -> TokenCount:
@@ -144,13 +171,7 @@ def count_prompt(body: dict[str, Any], protocol: Protocol | str, model: str) -> 
     is counted as a Responses body. ``responses``: a Responses body. ``anthropic``: a messages body.
     Raises ValueError for another protocol.
     """
-    encode, name, approximate = _encoder(model)
-
-    def enc(text: str) -> int:
-        if len(text) <= _CHUNK:
-            return len(encode(text)) if text else 0
-        return sum(len(encode(piece)) for piece in _pieces(text))
-
+    enc, name, approximate = _counter(model)
     func_init = 7 if name == O200K else 10
     tally: Tally
     if protocol == "anthropic":
@@ -213,6 +234,19 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
+def count_prompt_inline(
+    body: dict[str, Any], protocol: Protocol | str, model: str, *, wire_size: int | None = None
+) -> TokenCount | None:
+    """:func:`count_prompt` when it is cheap enough for the event loop (the encoding is loaded and
+    the text is at most ``INLINE_LIMIT`` chars), else None: :func:`count_prompt_async` then
+    counts it in a thread. For hooks that stay plain calls on the common path."""
+    if is_loaded(encoding_for(model).encoding) and (
+        (wire_size is not None and wire_size <= INLINE_LIMIT) or _text_size(body, INLINE_LIMIT) <= INLINE_LIMIT
+    ):
+        return count_prompt(body, protocol, model)
+    return None
+
+
 async def count_prompt_async(
     body: dict[str, Any], protocol: Protocol | str, model: str, *, wire_size: int | None = None
 ) -> TokenCount:
@@ -223,12 +257,9 @@ async def count_prompt_async(
     inline without walking it first. The first call for an encoding that is not loaded yet also
     runs in the thread (loading takes ~0.5-1 s); call :func:`warm` at startup to avoid that.
     """
-    choice = encoding_for(model)
-    loaded = is_loaded(choice.encoding)
-    if loaded and (
-        (wire_size is not None and wire_size <= INLINE_LIMIT) or _text_size(body, INLINE_LIMIT) <= INLINE_LIMIT
-    ):
-        return count_prompt(body, protocol, model)
+    counted = count_prompt_inline(body, protocol, model, wire_size=wire_size)
+    if counted is not None:
+        return counted
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_executor(), partial(count_prompt, body, protocol, model))
 

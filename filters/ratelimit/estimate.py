@@ -14,9 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 from llmproxy import BadRequest
-from llmproxy.filters.metering.tokenizer import count_prompt_async, detect_protocol
+from llmproxy.filters.metering.tokenizer import count_prompt_async, count_prompt_inline, detect_protocol
 
-__all__ = ["GEMINI_FIELD", "OUTPUT_FIELDS", "asks_cap", "output_cap", "prompt_tokens", "set_output_cap"]
+__all__ = [
+    "GEMINI_FIELD",
+    "OUTPUT_FIELDS",
+    "asks_cap",
+    "output_cap",
+    "prompt_tokens",
+    "prompt_tokens_now",
+    "set_output_cap",
+]
 
 #: The request fields that cap the output, in the order they are looked for.
 OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -69,6 +77,18 @@ def asks_cap(payload: dict[str, Any]) -> bool:
     return any(payload.get(name) is not None for name in OUTPUT_FIELDS)
 
 
+def prompt_tokens_now(payload: Any, body: bytes, model: str) -> int | None:
+    """:func:`prompt_tokens` as a plain call, or None when the count must run off the loop (a long
+    prompt, an encoding not loaded yet): then await :func:`prompt_tokens`."""
+    if isinstance(payload, dict):
+        try:
+            counted = count_prompt_inline(payload, detect_protocol(payload), model, wire_size=len(body))
+        except Exception:  # not a chat, Responses or Messages body: fall back on its size
+            return _by_size(body)
+        return counted.tokens if counted is not None else None
+    return _by_size(body)
+
+
 async def prompt_tokens(payload: Any, body: bytes, model: str) -> int:
     """Prompt tokens of ``payload`` (a request JSON); a body that is not a chat-like request
     is estimated from its size (a third of its bytes, an overestimate for any text)."""
@@ -78,4 +98,8 @@ async def prompt_tokens(payload: Any, body: bytes, model: str) -> int:
             return counted.tokens
         except Exception:  # not a chat, Responses or Messages body: fall back on its size
             pass
+    return _by_size(body)
+
+
+def _by_size(body: bytes) -> int:
     return len(body) // 3 + 1

@@ -38,6 +38,15 @@ for limits) or ``closed`` (503, the default for budgets); both are logged
 (once per 10 s) and counted in ``llmproxy_ratelimit_store_errors_total``.
 A memory store with ``--workers`` > 1 would give each worker its own
 counters (N times the limit): refused at startup unless ``per_worker: true``.
+
+Cost per request: what applies to a request (the matched rules, their counter
+keys, the quotas that do not depend on it, the header fields' names and
+limits) is compiled once per principal, model, provider and values of the
+headers the rules read (:class:`_Template`, cached by the factory; a reload
+builds a new factory and new principals). On the memory store admission and
+settlement are plain calls (:meth:`llmproxy.SharedStore.reserve_now`), so
+the hooks are too; they return a coroutine only for a networked store or a
+prompt too long to count on the loop.
 """
 
 from __future__ import annotations
@@ -47,9 +56,10 @@ import calendar
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from decimal import Decimal
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, ClassVar, NamedTuple
 
 from prometheus_client import Counter, Gauge
 
@@ -69,6 +79,7 @@ from llmproxy import (
     Quota,
     QuotaState,
     RateLimited,
+    Reservation,
     Section,
     ServiceUnavailable,
     Settlement,
@@ -78,7 +89,7 @@ from llmproxy import (
 from llmproxy.filters.metering import MeteringFactory
 from llmproxy.filters.names import PRINCIPAL, ROUTE
 from llmproxy.filters.ratelimit.cut import StreamCap
-from llmproxy.filters.ratelimit.estimate import asks_cap, output_cap, prompt_tokens, set_output_cap
+from llmproxy.filters.ratelimit.estimate import asks_cap, output_cap, prompt_tokens, prompt_tokens_now, set_output_cap
 from llmproxy.filters.ratelimit.ledger import Ledger
 from llmproxy.filters.ratelimit.rules import (
     BudgetRule,
@@ -88,7 +99,7 @@ from llmproxy.filters.ratelimit.rules import (
     parse_limit,
     principal_rules,
 )
-from llmproxy.filters.ratelimit.wire import FIELD_NAMES, BudgetExceeded, as_text, header_fields
+from llmproxy.filters.ratelimit.wire import FIELD_NAMES, BudgetExceeded, FieldMaker, as_text, header_fields
 from llmproxy.filters.routing import RouteDecision
 
 __all__ = ["RateLimitFactory", "RateLimitFilter"]
@@ -100,25 +111,126 @@ _REQ, _TOK, _CONC, _BTOK, _BUSD = range(5)
 _KIND_NAMES = ("requests", "tokens", "concurrent", "budget_tokens", "budget_usd")
 #: Principals whose own rules are kept parsed (auth filters publish one object per key).
 _PRINCIPAL_CACHE = 4096
+#: Compiled templates kept (principal x model x provider x header values), cleared when full.
+_TEMPLATE_CACHE = 4096
 #: Seconds after an admission by which the decision and budget metrics show it.
 _FLUSH_DELAY = 0.25
 _EMBEDDINGS = "/v1/embeddings"
 
 
+#: A Quota / Settlement from a whole tuple, without the named tuple's Python-level ``__new__``
+#: (made per request and counter).
+_quota = partial(tuple.__new__, Quota)
+_settlement = partial(tuple.__new__, Settlement)
+#: Placeholder in :attr:`_Template.fixed` for a quota made per request (its amount is the estimate).
+_PER_REQUEST = Quota("", 0, 0.0, 0)
+
+
+class _Template:
+    """The counters one kind of request is charged to, compiled once and cached by the factory.
+
+    One template per (principal, model, provider, values of the headers the rules read): for
+    each counter in rule order its kind, rule and key, and the :class:`Quota` itself where it does
+    not depend on the request (rpm, concurrency: an amount of 1). A request then only makes the
+    token quotas (its estimate) and the budget keys (the current period).
+    """
+
+    __slots__ = (
+        "budgets_at",
+        "field_makers",
+        "fixed",
+        "hard",
+        "input_only",
+        "keys",
+        "kinds",
+        "names",
+        "needs_tokens",
+        "period_keys",
+        "requests_at",
+        "rules",
+        "settles",
+        "sized",
+        "tokens_at",
+    )
+
+    def __init__(self, matched: list[tuple[str, LimitRule | BudgetRule]], concurrent_hold: float) -> None:
+        kinds: list[int] = []
+        rules: list[LimitRule | BudgetRule] = []
+        keys: list[str] = []
+        fixed: list[Quota] = []
+        input_only: list[bool] = []
+
+        def add(kind: int, rule: LimitRule | BudgetRule, key: str, quota: Quota, only: bool = False) -> None:
+            kinds.append(kind)
+            rules.append(rule)
+            keys.append(key)
+            fixed.append(quota)
+            input_only.append(only)
+
+        for key, rule in matched:
+            if isinstance(rule, LimitRule):
+                if rule.rpm is not None:
+                    add(_REQ, rule, key + "|rpm", Quota(key + "|rpm", rule.rpm, rule.window, 1))
+                if rule.tpm is not None:
+                    add(_TOK, rule, key + "|tpm", _PER_REQUEST, rule.tpm_counts == "input")
+                if rule.concurrent is not None:
+                    add(_CONC, rule, key + "|conc", Quota(key + "|conc", rule.concurrent, concurrent_hold, 1))
+            elif rule.tokens is not None:
+                add(_BTOK, rule, key + "|budget|", _PER_REQUEST)  # + the period's id
+            else:
+                add(_BUSD, rule, key + "|usd|", _PER_REQUEST)
+        self.kinds = tuple(kinds)
+        self.rules = tuple(rules)
+        self.keys = tuple(keys)
+        self.fixed = tuple(fixed)
+        self.input_only = tuple(input_only)
+        #: One name per matched rule, in order (an admission counts each rule once).
+        self.names = tuple(rule.name for _key, rule in matched)
+        #: Counters whose quota a request makes; counters a settlement replaces (all but requests).
+        self.sized = tuple(i for i, kind in enumerate(kinds) if kind in (_TOK, _BTOK, _BUSD))
+        self.settles = tuple(i for i, kind in enumerate(kinds) if kind != _REQ)
+        self.budgets_at = tuple(i for i, kind in enumerate(kinds) if kind in (_BTOK, _BUSD))
+        self.needs_tokens = bool(self.sized)
+        self.hard = any(isinstance(r, BudgetRule) and r.hard and r.tokens is not None for r in rules)
+        #: The requests and tokens counter the header fields tell: its index, -1 for none,
+        #: None when there are several (the tightest after admission is told).
+        self.requests_at = _only(kinds, _REQ)
+        self.tokens_at = _only(kinds, _TOK)
+        #: Budget counters: (period id, key) of the period last seen.
+        self.period_keys: list[tuple[str, str] | None] = [None] * len(kinds)
+        #: Client protocol -> the header fields' static parts (when the counters they tell are fixed).
+        self.field_makers: dict[str, FieldMaker] = {}
+
+    def field_maker(self, protocol: str) -> FieldMaker:
+        """The header fields' maker for ``protocol``: its fixed requests and tokens counters."""
+        at_requests, at_tokens = self.requests_at, self.tokens_at
+        assert at_requests is not None and at_tokens is not None
+        requests = self.fixed[at_requests].limit if at_requests >= 0 else None
+        tokens = self.rules[at_tokens] if at_tokens >= 0 else None
+        tokens_limit = tokens.tpm if isinstance(tokens, LimitRule) else None
+        return FieldMaker(protocol, requests, tokens_limit, at_tokens >= 0 and self.input_only[at_tokens])
+
+
+def _only(kinds: list[int], kind: int) -> int | None:
+    found = [i for i, k in enumerate(kinds) if k == kind]
+    return -1 if not found else found[0] if len(found) == 1 else None
+
+
+#: The template of a request no rule applies to.
+_NOTHING = _Template([], 0.0)
+
+
 class _Plan:
-    """What one exchange reserved: the quotas, their kinds and rules, the grants."""
+    """What one exchange reserved: its template, the quotas, the counters' states (the grants)."""
 
-    __slots__ = ("budgets", "grants", "input_only", "kinds", "prompt", "quotas", "rules", "slots")
+    __slots__ = ("prompt", "quotas", "states", "template")
 
-    def __init__(self, prompt: int) -> None:
+    def __init__(self, template: _Template, prompt: int, quotas: list[Quota]) -> None:
+        self.template = template
         self.prompt = prompt
-        self.quotas: list[Quota] = []
-        self.kinds: list[int] = []
-        self.rules: list[LimitRule | BudgetRule] = []
-        self.input_only: list[bool] = []
-        self.grants: list[int] = []
-        self.slots: list[int] = []
-        self.budgets: list[BudgetRule] = []
+        self.quotas = quotas
+        #: Each counter's state after admission: its grant and slot go into the settlement.
+        self.states: tuple[QuotaState, ...] = ()
 
 
 class RateLimitFilter(Filter):
@@ -144,9 +256,10 @@ class RateLimitFilter(Filter):
         self._facts: Facts | None = None
 
     # -- admission --------------------------------------------------------------------
-    async def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action:
-        await self._admit(exchange, body, None)
-        return Action.CONTINUE
+    def on_request_body(self, exchange: Exchange, body: bytes, end_of_stream: bool) -> Action | Awaitable[Action]:
+        """Admit or refuse: a plain call on the memory store with a prompt counted inline, a
+        coroutine when the store is networked or the prompt is counted off the loop."""
+        return self._admit_request(exchange, body, None)
 
     async def charge(self, exchange: Exchange, usage: Usage) -> None:
         """Charge a reply served without an upstream call (a ``cache`` hit) its known ``usage``.
@@ -161,10 +274,12 @@ class RateLimitFilter(Filter):
         ``usage`` when the exchange ends.
         """
         if self._plan is None:
-            await self._admit(exchange, exchange.request.body, usage)
+            result = self._admit_request(exchange, exchange.request.body, usage)
+            if not isinstance(result, Action):
+                await result
         self._spent = usage
 
-    async def _admit(self, exchange: Exchange, body: bytes, known: Usage | None) -> None:
+    def _admit_request(self, exchange: Exchange, body: bytes, known: Usage | None) -> Action | Awaitable[Action]:
         """Match, estimate (or take ``known``'s exact counts) and reserve; raise the refusal."""
         factory = self.factory
         principal = exchange.vars.get(PRINCIPAL)
@@ -181,43 +296,94 @@ class RateLimitFilter(Filter):
             model = payload["model"]
         facts = Facts(model, route.provider if route else "", principal.name, principal.team, exchange.request.headers)
         self._facts = facts
-        limits, budgets = factory.rules_for(principal)
-        matched: list[tuple[str, LimitRule | BudgetRule]] = []
-        needs_tokens = False
-        for limit in limits:
-            key = limit.counter_key(facts)
-            if key is not None:
-                matched.append((key, limit))
-                needs_tokens = needs_tokens or limit.tpm is not None
-        for budget in budgets:
-            key = budget.counter_key(facts)
-            if key is not None:
-                matched.append((key, budget))
-                needs_tokens = True
-        if not matched:
-            return
+        template = factory.template_for(principal, facts)
+        if template is _NOTHING:
+            return Action.CONTINUE
         out_cap, out_field = 0, None
         prompt = 0
         upstream_model = model
-        default = 0 if exchange.client_path.startswith(_EMBEDDINGS) else factory.default_max_tokens
+        default = factory.default_max_tokens
         if known is not None:
             prompt, out_cap = known.input_tokens, known.output_tokens
-        elif needs_tokens:
+            return self._admit(exchange, payload, template, prompt, out_cap, out_field, default, model, known=True)
+        if template.needs_tokens:
+            if exchange.client_path.startswith(_EMBEDDINGS):
+                default = 0
             if isinstance(payload, dict):
                 out_cap, out_field = output_cap(payload, default)
             else:
                 out_cap = default
             upstream_model = (route.model if route else "") or model
-            prompt = await prompt_tokens(payload, body, upstream_model)
+            counted = prompt_tokens_now(payload, body, upstream_model)
+            if counted is None:
+                return self._admit_counted(exchange, payload, template, out_cap, out_field, default, upstream_model)
+            prompt = counted
+        return self._admit(exchange, payload, template, prompt, out_cap, out_field, default, upstream_model)
+
+    async def _admit_counted(
+        self,
+        exchange: Exchange,
+        payload: Any,
+        template: _Template,
+        out_cap: int,
+        out_field: str | None,
+        default: int,
+        model: str,
+    ) -> Action:
+        """:meth:`_admit` once the prompt was counted off the loop."""
+        prompt = await prompt_tokens(payload, exchange.request.body, model)
+        result = self._admit(exchange, payload, template, prompt, out_cap, out_field, default, model)
+        return await result if not isinstance(result, Action) else result
+
+    def _admit(
+        self,
+        exchange: Exchange,
+        payload: Any,
+        template: _Template,
+        prompt: int,
+        out_cap: int,
+        out_field: str | None,
+        default: int,
+        model: str,
+        known: bool = False,
+    ) -> Action | Awaitable[Action]:
+        """Reserve the request's quotas; ``known``: exact counts of a reply served locally (no
+        concurrency slot, no output clamp)."""
+        route = exchange.vars.get(ROUTE)
         sent_cap, explicit = out_cap, out_field is not None
-        if explicit and route is not None and route.translated and not asks_cap(route.client_json(exchange)):
+        if (
+            explicit
+            and isinstance(route, RouteDecision)
+            and route.translated
+            and not asks_cap(route.client_json(exchange))
+        ):
             explicit, out_cap = False, min(out_cap, default)  # the translation's default, not the client's
-        plan = self._build(matched, prompt, out_cap, explicit or known is not None, hold=known is None)
+        plan = _Plan(template, prompt, self._quotas(template, prompt, out_cap, explicit or known, hold=not known))
+        store = self.factory.store
+        clamp = not known
+        if store.in_process:
+            reservation = store.reserve_now(plan.quotas)
+            self._admitted(exchange, payload, plan, reservation, sent_cap, out_field, model, clamp)
+            return Action.CONTINUE
+        return self._reserve(exchange, payload, plan, sent_cap, out_field, model, clamp)
+
+    async def _reserve(
+        self,
+        exchange: Exchange,
+        payload: Any,
+        plan: _Plan,
+        sent_cap: int,
+        out_field: str | None,
+        model: str,
+        clamp: bool,
+    ) -> Action:
+        """Reserve on a networked store (one round trip), then as :meth:`_admitted`."""
+        factory = self.factory
         try:
             reservation = await factory.store.reserve(plan.quotas)
         except StoreUnavailable as exc:
             factory.store_failed("reserve", exc)
-            closed = [rule.name for rule in plan.rules if not rule.fail_open]
+            closed = [rule.name for rule in plan.template.rules if not rule.fail_open]
             if closed:
                 factory.decisions.labels(closed[0], "store_error").inc()
                 raise ServiceUnavailable(
@@ -225,86 +391,101 @@ class RateLimitFilter(Filter):
                     code="ratelimit_store_unavailable",
                     headers=[("retry-after", "1")],
                 ) from None
-            return  # fail open: admitted without a reservation
+            return Action.CONTINUE  # fail open: admitted without a reservation
+        self._admitted(exchange, payload, plan, reservation, sent_cap, out_field, model, clamp)
+        return Action.CONTINUE
+
+    def _admitted(
+        self,
+        exchange: Exchange,
+        payload: Any,
+        plan: _Plan,
+        reservation: Reservation,
+        sent_cap: int,
+        out_field: str | None,
+        model: str,
+        clamp: bool,
+    ) -> None:
+        """The store's answer: the header fields, then the refusal raised, or the plan kept
+        (and, ``clamp``, a hard budget's output allowance applied)."""
         states = reservation.states
-        self._fields = self._header_fields(exchange, plan, states)
+        self._fields = self._header_fields(exchange, plan.template, states)
         if not reservation.admitted:
             raise self._refusal(plan, states, exchange)
-        plan.grants = [s.granted for s in states]
-        plan.slots = [s.slot for s in states]
+        plan.states = states
         self._plan = plan
-        factory.admitted(plan, states)
-        if known is None:
-            self._clamp(exchange, payload, plan, prompt, sent_cap, out_field, upstream_model)
+        self.factory.admitted(plan, states)
+        if clamp and plan.template.hard:
+            self._clamp(exchange, payload, plan, sent_cap, out_field, model)
 
-    def _build(
-        self,
-        matched: list[tuple[str, LimitRule | BudgetRule]],
-        prompt: int,
-        out_cap: int,
-        explicit_cap: bool,
-        hold: bool = True,
-    ) -> _Plan:
-        """The quotas to reserve; ``hold`` False: no concurrency slot (a reply that holds nothing)."""
-        factory = self.factory
-        plan = _Plan(prompt)
+    def _quotas(
+        self, template: _Template, prompt: int, out_cap: int, explicit_cap: bool, hold: bool = True
+    ) -> list[Quota]:
+        """The template's quotas for this request: its estimate on the token counters, the
+        current period in the budget keys; ``hold`` False: the concurrency counters reserve
+        nothing (a reply that holds no slot)."""
+        quotas = list(template.fixed)
+        if not hold:
+            for i, kind in enumerate(template.kinds):
+                if kind == _CONC:
+                    quota = quotas[i]
+                    quotas[i] = Quota(quota.key, quota.limit, quota.window, 0)
         estimate = prompt + out_cap
-        for key, rule in matched:
+        kinds, rules, keys = template.kinds, template.rules, template.keys
+        for i in template.sized:
+            rule = rules[i]
+            kind = kinds[i]
             if isinstance(rule, LimitRule):
-                if rule.rpm is not None:
-                    self._add(plan, Quota(key + "|rpm", rule.rpm, rule.window, 1), _REQ, rule)
-                if rule.tpm is not None:
-                    amount = prompt if rule.tpm_counts == "input" else estimate
-                    quota = Quota(key + "|tpm", rule.tpm, rule.window, amount)
-                    self._add(plan, quota, _TOK, rule, rule.tpm_counts == "input")
-                if rule.concurrent is not None and hold:
-                    self._add(plan, Quota(key + "|conc", rule.concurrent, factory.concurrent_hold, 1), _CONC, rule)
+                assert rule.tpm is not None
+                amount = prompt if template.input_only[i] else estimate
+                quotas[i] = _quota((keys[i], rule.tpm, rule.window, amount, None, None))
                 continue
             period, ttl = _period(rule.period)
-            if rule.tokens is not None:
+            made = template.period_keys[i]
+            if made is None or made[0] is not period:  # a new period (its id is one object per period)
+                made = template.period_keys[i] = (period, keys[i] + period)
+            key = made[1]  # the same string every request: its hash is computed once
+            if kind == _BTOK:
+                assert rule.tokens is not None
                 # hard: a request that set its output cap needs all of it; one that did not gets
                 # what is left (its default estimate at most) and is capped there. Soft: admitted
                 # while anything is left.
                 minimum = (estimate if explicit_cap else prompt + 1) if rule.hard else 1
-                quota = Quota(f"{key}|budget|{period}", rule.tokens, 0, max(estimate, minimum), minimum, ttl)
-                self._add(plan, quota, _BTOK, rule)
+                quotas[i] = _quota((key, rule.tokens, 0, max(estimate, minimum), minimum, ttl))
             else:
                 assert rule.usd_micros is not None
-                micros = factory.estimate_micros(self._facts, prompt, out_cap)
-                quota = Quota(f"{key}|usd|{period}", rule.usd_micros, 0, max(micros, 1), 1, ttl)
-                self._add(plan, quota, _BUSD, rule)
-            plan.budgets.append(rule)
-        return plan
-
-    @staticmethod
-    def _add(plan: _Plan, quota: Quota, kind: int, rule: LimitRule | BudgetRule, input_only: bool = False) -> None:
-        plan.quotas.append(quota)
-        plan.kinds.append(kind)
-        plan.rules.append(rule)
-        plan.input_only.append(input_only)
+                micros = self.factory.estimate_micros(self._facts, prompt, out_cap)
+                quotas[i] = Quota(key, rule.usd_micros, 0, max(micros, 1), 1, ttl)
+        return quotas
 
     def _header_fields(
-        self, exchange: Exchange, plan: _Plan, states: tuple[QuotaState, ...]
+        self, exchange: Exchange, template: _Template, states: tuple[QuotaState, ...]
     ) -> list[tuple[bytes, bytes]]:
-        requests: QuotaState | None = None
-        tokens: QuotaState | None = None
-        input_only = False
-        for kind, state, only in zip(plan.kinds, states, plan.input_only, strict=True):
-            if kind == _REQ and (requests is None or state.used - state.limit > requests.used - requests.limit):
-                requests = state
-            elif kind == _TOK and (tokens is None or state.used - state.limit > tokens.used - tokens.limit):
-                tokens = state
-                input_only = only
-        if requests is None and tokens is None:
+        at_requests, at_tokens = template.requests_at, template.tokens_at
+        if at_requests is not None and at_tokens is not None:  # one of each at most: made once
+            protocol = exchange.client_protocol
+            maker = template.field_makers.get(protocol)
+            if maker is None:
+                maker = template.field_makers[protocol] = template.field_maker(protocol)
+            return maker.fields(
+                states[at_requests] if at_requests >= 0 else None, states[at_tokens] if at_tokens >= 0 else None
+            )
+        at_requests, at_tokens = _tightest(template.kinds, states)  # several: the tightest of each
+        if at_requests < 0 and at_tokens < 0:
             return []
-        return header_fields(exchange.client_protocol, requests, tokens, input_only)
+        return header_fields(
+            exchange.client_protocol,
+            states[at_requests] if at_requests >= 0 else None,
+            states[at_tokens] if at_tokens >= 0 else None,
+            at_tokens >= 0 and template.input_only[at_tokens],
+        )
 
     def _refusal(self, plan: _Plan, states: tuple[QuotaState, ...], exchange: Exchange) -> RateLimited:
         factory = self.factory
         wait = 0.0
         budget: BudgetRule | None = None
         limit: LimitRule | None = None
-        for quota, rule, state in zip(plan.quotas, plan.rules, states, strict=True):
+        for quota, rule, state in zip(plan.quotas, plan.template.rules, states, strict=True):
             need = quota.amount if quota.minimum is None else quota.minimum
             if min(quota.amount, quota.limit - state.used) >= need:
                 continue
@@ -342,20 +523,15 @@ class RateLimitFilter(Filter):
         return RateLimited(f"rate limit '{limit.name}' reached; retry later", headers=fields)
 
     def _clamp(
-        self,
-        exchange: Exchange,
-        payload: Any,
-        plan: _Plan,
-        prompt: int,
-        out_cap: int,
-        out_field: str | None,
-        model: str,
+        self, exchange: Exchange, payload: Any, plan: _Plan, out_cap: int, out_field: str | None, model: str
     ) -> None:
         """A hard token budget granted less output than asked: clamp it upstream, cap the stream."""
         allowance: int | None = None
-        for kind, rule, granted in zip(plan.kinds, plan.rules, plan.grants, strict=True):
+        prompt = plan.prompt
+        template = plan.template
+        for kind, rule, state in zip(template.kinds, template.rules, plan.states, strict=True):
             if kind == _BTOK and isinstance(rule, BudgetRule) and rule.hard:
-                room = granted - prompt
+                room = state.granted - prompt
                 allowance = room if allowance is None else min(allowance, room)
         if allowance is None:
             return
@@ -397,26 +573,44 @@ class RateLimitFilter(Filter):
         return Action.CONTINUE
 
     # -- settlement -------------------------------------------------------------------
-    async def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> None:
+    def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> Awaitable[None] | None:
         if self._plan is None or self._settled:
-            return
+            return None
         usage = attempt.usage
         if usage is not None:
             self._spent = usage if self._spent is None else self._spent.merged(usage)
         elif attempt.status is not None and 200 <= attempt.status < 300:
             self._unknown = True  # spent, uncounted (no metering record)
         if attempt.outcome is Outcome.RETRIED:
-            return  # another attempt follows: settle when the last one ends
-        await self._settle()
+            return None  # another attempt follows: settle when the last one ends
+        return self._settle()
 
-    async def on_exchange_complete(self, exchange: Exchange) -> None:
-        if self._plan is not None and not self._settled:
-            await self._settle()
+    def on_exchange_complete(self, exchange: Exchange) -> Awaitable[None] | None:
+        pending = self._settle() if self._plan is not None and not self._settled else None
         if self._facts is not None and exchange.usage is not None:
             self.factory.ledger.add(self._facts, exchange.usage)
+        return pending
 
-    async def _settle(self) -> None:
+    def _settle(self) -> Awaitable[None] | None:
+        """Settle the reservation (once): a plain call on the memory store, else the coroutine
+        of the one round trip."""
         self._settled = True
+        settlements = self._settlements()
+        if not settlements:
+            return None
+        store = self.factory.store
+        if store.in_process:
+            store.settle_now(settlements)
+            return None
+        return self._settle_remote(settlements)
+
+    async def _settle_remote(self, settlements: list[Settlement]) -> None:
+        try:
+            await self.factory.store.settle(settlements)
+        except StoreUnavailable as exc:
+            self.factory.store_failed("settle", exc)
+
+    def _settlements(self) -> list[Settlement]:
         plan = self._plan
         assert plan is not None
         spent = self._spent
@@ -424,12 +618,11 @@ class RateLimitFilter(Filter):
         tokens_in = spent.input_tokens if spent is not None else 0
         tokens_all = spent.total_tokens if spent is not None else 0
         cost = spent.cost if spent is not None else None
+        template = plan.template
+        kinds, input_only, quotas, states = template.kinds, template.input_only, plan.quotas, plan.states
         settlements: list[Settlement] = []
-        for quota, kind, only, granted, slot in zip(
-            plan.quotas, plan.kinds, plan.input_only, plan.grants, plan.slots, strict=True
-        ):
-            if kind == _REQ:
-                continue  # a request stays counted
+        for i in template.settles:  # a request stays counted
+            kind = kinds[i]
             if kind == _CONC:
                 amount = 0
             elif kind == _BUSD:
@@ -439,15 +632,48 @@ class RateLimitFilter(Filter):
             elif unknown:
                 continue
             else:
-                amount = tokens_in if only else tokens_all
-            if amount != granted:
-                settlements.append(Settlement(quota.key, quota.window, slot, granted, amount))
-        if not settlements:
-            return
-        try:
-            await self.factory.store.settle(settlements)
-        except StoreUnavailable as exc:
-            self.factory.store_failed("settle", exc)
+                amount = tokens_in if input_only[i] else tokens_all
+            state = states[i]
+            if amount != state.granted:
+                quota = quotas[i]
+                settlements.append(_settlement((quota.key, quota.window, state.slot, state.granted, amount)))
+        return settlements
+
+
+def _tightest(kinds: tuple[int, ...], states: tuple[QuotaState, ...]) -> tuple[int, int]:
+    """The requests and the tokens counter closest to (or furthest past) its limit: their
+    indices (-1: none; the first of equals)."""
+    at_requests = at_tokens = -1
+    for i, (kind, state) in enumerate(zip(kinds, states, strict=True)):
+        if kind == _REQ:
+            best = states[at_requests] if at_requests >= 0 else None
+            if best is None or state.used - state.limit > best.used - best.limit:
+                at_requests = i
+        elif kind == _TOK:
+            best = states[at_tokens] if at_tokens >= 0 else None
+            if best is None or state.used - state.limit > best.used - best.limit:
+                at_tokens = i
+    return at_requests, at_tokens
+
+
+class _RuleSet(NamedTuple):
+    """The rules a principal's requests are checked against, and the headers they read."""
+
+    limits: tuple[LimitRule, ...]
+    budgets: tuple[BudgetRule, ...]
+    #: Names of the headers any of them matches on or is keyed by (part of a template's cache key).
+    headers: tuple[str, ...]
+
+
+def _rule_set(limits: tuple[LimitRule, ...], budgets: tuple[BudgetRule, ...]) -> _RuleSet:
+    names: dict[str, None] = {}
+    for rule in (*limits, *budgets):
+        for name, _patterns in rule.match.headers:
+            names[name] = None
+        for part in rule.key:
+            if part.startswith("header:"):
+                names[part[7:]] = None
+    return _RuleSet(limits, budgets, tuple(names))
 
 
 #: The current period of each kind: ``period -> (id, start, end)`` (UTC seconds), recomputed
@@ -518,7 +744,11 @@ class RateLimitFactory(FilterFactory):
                 f"{context.workers} times too loose); set per_worker: true in its config to accept that",
             )
         self.store = context.store
-        self._principals: dict[Principal, tuple[tuple[LimitRule, ...], tuple[BudgetRule, ...]]] = {}
+        self._own = _rule_set(self.rules, self.budgets)
+        self._principals: dict[Principal, _RuleSet] = {}
+        #: Compiled admissions (see :meth:`template_for`); a reload builds a new factory (and
+        #: publishes new principal objects), so nothing here outlives the rules it was made from.
+        self._templates: dict[tuple[Any, ...], _Template] = {}
         self._store_logged = 0.0
         self.ledger = Ledger()
         registry = context.metrics
@@ -550,26 +780,53 @@ class RateLimitFactory(FilterFactory):
         #: Budget counter key -> (budget name, kind, used, limit) as last seen (the admin page).
         self._budget_view: dict[str, tuple[str, int, int, int]] = {}
         #: Counted since the last :meth:`flush_metrics`: admissions by rule, budget values by key.
-        self._pending_admitted: dict[str, int] = {}
+        self._pending_admitted: dict[_Template, int] = {}
         self._dirty_budgets: dict[str, tuple[str, int, int, int]] = {}
         self._flush_armed = False
         context.add_admin_page("/admin/ratelimit", self.admin_page)
 
-    def rules_for(self, principal: Principal) -> tuple[tuple[LimitRule, ...], tuple[BudgetRule, ...]]:
+    def rules_for(self, principal: Principal) -> _RuleSet:
         """The filter's rules and the principal's own, parsed once per principal object."""
         if not principal.limits and not principal.budgets:
-            return self.rules, self.budgets
+            return self._own
         cached = self._principals.get(principal)
         if cached is None:
             try:
                 own = principal_rules(principal.name, principal.limits, principal.budgets)
             except ConfigError as exc:
                 raise ValueError(f"principal {principal.name!r}: {exc.path}: {exc.reason}") from None
-            cached = (self.rules + own[0], self.budgets + own[1])
+            cached = _rule_set(self.rules + own[0], self.budgets + own[1])
             if len(self._principals) >= _PRINCIPAL_CACHE:
                 self._principals.clear()
             self._principals[principal] = cached
         return cached
+
+    def template_for(self, principal: Principal, facts: Facts) -> _Template:
+        """The compiled counters of a request (:class:`_Template`), from the cache: matched and
+        keyed once per principal, model, provider and values of the headers the rules read."""
+        rules = self.rules_for(principal)
+        headers = rules.headers
+        if headers:
+            get = facts.headers.get
+            cache_key: tuple[Any, ...] = (principal, facts.model, facts.provider, *(get(h) for h in headers))
+        else:
+            cache_key = (principal, facts.model, facts.provider)
+        template = self._templates.get(cache_key)
+        if template is None:
+            matched: list[tuple[str, LimitRule | BudgetRule]] = []
+            for limit in rules.limits:
+                key = limit.counter_key(facts)
+                if key is not None:
+                    matched.append((key, limit))
+            for budget in rules.budgets:
+                key = budget.counter_key(facts)
+                if key is not None:
+                    matched.append((key, budget))
+            template = _Template(matched, self.concurrent_hold) if matched else _NOTHING
+            if len(self._templates) >= _TEMPLATE_CACHE:
+                self._templates.clear()
+            self._templates[cache_key] = template
+        return template
 
     def protocol_of(self, exchange: Exchange) -> str:
         """The protocol of the events this filter sees: the provider's (it runs before routing's translation)."""
@@ -588,17 +845,14 @@ class RateLimitFactory(FilterFactory):
     def admitted(self, plan: _Plan, states: tuple[QuotaState, ...]) -> None:
         """Count an admission: plain dict writes here, the prometheus metrics at the next flush
         (at most ``_FLUSH_DELAY`` later; a label child's ``inc`` takes a lock, per request)."""
+        template = plan.template
         pending = self._pending_admitted
-        counted: LimitRule | BudgetRule | None = None
-        for rule in plan.rules:  # a rule's quotas are adjacent: count each rule once
-            if rule is not counted:
-                counted = rule
-                pending[rule.name] = pending.get(rule.name, 0) + 1
-        if plan.budgets:
+        pending[template] = pending.get(template, 0) + 1  # one count for each of its rules
+        if template.budgets_at:
             view, dirty = self._budget_view, self._dirty_budgets
-            for quota, kind, state, rule in zip(plan.quotas, plan.kinds, states, plan.rules, strict=True):
-                if kind in (_BTOK, _BUSD):
-                    view[quota.key] = dirty[quota.key] = (rule.name, kind, state.used, state.limit)
+            for i in template.budgets_at:
+                key, state = plan.quotas[i].key, states[i]
+                view[key] = dirty[key] = (template.rules[i].name, template.kinds[i], state.used, state.limit)
         if not self._flush_armed:
             self._flush_armed = True
             asyncio.get_running_loop().call_later(_FLUSH_DELAY, self.flush_metrics)
@@ -607,7 +861,11 @@ class RateLimitFactory(FilterFactory):
         """Move the admissions and budget values counted since the last flush into the metrics."""
         self._flush_armed = False
         pending, self._pending_admitted = self._pending_admitted, {}
-        for name, count in pending.items():
+        counts: dict[str, int] = {}
+        for template, admissions in pending.items():
+            for name in template.names:
+                counts[name] = counts.get(name, 0) + admissions
+        for name, count in counts.items():
             child = self._admitted.get(name)
             if child is None:
                 child = self._admitted[name] = self.decisions.labels(name, "admitted")

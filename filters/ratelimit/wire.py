@@ -17,7 +17,16 @@ from datetime import UTC, datetime
 
 from llmproxy import QuotaState, RateLimited
 
-__all__ = ["FIELD_NAMES", "BudgetExceeded", "as_text", "duration", "header_fields", "reset_duration", "reset_instant"]
+__all__ = [
+    "FIELD_NAMES",
+    "BudgetExceeded",
+    "FieldMaker",
+    "as_text",
+    "duration",
+    "header_fields",
+    "reset_duration",
+    "reset_instant",
+]
 
 
 class BudgetExceeded(RateLimited):
@@ -124,6 +133,42 @@ def header_fields(
             when = reset_instant(snap.reset) if anthropic else reset_duration(snap.reset)
             out += ((limit, b"%d" % snap.limit), (remaining, b"%d" % snap.remaining), (reset, when))
     return out
+
+
+class FieldMaker:
+    """:func:`header_fields` for one protocol and fixed counters, the static parts made once: the
+    names and the limits' texts; a response then only writes ``remaining`` and ``reset``."""
+
+    __slots__ = ("_anthropic", "_requests", "_tokens")
+
+    def __init__(self, protocol: str, requests_limit: int | None, tokens_limit: int | None, input_only: bool) -> None:
+        anthropic = protocol == "anthropic"
+        proto = "anthropic" if anthropic else "openai"
+        token_kind = "input-tokens" if anthropic and input_only else "tokens"
+        self._anthropic = anthropic
+
+        def part(kind: str, limit: int | None) -> tuple[tuple[bytes, bytes], bytes, bytes] | None:
+            if limit is None:
+                return None
+            name, remaining, reset = _NAMES[proto, kind]
+            return (name, b"%d" % limit), remaining, reset
+
+        self._requests = part("requests", requests_limit)
+        self._tokens = part(token_kind, tokens_limit)
+
+    def fields(self, requests: QuotaState | None, tokens: QuotaState | None) -> list[tuple[bytes, bytes]]:
+        """The fields for the counters' states (the ones this maker was made for)."""
+        reset_text = reset_instant if self._anthropic else reset_duration
+        out: list[tuple[bytes, bytes]] = []
+        made = self._requests
+        if made is not None and requests is not None:
+            left = requests.limit - requests.used
+            out += (made[0], (made[1], b"%d" % (left if left > 0 else 0)), (made[2], reset_text(requests.reset)))
+        made = self._tokens
+        if made is not None and tokens is not None:
+            left = tokens.limit - tokens.used
+            out += (made[0], (made[1], b"%d" % (left if left > 0 else 0)), (made[2], reset_text(tokens.reset)))
+        return out
 
 
 def as_text(fields: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

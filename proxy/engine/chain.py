@@ -9,8 +9,9 @@ When the chain is built, the runner looks at each factory's
 ``filter_class`` once and keeps, per hook, only the filters that override it
 (with a flag saying whether the hook is a coroutine function). A plain
 hook may still return a coroutine for a rare slow path (a store read on
-some requests only): it is awaited like an async hook's result, so the
-common path pays no coroutine. Running a
+some requests only, a networked store): it is awaited like an async hook's
+result (in every hook but the observing response-body one), so the common
+path pays no coroutine. Running a
 hook nobody implements is an empty loop; the exchange driver skips it
 altogether by checking the plan first.
 
@@ -169,7 +170,7 @@ class Chain:
         for step in self.attempt_plan:
             try:
                 result = step.hook(filters[step.slot], ex, attempt)
-                if step.is_async:
+                if step.is_async or type(result) is CoroutineType:
                     await result
             except Exception:
                 log.exception("on_attempt_complete of %s failed in %s", step.name, ex.id)
@@ -180,7 +181,7 @@ class Chain:
         for step in self.complete_plan:
             try:
                 result = step.hook(filters[step.slot], ex)
-                if step.is_async:
+                if step.is_async or type(result) is CoroutineType:
                     await result
             except Exception:
                 log.exception("on_exchange_complete of %s failed in %s", step.name, ex.id)

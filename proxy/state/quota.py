@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 __all__ = ["BUCKETS", "Quota", "QuotaBook", "QuotaState", "Reservation", "Settlement"]
@@ -115,6 +116,11 @@ class Settlement(NamedTuple):
     reserved: int
     #: The real amount (0 releases it).
     amount: int
+
+
+#: A :class:`QuotaState` from a 6-tuple, without the Python-level ``__new__`` of a named tuple
+#: (the admission path makes one per counter per request).
+_state = partial(tuple.__new__, QuotaState)
 
 
 def bucket_width(window: float) -> float:
@@ -189,47 +195,62 @@ class QuotaBook:
     def reserve(self, quotas: Sequence[Quota]) -> Reservation:
         now = self._clock()
         logs = self._logs
-        used: list[int] = []
+        found: list[tuple[_Log | None, int]] = []
         admitted = True
-        for quota in quotas:
-            if quota.window > 0:
-                log = logs.get(quota.key)
-                if log is None or log.window != quota.window:
-                    log = logs[quota.key] = _Log(quota.window)
-                log.prune(now)
+        for key, limit, window, amount, minimum, _ttl in quotas:
+            log: _Log | None = None
+            if window > 0:
+                log = logs.get(key)
+                if log is None or log.window != window:
+                    log = logs[key] = _Log(window)
+                if now >= log.next_drop:
+                    log.prune(now)
                 total = log.total
             else:
-                total = self._total(quota.key, now)
-            need = quota.amount if quota.minimum is None else quota.minimum
-            if min(quota.amount, quota.limit - total) < need:
+                total = self._total(key, now)
+            room = limit - total
+            if (amount if amount < room else room) < (amount if minimum is None else minimum):
                 admitted = False
-            used.append(total)
+            found.append((log, total))
+        if not admitted:
+            return self._refused(quotas, found, now)
         states: list[QuotaState] = []
-        for quota, total in zip(quotas, used, strict=True):
-            granted = min(quota.amount, quota.limit - total) if admitted else 0
-            if quota.window > 0:
-                log = logs[quota.key]
-                slot = math.floor(now / log.width)
-                if admitted:
-                    log.add(slot, granted)
-                    total += granted
-                    # the newest bucket is this one: everything has left when it has
-                    reset = max(0.0, (slot + 1) * log.width + log.window - now)
-                    states.append(QuotaState(total, quota.limit, granted, reset, 0.0, slot))
-                else:
-                    states.append(self._log_state(quota, log, total, granted, admitted, now, slot))
+        for (key, limit, window, amount, _minimum, ttl), (log, total) in zip(quotas, found, strict=True):
+            room = limit - total
+            granted = amount if amount < room else room
+            total += granted
+            if log is not None:
+                width = log.width
+                slot = math.floor(now / width)
+                buckets = log.buckets
+                if not buckets:
+                    log.next_drop = (slot + 1) * width + window
+                buckets[slot] = buckets.get(slot, 0) + granted
+                log.total = total
+                # the newest bucket is this one: everything has left when it has
+                reset = (slot + 1) * width + window - now
+                states.append(_state((total, limit, granted, reset if reset > 0 else 0.0, 0.0, slot)))
                 continue
-            if admitted:
-                total += granted
-                if quota.ttl is not None:
-                    expires: float | None = now + quota.ttl
-                else:  # keep the expiry it has (as Redis keeps a key's ttl)
-                    current = self._totals.get(quota.key)
-                    expires = current[1] if current is not None else None
-                self._totals[quota.key] = (total, expires)
-            retry = 0.0 if admitted or total + quota.need <= quota.limit else math.inf
-            states.append(QuotaState(total, quota.limit, granted, 0.0, retry))
-        return Reservation(admitted, tuple(states))
+            if ttl is not None:
+                expires: float | None = now + ttl
+            else:  # keep the expiry it has (as Redis keeps a key's ttl)
+                current = self._totals.get(key)
+                expires = current[1] if current is not None else None
+            self._totals[key] = (total, expires)
+            states.append(_state((total, limit, granted, 0.0, 0.0, 0)))
+        return Reservation(True, tuple(states))
+
+    def _refused(self, quotas: Sequence[Quota], found: list[tuple[_Log | None, int]], now: float) -> Reservation:
+        """The states of a refused reservation: nothing granted, when each would fit."""
+        states: list[QuotaState] = []
+        for quota, (log, total) in zip(quotas, found, strict=True):
+            if log is not None:
+                slot = math.floor(now / log.width)
+                states.append(self._log_state(quota, log, total, 0, False, now, slot))
+                continue
+            retry = 0.0 if total + quota.need <= quota.limit else math.inf
+            states.append(QuotaState(total, quota.limit, 0, 0.0, retry))
+        return Reservation(False, tuple(states))
 
     @staticmethod
     def _log_state(
@@ -257,10 +278,12 @@ class QuotaBook:
                 log = self._logs.get(s.key)
                 if log is None:
                     continue
-                log.prune(now)
-                if s.slot not in log.buckets:
+                if now >= log.next_drop:
+                    log.prune(now)
+                buckets = log.buckets
+                if s.slot not in buckets:
                     continue  # it has left the window already
-                log.buckets[s.slot] += delta
+                buckets[s.slot] += delta
                 log.total += delta
             else:
                 current = self._totals.get(s.key)

@@ -19,13 +19,17 @@ written once and tested against each:
   step, on all of them or on none, and ``settle(settlements)`` replaces
   the reservation by the real amounts (limits and budgets; see
   :mod:`llmproxy.state.quota` for the sliding log and the admission rule).
-  One round trip each on a networked backend.
+  One round trip each on a networked backend. A store that answers them
+  without I/O (``in_process``: the memory store) also has them as plain
+  calls, :meth:`~SharedStore.reserve_now` and :meth:`~SharedStore.settle_now`,
+  so a caller on the hot path pays no coroutine per request.
 
 Keys are plain strings chosen by filters; backends namespace them. A key
 must never contain a secret (hash credentials first).
 
 :class:`MemoryStore` is the default: one process, no I/O. Its coroutines
-never suspend, so they cost one coroutine call each. Expired entries are
+never suspend (one coroutine call each), and its quota calls have plain
+twins that cost none. Expired entries are
 dropped when read and, so that keys nobody reads again do not pile up in a
 long-running worker, by a sweep amortised over writes.
 """
@@ -37,6 +41,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from llmproxy.state.quota import Quota, QuotaBook, Reservation, Settlement
 
@@ -160,6 +165,10 @@ class CircuitBreaker:
 class SharedStore(ABC):
     """The shared-state interface every backend implements (see module docstring)."""
 
+    #: True when :meth:`reserve_now` and :meth:`settle_now` work: the backend answers
+    #: without I/O (one process's memory). Networked backends keep only the coroutines.
+    in_process: ClassVar[bool] = False
+
     @abstractmethod
     async def get(self, key: str) -> tuple[bytes | None, int]:
         """Return ``(value, version)``; ``(None, 0)`` when the key is absent or expired."""
@@ -199,6 +208,14 @@ class SharedStore(ABC):
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         """Replace reservations by the real amounts (0 releases them); one atomic step."""
         raise NotImplementedError(f"{type(self).__name__} has no quotas")
+
+    def reserve_now(self, quotas: Sequence[Quota]) -> Reservation:
+        """:meth:`reserve` as a plain call; only where :attr:`in_process` is True."""
+        raise NotImplementedError(f"{type(self).__name__} answers quotas over I/O only")
+
+    def settle_now(self, settlements: Sequence[Settlement]) -> None:
+        """:meth:`settle` as a plain call; only where :attr:`in_process` is True."""
+        raise NotImplementedError(f"{type(self).__name__} answers quotas over I/O only")
 
     async def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release connections; the store is unusable afterwards."""
@@ -298,10 +315,18 @@ class MemoryStore(SharedStore):
         self._wrote()
         return value
 
-    async def reserve(self, quotas: Sequence[Quota]) -> Reservation:
+    in_process: ClassVar[bool] = True
+
+    def reserve_now(self, quotas: Sequence[Quota]) -> Reservation:
         reservation = self._quotas.reserve(quotas)
         self._wrote()
         return reservation
+
+    def settle_now(self, settlements: Sequence[Settlement]) -> None:
+        self._quotas.settle(settlements)
+
+    async def reserve(self, quotas: Sequence[Quota]) -> Reservation:
+        return self.reserve_now(quotas)
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         self._quotas.settle(settlements)
