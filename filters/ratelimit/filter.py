@@ -211,6 +211,19 @@ class _Template:
         return FieldMaker(protocol, requests, tokens_limit, at_tokens >= 0 and self.input_only[at_tokens])
 
 
+def _bounded_upstream(payload: Any, out_field: str | None, out_cap: int, allowance: int) -> bool:
+    """The upstream body carries an output cap within the allowance, for one choice: the
+    provider stops there itself, so the stream needs no counting cap (most streams under a
+    budget with room: counting every event's text is most of a capped stream's cost)."""
+    return (
+        out_field is not None
+        and out_cap <= allowance
+        and isinstance(payload, dict)
+        and payload.get("n") in (None, 1)
+        and not isinstance(payload.get("generationConfig"), dict)  # Gemini: candidateCount
+    )
+
+
 def _only(kinds: list[int], kind: int) -> int | None:
     found = [i for i, k in enumerate(kinds) if k == kind]
     return -1 if not found else found[0] if len(found) == 1 else None
@@ -538,7 +551,8 @@ class RateLimitFilter(Filter):
         allowance = max(1, allowance)
         route = exchange.vars.get(ROUTE)
         asked = route.client_json(exchange) if isinstance(route, RouteDecision) else payload
-        if not isinstance(asked, dict) or asked.get("stream"):
+        trusted = self.factory.trust_max_tokens and _bounded_upstream(payload, out_field, out_cap, allowance)
+        if (not isinstance(asked, dict) or asked.get("stream")) and not trusted:
             # only a stream can be cut (the client's flag: a provider body may say it by path)
             self._cap = StreamCap(self.factory.protocol_of(exchange), model, allowance, prompt)
         if allowance < out_cap and isinstance(payload, dict):
@@ -720,6 +734,10 @@ class RateLimitFactory(FilterFactory):
                 "concurrent_hold", float, 3600.0, lambda v: None if v > 0 else "must be positive"
             )
             self.per_worker: bool = sec.get("per_worker", bool, False)
+            #: A stream whose upstream request carries an output cap within its hard budget's
+            #: allowance is trusted to stop there (no per-event counting); off: every capped
+            #: stream is counted, for providers that ignore ``max_tokens``.
+            self.trust_max_tokens: bool = sec.get("trust_max_tokens", bool, False)
             raw_rules = sec.get("rules", list, [])
             raw_budgets = sec.get("budgets", list, [])
             self.rules = tuple(parse_limit(r, f"rules[{i}]") for i, r in enumerate(raw_rules))

@@ -177,3 +177,28 @@ def test_decision_and_budget_metrics_show_every_admission(mock: MockServer, make
     )
     gauge = metric(proxy.port, "llmproxy_ratelimit_budget_used", budget="principal:bob:budget0")
     assert gauge is not None and gauge > 0
+
+
+def test_trust_max_tokens_skips_counting_only_a_stream_whose_upstream_cap_fits(
+    scripted: Scripted, make_proxy: Make
+) -> None:
+    """``trust_max_tokens``: a stream that asked for an output cap within the allowance is
+    relayed uncounted (the provider is trusted to stop there: this scripted one does not, which
+    shows it); one with no cap is still counted and cut at the allowance."""
+    scripted.default = _long_stream()
+    budget = {"budgets": {"tokens": 60, "period": "day"}}
+    cfg = rl_config(0, {"trust_max_tokens": True}, {"bob": budget, "carol": budget}, base_url=scripted.url + "/v1")
+    proxy = make_proxy(cfg)
+    client = anthropic.Anthropic(
+        base_url=proxy.url, api_key="k", max_retries=0, timeout=15, default_headers={"x-test-principal": "bob"}
+    )
+    with client.messages.stream(model=MODEL, max_tokens=30, messages=HI) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason != "max_tokens"  # not cut: the cap was trusted
+    chunks = list(  # bob's uncut stream spent his budget: carol's is fresh
+        oai(proxy, "carol").chat.completions.create(
+            model=MODEL, messages=HI, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]  # no max_tokens asked: counted and cut as without the option
