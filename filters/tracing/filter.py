@@ -97,6 +97,7 @@ from llmproxy.filters.tracing.propagation import (
     parse,
 )
 from llmproxy.filters.tracing.spans import AttemptRecord, AttemptTarget, ExchangeTrace, SpanSettings
+from llmproxy.filters.tracing.transport import lighten
 
 __all__ = ["CapturingFilter", "PropagatingFilter", "TracingFactory", "TracingFilter"]
 
@@ -447,6 +448,7 @@ class TracingFactory(FilterFactory):
         if self.capture:
             self.filter_class = CapturingFilter  # type: ignore[misc]
         exporter: SpanExporter = OTLPSpanExporter(endpoint=self.endpoint, headers=headers or None, timeout=timeout)
+        lighten(exporter)  # one kept-alive http.client connection instead of requests (a tenth of the work)
         # the exporter logs every failed batch; the pipeline counts them and logs state changes instead
         quiet = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
         if quiet.level == logging.NOTSET:
