@@ -117,6 +117,7 @@ class OtlpEncoder:
         self._int_prefixes: dict[tuple[int, str, int], bytes] = {}
         self._heads: dict[tuple[str, bytes], bytes] = {}
         self._keys: dict[str, bytes] = {}
+        self._tails: dict[tuple[str | None, tuple[str, ...], str | None], bytes] = {}
         resource_bytes = _field(0x0A, b"".join(_field(0x0A, _key_value(k, v)) for k, v in resource.items()))
         self._scope = _field(0x0A, _text(0x0A, scope_name) + _text(0x12, scope_version))
         self._resource = resource_bytes
@@ -289,6 +290,21 @@ class ExchangeWriter(OtlpEncoder):
             return _field(_TAG_ATTR, _key_value(key, value))
         return b"J" + _BYTE[inner] + key_bytes + b"\x12" + _BYTE[size + 2] + b"\x0a" + _BYTE[size] + raw
 
+    def _tail(self, model: str | None, reasons: tuple[str, ...], error: str | None) -> bytes:
+        """A CLIENT span's last fields without a first-token event: response model, finish reasons, status, flags."""
+        key = (model, reasons, error)
+        encoded = self._tails.get(key)
+        if encoded is None:
+            encoded = (
+                (self._str(sc.RESPONSE_MODEL, model) if model else b"")
+                + (self._str(sc.RESPONSE_FINISH_REASONS, reasons) if reasons else b"")
+                + (_field(0x7A, _text(0x12, error) + b"\x18\x02") if error else _STATUS_UNSET)
+                + _FLAGS_LOCAL
+            )
+            if len(self._tails) < _CACHE_LIMIT:
+                self._tails[key] = encoded
+        return encoded
+
     def _count(self, key: str, value: int) -> bytes:
         """A span's integer attribute (a token count)."""
         number = _BYTE[value] if 0 <= value < 0x80 else _varint(value)
@@ -339,14 +355,17 @@ class ExchangeWriter(OtlpEncoder):
                     parts.append(num(_TAG_ATTR, sc.COST_USD, counts[5]))
             if attempt.response_id:
                 parts.append(self._unique(sc.RESPONSE_ID, attempt.response_id))
+            if attempt.head_sent:
+                relayed = attempt
+            if not (first_token and attempt.head_sent):
+                parts.append(self._tail(attempt.response_model, attempt.finish_reasons, attempt.error_type))
+                out.append(_field(0x12, b"".join(parts)))
+                continue
             if attempt.response_model:
                 parts.append(text(sc.RESPONSE_MODEL, attempt.response_model))
             if attempt.finish_reasons:
                 parts.append(text(sc.RESPONSE_FINISH_REASONS, attempt.finish_reasons))
-            if attempt.head_sent:
-                relayed = attempt
-                if first_token:
-                    parts.append(self._first_token(trace, attempt.started, latest, parts))
+            parts.append(self._first_token(trace, attempt.started, latest, parts))
             error = attempt.error_type
             parts.append(_field(0x7A, _text(0x12, error) + b"\x18\x02") if error else _STATUS_UNSET)
             parts.append(_FLAGS_LOCAL)

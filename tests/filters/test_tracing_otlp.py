@@ -51,9 +51,10 @@ def record(parent: Parent | None, model: str = "gpt-x") -> ExchangeTrace:
     return trace
 
 
+@pytest.mark.parametrize("sse", [True, False])
 @pytest.mark.parametrize("latest", [False, True])
 @pytest.mark.parametrize("content", [False, True])
-def test_the_wire_encoder_writes_what_the_sdk_encoder_writes(latest: bool, content: bool) -> None:
+def test_the_wire_encoder_writes_what_the_sdk_encoder_writes(latest: bool, content: bool, sse: bool) -> None:
     settings = SpanSettings(
         Resource.create({"service.name": "svc", "deployment.environment": "test", "n": 3}),
         InstrumentationScope("llmproxy.filters.tracing", "0.1.0"),
@@ -65,6 +66,8 @@ def test_the_wire_encoder_writes_what_the_sdk_encoder_writes(latest: bool, conte
         record(None, model="claude"),
         record(None),  # a second time: the cached KeyValues
     ]
+    for r in records:
+        r.is_sse = sse  # a JSON reply: no first-token event
     encoder = OtlpEncoder(dict(settings.resource.attributes), settings.scope.name, settings.scope.version or "")
     ours = ExportTraceServiceRequest()
     ours.ParseFromString(encoder.request([encoder.spans(r, plan_spans(r, settings)) for r in records]))
