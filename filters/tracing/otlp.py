@@ -316,7 +316,7 @@ class ExchangeWriter(OtlpEncoder):
     def exchange(self, trace: ExchangeTrace, settings: SpanSettings) -> bytes:
         """The spans of one exchange, each as a ``ScopeSpans.spans`` field (see the class docstring)."""
         latest, operation, groups = settings.latest, trace.operation, settings.groups
-        params = tuple(trace.params.items())
+        params = trace.param_pairs(settings.params)
         parent = trace.parent
         head = b"\x0a\x10" + trace.trace_id.to_bytes(16, "big")
         if parent is not None and parent.tracestate:  # normalised as the SDK writes it
