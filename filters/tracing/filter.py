@@ -13,7 +13,8 @@ exchange's before its ``on_exchange_complete``. Per exchange:
   SERVER span id and the first CLIENT span id, sets the upstream request's
   ``traceparent`` to that CLIENT span; notes the GenAI operation (by path),
   the requested model, the request parameters (``max_tokens``,
-  ``temperature``, ...: from the JSON the core parsed once) and the first
+  ``temperature``, ...: the values read from the JSON the core parsed once,
+  checked and named in the export thread) and the first
   attempt's provider and upstream model;
 * ``on_attempt_complete``: copies the attempt (status, error, usage, the
   response id, model and finish reasons routing read) into the record; a
@@ -96,7 +97,8 @@ from llmproxy.filters.tracing.propagation import (
     new_trace_id,
     parse,
 )
-from llmproxy.filters.tracing.spans import AttemptRecord, AttemptTarget, ExchangeTrace, SpanSettings
+from llmproxy.filters.tracing.spans import REQUEST_KEYS, AttemptRecord, AttemptTarget, ExchangeTrace, SpanSettings
+from llmproxy.filters.tracing.transport import lighten
 
 __all__ = ["CapturingFilter", "PropagatingFilter", "TracingFactory", "TracingFilter"]
 
@@ -111,7 +113,6 @@ _DROP_BOTH = frozenset({TRACEPARENT, TRACESTATE})
 #: The most bytes of a request body, and of a response, kept for content capture
 #: (a longer completion is recorded as far as it was kept).
 _MAX_CAPTURED = 1024 * 1024
-_NUMBER = (int, float)
 
 
 def _incoming(exchange: Exchange) -> tuple[Parent | None, frozenset[bytes]]:
@@ -136,40 +137,6 @@ def _incoming(exchange: Exchange) -> tuple[Parent | None, frozenset[bytes]]:
 def _send(exchange: Exchange, drop: frozenset[bytes], value: bytes) -> None:
     """Set the upstream ``traceparent`` (generated hex: it needs no field check, see ``Headers.edit_raw``)."""
     exchange.request.headers.edit_raw(drop, ((TRACEPARENT, value),))
-
-
-def _params(payload: dict[str, Any]) -> dict[str, Any]:
-    """The ``gen_ai.request.*`` parameters of a request body."""
-    out: dict[str, Any] = {}
-    get = payload.get
-    max_tokens = get("max_tokens")
-    if max_tokens is None:
-        max_tokens = get("max_completion_tokens", get("max_output_tokens"))
-    if type(max_tokens) is int:
-        out[sc.REQUEST_MAX_TOKENS] = max_tokens
-    for key, name in (
-        ("temperature", sc.REQUEST_TEMPERATURE),
-        ("top_p", sc.REQUEST_TOP_P),
-        ("top_k", sc.REQUEST_TOP_K),
-        ("frequency_penalty", sc.REQUEST_FREQUENCY_PENALTY),
-        ("presence_penalty", sc.REQUEST_PRESENCE_PENALTY),
-    ):
-        value = get(key)
-        if isinstance(value, _NUMBER) and not isinstance(value, bool):
-            out[name] = value
-    seed = get("seed")
-    if type(seed) is int:
-        out[sc.REQUEST_SEED] = seed
-    choices = get("n")
-    if type(choices) is int and choices != 1:
-        out[sc.REQUEST_CHOICE_COUNT] = choices
-    stop = get("stop", get("stop_sequences"))
-    if isinstance(stop, str):
-        out[sc.REQUEST_STOP_SEQUENCES] = (stop,)
-    elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
-        out[sc.REQUEST_STOP_SEQUENCES] = tuple(stop)
-    out[sc.REQUEST_STREAM] = get("stream") is True
-    return out
 
 
 class PropagatingFilter(Filter):
@@ -231,7 +198,7 @@ class TracingFilter(Filter):
         if isinstance(payload, dict):
             if not trace.requested_model and isinstance(payload.get("model"), str):
                 trace.requested_model = payload["model"]
-            trace.params = _params(payload)
+            trace.request_values = tuple(map(payload.get, REQUEST_KEYS))  # checked in the export thread
         return Action.CONTINUE
 
     def on_attempt_complete(self, exchange: Exchange, attempt: Attempt) -> None:
@@ -447,6 +414,7 @@ class TracingFactory(FilterFactory):
         if self.capture:
             self.filter_class = CapturingFilter  # type: ignore[misc]
         exporter: SpanExporter = OTLPSpanExporter(endpoint=self.endpoint, headers=headers or None, timeout=timeout)
+        lighten(exporter)  # one kept-alive http.client connection instead of requests (a tenth of the work)
         # the exporter logs every failed batch; the pipeline counts them and logs state changes instead
         quiet = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
         if quiet.level == logging.NOTSET:

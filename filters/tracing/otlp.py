@@ -115,7 +115,9 @@ class OtlpEncoder:
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str) -> None:
         self._cache: dict[tuple[str, Any], bytes] = {}
         self._int_prefixes: dict[tuple[int, str, int], bytes] = {}
-        self._names: dict[str, bytes] = {}
+        self._heads: dict[tuple[str, bytes], bytes] = {}
+        self._keys: dict[str, bytes] = {}
+        self._tails: dict[tuple[str | None, tuple[str, ...], str | None], bytes] = {}
         resource_bytes = _field(0x0A, b"".join(_field(0x0A, _key_value(k, v)) for k, v in resource.items()))
         self._scope = _field(0x0A, _text(0x0A, scope_name) + _text(0x12, scope_version))
         self._resource = resource_bytes
@@ -266,24 +268,63 @@ class ExchangeWriter(OtlpEncoder):
 
     _first_token_name = _text(0x12, sc.FIRST_TOKEN_EVENT)
 
-    def _name(self, name: str) -> bytes:
-        encoded = self._names.get(name)
+    def _name(self, name: str, kind: bytes) -> bytes:
+        """The span's name, kind and the start time's tag (kept per name and kind)."""
+        key = (name, kind)
+        encoded = self._heads.get(key)
         if encoded is None:
-            encoded = _text(0x2A, name)
-            if len(self._names) < _CACHE_LIMIT:
-                self._names[name] = encoded
+            encoded = _text(0x2A, name) + kind + b"\x39"
+            if len(self._heads) < _CACHE_LIMIT:
+                self._heads[key] = encoded
         return encoded
+
+    def _unique(self, key: str, value: str) -> bytes:
+        """A string attribute whose value does not repeat (ids): the key's bytes kept, the value written."""
+        raw = value.encode("utf-8", "surrogatepass")
+        size = len(raw)
+        key_bytes = self._keys.get(key)
+        if key_bytes is None:
+            key_bytes = self._keys[key] = _text(0x0A, key)
+        inner = len(key_bytes) + 4 + size  # the key, AnyValue's tag and length, string_value's tag and length
+        if inner >= 0x80:
+            return _field(_TAG_ATTR, _key_value(key, value))
+        return b"J" + _BYTE[inner] + key_bytes + b"\x12" + _BYTE[size + 2] + b"\x0a" + _BYTE[size] + raw
+
+    def _tail(self, model: str | None, reasons: tuple[str, ...], error: str | None) -> bytes:
+        """A CLIENT span's last fields without a first-token event: response model, finish reasons, status, flags."""
+        key = (model, reasons, error)
+        encoded = self._tails.get(key)
+        if encoded is None:
+            encoded = (
+                (self._str(sc.RESPONSE_MODEL, model) if model else b"")
+                + (self._str(sc.RESPONSE_FINISH_REASONS, reasons) if reasons else b"")
+                + (_field(0x7A, _text(0x12, error) + b"\x18\x02") if error else _STATUS_UNSET)
+                + _FLAGS_LOCAL
+            )
+            if len(self._tails) < _CACHE_LIMIT:
+                self._tails[key] = encoded
+        return encoded
+
+    def _count(self, key: str, value: int) -> bytes:
+        """A span's integer attribute (a token count)."""
+        number = _BYTE[value] if 0 <= value < 0x80 else _varint(value)
+        prefix = self._int_prefixes.get((_TAG_ATTR, key, len(number)))
+        if prefix is None:
+            prefix = self._int_prefix(_TAG_ATTR, key, len(number))
+        return prefix + number
 
     def exchange(self, trace: ExchangeTrace, settings: SpanSettings) -> bytes:
         """The spans of one exchange, each as a ``ScopeSpans.spans`` field (see the class docstring)."""
         latest, operation, groups = settings.latest, trace.operation, settings.groups
-        params = tuple(trace.params.items())
+        params = trace.param_pairs(settings.params)
         parent = trace.parent
         head = b"\x0a\x10" + trace.trace_id.to_bytes(16, "big")
         if parent is not None and parent.tracestate:  # normalised as the SDK writes it
             head += _text(0x1A, TraceState.from_header([parent.tracestate.decode("latin-1")]).to_header())
         server_id = trace.server_span_id.to_bytes(8, "big")
-        num, text = self._num, self._str
+        num, text, count = self._num, self._str, self._count
+        offset = trace.offset_ns
+        first_token = bool(trace.first_byte) and trace.is_sse
         out: list[bytes] = []
         relayed: AttemptRecord | None = None
         for attempt in trace.attempts:
@@ -295,36 +336,36 @@ class ExchangeWriter(OtlpEncoder):
                 attempt.span_id.to_bytes(8, "big"),
                 b"\x22\x08",
                 server_id,
-                self._name(name),
-                b"\x30\x03\x39",
-                _FIXED64(trace.ns(attempt.started)),
+                self._name(name, b"\x30\x03"),
+                _FIXED64(int(attempt.started * 1e9) + offset),
                 b"\x41",
-                _FIXED64(trace.ns(attempt.ended or trace.end)),
+                _FIXED64(int((attempt.ended or trace.end) * 1e9) + offset),
                 self._static(client_group(groups, operation, model, params, attempt, latest)),
             ]
             counts = attempt.tokens
             if counts is not None:
-                parts += (
-                    num(_TAG_ATTR, sc.USAGE_INPUT_TOKENS, counts[0]),
-                    num(_TAG_ATTR, sc.USAGE_OUTPUT_TOKENS, counts[1]),
-                )
+                parts += (count(sc.USAGE_INPUT_TOKENS, counts[0]), count(sc.USAGE_OUTPUT_TOKENS, counts[1]))
                 if counts[2]:
-                    parts.append(num(_TAG_ATTR, sc.USAGE_CACHE_READ_INPUT_TOKENS, counts[2]))
+                    parts.append(count(sc.USAGE_CACHE_READ_INPUT_TOKENS, counts[2]))
                 if counts[3]:
-                    parts.append(num(_TAG_ATTR, sc.USAGE_CACHE_CREATION_INPUT_TOKENS, counts[3]))
+                    parts.append(count(sc.USAGE_CACHE_CREATION_INPUT_TOKENS, counts[3]))
                 if counts[4]:
-                    parts.append(num(_TAG_ATTR, sc.USAGE_REASONING_OUTPUT_TOKENS, counts[4]))
+                    parts.append(count(sc.USAGE_REASONING_OUTPUT_TOKENS, counts[4]))
                 if counts[5] is not None:
                     parts.append(num(_TAG_ATTR, sc.COST_USD, counts[5]))
             if attempt.response_id:
-                parts.append(_field(_TAG_ATTR, _key_value(sc.RESPONSE_ID, attempt.response_id)))
+                parts.append(self._unique(sc.RESPONSE_ID, attempt.response_id))
+            if attempt.head_sent:
+                relayed = attempt
+            if not (first_token and attempt.head_sent):
+                parts.append(self._tail(attempt.response_model, attempt.finish_reasons, attempt.error_type))
+                out.append(_field(0x12, b"".join(parts)))
+                continue
             if attempt.response_model:
                 parts.append(text(sc.RESPONSE_MODEL, attempt.response_model))
             if attempt.finish_reasons:
                 parts.append(text(sc.RESPONSE_FINISH_REASONS, attempt.finish_reasons))
-            if attempt.head_sent:
-                relayed = attempt
-                parts.append(self._first_token(trace, attempt.started, latest, parts))
+            parts.append(self._first_token(trace, attempt.started, latest, parts))
             error = attempt.error_type
             parts.append(_field(0x7A, _text(0x12, error) + b"\x18\x02") if error else _STATUS_UNSET)
             parts.append(_FLAGS_LOCAL)
@@ -342,18 +383,17 @@ class ExchangeWriter(OtlpEncoder):
         if parent is not None:
             parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
         parts += (
-            self._name(name),
-            b"\x30\x02\x39",
-            _FIXED64(trace.ns(trace.start)),
+            self._name(name, b"\x30\x02"),
+            _FIXED64(int(trace.start * 1e9) + offset),
             b"\x41",
-            _FIXED64(trace.ns(trace.end)),
+            _FIXED64(int(trace.end * 1e9) + offset),
             self._static(group),
-            _field(_TAG_ATTR, _key_value(sc.REQUEST_ID, trace.request_id)),
+            self._unique(sc.REQUEST_ID, trace.request_id),
         )
         if trace.client_addr:
             parts.append(text(sc.CLIENT_ADDRESS, trace.client_addr))
         if operation:
-            event = self._first_token(trace, trace.start, latest, parts)
+            event = self._first_token(trace, trace.start, latest, parts) if first_token else b""
             if settings.redactor is not None:
                 content: dict[str, Any] = {}
                 content_attributes(content, trace, settings)

@@ -30,6 +30,7 @@ from llmproxy.filters.tracing.content import Redactor, input_messages, output_me
 from llmproxy.filters.tracing.propagation import Parent
 
 __all__ = [
+    "REQUEST_KEYS",
     "AttemptRecord",
     "AttemptTarget",
     "ExchangeTrace",
@@ -41,6 +42,7 @@ __all__ = [
     "client_group",
     "content_attributes",
     "plan_spans",
+    "request_params",
     "server_group",
     "tokens",
 ]
@@ -49,6 +51,56 @@ _OK = Status(StatusCode.UNSET)
 
 #: ``(input, output, cache_read, cache_write, reasoning, cost in USD or None)`` of a Usage.
 Tokens = tuple[int, int, int, int, int, float | None]
+
+
+#: The request fields :func:`request_params` reads, in its order (the filter keeps their values).
+REQUEST_KEYS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "n",
+    "stop",
+    "stop_sequences",
+    "stream",
+)
+_NUMBERS = (
+    sc.REQUEST_TEMPERATURE,
+    sc.REQUEST_TOP_P,
+    sc.REQUEST_TOP_K,
+    sc.REQUEST_FREQUENCY_PENALTY,
+    sc.REQUEST_PRESENCE_PENALTY,
+)
+
+
+def request_params(values: tuple[Any, ...]) -> dict[str, Any]:
+    """The ``gen_ai.request.*`` parameters from the values of :data:`REQUEST_KEYS` in a request body."""
+    out: dict[str, Any] = {}
+    max_tokens, max_completion, max_output, *numbers, seed, choices, stop, stop_sequences, stream = values
+    if max_tokens is None:
+        max_tokens = max_completion if max_completion is not None else max_output
+    if type(max_tokens) is int:
+        out[sc.REQUEST_MAX_TOKENS] = max_tokens
+    for name, value in zip(_NUMBERS, numbers, strict=True):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    if type(seed) is int:
+        out[sc.REQUEST_SEED] = seed
+    if type(choices) is int and choices != 1:
+        out[sc.REQUEST_CHOICE_COUNT] = choices
+    if stop is None:
+        stop = stop_sequences
+    if isinstance(stop, str):
+        out[sc.REQUEST_STOP_SEQUENCES] = (stop,)
+    elif isinstance(stop, list) and stop and all(isinstance(s, str) for s in stop):
+        out[sc.REQUEST_STOP_SEQUENCES] = tuple(stop)
+    out[sc.REQUEST_STREAM] = stream is True
+    return out
 
 
 def tokens(usage: Usage | None) -> Tokens | None:
@@ -86,6 +138,8 @@ class SpanSettings:
     max_content_chars: int = 65536
     #: The static attribute groups seen so far (see :class:`StaticGroup`); export thread only.
     groups: dict[tuple[Any, ...], StaticGroup] = field(default_factory=dict)
+    #: The request parameter sets seen so far (see :meth:`ExchangeTrace.param_pairs`); export thread only.
+    params: dict[tuple[Any, ...], tuple[tuple[str, Any], ...]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -131,7 +185,7 @@ class AttemptRecord:
             upstream.port,
             upstream.name,
             attempt.key_id,
-            attempt.outcome.value,
+            attempt.outcome._value_,  # (Enum.value is a descriptor call; _value_ is the attribute behind it)
             status,
             error_type,
             attempt.head_sent,
@@ -168,6 +222,7 @@ class ExchangeTrace:
         "parent",
         "path",
         "request_id",
+        "request_values",
         "requested_model",
         "sampled",
         "server_span_id",
@@ -187,7 +242,11 @@ class ExchangeTrace:
         self.attempts: list[AttemptRecord] = []
         self.operation: str | None = None
         self.requested_model = ""
+        #: The request's parameters, as :func:`request_params` names them (from ``request_values``).
         self.params: dict[str, Any] = {}
+        #: The values of :data:`REQUEST_KEYS` in the request body, when the filter read them
+        #: (one C-level pass on the loop; checked and named in the export thread).
+        self.request_values: tuple[Any, ...] | None = None
         self.chunks: list[bytes] | None = None  # relayed bytes, kept only for content capture
         self.captured = 0  # their size
         self.body: bytes | None = None  # the client's request body, kept only for content capture
@@ -205,6 +264,27 @@ class ExchangeTrace:
         self.end = 0.0
         self.first_byte = 0.0
         self.offset_ns = 0
+
+    def param_pairs(self, known: dict[tuple[Any, ...], tuple[tuple[str, Any], ...]]) -> tuple[tuple[str, Any], ...]:
+        """The request parameters as attribute pairs; ``known``: the pairs of values seen before.
+
+        Applications send the same few parameter sets again and again: they
+        are checked and named once (keyed by value and type: ``1``, ``1.0``
+        and ``True`` are equal keys, not the same attribute).
+        """
+        values = self.request_values
+        if values is None:
+            return tuple(self.params.items())
+        key = (values, tuple(map(type, values)))
+        try:
+            pairs = known.get(key)
+        except TypeError:  # a list (stop sequences): not kept
+            return tuple(request_params(values).items())
+        if pairs is None:
+            pairs = tuple(request_params(values).items())
+            if len(known) < MAX_GROUPS:
+                known[key] = pairs
+        return pairs
 
     @property
     def span_count(self) -> int:
@@ -412,7 +492,7 @@ def server_group(
 def plan_spans(trace: ExchangeTrace, settings: SpanSettings) -> list[SpanData]:
     """The SERVER span (first) and the CLIENT spans of one exchange (see the module docstring)."""
     latest, operation, groups = settings.latest, trace.operation, settings.groups
-    params = tuple(trace.params.items())
+    params = trace.param_pairs(settings.params)
     spans: list[SpanData] = [None]  # type: ignore[list-item]  # the SERVER span goes first
     relayed: AttemptRecord | None = None
     for attempt in trace.attempts:

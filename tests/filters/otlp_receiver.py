@@ -59,6 +59,7 @@ class Receiver:
         self.spans: list[SpanView] = []
         self.posts = 0
         self.content_types: list[str] = []
+        self.peers: list[int] = []  # the client port of each POST (one per kept-alive connection)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,6 +72,7 @@ class Receiver:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
                 receiver.posts += 1
+                receiver.peers.append(self.client_address[1])
                 receiver.content_types.append(self.headers.get("content-type", ""))
                 if receiver.mode == "slow":
                     time.sleep(receiver.delay)

@@ -13,12 +13,14 @@ from llmproxy.filters.tracing.content import Redactor
 from llmproxy.filters.tracing.otlp import ExchangeWriter, OtlpEncoder
 from llmproxy.filters.tracing.propagation import Parent
 from llmproxy.filters.tracing.spans import (
+    REQUEST_KEYS,
     AttemptRecord,
     AttemptTarget,
     ExchangeTrace,
     SpanSettings,
     build_spans,
     plan_spans,
+    request_params,
 )
 
 TARGET = UpstreamTarget(name="p", scheme="https", host="api.example.com", port=443, key_id="abc123")
@@ -51,9 +53,10 @@ def record(parent: Parent | None, model: str = "gpt-x") -> ExchangeTrace:
     return trace
 
 
+@pytest.mark.parametrize("sse", [True, False])
 @pytest.mark.parametrize("latest", [False, True])
 @pytest.mark.parametrize("content", [False, True])
-def test_the_wire_encoder_writes_what_the_sdk_encoder_writes(latest: bool, content: bool) -> None:
+def test_the_wire_encoder_writes_what_the_sdk_encoder_writes(latest: bool, content: bool, sse: bool) -> None:
     settings = SpanSettings(
         Resource.create({"service.name": "svc", "deployment.environment": "test", "n": 3}),
         InstrumentationScope("llmproxy.filters.tracing", "0.1.0"),
@@ -65,6 +68,8 @@ def test_the_wire_encoder_writes_what_the_sdk_encoder_writes(latest: bool, conte
         record(None, model="claude"),
         record(None),  # a second time: the cached KeyValues
     ]
+    for r in records:
+        r.is_sse = sse  # a JSON reply: no first-token event
     encoder = OtlpEncoder(dict(settings.resource.attributes), settings.scope.name, settings.scope.version or "")
     ours = ExportTraceServiceRequest()
     ours.ParseFromString(encoder.request([encoder.spans(r, plan_spans(r, settings)) for r in records]))
@@ -79,3 +84,51 @@ def test_the_wire_encoder_writes_what_the_sdk_encoder_writes(latest: bool, conte
     assert any(a.key == "gen_ai.input.messages" for a in spans[0].attributes) is content
     assert spans[0].trace_state == "vendor=abc,other=x"
     assert spans[1].status.code == 2 and spans[1].status.message == "upstream_timeout"
+
+
+M = "gen_ai.request."
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, {M + "stream": False}),
+        (
+            {"max_tokens": 9, "temperature": 0.5, "top_p": 1, "stream": True, "n": 1, "seed": 7},
+            {M + "max_tokens": 9, M + "temperature": 0.5, M + "top_p": 1, M + "seed": 7, M + "stream": True},
+        ),
+        (
+            {"max_completion_tokens": 5, "n": 3, "stop": "END"},
+            {M + "max_tokens": 5, M + "choice.count": 3, M + "stop_sequences": ("END",), M + "stream": False},
+        ),
+        (
+            {"max_output_tokens": 4, "stop_sequences": ["a", "b"], "top_k": 40},
+            {M + "max_tokens": 4, M + "top_k": 40, M + "stop_sequences": ("a", "b"), M + "stream": False},
+        ),
+        (
+            {"max_tokens": "9", "temperature": True, "seed": 1.5, "stop": ["a", 1], "stream": "yes"},
+            {M + "stream": False},
+        ),
+    ],
+)
+def test_request_parameters_are_checked_and_named(body: dict[str, object], expected: dict[str, object]) -> None:
+    assert request_params(tuple(map(body.get, REQUEST_KEYS))) == expected
+
+
+def test_parameter_sets_are_kept_by_value_and_type() -> None:
+    known: dict[tuple[object, ...], tuple[tuple[str, object], ...]] = {}
+
+    def pairs(body: dict[str, object]) -> dict[str, object]:
+        trace = ExchangeTrace(1, 2, None, True)
+        trace.request_values = tuple(map(body.get, REQUEST_KEYS))
+        return dict(trace.param_pairs(known))
+
+    assert pairs({"temperature": 1, "stream": True}) == {M + "temperature": 1, M + "stream": True}
+    as_float = pairs({"temperature": 1.0, "stream": 1})  # equal values to the set above, other types
+    assert as_float == {M + "temperature": 1.0, M + "stream": False}
+    assert type(as_float[M + "temperature"]) is float
+    assert pairs({"temperature": True}) == {M + "stream": False}
+    assert pairs({"stop": ["x"]}) == {M + "stop_sequences": ("x",), M + "stream": False}  # a list: not kept
+    assert len(known) == 3
+    assert pairs({"temperature": 1, "stream": True}) == {M + "temperature": 1, M + "stream": True}
+    assert len(known) == 3
