@@ -23,6 +23,14 @@ before it begins to match (the builtin detectors need at most 72: an email's
 that keeps growing is held until it ends (bounded by the patterns' own
 bounds). :meth:`~StreamScanner.finish` releases the rest.
 
+A release first asks the rule set's trigger (:attr:`RuleSet.trigger`: every
+matcher's needles) whether any candidate can start in the held
+text: when none can, only the matchers without needles run (usually none) and
+the text goes out as it is. The search resumes where the last one that found
+nothing ended, less the trigger's width (a needle that straddled the old end),
+so a quiet stream searches each character about once; the matchers run only
+while a needle is held, each over the held text as before.
+
 A span of a ``block`` rule in the released part raises :class:`Blocked`;
 ``log`` spans are reported and released unchanged.
 """
@@ -32,7 +40,7 @@ from __future__ import annotations
 import time
 from typing import Final
 
-from llmproxy.filters.guardrails.rules import RuleSet, Span, clusters
+from llmproxy.filters.guardrails.rules import TRIGGER_MIN_KEEP, RuleSet, Span, clusters
 
 __all__ = ["CONTEXT", "Blocked", "StreamScanner"]
 
@@ -56,6 +64,7 @@ class StreamScanner:
     __slots__ = (
         "_arrivals",
         "_buf",
+        "_clean",
         "_ctx",
         "_released",
         "hits",
@@ -75,6 +84,8 @@ class StreamScanner:
         #: Left context (released text) + held text.
         self._buf = ""
         self._ctx = 0
+        #: No trigger match starts in ``_buf[_ctx:_clean - trigger_width + 1]`` (the last quiet search).
+        self._clean = 0
         #: Characters released so far (offset of ``_buf[_ctx]`` in the channel's text).
         self._released = 0
         #: (channel offset where a piece ends, perf_counter when it arrived), oldest first.
@@ -113,7 +124,8 @@ class StreamScanner:
     def _release(self, final: bool) -> str:
         buf, ctx, rules = self._buf, self._ctx, self.rules
         size = len(buf)
-        cands = rules.candidates(buf, ctx)
+        quiet = self._quiet(buf, ctx, final)
+        cands = rules.candidates(buf, ctx, rules.always if quiet else None)
         cut = size if final else size - self.keep
         if cands and not final:
             moved = True
@@ -133,9 +145,25 @@ class StreamScanner:
         keep = max(0, cut - CONTEXT)
         self._buf = buf[keep:]
         self._ctx = cut - keep
+        self._clean -= keep
         self._released += cut - ctx
         self._note_wait()
         return out
+
+    def _quiet(self, buf: str, ctx: int, final: bool) -> bool:
+        """True when no matcher the trigger covers can have a candidate in ``buf[ctx:]`` that the
+        release would see (one starting before the cut)."""
+        rules = self.rules
+        trigger = rules.trigger
+        if trigger is None:
+            return True  # every matcher is in ``rules.always``
+        if not final and self.keep < TRIGGER_MIN_KEEP:
+            return False
+        width = trigger.width
+        if trigger.found(buf, max(ctx, self._clean - width + 1) if width else ctx):
+            return False
+        self._clean = len(buf)
+        return True
 
     def _resolve(self, buf: str, spans: list[Span], start: int, end: int) -> str:
         rules = self.rules.rules

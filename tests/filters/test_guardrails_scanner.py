@@ -126,3 +126,33 @@ def test_deny_lists_are_case_insensitive_and_word_bounded() -> None:
     assert rules.apply("TOP   SECRET")[0] == "TOP   SECRET"
     assert rules.apply("Top Secret!")[0] == "[redacted:d]!"
     assert rules.apply("forbidden-words, unforbidden-word")[0] == "forbidden-words, unforbidden-word"
+
+
+#: Rules whose quiet check differs: a needle-less regex (always run), a case-folded one, a
+#: long needle (straddles the resumed search), and the digit-run trigger of phone and card.
+QUIET_RULES = [
+    {"name": "pii", "detectors": ["phone", "card", "email"], "action": "redact"},
+    {"name": "shape", "regex": r"[A-Z]{3}[0-9]{3}", "action": "redact"},
+    {"name": "folded", "regex": r"(?i)project[- ]?lyra", "action": "redact"},
+    {"name": "long", "deny": ["a-rather-long-needle-phrase"], "action": "redact"},
+]
+QUIET_FILLER = [
+    "word", "12", "345", "6789", "-", "(", ")", ".", "PROJECT-Lyra", "project lyra", "ABC123",
+    "a-rather-long-needle-phrase", "x@", "@", "jo@mail.example.com", "\u212a", "İ",
+    "4111 1111 1111 1111", "+1 415-555-0134", "555 0134",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [30, 40, 84, 128])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_quiet_check_never_skips_a_candidate(window: int, seed: int) -> None:
+    """Texts made of needle pieces (split anywhere by the piece sizes): the trigger must see every
+    needle that straddles where its last search ended, or the output would differ."""
+    rng = random.Random(1000 + seed)
+    rules = RuleSet(parse_rules(QUIET_RULES, "t"))
+    assert rules.trigger is not None and rules.always  # the needle-less regex runs on every release
+    for _ in range(120):
+        text = rng.choice([" ", "  ", "\n"]).join(rng.choice(QUIET_FILLER) for _ in range(rng.randint(0, 80)))
+        scanner = StreamScanner(rules, window)
+        released = "".join(scanner.feed(piece) for piece in _pieces(rng, text)) + scanner.finish()
+        assert released == rules.apply(text)[0]
