@@ -42,6 +42,22 @@ __all__ = ["StreamGuard"]
 _MESSAGE_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 
+def _fields(raw: bytes) -> tuple[bytes | None, bytes]:
+    """``raw``'s event name and data, as :func:`parse_event` reads them; the shapes every provider
+    sends (one ``data:`` line, after one ``event:`` line or not) are sliced without splitting lines."""
+    end = len(raw) - 2
+    if raw.endswith(b"\n\n") and b"\r" not in raw:
+        if raw.startswith(b"data: "):
+            if raw.find(b"\n", 6) == end:
+                return None, raw[6:end]
+        elif raw.startswith(b"event: "):
+            line = raw.find(b"\n", 7)
+            if raw.startswith(b"data: ", line + 1) and raw.find(b"\n", line + 7) == end:
+                return raw[7:line], raw[line + 7 : end]
+    event = parse_event(raw)
+    return event.event, event.data
+
+
 class _Channel:
     __slots__ = ("scanner", "template")
 
@@ -84,8 +100,7 @@ class StreamGuard:
         out: list[bytes] = []
         handle = getattr(self, "_" + self.api)
         for raw in raw_events:
-            event = parse_event(raw)
-            data = event.data
+            name, data = _fields(raw)
             if not data or data[:1] != b"{":
                 if data == b"[DONE]":
                     out.extend(self._flush_all())
@@ -99,7 +114,7 @@ class StreamGuard:
             if not isinstance(obj, dict):
                 out.append(raw)
                 continue
-            handle(raw, event.event, obj, out)
+            handle(raw, name, obj, out)
         return b"".join(out)
 
     def finish(self) -> bytes:

@@ -11,9 +11,11 @@ import random
 
 import pytest
 
+from llmproxy import parse_event
 from llmproxy.filters.guardrails.detectors import DETECTORS, luhn_ok
 from llmproxy.filters.guardrails.rules import RuleSet, parse_rules
 from llmproxy.filters.guardrails.scanner import Blocked, StreamScanner
+from llmproxy.filters.guardrails.stream import _fields
 
 SECRETS = [
     "sk-proj-Abc123Def456Ghi789Jkl012Mno345",
@@ -156,3 +158,17 @@ def test_the_quiet_check_never_skips_a_candidate(window: int, seed: int) -> None
         scanner = StreamScanner(rules, window)
         released = "".join(scanner.feed(piece) for piece in _pieces(rng, text)) + scanner.finish()
         assert released == rules.apply(text)[0]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'data: {"a":1}\n\n', b'event: x\ndata: {"a":1}\n\n', b"data: [DONE]\n\n", b"data:{}\n\n",
+        b"event:x\ndata: {}\n\n", b": comment\ndata: {}\n\n", b"data: a\ndata: b\n\n",
+        b"event: x\ndata: a\ndata: b\n\n", b"data: {}\r\n\r\n", b"data: {}", b"event: x\n\n",
+        b"event: x\nid: 1\ndata: {}\n\n", b"data: \n\n", b"data: x\nevent: y\n\n",
+    ],
+)  # fmt: skip
+def test_the_event_fast_path_reads_what_parse_event_reads(raw: bytes) -> None:
+    event = parse_event(raw)
+    assert _fields(raw) == (event.event, event.data)
