@@ -208,6 +208,35 @@ class RuleSet:
             out.sort(key=_by_start_longest)
         return out
 
+    def triggered(self, text: str, pos: int, triggers: bool = True) -> list[Matcher]:
+        """The matchers that may have a candidate in ``text`` from ``pos``: those with a needle there,
+        or their trigger when ``triggers`` (else they are kept), and the ones with neither."""
+        region = text[pos:]
+        lowered: str | None = None
+        found: dict[str, bool] = {}
+        out: list[Matcher] = []
+        for m in self.matchers:
+            if m.trigger:
+                if triggers:
+                    hit = found.get(m.trigger)
+                    if hit is None:
+                        hit = found[m.trigger] = re.search(m.trigger, region) is not None
+                    if not hit:
+                        continue
+            elif m.needles:
+                haystack = region
+                if m.folded:
+                    if lowered is None:
+                        lowered = region.lower()
+                    haystack = lowered
+                for needle in m.needles:
+                    if needle in haystack:
+                        break
+                else:
+                    continue
+            out.append(m)
+        return out
+
     def render(self, text: str, spans: Sequence[Span], start: int, end: int) -> str:
         """``text[start:end]`` with every redacting span in it replaced by its marker."""
         parts: list[str] = []
@@ -278,29 +307,51 @@ class Trigger(NamedTuple):
 
     needles: tuple[str, ...]
     folded: tuple[str, ...]
-    patterns: tuple[re.Pattern[str], ...]
+    #: The detectors' trigger patterns in one (None: none).
+    pattern: re.Pattern[str] | None
     #: The longest text any of them matches (0: unbounded).
     width: int
+    #: One character of each needle (its rarest; both cases and what lowers to it when folded):
+    #: a text with none of them holds no needle, one pass over it instead of one per needle.
+    keys: frozenset[str]
 
     def found(self, text: str, pos: int) -> bool:
         """True when one of them occurs in ``text`` from ``pos``."""
         region = text[pos:]
-        for needle in self.needles:
-            if needle in region:
-                return True
-        if self.folded:
-            lowered = region.lower()
-            for needle in self.folded:
-                if needle in lowered:
+        if not self.keys.isdisjoint(region):
+            for needle in self.needles:
+                if needle in region:
                     return True
-        return any(pattern.search(region) is not None for pattern in self.patterns)
+            if self.folded:
+                lowered = region.lower()
+                for needle in self.folded:
+                    if needle in lowered:
+                        return True
+        return self.pattern is not None and self.pattern.search(region) is not None
+
+
+#: Characters from the most to the least common in model text (English letters by frequency);
+#: a needle is keyed by its character furthest down (one not listed: digits, capitals, symbols).
+_COMMON: Final = " etaoinsrhldcumfpgwybvETAOINSRHLDCUMFPGWYBV0123456789kxjqzKXJQZ.,"
+#: The characters outside ASCII whose ``str.lower`` holds an ASCII letter (all of Unicode, checked).
+_LOWERS_TO: Final = {"i": "\u0130", "k": "\u212a"}
+
+
+def _key(needle: str, folded: bool) -> str:
+    """The characters keying ``needle``: its rarest, in every case that lowers to it when folded."""
+    rank = {c: i for i, c in enumerate(_COMMON)}
+    char = max(needle, key=lambda c: rank.get(c, len(_COMMON)))
+    if not folded or not char.isalpha():
+        return char
+    return char + char.upper() + _LOWERS_TO.get(char, "")
 
 
 def _trigger(matchers: Sequence[Matcher]) -> tuple[Trigger | None, tuple[Matcher, ...]]:
     """:attr:`RuleSet.trigger` and the matchers it leaves out (no needles, no trigger).
 
-    The needles are looked for with ``in`` (C speed), each once: one regular expression of them
-    all would be slower than that in ``re`` (an alternation is tried at every position).
+    The needles are looked for with ``in`` (C speed), each once, and only in a text holding one of
+    their key characters: one regular expression of them all would be slower (``re`` tries an
+    alternation at every position).
     """
     needles: dict[str, None] = {}
     folded: dict[str, None] = {}
@@ -308,7 +359,7 @@ def _trigger(matchers: Sequence[Matcher]) -> tuple[Trigger | None, tuple[Matcher
     always: list[Matcher] = []
     for m in matchers:
         if m.trigger:
-            patterns[m.trigger] = None
+            patterns[m.trigger] = None  # each a regular expression source
         elif m.needles:
             (folded if m.folded else needles).update(dict.fromkeys(m.needles))
         else:
@@ -324,8 +375,9 @@ def _trigger(matchers: Sequence[Matcher]) -> tuple[Trigger | None, tuple[Matcher
         width = 0 if not most or most > _TRIGGER_MAX_WIDTH else max(width, most)
         if not width:
             break
-    compiled = tuple(re.compile(source) for source in patterns)
-    return Trigger(tuple(needles), tuple(folded), compiled, width), tuple(always)
+    compiled = re.compile("|".join(f"(?:{source})" for source in patterns)) if patterns else None
+    keys = frozenset("".join([_key(n, False) for n in needles] + [_key(n, True) for n in folded]))
+    return Trigger(tuple(needles), tuple(folded), compiled, width, keys), tuple(always)
 
 
 # -- needles: literals every match of a regular expression contains ------------------------

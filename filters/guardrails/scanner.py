@@ -37,7 +37,7 @@ A span of a ``block`` rule in the released part raises :class:`Blocked`;
 
 from __future__ import annotations
 
-import time
+from time import perf_counter
 from typing import Final
 
 from llmproxy.filters.guardrails.rules import TRIGGER_MIN_KEEP, RuleSet, Span, clusters
@@ -66,10 +66,10 @@ class StreamScanner:
         "_buf",
         "_clean",
         "_ctx",
+        "_max_held",
         "_released",
         "hits",
         "keep",
-        "max_held",
         "max_wait",
         "rules",
         "window",
@@ -88,18 +88,24 @@ class StreamScanner:
         self._clean = 0
         #: Characters released so far (offset of ``_buf[_ctx]`` in the channel's text).
         self._released = 0
-        #: (channel offset where a piece ends, perf_counter when it arrived), oldest first.
+        #: (channel offset where a piece ends, ``perf_counter`` when it arrived), oldest first.
         self._arrivals: list[tuple[int, float]] = []
         #: Spans found in released text, for counting and logs (rule indices of ``rules``).
         self.hits: list[int] = []
-        #: Most characters held at once, and the longest a character waited (seconds).
-        self.max_held = 0
+        #: Most characters held before the last release (held text only grows between releases).
+        self._max_held = 0
+        #: The longest a character waited (seconds).
         self.max_wait = 0.0
 
     @property
     def held(self) -> int:
         """Characters held now."""
         return len(self._buf) - self._ctx
+
+    @property
+    def max_held(self) -> int:
+        """Most characters held at once."""
+        return max(self._max_held, len(self._buf) - self._ctx)
 
     def feed(self, piece: str) -> str:
         """Append ``piece``; return the text released by it (possibly empty). Raises :class:`Blocked`."""
@@ -108,9 +114,7 @@ class StreamScanner:
         buf = self._buf + piece
         self._buf = buf
         held = len(buf) - self._ctx
-        self._arrivals.append((self._released + held, time.perf_counter()))
-        if held > self.max_held:
-            self.max_held = held
+        self._arrivals.append((self._released + held, perf_counter()))
         if held <= self.window:
             return ""
         return self._release(False)
@@ -124,9 +128,16 @@ class StreamScanner:
     def _release(self, final: bool) -> str:
         buf, ctx, rules = self._buf, self._ctx, self.rules
         size = len(buf)
-        quiet = self._quiet(buf, ctx, final)
-        cands = rules.candidates(buf, ctx, rules.always if quiet else None)
+        if size - ctx > self._max_held:
+            self._max_held = size - ctx
         cut = size if final else size - self.keep
+        quiet = self._quiet(buf, ctx, final)
+        if quiet and not rules.always:
+            return self._advance(buf, ctx, cut, buf[ctx:cut])
+        if quiet:
+            cands = rules.candidates(buf, ctx, rules.always)
+        else:
+            cands = rules.candidates(buf, ctx, rules.triggered(buf, ctx, final or self.keep >= TRIGGER_MIN_KEEP))
         if cands and not final:
             moved = True
             while moved:
@@ -141,7 +152,10 @@ class StreamScanner:
         if cut <= ctx:
             return ""
         spans = clusters([c for c in cands if c.end <= cut], rules.rules)
-        out = self._resolve(buf, spans, ctx, cut)
+        return self._advance(buf, ctx, cut, self._resolve(buf, spans, ctx, cut))
+
+    def _advance(self, buf: str, ctx: int, cut: int, out: str) -> str:
+        """Release ``buf[ctx:cut]`` as ``out``; keep the left context and the held rest."""
         keep = max(0, cut - CONTEXT)
         self._buf = buf[keep:]
         self._ctx = cut - keep
@@ -176,7 +190,7 @@ class StreamScanner:
     def _note_wait(self) -> None:
         arrivals = self._arrivals
         released = self._released
-        now = time.perf_counter()
+        now = perf_counter()
         n = 0
         for end, at in arrivals:
             if end > released:
