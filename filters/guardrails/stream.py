@@ -163,10 +163,21 @@ class StreamGuard:
         if not isinstance(choices, list) or not choices:
             out.append(raw)
             return
+        field = "content" if self.api == "chat" else "text"
+        if len(choices) == 1:  # most chunks: one choice's text, its channel open (what the loop below does)
+            choice = choices[0]
+            if isinstance(choice, dict) and not choice.get("finish_reason"):
+                delta = choice.get("delta") if self.api == "chat" else choice
+                if isinstance(delta, dict) and "tool_calls" not in delta:
+                    text = delta.get(field)
+                    if isinstance(text, str) and text:
+                        index = choice.get("index", 0)
+                        delta[field] = self._feed(("c", index), text, (obj, index))
+                        out.append(format_event(orjson.dumps(obj), name))
+                        return
         #: channel -> (mapping, key) where this event carried its text
         fed: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
         ends: list[Any] = []
-        field = "content" if self.api == "chat" else "text"
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -187,7 +198,7 @@ class StreamGuard:
                         fed[key] = (fn, "arguments")
             if choice.get("finish_reason"):
                 ends.append(index)
-        for key in [k for k in self._channels if k[1] in ends]:
+        for key in [k for k in self._channels if k[1] in ends] if ends else ():
             where = fed.get(key)
             if where is None:
                 self._emit_flush(key, out)
