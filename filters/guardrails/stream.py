@@ -28,6 +28,7 @@ span raises :class:`~.scanner.Blocked`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -70,13 +71,17 @@ class _Channel:
 class StreamGuard:
     """One response stream's channels (see the module docstring)."""
 
-    __slots__ = ("_channels", "api", "rules", "window")
+    __slots__ = ("_channels", "_handle", "api", "rules", "window")
 
     def __init__(self, rules: RuleSet, window: int, api: str) -> None:
         self.rules = rules
         self.window = window
         self.api = api
         self._channels: dict[tuple[Any, ...], _Channel] = {}
+        #: The API's event handler (a plain function: no bound method kept on ``self``).
+        self._handle: Callable[[StreamGuard, bytes, bytes | None, dict[str, Any], list[bytes]], None] = getattr(
+            StreamGuard, "_" + api
+        )
 
     def scanners(self) -> list[StreamScanner]:
         """Every channel's scanner (hits, held characters, waits)."""
@@ -98,7 +103,7 @@ class StreamGuard:
     def feed(self, raw_events: list[bytes]) -> bytes:
         """The events to send for ``raw_events`` (whole events). Raises :class:`Blocked`."""
         out: list[bytes] = []
-        handle = getattr(self, "_" + self.api)
+        handle = self._handle
         for raw in raw_events:
             name, data = _fields(raw)
             if not data or data[:1] != b"{":
@@ -114,8 +119,8 @@ class StreamGuard:
             if not isinstance(obj, dict):
                 out.append(raw)
                 continue
-            handle(raw, name, obj, out)
-        return b"".join(out)
+            handle(self, raw, name, obj, out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def finish(self) -> bytes:
         """Flush every channel still open (a stream that ended without closing them)."""
