@@ -44,6 +44,10 @@ class Detector:
     ``finder`` replaces the pattern's ``finditer`` where a regex would be
     slow: ``(start, end, candidate_only)`` from ``pos``; ``False`` marks a
     span that is not a match but must not be cut while it may grow.
+    ``trigger`` replaces the needles for a stream's quiet check
+    (:attr:`RuleSet.trigger <.rules.RuleSet.trigger>`) where they are too common (digits):
+    a regular expression that any candidate starting more than
+    :data:`~.rules.TRIGGER_MIN_KEEP` characters before the end contains.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Detector:
     validate: Callable[[str], bool] | None = None
     needles: tuple[str, ...] = ()
     finder: Callable[[str, int], Iterator[tuple[int, int, bool]]] | None = None
+    trigger: str = ""
 
 
 def _d(
@@ -59,8 +64,9 @@ def _d(
     needles: tuple[str, ...],
     validate: Callable[[str], bool] | None = None,
     finder: Callable[[str, int], Iterator[tuple[int, int, bool]]] | None = None,
+    trigger: str = "",
 ) -> Detector:
-    return Detector(name, re.compile(pattern), validate, needles, finder)
+    return Detector(name, re.compile(pattern), validate, needles, finder, trigger)
 
 
 _LOCAL: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
@@ -101,6 +107,9 @@ _RUN: Final = re.compile(rb"0(?:[-()]{0,2}0){7,}\)?")
 _TAIL_RUN: Final = re.compile(rb"[+(]?0(?:[-()]{0,2}0)*[-()]{0,2}\Z")
 _STR_RUN: Final = re.compile(r"[0-9](?:[ ().-]{0,2}[0-9]){7,}\)?")
 _STR_TAIL_RUN: Final = re.compile(r"[+(]?[0-9](?:[ ().-]{0,2}[0-9])*[ ().-]{0,2}\Z")
+#: The quiet-check trigger of phone and card: 8 digits of a run. A finder's candidate is a run of at
+#: least 8 digits, or a run at the end, which has 8 digits too once it is 26 characters long.
+_RUN_TRIGGER: Final = r"[0-9](?:[ ().-]{0,2}[0-9]){7}"
 _CLASSES: Final = bytes(
     ord("0") if chr(c).isdigit() and c < 128 else ord("-") if chr(c) in " .-" else c if chr(c) in "()+" else ord("x")
     for c in range(256)
@@ -184,8 +193,8 @@ DETECTORS: Final[dict[str, Detector]] = {
             ("-----BEGIN ",),
         ),
         _d("email", _EMAIL, ("@",), finder=find_emails),
-        _d("phone", _PHONE.pattern, _DIGITS, finder=_in_runs(_PHONE, 8)),
-        _d("card", _CARD.pattern, _DIGITS, luhn_ok, _in_runs(_CARD, 13)),
+        _d("phone", _PHONE.pattern, _DIGITS, finder=_in_runs(_PHONE, 8), trigger=_RUN_TRIGGER),
+        _d("card", _CARD.pattern, _DIGITS, luhn_ok, _in_runs(_CARD, 13), _RUN_TRIGGER),
     )
 }
 

@@ -13,6 +13,12 @@ valid candidates into spans, each owned by its strongest rule (``block``
 over ``redact`` over ``log``, then the leftmost, longest). The same two
 steps run on whole texts and on stream windows, which is what makes a
 stream's redaction equal to the redaction of its whole text.
+
+A stream scanner first asks :attr:`RuleSet.trigger` (every matcher's needles,
+or its own trigger pattern) whether any candidate can be there at all: model
+text rarely holds a needle, so most of a stream is released after one look
+at its new characters, and the matchers run only around a needle (see
+:mod:`.scanner`).
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ from llmproxy.filters.guardrails.detectors import DETECTORS, GROUPS
 __all__ = [
     "ACTIONS",
     "SEPARATOR",
+    "TRIGGER_MIN_KEEP",
     "Candidate",
     "Matcher",
     "RemoteCheck",
     "Rule",
     "RuleSet",
     "Span",
+    "Trigger",
     "clusters",
     "parse_rules",
 ]
@@ -45,6 +53,11 @@ __all__ = [
 ACTIONS: Final = ("block", "redact", "log")
 #: What :meth:`RuleSet.apply_many` puts between texts.
 SEPARATOR: Final = "\n\x00\n"
+#: A stream release must keep at least this many characters held for a trigger to prove it quiet
+#: (a digit run at the end holds 8 digits of a run trigger once it is this long).
+TRIGGER_MIN_KEEP: Final = 32
+#: A trigger longer than this (an unbounded needle pattern) is searched from the release point.
+_TRIGGER_MAX_WIDTH: Final = 4096
 _PRIORITY: Final = {"block": 3, "redact": 2, "log": 1}
 _SIDES: Final = ("both", "request", "response")
 _FAILURES: Final = ("open", "closed")
@@ -71,6 +84,8 @@ class Matcher:
     finder: Callable[[str, int], Iterator[tuple[int, int, bool]]] | None = None
     #: The needles are lowercase: look for them in the lowercased text.
     folded: bool = False
+    #: A regular expression every candidate contains, instead of the needles (see ``Detector``).
+    trigger: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,27 +156,31 @@ def clusters(cands: Sequence[Candidate], rules: Sequence[Rule]) -> list[Span]:
 class RuleSet:
     """The compiled rules of one exchange side: their patterns, and the remote checks."""
 
-    __slots__ = ("markers", "matchers", "remote", "rules")
+    __slots__ = ("always", "markers", "matchers", "remote", "rules", "trigger")
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(rules)
         self.matchers = tuple(
-            Matcher(i, m.pattern, m.validate, m.needles, m.finder, m.folded)
+            Matcher(i, m.pattern, m.validate, m.needles, m.finder, m.folded, m.trigger)
             for i, rule in enumerate(self.rules)
             for m in rule.matchers
         )
         self.remote = tuple(rule for rule in self.rules if rule.remote is not None)
         #: ``[redacted:<rule>]`` per rule.
         self.markers = tuple(f"[redacted:{rule.name}]" for rule in self.rules)
+        #: What every matcher with needles or a trigger contains: where none of it occurs, none
+        #: of those matchers has a candidate (None: no such matcher); the matchers it leaves out.
+        self.trigger, self.always = _trigger(self.matchers)
 
     def __bool__(self) -> bool:
         return bool(self.matchers)
 
-    def candidates(self, text: str, pos: int = 0) -> list[Candidate]:
-        """Every pattern's non-empty matches in ``text`` from ``pos`` (lookbehinds see before it), sorted."""
+    def candidates(self, text: str, pos: int = 0, matchers: Sequence[Matcher] | None = None) -> list[Candidate]:
+        """Every pattern's non-empty matches in ``text`` from ``pos`` (lookbehinds see before it), sorted;
+        of ``matchers`` only when given."""
         out: list[Candidate] = []
         lowered: str | None = None
-        for m in self.matchers:
+        for m in self.matchers if matchers is None else matchers:
             needles = m.needles
             if needles:
                 if m.folded:
@@ -187,6 +206,35 @@ class RuleSet:
                     out.append(Candidate(s, e, m.rule, validate is None or validate(found.group())))
         if len(out) > 1:
             out.sort(key=_by_start_longest)
+        return out
+
+    def triggered(self, text: str, pos: int, triggers: bool = True) -> list[Matcher]:
+        """The matchers that may have a candidate in ``text`` from ``pos``: those with a needle there,
+        or their trigger when ``triggers`` (else they are kept), and the ones with neither."""
+        region = text[pos:]
+        lowered: str | None = None
+        found: dict[str, bool] = {}
+        out: list[Matcher] = []
+        for m in self.matchers:
+            if m.trigger:
+                if triggers:
+                    hit = found.get(m.trigger)
+                    if hit is None:
+                        hit = found[m.trigger] = re.search(m.trigger, region) is not None
+                    if not hit:
+                        continue
+            elif m.needles:
+                haystack = region
+                if m.folded:
+                    if lowered is None:
+                        lowered = region.lower()
+                    haystack = lowered
+                for needle in m.needles:
+                    if needle in haystack:
+                        break
+                else:
+                    continue
+            out.append(m)
         return out
 
     def render(self, text: str, spans: Sequence[Span], start: int, end: int) -> str:
@@ -251,6 +299,85 @@ class RuleSet:
 
 def _by_start_longest(c: Candidate) -> tuple[int, int]:
     return (c.start, -c.end)
+
+
+class Trigger(NamedTuple):
+    """What a stream's quiet check looks for (:attr:`RuleSet.trigger`): every needle of the matchers
+    it covers (``folded`` ones in the lowercased text), and the detectors' own trigger patterns."""
+
+    needles: tuple[str, ...]
+    folded: tuple[str, ...]
+    #: The detectors' trigger patterns in one (None: none).
+    pattern: re.Pattern[str] | None
+    #: The longest text any of them matches (0: unbounded).
+    width: int
+    #: One character of each needle (its rarest; both cases and what lowers to it when folded):
+    #: a text with none of them holds no needle, one pass over it instead of one per needle.
+    keys: frozenset[str]
+
+    def found(self, text: str, pos: int) -> bool:
+        """True when one of them occurs in ``text`` from ``pos``."""
+        region = text[pos:]
+        if not self.keys.isdisjoint(region):
+            for needle in self.needles:
+                if needle in region:
+                    return True
+            if self.folded:
+                lowered = region.lower()
+                for needle in self.folded:
+                    if needle in lowered:
+                        return True
+        return self.pattern is not None and self.pattern.search(region) is not None
+
+
+#: Characters from the most to the least common in model text (English letters by frequency);
+#: a needle is keyed by its character furthest down (one not listed: digits, capitals, symbols).
+_COMMON: Final = " etaoinsrhldcumfpgwybvETAOINSRHLDCUMFPGWYBV0123456789kxjqzKXJQZ.,"
+#: The characters outside ASCII whose ``str.lower`` holds an ASCII letter (all of Unicode, checked).
+_LOWERS_TO: Final = {"i": "\u0130", "k": "\u212a"}
+
+
+def _key(needle: str, folded: bool) -> str:
+    """The characters keying ``needle``: its rarest, in every case that lowers to it when folded."""
+    rank = {c: i for i, c in enumerate(_COMMON)}
+    char = max(needle, key=lambda c: rank.get(c, len(_COMMON)))
+    if not folded or not char.isalpha():
+        return char
+    return char + char.upper() + _LOWERS_TO.get(char, "")
+
+
+def _trigger(matchers: Sequence[Matcher]) -> tuple[Trigger | None, tuple[Matcher, ...]]:
+    """:attr:`RuleSet.trigger` and the matchers it leaves out (no needles, no trigger).
+
+    The needles are looked for with ``in`` (C speed), each once, and only in a text holding one of
+    their key characters: one regular expression of them all would be slower (``re`` tries an
+    alternation at every position).
+    """
+    needles: dict[str, None] = {}
+    folded: dict[str, None] = {}
+    patterns: dict[str, None] = {}
+    always: list[Matcher] = []
+    for m in matchers:
+        if m.trigger:
+            patterns[m.trigger] = None  # each a regular expression source
+        elif m.needles:
+            (folded if m.folded else needles).update(dict.fromkeys(m.needles))
+        else:
+            always.append(m)
+    if not (needles or folded or patterns):
+        return None, tuple(always)
+    width = max((len(n) for n in (*needles, *folded)), default=1)
+    for source in patterns:
+        try:
+            most = _parser.parse(source).getwidth()[1]
+        except Exception:  # the private parser changed: searched from the release point, still correct
+            most = 0
+        width = 0 if not most or most > _TRIGGER_MAX_WIDTH else max(width, most)
+        if not width:
+            break
+    compiled = re.compile("|".join(f"(?:{source})" for source in patterns)) if patterns else None
+    keys = frozenset("".join([_key(n, False) for n in needles] + [_key(n, True) for n in folded]))
+    return Trigger(tuple(needles), tuple(folded), compiled, width, keys), tuple(always)
 
 
 # -- needles: literals every match of a regular expression contains ------------------------
@@ -404,7 +531,7 @@ def parse_rules(raw: Any, file: str) -> list[Rule]:
                     raise sec.error(kind, f"unknown detector {name!r} (known: {known})")
                 for detector in GROUPS.get(name, (name,)):
                     d = DETECTORS[detector]
-                    matchers.append(Matcher(len(rules), d.pattern, d.validate, d.needles, d.finder))
+                    matchers.append(Matcher(len(rules), d.pattern, d.validate, d.needles, d.finder, trigger=d.trigger))
             default_name = listed[0] if len(listed) == 1 else None
         elif kind in ("regex", "regexes"):
             sources = [sec.get("regex", str, "")] if kind == "regex" else _strings(sec, "regexes")

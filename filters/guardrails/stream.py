@@ -28,6 +28,7 @@ span raises :class:`~.scanner.Blocked`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -42,6 +43,22 @@ __all__ = ["StreamGuard"]
 _MESSAGE_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 
+def _fields(raw: bytes) -> tuple[bytes | None, bytes]:
+    """``raw``'s event name and data, as :func:`parse_event` reads them; the shapes every provider
+    sends (one ``data:`` line, after one ``event:`` line or not) are sliced without splitting lines."""
+    end = len(raw) - 2
+    if raw.endswith(b"\n\n") and b"\r" not in raw:
+        if raw.startswith(b"data: "):
+            if raw.find(b"\n", 6) == end:
+                return None, raw[6:end]
+        elif raw.startswith(b"event: "):
+            line = raw.find(b"\n", 7)
+            if raw.startswith(b"data: ", line + 1) and raw.find(b"\n", line + 7) == end:
+                return raw[7:line], raw[line + 7 : end]
+    event = parse_event(raw)
+    return event.event, event.data
+
+
 class _Channel:
     __slots__ = ("scanner", "template")
 
@@ -54,13 +71,17 @@ class _Channel:
 class StreamGuard:
     """One response stream's channels (see the module docstring)."""
 
-    __slots__ = ("_channels", "api", "rules", "window")
+    __slots__ = ("_channels", "_handle", "api", "rules", "window")
 
     def __init__(self, rules: RuleSet, window: int, api: str) -> None:
         self.rules = rules
         self.window = window
         self.api = api
         self._channels: dict[tuple[Any, ...], _Channel] = {}
+        #: The API's event handler (a plain function: no bound method kept on ``self``).
+        self._handle: Callable[[StreamGuard, bytes, bytes | None, dict[str, Any], list[bytes]], None] = getattr(
+            StreamGuard, "_" + api
+        )
 
     def scanners(self) -> list[StreamScanner]:
         """Every channel's scanner (hits, held characters, waits)."""
@@ -82,10 +103,9 @@ class StreamGuard:
     def feed(self, raw_events: list[bytes]) -> bytes:
         """The events to send for ``raw_events`` (whole events). Raises :class:`Blocked`."""
         out: list[bytes] = []
-        handle = getattr(self, "_" + self.api)
+        handle = self._handle
         for raw in raw_events:
-            event = parse_event(raw)
-            data = event.data
+            name, data = _fields(raw)
             if not data or data[:1] != b"{":
                 if data == b"[DONE]":
                     out.extend(self._flush_all())
@@ -99,8 +119,8 @@ class StreamGuard:
             if not isinstance(obj, dict):
                 out.append(raw)
                 continue
-            handle(raw, event.event, obj, out)
-        return b"".join(out)
+            handle(self, raw, name, obj, out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def finish(self) -> bytes:
         """Flush every channel still open (a stream that ended without closing them)."""
@@ -148,10 +168,21 @@ class StreamGuard:
         if not isinstance(choices, list) or not choices:
             out.append(raw)
             return
+        field = "content" if self.api == "chat" else "text"
+        if len(choices) == 1:  # most chunks: one choice's text, its channel open (what the loop below does)
+            choice = choices[0]
+            if isinstance(choice, dict) and not choice.get("finish_reason"):
+                delta = choice.get("delta") if self.api == "chat" else choice
+                if isinstance(delta, dict) and "tool_calls" not in delta:
+                    text = delta.get(field)
+                    if isinstance(text, str) and text:
+                        index = choice.get("index", 0)
+                        delta[field] = self._feed(("c", index), text, (obj, index))
+                        out.append(format_event(orjson.dumps(obj), name))
+                        return
         #: channel -> (mapping, key) where this event carried its text
         fed: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
         ends: list[Any] = []
-        field = "content" if self.api == "chat" else "text"
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -172,7 +203,7 @@ class StreamGuard:
                         fed[key] = (fn, "arguments")
             if choice.get("finish_reason"):
                 ends.append(index)
-        for key in [k for k in self._channels if k[1] in ends]:
+        for key in [k for k in self._channels if k[1] in ends] if ends else ():
             where = fed.get(key)
             if where is None:
                 self._emit_flush(key, out)

@@ -11,9 +11,11 @@ import random
 
 import pytest
 
+from llmproxy import parse_event
 from llmproxy.filters.guardrails.detectors import DETECTORS, luhn_ok
 from llmproxy.filters.guardrails.rules import RuleSet, parse_rules
 from llmproxy.filters.guardrails.scanner import Blocked, StreamScanner
+from llmproxy.filters.guardrails.stream import _fields
 
 SECRETS = [
     "sk-proj-Abc123Def456Ghi789Jkl012Mno345",
@@ -126,3 +128,47 @@ def test_deny_lists_are_case_insensitive_and_word_bounded() -> None:
     assert rules.apply("TOP   SECRET")[0] == "TOP   SECRET"
     assert rules.apply("Top Secret!")[0] == "[redacted:d]!"
     assert rules.apply("forbidden-words, unforbidden-word")[0] == "forbidden-words, unforbidden-word"
+
+
+#: Rules whose quiet check differs: a needle-less regex (always run), a case-folded one, a
+#: long needle (straddles the resumed search), and the digit-run trigger of phone and card.
+QUIET_RULES = [
+    {"name": "pii", "detectors": ["phone", "card", "email"], "action": "redact"},
+    {"name": "shape", "regex": r"[A-Z]{3}[0-9]{3}", "action": "redact"},
+    {"name": "folded", "regex": r"(?i)project[- ]?lyra", "action": "redact"},
+    {"name": "long", "deny": ["a-rather-long-needle-phrase"], "action": "redact"},
+]
+QUIET_FILLER = [
+    "word", "12", "345", "6789", "-", "(", ")", ".", "PROJECT-Lyra", "project lyra", "ABC123",
+    "a-rather-long-needle-phrase", "x@", "@", "jo@mail.example.com", "\u212a", "İ",
+    "4111 1111 1111 1111", "+1 415-555-0134", "555 0134",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [30, 40, 84, 128])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_quiet_check_never_skips_a_candidate(window: int, seed: int) -> None:
+    """Texts made of needle pieces (split anywhere by the piece sizes): the trigger must see every
+    needle that straddles where its last search ended, or the output would differ."""
+    rng = random.Random(1000 + seed)
+    rules = RuleSet(parse_rules(QUIET_RULES, "t"))
+    assert rules.trigger is not None and rules.always  # the needle-less regex runs on every release
+    for _ in range(120):
+        text = rng.choice([" ", "  ", "\n"]).join(rng.choice(QUIET_FILLER) for _ in range(rng.randint(0, 80)))
+        scanner = StreamScanner(rules, window)
+        released = "".join(scanner.feed(piece) for piece in _pieces(rng, text)) + scanner.finish()
+        assert released == rules.apply(text)[0]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'data: {"a":1}\n\n', b'event: x\ndata: {"a":1}\n\n', b"data: [DONE]\n\n", b"data:{}\n\n",
+        b"event:x\ndata: {}\n\n", b": comment\ndata: {}\n\n", b"data: a\ndata: b\n\n",
+        b"event: x\ndata: a\ndata: b\n\n", b"data: {}\r\n\r\n", b"data: {}", b"event: x\n\n",
+        b"event: x\nid: 1\ndata: {}\n\n", b"data: \n\n", b"data: x\nevent: y\n\n",
+    ],
+)  # fmt: skip
+def test_the_event_fast_path_reads_what_parse_event_reads(raw: bytes) -> None:
+    event = parse_event(raw)
+    assert _fields(raw) == (event.event, event.data)
