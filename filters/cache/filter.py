@@ -263,34 +263,45 @@ class CacheFilter(Filter):
             if entry is not None:
                 factory.keep(key, entry)
                 return await self._answer(exchange, entry)
-        waiting = factory.inflight.get(key)
-        if waiting is not None:  # a leader in this worker
+        inflight = factory.inflight
+        waiting = inflight.get(key)
+        if waiting is not None:  # a leader, or a follower of another instance's, in this worker
             try:
                 entry = await asyncio.wait_for(asyncio.shield(waiting), factory.wait)
             except TimeoutError:
                 entry = None
             if entry is not None:
                 return await self._answer(exchange, entry)
-        elif factory.use_store and not await factory.lease(key):  # a leader elsewhere
-            entry = await factory.poll(key)
-            if entry is not None:
-                factory.keep(key, entry)
-                return await self._answer(exchange, entry)
+        elif not factory.use_store:
+            self.leader = True
+            inflight[key] = asyncio.get_running_loop().create_future()
         else:
-            if factory.use_store:
-                # the lease is ours: a leader that stored its entry and released the lease
-                # between the first look and now must not be followed by a second upstream call
+            # claimed in this worker before the lease is asked for: the lease is re-entrant for
+            # this worker's holder, so two of its exchanges must never both ask (two leaders)
+            future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+            inflight[key] = future
+            entry = None
+            if await factory.lease(key):
+                # the lease is ours: a leader elsewhere that stored its entry and released the
+                # lease since the first look must not be followed by a second upstream call
                 entry = await factory.store_get(key)
-                if entry is not None:
+                if entry is None:
+                    self.lease = self.leader = True
+                else:
                     try:
                         await factory.context.store.release_lease(key + ":lock", factory.holder)
                     except StoreUnavailable:
                         factory.store_errors.inc()  # the lease expires on its own
+            else:  # a leader elsewhere: this exchange waits for it, for this worker's followers too
+                entry = await factory.poll(key)
+            if not self.leader:
+                if inflight.get(key) is future:
+                    del inflight[key]
+                if not future.done():
+                    future.set_result(entry)
+                if entry is not None:
                     factory.keep(key, entry)
                     return await self._answer(exchange, entry)
-            self.lease = factory.use_store
-            self.leader = True
-            factory.inflight[key] = asyncio.get_running_loop().create_future()
         self.key = key
         self.buffer = []
         self.overflow = 0
@@ -493,15 +504,21 @@ class CacheFactory(FilterFactory):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
         store = self.context.store
+        probe = self.holder
         while loop.time() < deadline:
             await asyncio.sleep(_POLL)
             try:
                 value, _ = await store.get(key)
                 if value is not None:
                     return Entry.decode(value)
-                if await store.acquire_lease(key + ":lock", self.holder, 0.001):
-                    await store.release_lease(key + ":lock", self.holder)
-                    return None  # the leader released its lease without an entry
+                # a probe of its own (never this factory's leader's lease, which the same holder
+                # would renew): is the lease free?
+                if await store.acquire_lease(key + ":lock", probe, 0.001):
+                    await store.release_lease(key + ":lock", probe)
+                    # the leader stores its entry before it releases: looked for once more, since
+                    # it may have done both since the first look
+                    value, _ = await store.get(key)
+                    return Entry.decode(value) if value is not None else None  # None: it gave up
             except StoreUnavailable:
                 self.store_errors.inc()
                 return None
