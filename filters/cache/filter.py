@@ -280,7 +280,6 @@ class CacheFilter(Filter):
             # this worker's holder, so two of its exchanges must never both ask (two leaders)
             future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
             inflight[key] = future
-            entry = None
             if await factory.lease(key):
                 # the lease is ours: a leader elsewhere that stored its entry and released the
                 # lease since the first look must not be followed by a second upstream call
@@ -504,17 +503,16 @@ class CacheFactory(FilterFactory):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait
         store = self.context.store
-        probe = self.holder
         while loop.time() < deadline:
             await asyncio.sleep(_POLL)
             try:
                 value, _ = await store.get(key)
                 if value is not None:
                     return Entry.decode(value)
-                # a probe of its own (never this factory's leader's lease, which the same holder
-                # would renew): is the lease free?
-                if await store.acquire_lease(key + ":lock", probe, 0.001):
-                    await store.release_lease(key + ":lock", probe)
+                # is the lease free? (this worker holds none for the key: its one exchange that
+                # polls claimed the key first, so no leader of this worker shares the holder)
+                if await store.acquire_lease(key + ":lock", self.holder, 0.001):
+                    await store.release_lease(key + ":lock", self.holder)
                     # the leader stores its entry before it releases: looked for once more, since
                     # it may have done both since the first look
                     value, _ = await store.get(key)
